@@ -1,0 +1,50 @@
+"""Errors that point a user at the exact place where their data went wrong."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class TaacError(Exception):
+    """Base class for errors this project raises on purpose."""
+
+
+class DataFormatError(TaacError):
+    """Input data is not in the expected shape.
+
+    The message always names the file, the line (JSONL, 1-based) or row (parquet, 0-based
+    within the file) when known, what was expected, and what was found.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        expected: str,
+        found: str | None = None,
+        *,
+        line: int | None = None,
+        row: int | None = None,
+    ) -> None:
+        self.path = Path(path)
+        self.line = line
+        self.row = row
+        self.expected = expected
+        self.found = found
+        where = str(self.path)
+        if line is not None:
+            where += f", line {line}"
+        if row is not None:
+            where += f", row {row}"
+        message = f"{where}: expected {expected}"
+        if found is not None:
+            message += f"; found {found}"
+        super().__init__(message)
+
+
+class UnknownTrackError(TaacError, ValueError):
+    def __init__(self, track: str, known: tuple[str, ...]) -> None:
+        super().__init__(f"unknown track {track!r}: expected one of {', '.join(known)}")
+
+
+class SourceUnavailableError(TaacError):
+    """A data source cannot be reached (offline Hub, missing local path)."""

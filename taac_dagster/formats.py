@@ -1,0 +1,88 @@
+"""Facts about the two on-disk formats of the TencentGR data (see DESIGN.md section 2).
+
+Both formats carry the same ids: users, items and feature values are re-indexed from 1
+(0 = padding) everywhere except in candidates and multi-modal embeddings, which use raw
+creative ids, and in ``indexer.pkl``, which maps raw ids to re-ids.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+# Item sparse features. 111 behaves like an item id and exists in the competition format only.
+ITEM_SPARSE_FEATURES: tuple[str, ...] = (
+    "100", "101", "102", "111", "112", "114", "115", "116", "117", "118", "119", "120", "121", "122",
+)
+USER_SPARSE_FEATURES: tuple[str, ...] = ("103", "104", "105", "109")
+USER_ARRAY_FEATURES: tuple[str, ...] = ("106", "107", "108", "110")
+USER_FEATURES: tuple[str, ...] = USER_SPARSE_FEATURES + USER_ARRAY_FEATURES
+
+# Multi-modal embedding families and their dimension in the 1M release. In the 10M release
+# family 84 is 32-d; the dimension is always read from the folder name, these are defaults.
+EMBEDDING_FAMILY_DIMS: dict[int, int] = {81: 32, 82: 1024, 83: 3584, 84: 4096, 85: 3584, 86: 3584}
+
+HUB_FORMAT = "hub_parquet"
+JSONL_FORMAT = "competition_jsonl"
+
+# Competition format: one record of seq.jsonl.
+JSONL_RECORD_FIELDS = ("user_id", "item_id", "user_feature", "item_feature", "action_type", "timestamp")
+
+_EMB_DIR = re.compile(r"^emb_(\d+)_(\d+)(?:_parquet)?$")
+
+
+def parse_embedding_dir(name: str) -> tuple[int, int] | None:
+    """``emb_81_32`` or ``emb_81_32_parquet`` -> (81, 32); anything else -> None."""
+    match = _EMB_DIR.match(name)
+    if match is None:
+        return None
+    return int(match.group(1)), int(match.group(2))
+
+
+def feature_column(feature_id: str) -> str:
+    """Column name used for a feature in the DuckDB tables (``f112``)."""
+    return f"f{feature_id}"
+
+
+def hub_embedding_dirs(root: Path) -> dict[int, tuple[int, Path]]:
+    """Family -> (dim, folder) for the Hub layout ``mm_emb/emb_<family>_<dim>_parquet``."""
+    found: dict[int, tuple[int, Path]] = {}
+    base = root / "mm_emb"
+    if base.is_dir():
+        for child in sorted(base.iterdir()):
+            parsed = parse_embedding_dir(child.name)
+            if parsed and child.is_dir():
+                found[parsed[0]] = (parsed[1], child)
+    return found
+
+
+def jsonl_embedding_sources(root: Path) -> dict[int, tuple[int, Path]]:
+    """Family -> (dim, folder or .pkl) for the competition layout ``creative_emb/``."""
+    found: dict[int, tuple[int, Path]] = {}
+    base = root / "creative_emb"
+    if base.is_dir():
+        for child in sorted(base.iterdir()):
+            stem = child.name[:-4] if child.suffix == ".pkl" else child.name
+            parsed = parse_embedding_dir(stem)
+            if parsed:
+                found.setdefault(parsed[0], (parsed[1], child))
+    return found
+
+
+# --- Hub release (Parquet) layout -------------------------------------------------------
+# Only the columns named here are required; extra columns are ignored. Feature columns are
+# named by feature id ("100", ...); whichever are present are read.
+import pyarrow as pa  # noqa: E402  (kept beside the schemas it defines)
+
+HUB_SEQ_EVENT = pa.struct(
+    [("item_id", pa.int64()), ("action_type", pa.int64()), ("timestamp", pa.int64())]
+)
+HUB_REQUIRED_COLUMNS: dict[str, dict[str, str]] = {
+    # folder -> {column: required Arrow type family}
+    "seq": {"user_id": "integer", "seq": "list<struct<item_id, action_type, timestamp>>"},
+    "user_feat": {"user_id": "integer"},
+    "item_feat": {"item_id": "integer"},
+    "candidate": {"item_id": "integer", "retrieval_id": "integer"},
+}
+HUB_EMBEDDING_COLUMNS = {"anonymous_cid": "integer", "emb": "list<float>"}
+CANDIDATE_FEATURE_STRUCT = pa.struct([("feature_value", pa.int64()), ("cold_start", pa.bool_())])

@@ -1,0 +1,58 @@
+"""Where each track's artifacts live under the data root."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from taac_dagster.tracks import get_track
+
+
+@dataclass(frozen=True)
+class TrackPaths:
+    data_root: Path
+    track: str
+
+    def __post_init__(self) -> None:
+        get_track(self.track)
+        object.__setattr__(self, "data_root", Path(self.data_root).resolve())
+
+    @property
+    def root(self) -> Path:
+        return self.data_root / self.track
+
+    @property
+    def raw(self) -> Path:
+        """The raw dataset as it was generated or downloaded (synthetic, hub sources)."""
+        return self.root / "raw"
+
+    @property
+    def raw_manifest(self) -> Path:
+        return self.root / "raw_manifest.json"
+
+    @property
+    def warehouse(self) -> Path:
+        return self.root / "warehouse.duckdb"
+
+    @property
+    def embeddings(self) -> Path:
+        return self.root / "embeddings"
+
+    def embedding_file(self, family: int) -> Path:
+        return self.embeddings / f"emb_{family}.parquet"
+
+    @property
+    def codebooks(self) -> Path:
+        return self.root / "codebooks"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
+
+    @property
+    def indexes(self) -> Path:
+        return self.root / "indexes"
+
+    @property
+    def reports(self) -> Path:
+        return self.root / "reports"

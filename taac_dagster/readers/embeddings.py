@@ -1,0 +1,179 @@
+"""Multi-modal embeddings of one family -> ``emb_<family>.parquet`` beside the DuckDB file.
+
+Output columns: ``creative_id`` (raw id, as in the source), ``item_id`` (re-id, NULL for items
+the indexer does not know: cold candidates), ``emb`` (FLOAT[dim], fixed size). Sorted by
+creative id, so the file is the same for the same input.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+
+from taac_dagster.atomic import atomic_file
+from taac_dagster.errors import DataFormatError
+from taac_dagster.formats import hub_embedding_dirs, jsonl_embedding_sources
+from taac_dagster.readers.hub_parquet import check_schema, files_sql, parquet_files
+from taac_dagster.safe_pickle import load_plain_pickle
+
+
+@dataclass(frozen=True)
+class EmbeddingSource:
+    family: int
+    dim: int
+    path: Path  # a folder of part files, or a .pkl
+    kind: str  # "parquet", "jsonl" or "pickle"
+
+
+def find_embedding_source(root: Path, dataset_format: str, family: int) -> EmbeddingSource:
+    from taac_dagster.formats import HUB_FORMAT
+
+    found = hub_embedding_dirs(root) if dataset_format == HUB_FORMAT else jsonl_embedding_sources(root)
+    if family not in found:
+        where = root / ("mm_emb" if dataset_format == HUB_FORMAT else "creative_emb")
+        have = ", ".join(str(f) for f in sorted(found)) or "none"
+        raise DataFormatError(
+            where,
+            f"embeddings of family {family} (a folder emb_{family}_<dim>"
+            + ("_parquet" if dataset_format == HUB_FORMAT else "")
+            + ")",
+            f"families {have}; choose from these with TAAC_EMBEDDING_FAMILIES",
+        )
+    dim, path = found[family]
+    if dataset_format == HUB_FORMAT:
+        kind = "parquet"
+    else:
+        kind = "pickle" if path.suffix == ".pkl" else "jsonl"
+    return EmbeddingSource(family, dim, path, kind)
+
+
+def _is_float_list(t: pa.DataType) -> bool:
+    return (pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t)) and (
+        pa.types.is_floating(t.value_type)
+    )
+
+
+def _jsonl_parts(folder: Path) -> list[Path]:
+    parts = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith((".", "_")))
+    if not parts:
+        raise DataFormatError(folder, "JSON-lines part files {anonymous_cid, emb}", "an empty folder")
+    return parts
+
+
+def _diagnose_jsonl(parts: list[Path], dim: int) -> None:
+    expected = f'a JSON object {{"anonymous_cid": int, "emb": [{dim} floats]}}'
+    for part in parts:
+        with open(part, "rb") as handle:
+            for number, raw in enumerate(handle, start=1):
+                try:
+                    row = json.loads(raw)
+                except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                    raise DataFormatError(part, expected, f"invalid JSON: {exc}", line=number) from None
+                if not isinstance(row, dict) or not isinstance(row.get("anonymous_cid"), int):
+                    raise DataFormatError(part, expected, str(raw[:120]), line=number)
+                emb = row.get("emb")
+                if not isinstance(emb, list) or len(emb) != dim:
+                    found = f"an embedding of length {len(emb)}" if isinstance(emb, list) else f"emb = {emb!r:.60}"
+                    raise DataFormatError(part, expected, found, line=number)
+
+
+def _copy_sql(select_source: str, dim: int, out: Path) -> str:
+    return f"""
+        COPY (
+            SELECT e.creative_id, ix.item_id, CAST(e.emb AS FLOAT[{dim}]) AS emb
+            FROM ({select_source}) e LEFT JOIN stg_item_index ix USING (creative_id)
+            ORDER BY e.creative_id
+        ) TO '{out}' (FORMAT parquet, COMPRESSION zstd)
+    """
+
+
+def write_family_embeddings(
+    con: duckdb.DuckDBPyConnection, source: EmbeddingSource, out_path: Path
+) -> dict[str, int]:
+    """Validate and write one family; needs ``stg_item_index`` staged. Returns counts."""
+    with atomic_file(out_path) as tmp:
+        if source.kind == "parquet":
+            files = parquet_files(source.path)
+            check_schema(files, {"anonymous_cid": (pa.types.is_integer, "integer"), "emb": (_is_float_list, "list<float>")})
+            select = (
+                f"SELECT anonymous_cid AS creative_id, emb FROM read_parquet({files_sql(files)}, union_by_name=true)"
+            )
+            try:
+                con.execute(_copy_sql(select, source.dim, tmp))
+            except duckdb.Error as exc:
+                rows = con.execute(
+                    f"""SELECT filename, file_row_number, len(emb) FROM read_parquet({files_sql(files)},
+                        filename=true, file_row_number=true, union_by_name=true)
+                        WHERE emb IS NULL OR len(emb) <> {source.dim} OR anonymous_cid IS NULL
+                        ORDER BY filename, file_row_number LIMIT 1"""
+                ).fetchall()
+                if rows:
+                    filename, row, length = rows[0]
+                    raise DataFormatError(
+                        filename,
+                        f"an embedding of length {source.dim} (family {source.family}) and a non-null anonymous_cid",
+                        f"length {length}",
+                        row=int(row),
+                    ) from exc
+                raise DataFormatError(source.path, f"family {source.family} embeddings", str(exc)) from exc
+        elif source.kind == "jsonl":
+            parts = _jsonl_parts(source.path)
+            select = (
+                f"SELECT anonymous_cid AS creative_id, emb FROM read_json({files_sql(parts)}, "
+                "format='newline_delimited', columns={anonymous_cid: 'BIGINT', emb: 'FLOAT[]'})"
+            )
+            try:
+                con.execute(_copy_sql(select, source.dim, tmp))
+            except duckdb.Error as exc:
+                _diagnose_jsonl(parts, source.dim)
+                raise DataFormatError(source.path, f"family {source.family} embeddings", str(exc)) from exc
+            bad = con.execute(f"SELECT count(*) FROM read_parquet('{tmp}') WHERE creative_id IS NULL OR emb IS NULL").fetchall()[0][0]
+            if bad:
+                _diagnose_jsonl(parts, source.dim)
+        else:
+            _write_pickle_embeddings(con, source, tmp)
+        counts = con.execute(
+            f"""SELECT count(*), count(item_id), count(*) - count(DISTINCT creative_id)
+                FROM read_parquet('{tmp}')"""
+        ).fetchall()[0]
+    return {"rows": int(counts[0]), "indexed_items": int(counts[1]), "duplicate_ids": int(counts[2])}
+
+
+def _write_pickle_embeddings(con: duckdb.DuckDBPyConnection, source: EmbeddingSource, tmp: Path) -> None:
+    data = load_plain_pickle(source.path)
+    if not isinstance(data, dict):
+        raise DataFormatError(source.path, "a dict {creative id: list of floats}", type(data).__name__)
+    ids = np.fromiter((int(k) for k in data), dtype=np.int64, count=len(data))
+    for position, (cid, emb) in enumerate(data.items()):
+        if not isinstance(emb, list) or len(emb) != source.dim:
+            found = f"length {len(emb)}" if isinstance(emb, list) else type(emb).__name__
+            raise DataFormatError(
+                source.path, f"an embedding of length {source.dim} for creative id {cid}", found, row=position
+            )
+    matrix = np.asarray(list(data.values()), dtype=np.float32).reshape(len(data), source.dim)
+    table = pa.table(
+        {"creative_id": ids, "emb": pa.FixedSizeListArray.from_arrays(matrix.reshape(-1), source.dim)}
+    )
+    con.register("_pickle_emb", table)
+    try:
+        con.execute(_copy_sql("SELECT creative_id, emb FROM _pickle_emb", source.dim, tmp))
+    finally:
+        con.unregister("_pickle_emb")
+
+
+def read_embedding_matrix(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(creative_ids, item_ids with -1 for unknown, float32 matrix) of one family file."""
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path)
+    emb = table.column("emb").combine_chunks()
+    dim = emb.type.list_size if pa.types.is_fixed_size_list(emb.type) else len(emb[0])
+    matrix = emb.flatten().to_numpy(zero_copy_only=False).reshape(-1, dim).astype(np.float32, copy=False)
+    creative = table.column("creative_id").to_numpy()
+    items = table.column("item_id").fill_null(-1).to_numpy()
+    return creative, items, matrix

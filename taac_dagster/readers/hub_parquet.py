@@ -1,0 +1,221 @@
+"""Reader for the Hub release layout (``seq/``, ``user_feat/``, ``item_feat/``, ``candidate/``).
+
+Schemas are checked file by file from the parquet footers (cheap) before DuckDB scans the
+data, so a missing or mistyped column is reported with the file it is in.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import duckdb
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from taac_dagster.errors import DataFormatError
+from taac_dagster.formats import (
+    ITEM_SPARSE_FEATURES,
+    USER_ARRAY_FEATURES,
+    USER_SPARSE_FEATURES,
+    feature_column,
+)
+from taac_dagster.readers.staging import create_empty_candidates, stage_indexer
+
+log = logging.getLogger(__name__)
+
+TypeCheck = Callable[[pa.DataType], bool]
+
+
+def _is_int_list(t: pa.DataType) -> bool:
+    return (pa.types.is_list(t) or pa.types.is_large_list(t)) and pa.types.is_integer(t.value_type)
+
+
+def _is_seq(t: pa.DataType) -> bool:
+    if not (pa.types.is_list(t) or pa.types.is_large_list(t)) or not pa.types.is_struct(t.value_type):
+        return False
+    fields = {f.name: f.type for f in t.value_type}
+    return all(name in fields and pa.types.is_integer(fields[name]) for name in ("item_id", "action_type", "timestamp"))
+
+
+def _is_feature_struct(t: pa.DataType) -> bool:
+    if pa.types.is_integer(t):
+        return True
+    if not pa.types.is_struct(t):
+        return False
+    fields = {f.name: f.type for f in t}
+    return "feature_value" in fields and pa.types.is_integer(fields["feature_value"])
+
+
+SEQ_TYPE = "list<struct<item_id: int64, action_type: int64, timestamp: int64>>"
+
+
+def parquet_files(folder: Path) -> list[Path]:
+    files = sorted(folder.glob("*.parquet"))
+    if not files:
+        raise DataFormatError(folder, "a folder of .parquet files", "no .parquet files")
+    return files
+
+
+def check_schema(
+    files: list[Path],
+    required: dict[str, tuple[TypeCheck, str]],
+    optional: dict[str, tuple[TypeCheck, str]] | None = None,
+) -> set[str]:
+    """Check every file's schema; return the optional columns present in all files."""
+    present: set[str] | None = None
+    for path in files:
+        try:
+            schema = pq.read_schema(path)
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise DataFormatError(path, "a readable parquet file", f"an unreadable file ({exc})") from exc
+        names = set(schema.names)
+        for column, (check, described) in required.items():
+            if column not in names:
+                raise DataFormatError(
+                    path, f"column {column!r} of type {described}", f"columns {sorted(names)}"
+                )
+            if not check(schema.field(column).type):
+                raise DataFormatError(
+                    path, f"column {column!r} of type {described}", f"type {schema.field(column).type}"
+                )
+        for column, (check, described) in (optional or {}).items():
+            if column in names and not check(schema.field(column).type):
+                raise DataFormatError(
+                    path, f"column {column!r} of type {described}", f"type {schema.field(column).type}"
+                )
+        file_optional = {c for c in (optional or {}) if c in names}
+        present = file_optional if present is None else present & file_optional
+    return present or set()
+
+
+def files_sql(files: list[Path]) -> str:
+    return "[" + ", ".join("'" + str(f).replace("'", "''") + "'" for f in files) + "]"
+
+
+def locate_first(
+    con: duckdb.DuckDBPyConnection, files: list[Path], condition: str, expected: str, select: str = "*"
+) -> None:
+    """Raise a DataFormatError at the first row (file, row) matching ``condition``, if any."""
+    rows = con.execute(
+        f"""SELECT filename, file_row_number FROM read_parquet({files_sql(files)},
+                filename=true, file_row_number=true, union_by_name=true)
+            WHERE {condition} ORDER BY filename, file_row_number LIMIT 1"""
+    ).fetchall()
+    if rows:
+        filename, row = rows[0]
+        raise DataFormatError(filename, expected, f"a row where {condition}", row=int(row))
+
+
+_INT: tuple[TypeCheck, str] = (pa.types.is_integer, "integer")
+_INT_LIST: tuple[TypeCheck, str] = (_is_int_list, "list<integer>")
+
+
+def stage_seq(con: duckdb.DuckDBPyConnection, folder: Path) -> None:
+    files = parquet_files(folder)
+    check_schema(files, {"user_id": _INT, "seq": (_is_seq, SEQ_TYPE)})
+    locate_first(con, files, "user_id IS NULL", "a non-null user_id")
+    con.execute(
+        f"""
+        CREATE OR REPLACE TABLE stg_events AS
+        SELECT user_id, seq_idx::INTEGER AS seq_idx, ev.item_id AS item_id,
+               ev.action_type::INTEGER AS action_type, ev.timestamp AS timestamp
+        FROM (
+            SELECT user_id, unnest(seq) AS ev, generate_subscripts(seq, 1) AS seq_idx
+            FROM read_parquet({files_sql(files)}, union_by_name=true)
+        )
+        """
+    )
+    bad = con.execute(
+        "SELECT count(*) FROM stg_events WHERE item_id IS NULL OR timestamp IS NULL"
+    ).fetchall()[0][0]
+    if bad:
+        locate_first(
+            con,
+            files,
+            "list_count(list_filter(seq, e -> e.item_id IS NULL OR e.timestamp IS NULL)) > 0",
+            "events with non-null item_id and timestamp",
+        )
+
+
+def stage_user_features(con: duckdb.DuckDBPyConnection, folder: Path) -> None:
+    files = parquet_files(folder)
+    optional = {f: _INT for f in USER_SPARSE_FEATURES} | {f: _INT_LIST for f in USER_ARRAY_FEATURES}
+    present = check_schema(files, {"user_id": _INT}, optional)
+    cols = [
+        (f'"{f}"::BIGINT' if f in present else "NULL::BIGINT") + f" AS {feature_column(f)}"
+        for f in USER_SPARSE_FEATURES
+    ] + [
+        (f'"{f}"::BIGINT[]' if f in present else "NULL::BIGINT[]") + f" AS {feature_column(f)}"
+        for f in USER_ARRAY_FEATURES
+    ]
+    con.execute(
+        f"""CREATE OR REPLACE TABLE stg_user_features AS
+            SELECT user_id, {", ".join(cols)}
+            FROM read_parquet({files_sql(files)}, union_by_name=true) WHERE user_id IS NOT NULL"""
+    )
+
+
+def stage_item_features(con: duckdb.DuckDBPyConnection, folder: Path) -> None:
+    files = parquet_files(folder)
+    present = check_schema(files, {"item_id": _INT}, {f: _INT for f in ITEM_SPARSE_FEATURES})
+    cols = [
+        (f'"{f}"::BIGINT' if f in present else "NULL::BIGINT") + f" AS {feature_column(f)}"
+        for f in ITEM_SPARSE_FEATURES
+    ]
+    locate_first(con, files, "item_id IS NULL", "a non-null item_id")
+    con.execute(
+        f"""CREATE OR REPLACE TABLE stg_item_features AS
+            SELECT item_id, {", ".join(cols)}
+            FROM read_parquet({files_sql(files)}, union_by_name=true)"""
+    )
+
+
+def stage_candidates(con: duckdb.DuckDBPyConnection, folder: Path) -> None:
+    files = parquet_files(folder)
+    struct = (_is_feature_struct, "struct<feature_value: int64, cold_start: bool> or integer")
+    present = check_schema(
+        files, {"item_id": _INT, "retrieval_id": _INT}, {f: struct for f in ITEM_SPARSE_FEATURES}
+    )
+    schema = pq.read_schema(files[0])
+    values, colds = [], []
+    for f in ITEM_SPARSE_FEATURES:
+        if f not in present:
+            values.append(f"NULL::BIGINT AS {feature_column(f)}")
+            continue
+        if pa.types.is_struct(schema.field(f).type):
+            has_cold = "cold_start" in {x.name for x in schema.field(f).type}
+            cold = f'coalesce("{f}".cold_start, false)' if has_cold else "false"
+            # A cold-start value is not in the vocabulary: keep it out of the id columns.
+            values.append(
+                f'CASE WHEN {cold} THEN NULL ELSE "{f}".feature_value::BIGINT END AS {feature_column(f)}'
+            )
+            colds.append(f"{cold}::INTEGER")
+        else:
+            values.append(f'"{f}"::BIGINT AS {feature_column(f)}')
+    cold_sum = " + ".join(colds) if colds else "0"
+    locate_first(con, files, "item_id IS NULL OR retrieval_id IS NULL", "non-null item_id and retrieval_id")
+    con.execute(
+        f"""CREATE OR REPLACE TABLE stg_candidates AS
+            SELECT item_id AS creative_id, retrieval_id, {", ".join(values)},
+                   ({cold_sum})::INTEGER AS cold_features
+            FROM read_parquet({files_sql(files)}, union_by_name=true)"""
+    )
+
+
+def stage_hub_dataset(con: duckdb.DuckDBPyConnection, root: Path) -> dict[str, int]:
+    vocab = stage_indexer(con, root / "indexer.pkl")
+    stage_seq(con, root / "seq")
+    for name, stage in (("user_feat", stage_user_features), ("item_feat", stage_item_features)):
+        folder = root / name
+        if folder.is_dir():
+            stage(con, folder)
+        else:
+            raise DataFormatError(folder, f"a folder of {name} parquet files", "no such folder")
+    if (root / "candidate").is_dir():
+        stage_candidates(con, root / "candidate")
+    else:
+        log.info("%s has no candidate/ folder: the candidate pool is built from the items", root)
+        create_empty_candidates(con)
+    return vocab

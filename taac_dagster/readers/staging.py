@@ -1,0 +1,112 @@
+"""The staging contract every reader fills, and the staging of ``indexer.pkl``.
+
+Staging tables (regular DuckDB tables, dropped once the warehouse is built):
+
+- ``stg_events(user_id, seq_idx, item_id, action_type, timestamp)``: interaction records in
+  file order within each user (``seq_idx``); ``action_type`` may be NULL (real data does that).
+- ``stg_user_features(user_id, f103.., f106[]..)``: one row per user with a profile.
+- ``stg_item_features(item_id, f100..)``: one row per item with features.
+- ``stg_candidates(creative_id, retrieval_id, f100.., cold_features)``: the published pool, or
+  no rows when the source has none.
+- ``stg_item_index(creative_id, item_id)``, ``stg_user_index(raw_user_id, user_id)``,
+  ``stg_feature_vocab(feature_id, vocab_size)``: from ``indexer.pkl``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+
+from taac_dagster.errors import DataFormatError
+from taac_dagster.formats import (
+    ITEM_SPARSE_FEATURES,
+    USER_ARRAY_FEATURES,
+    USER_SPARSE_FEATURES,
+    feature_column,
+)
+from taac_dagster.safe_pickle import load_indexer
+
+STAGING_TABLES = (
+    "stg_events",
+    "stg_user_features",
+    "stg_item_features",
+    "stg_candidates",
+    "stg_item_index",
+    "stg_user_index",
+    "stg_feature_vocab",
+)
+
+
+def item_feature_columns_sql(prefix: str = "") -> str:
+    return ", ".join(f"{prefix}{feature_column(f)}" for f in ITEM_SPARSE_FEATURES)
+
+
+def create_empty_candidates(con: duckdb.DuckDBPyConnection) -> None:
+    cols = ", ".join(f"{feature_column(f)} BIGINT" for f in ITEM_SPARSE_FEATURES)
+    con.execute(
+        f"CREATE OR REPLACE TABLE stg_candidates (creative_id BIGINT, retrieval_id BIGINT, "
+        f"{cols}, cold_features INTEGER)"
+    )
+
+
+def _int_keys(mapping: dict[Any, Any], path: Path, what: str) -> np.ndarray:
+    try:
+        return np.fromiter((int(k) for k in mapping), dtype=np.int64, count=len(mapping))
+    except (TypeError, ValueError) as exc:
+        raise DataFormatError(path, f"integer keys in {what}", f"a non-integer key ({exc})") from None
+
+
+def stage_indexer(con: duckdb.DuckDBPyConnection, path: Path) -> dict[str, int]:
+    """Load ``indexer.pkl`` safely and stage its maps; returns vocabulary sizes."""
+    indexer = load_indexer(path)
+    items, users, features = indexer["i"], indexer["u"], indexer["f"]
+    item_index = pa.table(
+        {
+            "creative_id": _int_keys(items, path, "indexer['i']"),
+            "item_id": np.fromiter(items.values(), dtype=np.int64, count=len(items)),
+        }
+    )
+    user_index = pa.table(
+        {
+            "raw_user_id": pa.array([str(k) for k in users], pa.string()),
+            "user_id": np.fromiter(users.values(), dtype=np.int64, count=len(users)),
+        }
+    )
+    vocab = pa.table(
+        {
+            "feature_id": pa.array([str(fid) for fid in features], pa.string()),
+            "vocab_size": pa.array(
+                [max(v.values(), default=0) for v in features.values()], pa.int64()
+            ),
+        }
+    )
+    con.register("_item_index", item_index)
+    con.register("_user_index", user_index)
+    con.register("_vocab", vocab)
+    con.execute("CREATE OR REPLACE TABLE stg_item_index AS SELECT * FROM _item_index")
+    con.execute("CREATE OR REPLACE TABLE stg_user_index AS SELECT * FROM _user_index")
+    con.execute("CREATE OR REPLACE TABLE stg_feature_vocab AS SELECT * FROM _vocab")
+    for name in ("_item_index", "_user_index", "_vocab"):
+        con.unregister(name)
+    return {"items": len(items), "users": len(users), "features": len(features)}
+
+
+def user_feature_select(source: str, key: str) -> str:
+    """SELECT list turning a JSON object column ``key`` of ``source`` into user feature columns."""
+    sparse = [
+        f"TRY_CAST({key}->>'$.\"{f}\"' AS BIGINT) AS {feature_column(f)}" for f in USER_SPARSE_FEATURES
+    ]
+    # A multi-valued feature may come as a list or, for a single value, a bare number.
+    arrays = [
+        f"""CASE json_type({key}, '$."{f}"')
+                WHEN 'ARRAY' THEN CAST({key}->'$."{f}"' AS BIGINT[])
+                WHEN 'UBIGINT' THEN [CAST({key}->>'$."{f}"' AS BIGINT)]
+                WHEN 'BIGINT' THEN [CAST({key}->>'$."{f}"' AS BIGINT)]
+                END AS {feature_column(f)}"""
+        for f in USER_ARRAY_FEATURES
+    ]
+    return ", ".join(sparse + arrays) + f" FROM {source}"

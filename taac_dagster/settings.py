@@ -1,0 +1,97 @@
+"""Project settings: defaults < per-track preset (configs/tracks/<track>.yaml) < environment
+(``TAAC_*``, optionally from ``.env``) < explicit overrides (Dagster resource / run config).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from taac_dagster.tracks import get_track
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+CONFIG_DIR = PROJECT_ROOT / "configs"
+
+
+class SyntheticSettings(BaseModel):
+    """Scale and shape of the generated dataset (the embedded default source)."""
+
+    num_users: int = Field(2_000, ge=10)
+    num_items: int = Field(5_000, ge=50)
+    num_topics: int = Field(16, ge=2)
+    mean_history: float = Field(60.0, gt=1, le=100)
+    seed: int = 0
+    # Dimension cap for generated embeddings: real families are up to 4096-d; tests and the
+    # embedded default keep them small. None writes the real dims.
+    max_embedding_dim: int | None = Field(32, ge=4)
+    click_rate: float = Field(0.10, gt=0, lt=1)
+    conversion_rate: float = Field(0.45, ge=0, lt=1)  # share of clicks that convert (10M)
+    candidate_pool_size: int | None = Field(None, ge=10)
+    cold_items: int = Field(100, ge=0)
+    format: Literal["hub_parquet", "competition_jsonl"] = "hub_parquet"
+
+
+class TaacSettings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="TAAC_",
+        env_file=".env",
+        env_nested_delimiter="__",
+        extra="ignore",
+    )
+
+    data_root: Path = Path("data")
+    source: Literal["synthetic", "local", "hub"] = "synthetic"
+    local_path: Path | None = None
+    hub_repo_id: str | None = None
+    # A commit sha pins the download; a branch name is resolved and the sha recorded.
+    hub_revision: str = "main"
+    hub_token: str | None = None
+    embedding_families: list[int] = Field(default_factory=lambda: [81])
+    synthetic: SyntheticSettings = Field(default_factory=SyntheticSettings)
+    max_history: int = Field(100, ge=1, le=100)
+    # Quality checks validate every row of small tables and a deterministic user sample of
+    # large ones (users whose id falls in the sample are validated with all their rows).
+    check_sample_users: int = Field(20_000, ge=100)
+    duckdb_memory_limit: str = "8GB"
+    duckdb_threads: int | None = None
+
+    @field_validator("embedding_families", mode="before")
+    @classmethod
+    def _split_families(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [int(part) for part in value.replace(",", " ").split()]
+        if isinstance(value, int):
+            return [value]
+        return value
+
+
+def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def track_preset(track: str) -> dict[str, Any]:
+    get_track(track)
+    path = CONFIG_DIR / "tracks" / f"{track}.yaml"
+    if not path.exists():
+        return {}
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping of settings, found {type(data).__name__}")
+    return data
+
+
+def load_settings(track: str, overrides: dict[str, Any] | None = None) -> TaacSettings:
+    """Settings for one track, merged in the documented order."""
+    from_env = TaacSettings().model_dump(exclude_unset=True)
+    merged = _deep_merge(_deep_merge(track_preset(track), from_env), overrides or {})
+    return TaacSettings.model_validate(merged)

@@ -1,0 +1,537 @@
+"""Fetch the TencentGR release from the Hugging Face Hub (DESIGN.md section 2, layout A).
+
+Only the files the run needs are fetched: the ~2 GB core (sequences, features, candidates,
+indexer) plus the embedding families asked for, not the 137 GB of all six families.
+
+Downloads go straight into ``local_dir`` through ``huggingface_hub.snapshot_download``:
+interrupted files resume from ``local_dir/.cache/huggingface/download/*.incomplete``, files
+already present at the right commit are skipped, and huggingface_hub draws its own tqdm
+bars. After each download the folder is verified and a manifest (``MANIFEST_NAME``) records
+the repo, the resolved commit and the expected files, so a later run can verify and use a
+complete copy without the network.
+"""
+
+from __future__ import annotations
+
+import errno
+import fnmatch
+import json
+import logging
+import os
+import re
+import shutil
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from taac_dagster.atomic import write_text_atomic
+from taac_dagster.errors import SourceUnavailableError
+from taac_dagster.formats import EMBEDDING_FAMILY_DIMS, hub_embedding_dirs
+
+logger = logging.getLogger(__name__)
+
+REPO_TYPE = "dataset"
+MANIFEST_NAME = ".taac_hub_download.json"
+REQUIRED_PARQUET_FOLDERS = ("seq", "user_feat", "item_feat")
+CORE_PATTERNS = ("seq/*", "user_feat/*", "item_feat/*", "indexer.pkl", "README.md")
+CANDIDATE_PATTERN = "candidate/*"
+_COMMIT_SHA = re.compile(r"^[0-9a-f]{40}$")
+# huggingface_hub keeps per-file download state (and partial ``.incomplete`` files) here.
+_HF_DOWNLOAD_STATE = Path(".cache") / "huggingface" / "download"
+
+
+class LogLike(Protocol):
+    def info(self, msg: str, *args: Any) -> Any: ...
+
+    def warning(self, msg: str, *args: Any) -> Any: ...
+
+
+@dataclass(frozen=True)
+class HubDownload:
+    repo_id: str
+    revision: str  # as asked: branch, tag or commit sha
+    commit_sha: str | None  # resolved; None only for an offline copy with no recorded commit
+    local_dir: Path
+    files: list[str] = field(default_factory=list)  # posix paths relative to local_dir
+    total_bytes: int = 0
+    used_local_copy: bool = False  # True when the Hub was unreachable and a verified copy was used
+
+
+# --- patterns ------------------------------------------------------------------------------
+
+
+def _check_families(families: Sequence[int]) -> list[int]:
+    chosen: list[int] = []
+    for family in families:
+        if isinstance(family, bool) or not isinstance(family, int) or family not in EMBEDDING_FAMILY_DIMS:
+            known = ", ".join(str(f) for f in EMBEDDING_FAMILY_DIMS)
+            raise ValueError(
+                f"unknown embedding family {family!r}: the TencentGR release has families {known} "
+                "(set TAAC_EMBEDDING_FAMILIES, e.g. '81' or '81,82')"
+            )
+        if family not in chosen:
+            chosen.append(family)
+    return chosen
+
+
+def hub_allow_patterns(families: Sequence[int], *, include_candidates: bool = True) -> list[str]:
+    """``allow_patterns`` for snapshot_download: the core files plus the chosen families.
+
+    Family folders are matched as ``mm_emb/emb_<family>_*/*`` because the dimension in the
+    folder name differs between releases (family 84 is 4096-d in 1M, 32-d in 10M).
+    Patterns use fnmatch, where ``*`` also crosses ``/``.
+    """
+    patterns = list(CORE_PATTERNS)
+    if include_candidates:
+        patterns.append(CANDIDATE_PATTERN)
+    patterns.extend(f"mm_emb/emb_{family}_*/*" for family in _check_families(families))
+    return patterns
+
+
+def _matches(path: str, patterns: Sequence[str]) -> bool:
+    # Same rule as huggingface_hub.utils.filter_repo_objects (fnmatch on the posix path).
+    return any(fnmatch.fnmatch(path, pattern) for pattern in patterns)
+
+
+# --- verification --------------------------------------------------------------------------
+
+
+def _local_files(local_dir: Path, patterns: Sequence[str]) -> dict[str, int]:
+    """Posix relative path -> size of the non-hidden files under local_dir matching patterns."""
+    found: dict[str, int] = {}
+    for dirpath, dirnames, filenames in os.walk(local_dir):
+        dirnames[:] = [name for name in dirnames if not name.startswith(".")]
+        for name in filenames:
+            if name.startswith("."):
+                continue
+            path = Path(dirpath) / name
+            relative = path.relative_to(local_dir).as_posix()
+            if _matches(relative, patterns):
+                found[relative] = path.stat().st_size
+    return dict(sorted(found.items()))
+
+
+def _parquet_problem(folder: Path, label: str) -> str | None:
+    if not folder.is_dir():
+        return f"{label}/ is missing"
+    if not any(p.is_file() and not p.name.startswith(".") for p in folder.glob("*.parquet")):
+        return f"{label}/ has no parquet files"
+    return None
+
+
+def _leftover_partials(local_dir: Path, patterns: Sequence[str]) -> list[str]:
+    """Partial downloads (``*.incomplete``) that belong to files the patterns ask for.
+
+    huggingface_hub names a partial file by a hash, inside a folder mirroring the file's
+    folder, so only the folder tells which file it was. Partials of families not asked for
+    this time (an earlier, interrupted run) are left alone: they never block this download.
+    """
+    state = local_dir / _HF_DOWNLOAD_STATE
+    if not state.is_dir():
+        return []
+    leftovers = []
+    for partial in sorted(state.rglob("*.incomplete")):
+        parent = partial.parent.relative_to(state).as_posix()
+        if parent in ("", ".") or _matches(f"{parent}/file", patterns):
+            leftovers.append(partial.relative_to(local_dir).as_posix())
+    return leftovers
+
+
+def verify_download(
+    local_dir: Path,
+    families: Sequence[int],
+    *,
+    expected: Mapping[str, int] | None = None,
+) -> list[str]:
+    """Problems that make ``local_dir`` an incomplete Hub copy; an empty list means complete.
+
+    ``expected`` (relative path -> size, e.g. the Hub listing for the commit) adds a
+    file-by-file check: missing files, wrong sizes, and extra files that a reader globbing
+    ``seq/*.parquet`` would otherwise read as part of the release.
+    """
+    local_dir = Path(local_dir)
+    chosen = _check_families(families)
+    if not local_dir.is_dir():
+        return [f"{local_dir} does not exist"]
+    patterns = hub_allow_patterns(chosen)
+    problems: list[str] = []
+    for folder in REQUIRED_PARQUET_FOLDERS:
+        problem = _parquet_problem(local_dir / folder, folder)
+        if problem:
+            problems.append(problem)
+    indexer = local_dir / "indexer.pkl"
+    if not indexer.is_file():
+        problems.append("indexer.pkl is missing")
+    elif indexer.stat().st_size == 0:
+        problems.append("indexer.pkl is empty")
+    embedding_dirs = hub_embedding_dirs(local_dir)
+    for family in chosen:
+        if family not in embedding_dirs:
+            problems.append(f"mm_emb/emb_{family}_<dim>_parquet/ is missing (embedding family {family})")
+            continue
+        folder = embedding_dirs[family][1]
+        problem = _parquet_problem(folder, folder.relative_to(local_dir).as_posix())
+        if problem:
+            problems.append(f"{problem} (embedding family {family})")
+
+    present = _local_files(local_dir, patterns)
+    # No valid parquet or pickle file is zero bytes long: an empty one is a failed write.
+    problems.extend(f"{path} is empty (0 bytes)" for path, size in present.items() if size == 0)
+    if expected is not None:
+        wanted = {path: size for path, size in expected.items() if _matches(path, patterns)}
+        for path, size in wanted.items():
+            if path not in present:
+                problems.append(f"{path} is missing")
+            elif size is not None and present[path] != size:
+                problems.append(f"{path} has {present[path]} bytes, the release has {size}")
+        problems.extend(
+            f"{path} is not part of the release (left from another version?); remove it"
+            for path in present
+            if path not in wanted
+        )
+    problems.extend(
+        f"{partial} is a partial download left over; re-run the download to resume it"
+        for partial in _leftover_partials(local_dir, patterns)
+    )
+    return problems
+
+
+# --- manifest of a completed download ------------------------------------------------------
+
+
+def _read_manifest(local_dir: Path) -> dict[str, Any] | None:
+    path = local_dir / MANIFEST_NAME
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _write_manifest(download: HubDownload, families: Sequence[int], sizes: Mapping[str, int]) -> None:
+    record = {
+        "repo_id": download.repo_id,
+        "revision": download.revision,
+        "commit_sha": download.commit_sha,
+        "families": list(families),
+        "files": dict(sizes),
+        "total_bytes": download.total_bytes,
+        "completed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    write_text_atomic(download.local_dir / MANIFEST_NAME, json.dumps(record, indent=1, sort_keys=True))
+
+
+def _commit_from_hf_metadata(local_dir: Path) -> str | None:
+    """The commit huggingface_hub recorded for the files in local_dir, when they all agree.
+
+    Each ``.cache/huggingface/download/<file>.metadata`` starts with the commit sha (format
+    documented in huggingface_hub/_local_folder.py); a copy made by ``hf download`` without
+    our manifest still carries it.
+    """
+    state = local_dir / _HF_DOWNLOAD_STATE
+    commits = set()
+    for metadata in state.rglob("*.metadata") if state.is_dir() else ():
+        try:
+            first = metadata.read_text().splitlines()[0].strip()
+        except (OSError, IndexError, UnicodeDecodeError):
+            continue
+        if _COMMIT_SHA.match(first):
+            commits.add(first)
+    return commits.pop() if len(commits) == 1 else None
+
+
+# --- errors --------------------------------------------------------------------------------
+
+
+def _hub_errors() -> dict[str, type[BaseException]]:
+    try:  # huggingface_hub >= 0.24
+        from huggingface_hub import errors as hf_errors
+    except ImportError:  # pragma: no cover - older releases export them from utils
+        from huggingface_hub import utils as hf_errors  # type: ignore[no-redef]
+    names = (
+        "RepositoryNotFoundError", "RevisionNotFoundError", "GatedRepoError", "LocalEntryNotFoundError",
+        "OfflineModeIsEnabled", "HfHubHTTPError", "XetDownloadError",
+    )
+    return {name: getattr(hf_errors, name) for name in names if hasattr(hf_errors, name)}
+
+
+def _transport_errors() -> tuple[type[BaseException], ...]:
+    """Connection / timeout errors of whichever HTTP client this huggingface_hub uses.
+
+    huggingface_hub < 1.0 uses requests (its errors are OSErrors already), 1.x httpx and
+    2.x httpx2, whose ``RequestError`` is not an OSError and escapes HfApi calls unwrapped.
+    """
+    found: list[type[BaseException]] = [OSError, TimeoutError]
+    for module_name in ("httpx2", "httpx"):
+        try:
+            module = __import__(module_name)
+        except ImportError:
+            continue
+        if isinstance(getattr(module, "RequestError", None), type):
+            found.append(module.RequestError)
+    return tuple(found)
+
+
+def _catchable() -> tuple[type[BaseException], ...]:
+    return tuple(_hub_errors().values()) + _transport_errors()
+
+
+def _status_code(error: BaseException) -> int | None:
+    response = getattr(error, "response", None)
+    code = getattr(response, "status_code", None)
+    return code if isinstance(code, int) else None
+
+
+def _is_local_os_error(error: BaseException) -> bool:
+    """A failure of this machine (disk full, permission, read-only folder), not of the Hub."""
+    hub_classes = tuple(_hub_errors().values())
+    return (
+        isinstance(error, OSError)
+        and error.errno is not None
+        and not isinstance(error, (ConnectionError, TimeoutError) + hub_classes)
+    )
+
+
+def _is_unreachable(error: BaseException) -> bool:
+    """True when the Hub could not be asked (offline, network, outage), not when it said no."""
+    if _is_local_os_error(error):
+        return False
+    hub = _hub_errors()
+    refusal = tuple(hub[name] for name in ("RepositoryNotFoundError", "RevisionNotFoundError") if name in hub)
+    if refusal and isinstance(error, refusal):
+        return False
+    if "HfHubHTTPError" in hub and isinstance(error, hub["HfHubHTTPError"]):
+        code = _status_code(error)
+        return code is None or code >= 500 or code == 429
+    return isinstance(error, _catchable())
+
+
+def _explain(error: BaseException, repo_id: str, revision: str, endpoint: str | None, stage: str) -> str:
+    from huggingface_hub import constants
+
+    hub = _hub_errors()
+    where = endpoint or constants.ENDPOINT
+    fallback = "or set TAAC_SOURCE=local with TAAC_LOCAL_PATH pointing at an existing copy of the release"
+    offline_cls = hub.get("OfflineModeIsEnabled")
+    cause = error.__cause__ or error.__context__
+    if "RevisionNotFoundError" in hub and isinstance(error, hub["RevisionNotFoundError"]):
+        what = f"revision {revision!r} does not exist in the Hub dataset {repo_id!r}"
+        todo = f"set TAAC_HUB_REVISION to an existing branch, tag or commit sha, {fallback}"
+    elif "GatedRepoError" in hub and isinstance(error, hub["GatedRepoError"]):
+        what = f"the Hub dataset {repo_id!r} is gated and this token has no access"
+        todo = f"accept its terms on the Hub and set TAAC_HUB_TOKEN (or run `hf auth login`), {fallback}"
+    elif "RepositoryNotFoundError" in hub and isinstance(error, hub["RepositoryNotFoundError"]):
+        what = f"the Hub dataset {repo_id!r} was not found at {where} (or is private)"
+        todo = f"check TAAC_HUB_REPO_ID and TAAC_HUB_TOKEN, {fallback}"
+    elif offline_cls is not None and (
+        isinstance(error, offline_cls) or isinstance(cause, offline_cls) or constants.HF_HUB_OFFLINE
+    ):
+        what = "huggingface_hub offline mode is on (HF_HUB_OFFLINE=1) and local_dir holds no complete copy"
+        todo = f"unset HF_HUB_OFFLINE to download, {fallback}"
+    elif isinstance(error, OSError) and error.errno == errno.ENOSPC:
+        what = "the disk filled up during the download"
+        todo = "free space (partial files are kept and resume), or choose another TAAC_DATA_ROOT"
+    elif _is_local_os_error(error):
+        what = f"a local file operation failed ({getattr(error, 'strerror', None) or error})"
+        todo = "check that the data folder is writable (TAAC_DATA_ROOT) and re-run"
+    else:
+        code = _status_code(error)
+        what = f"the Hub at {where} could not be reached" + (f" (HTTP {code})" if code else "")
+        todo = f"check the network, HF_ENDPOINT and any proxy, then re-run (finished files are kept), {fallback}"
+    return (
+        f"cannot {stage} Hub dataset {repo_id!r} at revision {revision!r}: {what}. "
+        f"Underlying error: {type(error).__name__}: {error}. To fix: {todo}."
+    )
+
+
+# --- download ------------------------------------------------------------------------------
+
+
+def _remote_listing(api: Any, repo_id: str, commit_sha: str, patterns: Sequence[str]) -> dict[str, int]:
+    from huggingface_hub.hf_api import RepoFile
+
+    entries = api.list_repo_tree(repo_id, recursive=True, revision=commit_sha, repo_type=REPO_TYPE)
+    return dict(
+        sorted(
+            (entry.path, entry.size)
+            for entry in entries
+            if isinstance(entry, RepoFile) and _matches(entry.path, patterns)
+        )
+    )
+
+
+def _use_local_copy(
+    error: BaseException,
+    *,
+    repo_id: str,
+    revision: str,
+    local_dir: Path,
+    families: Sequence[int],
+    log: LogLike,
+) -> tuple[HubDownload | None, str | None]:
+    """(the verified local copy, None) when the Hub can't be reached, else (None, why not).
+
+    This is what lets a re-run after a complete download work without the network.
+    """
+    if not _is_unreachable(error):
+        return None, None  # the Hub answered (no such repo/revision): a local copy can't stand in
+    if not local_dir.is_dir() or not any(local_dir.iterdir()):
+        return None, f"{local_dir} holds no earlier download"
+    manifest = _read_manifest(local_dir)
+    expected = None
+    commit = None
+    if manifest is not None:
+        if manifest.get("repo_id") != repo_id:
+            return None, f"{local_dir} holds a copy of {manifest.get('repo_id')!r}, not {repo_id!r}"
+        commit = manifest.get("commit_sha")
+        if isinstance(manifest.get("files"), dict):
+            expected = manifest["files"]
+    commit = commit or _commit_from_hf_metadata(local_dir)
+    pinned = bool(_COMMIT_SHA.match(revision))
+    if pinned and commit is not None and commit != revision:
+        return None, f"{local_dir} holds commit {commit}, not the pinned {revision}"
+    problems = verify_download(local_dir, families, expected=expected)
+    if problems:
+        return None, f"the copy in {local_dir} is incomplete: {'; '.join(problems[:10])}"
+    files = _local_files(local_dir, hub_allow_patterns(families))
+    log.warning(
+        "Hub unreachable (%s: %s); using the verified local copy of %s in %s (commit %s%s)",
+        type(error).__name__, error, repo_id, local_dir, commit or "unknown",
+        "" if pinned else f"; branch {revision!r} may have moved since",
+    )
+    download = HubDownload(
+        repo_id=repo_id,
+        revision=revision,
+        commit_sha=commit or (revision if pinned else None),
+        local_dir=local_dir,
+        files=list(files),
+        total_bytes=sum(files.values()),
+        used_local_copy=True,
+    )
+    return download, None
+
+
+def download_hub_dataset(
+    repo_id: str,
+    revision: str,
+    local_dir: Path,
+    families: Sequence[int],
+    *,
+    token: str | None = None,
+    max_workers: int = 8,
+    log: LogLike | None = None,
+    include_candidates: bool = True,
+    endpoint: str | None = None,
+) -> HubDownload:
+    """Download (or resume, or re-verify) the release into ``local_dir`` and verify it.
+
+    Raises SourceUnavailableError naming the repo, the revision, the failure and the fix,
+    unless the Hub is unreachable and ``local_dir`` already holds a complete copy, which is
+    then used with a warning. ``endpoint`` overrides HF_ENDPOINT (mirrors, tests).
+    """
+    from huggingface_hub import HfApi, snapshot_download
+
+    log = log or logger
+    local_dir = Path(local_dir)
+    families = _check_families(families)
+    patterns = hub_allow_patterns(families, include_candidates=include_candidates)
+    api = HfApi(endpoint=endpoint, token=token)
+    catchable = _catchable()
+
+    def fail_or_local(error: BaseException, stage: str) -> HubDownload:
+        local, why_not = _use_local_copy(
+            error, repo_id=repo_id, revision=revision, local_dir=local_dir, families=families, log=log
+        )
+        if local is not None:
+            return local
+        message = _explain(error, repo_id, revision, endpoint, stage)
+        if why_not:
+            message += f" No local fallback: {why_not}."
+        raise SourceUnavailableError(message) from error
+
+    # Resolve the revision first and download that exact commit, so a branch that moves
+    # mid-download cannot mix files of two commits, and the sha is known for the record.
+    try:
+        info = api.dataset_info(repo_id, revision=revision)
+        commit_sha = info.sha
+        if not commit_sha:
+            raise SourceUnavailableError(f"the Hub returned no commit sha for {repo_id!r} at {revision!r}")
+        expected = _remote_listing(api, repo_id, commit_sha, patterns)
+    except catchable as error:
+        return fail_or_local(error, "resolve")
+
+    # A wrong repo or revision shows in the listing: say so before a single byte moves.
+    remote_problems = _listing_problems(expected, families)
+    if remote_problems:
+        raise SourceUnavailableError(
+            f"Hub dataset {repo_id!r} at revision {revision!r} (commit {commit_sha}) does not have the "
+            f"expected release layout (DESIGN.md section 2): {'; '.join(remote_problems)}. "
+            "Check TAAC_HUB_REPO_ID / TAAC_HUB_REVISION and TAAC_EMBEDDING_FAMILIES."
+        )
+
+    local_dir.mkdir(parents=True, exist_ok=True)
+    present = _local_files(local_dir, patterns)
+    to_fetch = sum(size for path, size in expected.items() if present.get(path) != size)
+    free = shutil.disk_usage(local_dir).free
+    log.info(
+        "Hub %s@%s (commit %s): %d files, %.2f GB, %.2f GB still to fetch into %s (%.1f GB free)",
+        repo_id, revision, commit_sha, len(expected), sum(expected.values()) / 1e9,
+        to_fetch / 1e9, local_dir, free / 1e9,
+    )
+    if to_fetch > free:
+        raise SourceUnavailableError(
+            f"cannot download Hub dataset {repo_id!r} at revision {revision!r}: {to_fetch / 1e9:.1f} GB "
+            f"still to fetch but only {free / 1e9:.1f} GB free in {local_dir}. Free space, choose "
+            "another TAAC_DATA_ROOT, or fetch fewer embedding families (TAAC_EMBEDDING_FAMILIES=81)."
+        )
+
+    try:
+        snapshot_download(
+            repo_id=repo_id,
+            repo_type=REPO_TYPE,
+            revision=commit_sha,
+            allow_patterns=patterns,
+            local_dir=local_dir,
+            token=token,
+            max_workers=max_workers,
+            endpoint=endpoint,
+        )
+    except catchable as error:
+        # A connection lost mid-way: what finished stays, partial files resume next run.
+        return fail_or_local(error, "download")
+
+    problems = verify_download(local_dir, families, expected=expected)
+    if problems:
+        raise SourceUnavailableError(
+            f"Hub dataset {repo_id!r} at revision {revision!r} (commit {commit_sha}) downloaded into "
+            f"{local_dir} but the copy is incomplete: {'; '.join(problems)}. Re-run to resume, or "
+            "delete the folder to start over."
+        )
+    download = HubDownload(
+        repo_id=repo_id,
+        revision=revision,
+        commit_sha=commit_sha,
+        local_dir=local_dir,
+        files=list(expected),
+        total_bytes=sum(expected.values()),
+    )
+    _write_manifest(download, families, expected)
+    log.info("Hub %s at commit %s verified in %s (%d files)", repo_id, commit_sha, local_dir, len(expected))
+    return download
+
+
+def _listing_problems(listing: Mapping[str, int], families: Sequence[int]) -> list[str]:
+    """Layout problems of the remote listing: catch a wrong repo before fetching anything."""
+    problems = [
+        f"no {folder}/*.parquet files"
+        for folder in REQUIRED_PARQUET_FOLDERS
+        if not any(fnmatch.fnmatch(path, f"{folder}/*.parquet") for path in listing)
+    ]
+    if "indexer.pkl" not in listing:
+        problems.append("no indexer.pkl")
+    for family in families:
+        if not any(fnmatch.fnmatch(path, f"mm_emb/emb_{family}_*/*.parquet") for path in listing):
+            problems.append(f"no mm_emb/emb_{family}_<dim>_parquet/ files (embedding family {family})")
+    return problems
