@@ -26,7 +26,7 @@ from taac_dagster.tracks import get_track
 log = logging.getLogger(__name__)
 
 # Built in this order; each reads the staging tables and the tables before it.
-WAREHOUSE_TABLES = ("events", "items", "users", "holdout", "sequences", "candidates")
+WAREHOUSE_TABLES = ("feature_vocab", "events", "items", "users", "holdout", "sequences", "candidates")
 
 
 @dataclass

@@ -134,7 +134,7 @@ def stage_seq(con: duckdb.DuckDBPyConnection, folder: Path) -> None:
         locate_first(
             con,
             files,
-            "list_count(list_filter(seq, e -> e.item_id IS NULL OR e.timestamp IS NULL)) > 0",
+            "list_count(list_filter(seq, lambda e: e.item_id IS NULL OR e.timestamp IS NULL)) > 0",
             "events with non-null item_id and timestamp",
         )
 

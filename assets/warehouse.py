@@ -1,0 +1,102 @@
+"""The DuckDB warehouse of a track: one asset per table, built together, checked inline.
+
+The quality checks run in the same step as the build (they need the track's partition and a
+finished file) and are blocking: a failed ERROR check stops every downstream asset of the run.
+"""
+
+
+from collections.abc import Iterator
+from pathlib import Path
+
+from dagster import (
+    AssetCheckResult,
+    AssetCheckSeverity,
+    AssetCheckSpec,
+    AssetExecutionContext,
+    AssetSpec,
+    MaterializeResult,
+    MetadataValue,
+    multi_asset,
+)
+
+from assets.raw import raw_dataset
+from taac_dagster.partitions import track_partitions
+from taac_dagster.quality import CHECKS, ERROR, run_checks
+from taac_dagster.raw import RawManifest
+from taac_dagster.resources import TaacConfig
+from taac_dagster.sql import sql_fingerprint
+from taac_dagster.warehouse import WAREHOUSE_TABLES, build_warehouse
+
+# The code version follows the SQL: editing a table's SQL file marks the tables stale.
+WAREHOUSE_CODE_VERSION = "warehouse-v1-" + sql_fingerprint(*WAREHOUSE_TABLES)
+
+TABLE_DESCRIPTIONS = {
+    "feature_vocab": "Vocabulary size of every feature (re-ids run 1..size).",
+    "events": "One row per interaction in source order; null action types kept as exposures.",
+    "items": "Items: re-id, raw creative id, sparse features.",
+    "users": "Users: re-id, raw id, sparse and multi-valued features.",
+    "holdout": "Per user the retrieval target and the history strictly before it.",
+    "sequences": "Per user the training history (<= max history) as aligned lists.",
+    "candidates": "The retrieval pool with retrieval ids and cold-start flags.",
+    "item_embeddings": "Multi-modal embeddings per chosen family, parquet beside the DuckDB file.",
+}
+WAREHOUSE_ASSETS = (*WAREHOUSE_TABLES, "item_embeddings")
+
+warehouse_specs = [
+    AssetSpec(
+        name,
+        deps=[raw_dataset],
+        group_name="warehouse",
+        code_version=WAREHOUSE_CODE_VERSION,
+        description=TABLE_DESCRIPTIONS[name],
+        kinds={"duckdb"} if name != "item_embeddings" else {"parquet"},
+        partitions_def=track_partitions,
+    )
+    for name in WAREHOUSE_ASSETS
+]
+
+quality_check_specs = [
+    AssetCheckSpec(check.name, asset=check.table, description=check.description, blocking=check.severity == ERROR)
+    for check in CHECKS
+]
+
+
+@multi_asset(
+    specs=warehouse_specs,
+    check_specs=quality_check_specs,
+    partitions_def=track_partitions,
+    can_subset=False,
+    name="warehouse_tables",
+)
+def warehouse_tables(context: AssetExecutionContext, taac: TaacConfig) -> Iterator[MaterializeResult | AssetCheckResult]:
+    track = context.partition_key
+    settings = taac.settings(track)
+    paths = taac.paths(track)
+    manifest = RawManifest.read(paths.raw_manifest)
+    summary = build_warehouse(Path(manifest.root), paths, settings, logger=context.log)
+    shared = {"warehouse": MetadataValue.path(str(summary.path)), "raw_fingerprint": manifest.digest}
+    for name in WAREHOUSE_TABLES:
+        yield MaterializeResult(
+            asset_key=name,
+            metadata={**shared, "rows": summary.row_counts[name], "seconds": round(summary.seconds.get(name, 0.0), 2)},
+        )
+    yield MaterializeResult(
+        asset_key="item_embeddings",
+        metadata={
+            **shared,
+            "families": MetadataValue.json({str(k): v for k, v in summary.embeddings.items()}),
+            "folder": MetadataValue.path(str(paths.embeddings)),
+        },
+    )
+    context.log.info("running data-quality checks")
+    for outcome in run_checks(
+        summary.path, track, max_history=settings.max_history, sample_users=settings.check_sample_users
+    ):
+        yield AssetCheckResult(
+            asset_key=outcome.table,
+            check_name=outcome.name,
+            passed=outcome.passed,
+            severity=AssetCheckSeverity.ERROR if outcome.severity == ERROR else AssetCheckSeverity.WARN,
+            description=outcome.description,
+            metadata={key: MetadataValue.json(value) if isinstance(value, (dict, list)) else value for key, value in outcome.metadata.items()},
+        )

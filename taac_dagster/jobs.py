@@ -1,0 +1,23 @@
+"""Asset jobs. Each is partitioned by track: pass the track as the run's partition."""
+
+from dagster import AssetSelection, define_asset_job
+
+from taac_dagster.partitions import track_partitions
+
+DATA_ASSETS = AssetSelection.groups("data", "warehouse")
+
+# The whole chain. Later stages (codebooks, training, retrieval, reports) join the chain by
+# being defined: this selection takes every asset.
+main_job = define_asset_job(
+    "taac_main",
+    selection=AssetSelection.all(),
+    partitions_def=track_partitions,
+    description="The whole chain for one track: raw data to the latest stage.",
+)
+
+data_job = define_asset_job(
+    "taac_data",
+    selection=DATA_ASSETS,
+    partitions_def=track_partitions,
+    description="Raw dataset -> DuckDB tables -> data-quality checks, for one track.",
+)
