@@ -99,7 +99,12 @@ def materialize_raw(settings: TaacSettings, paths: TrackPaths, *, logger: Any = 
             token=settings.hub_token,
             log=logger,
         )
-        details = {"repo_id": download.repo_id, "revision": download.revision, "commit_sha": download.commit_sha}
+        details = {
+            "repo_id": download.repo_id,
+            "revision": download.revision,
+            "commit_sha": download.commit_sha or "unknown",
+            "used_local_copy": download.used_local_copy,
+        }
         root = paths.raw
     else:  # pydantic already restricts the values; kept for readers of this function
         raise ValueError(f"unknown source {settings.source!r}")

@@ -5,11 +5,11 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, Field, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from taac_dagster.tracks import get_track
 
@@ -50,7 +50,8 @@ class TaacSettings(BaseSettings):
     # A commit sha pins the download; a branch name is resolved and the sha recorded.
     hub_revision: str = "main"
     hub_token: str | None = None
-    embedding_families: list[int] = Field(default_factory=lambda: [81])
+    # "81", "81,82", "81 82" or "[81, 82]" in the environment.
+    embedding_families: Annotated[list[int], NoDecode] = Field(default_factory=lambda: [81])
     synthetic: SyntheticSettings = Field(default_factory=SyntheticSettings)
     max_history: int = Field(100, ge=1, le=100)
     # Quality checks validate every row of small tables and a deterministic user sample of
@@ -63,7 +64,7 @@ class TaacSettings(BaseSettings):
     @classmethod
     def _split_families(cls, value: Any) -> Any:
         if isinstance(value, str):
-            return [int(part) for part in value.replace(",", " ").split()]
+            return [int(part) for part in value.strip("[]").replace(",", " ").split()]
         if isinstance(value, int):
             return [value]
         return value

@@ -3,12 +3,15 @@
 Only the files the run needs are fetched: the ~2 GB core (sequences, features, candidates,
 indexer) plus the embedding families asked for, not the 137 GB of all six families.
 
-Downloads go straight into ``local_dir`` through ``huggingface_hub.snapshot_download``:
-interrupted files resume from ``local_dir/.cache/huggingface/download/*.incomplete``, files
-already present at the right commit are skipped, and huggingface_hub draws its own tqdm
-bars. After each download the folder is verified and a manifest (``MANIFEST_NAME``) records
-the repo, the resolved commit and the expected files, so a later run can verify and use a
-complete copy without the network.
+Downloads go straight into ``local_dir`` through ``huggingface_hub.snapshot_download``, which
+draws its own tqdm bars. Re-running after an interruption keeps every finished file (checked
+against ``local_dir/.cache/huggingface/download/*.metadata``) and fetches only the rest. A
+file cut off mid-way is resumed with an HTTP Range request while the process lives. Across
+runs it depends on the huggingface_hub version: older releases reuse
+``<hash>.<etag>.incomplete`` and resume it; 2.x writes process-unique temp files
+(huggingface_hub PR #4228) and restarts that one file. After each download the
+folder is verified and a manifest (``MANIFEST_NAME``) records the repo, the resolved commit
+and the expected files, so a later run can verify and use a complete copy without the network.
 """
 
 from __future__ import annotations
@@ -43,9 +46,14 @@ _HF_DOWNLOAD_STATE = Path(".cache") / "huggingface" / "download"
 
 
 class LogLike(Protocol):
-    def info(self, msg: str, *args: Any) -> Any: ...
+    """What ``log`` needs: Dagster's context.log, a logging.Logger, or anything alike.
 
-    def warning(self, msg: str, *args: Any) -> Any: ...
+    Messages are formatted before the call, so a plain ``.info(text)`` is enough.
+    """
+
+    def info(self, msg: str) -> Any: ...
+
+    def warning(self, msg: str) -> Any: ...
 
 
 @dataclass(frozen=True)
@@ -139,23 +147,41 @@ def _leftover_partials(local_dir: Path, patterns: Sequence[str]) -> list[str]:
     return leftovers
 
 
+def _remove_orphan_partials(local_dir: Path, patterns: Sequence[str]) -> int:
+    """Delete partial downloads left beside files snapshot_download has just completed.
+
+    Called only after snapshot_download returned, i.e. every requested file is in place: a
+    partial still lying there belongs to an earlier run that was killed (huggingface_hub
+    deletes its own on ordinary errors) and will never be used. Left alone, it would make
+    verify_download fail on every later run.
+    """
+    removed = 0
+    for relative in _leftover_partials(local_dir, patterns):
+        (local_dir / relative).unlink(missing_ok=True)
+        removed += 1
+    return removed
+
+
 def verify_download(
     local_dir: Path,
     families: Sequence[int],
     *,
     expected: Mapping[str, int] | None = None,
+    include_candidates: bool = True,
 ) -> list[str]:
     """Problems that make ``local_dir`` an incomplete Hub copy; an empty list means complete.
 
     ``expected`` (relative path -> size, e.g. the Hub listing for the commit) adds a
     file-by-file check: missing files, wrong sizes, and extra files that a reader globbing
-    ``seq/*.parquet`` would otherwise read as part of the release.
+    ``seq/*.parquet`` would otherwise read as part of the release. ``candidate/`` is never
+    required (only ``expected`` can ask for its files); ``include_candidates=False`` leaves
+    it out of the file-by-file check too.
     """
     local_dir = Path(local_dir)
     chosen = _check_families(families)
     if not local_dir.is_dir():
         return [f"{local_dir} does not exist"]
-    patterns = hub_allow_patterns(chosen)
+    patterns = hub_allow_patterns(chosen, include_candidates=include_candidates)
     problems: list[str] = []
     for folder in REQUIRED_PARQUET_FOLDERS:
         problem = _parquet_problem(local_dir / folder, folder)
@@ -192,7 +218,7 @@ def verify_download(
             if path not in wanted
         )
     problems.extend(
-        f"{partial} is a partial download left over; re-run the download to resume it"
+        f"{partial} is a partial download left by an interrupted run; re-run the download to finish it"
         for partial in _leftover_partials(local_dir, patterns)
     )
     return problems
@@ -210,15 +236,26 @@ def _read_manifest(local_dir: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
-def _write_manifest(download: HubDownload, families: Sequence[int], sizes: Mapping[str, int]) -> None:
+def _write_manifest(
+    download: HubDownload,
+    families: Sequence[int],
+    include_candidates: bool,
+    sizes: Mapping[str, int],
+    *,
+    complete: bool,
+) -> None:
+    """Record what local_dir holds. ``complete=False`` is written before files change, so a
+    run killed half-way through an update is never mistaken for a complete copy offline."""
     record = {
         "repo_id": download.repo_id,
         "revision": download.revision,
         "commit_sha": download.commit_sha,
         "families": list(families),
+        "include_candidates": include_candidates,
         "files": dict(sizes),
         "total_bytes": download.total_bytes,
-        "completed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "complete": complete,
+        "written_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     write_text_atomic(download.local_dir / MANIFEST_NAME, json.dumps(record, indent=1, sort_keys=True))
 
@@ -332,17 +369,20 @@ def _explain(error: BaseException, repo_id: str, revision: str, endpoint: str | 
         todo = f"unset HF_HUB_OFFLINE to download, {fallback}"
     elif isinstance(error, OSError) and error.errno == errno.ENOSPC:
         what = "the disk filled up during the download"
-        todo = "free space (partial files are kept and resume), or choose another TAAC_DATA_ROOT"
+        todo = "free space (finished files are kept), or choose another TAAC_DATA_ROOT"
     elif _is_local_os_error(error):
         what = f"a local file operation failed ({getattr(error, 'strerror', None) or error})"
         todo = "check that the data folder is writable (TAAC_DATA_ROOT) and re-run"
+    elif (code := _status_code(error)) is not None and code < 500 and code != 429:
+        what = f"the Hub at {where} refused the request (HTTP {code})"
+        todo = f"check TAAC_HUB_TOKEN (or HF_TOKEN) and TAAC_HUB_REPO_ID, {fallback}"
     else:
-        code = _status_code(error)
         what = f"the Hub at {where} could not be reached" + (f" (HTTP {code})" if code else "")
         todo = f"check the network, HF_ENDPOINT and any proxy, then re-run (finished files are kept), {fallback}"
+    underlying = " ".join(str(error).split())  # huggingface_hub messages span lines
     return (
         f"cannot {stage} Hub dataset {repo_id!r} at revision {revision!r}: {what}. "
-        f"Underlying error: {type(error).__name__}: {error}. To fix: {todo}."
+        f"Underlying error: {type(error).__name__}: {underlying}. To fix: {todo}."
     )
 
 
@@ -369,6 +409,7 @@ def _use_local_copy(
     revision: str,
     local_dir: Path,
     families: Sequence[int],
+    include_candidates: bool,
     log: LogLike,
 ) -> tuple[HubDownload | None, str | None]:
     """(the verified local copy, None) when the Hub can't be reached, else (None, why not).
@@ -385,6 +426,16 @@ def _use_local_copy(
     if manifest is not None:
         if manifest.get("repo_id") != repo_id:
             return None, f"{local_dir} holds a copy of {manifest.get('repo_id')!r}, not {repo_id!r}"
+        if manifest.get("complete") is not True:
+            return None, (
+                f"the download of commit {manifest.get('commit_sha')} into {local_dir} did not finish; "
+                "reconnect to finish it"
+            )
+        never = sorted(set(families) - set(manifest.get("families") or []))
+        if never:
+            return None, f"embedding families {never} were never completely downloaded into {local_dir}"
+        if include_candidates and not manifest.get("include_candidates", True):
+            return None, f"candidate/ was never downloaded into {local_dir}"
         commit = manifest.get("commit_sha")
         if isinstance(manifest.get("files"), dict):
             expected = manifest["files"]
@@ -392,14 +443,14 @@ def _use_local_copy(
     pinned = bool(_COMMIT_SHA.match(revision))
     if pinned and commit is not None and commit != revision:
         return None, f"{local_dir} holds commit {commit}, not the pinned {revision}"
-    problems = verify_download(local_dir, families, expected=expected)
+    problems = verify_download(local_dir, families, expected=expected, include_candidates=include_candidates)
     if problems:
         return None, f"the copy in {local_dir} is incomplete: {'; '.join(problems[:10])}"
-    files = _local_files(local_dir, hub_allow_patterns(families))
+    files = _local_files(local_dir, hub_allow_patterns(families, include_candidates=include_candidates))
+    moved = "" if pinned else f"; branch {revision!r} may have moved since"
     log.warning(
-        "Hub unreachable (%s: %s); using the verified local copy of %s in %s (commit %s%s)",
-        type(error).__name__, error, repo_id, local_dir, commit or "unknown",
-        "" if pinned else f"; branch {revision!r} may have moved since",
+        f"Hub unreachable ({type(error).__name__}: {error}); using the verified local copy of "
+        f"{repo_id} in {local_dir} (commit {commit or 'unknown'}{moved})"
     )
     download = HubDownload(
         repo_id=repo_id,
@@ -442,7 +493,13 @@ def download_hub_dataset(
 
     def fail_or_local(error: BaseException, stage: str) -> HubDownload:
         local, why_not = _use_local_copy(
-            error, repo_id=repo_id, revision=revision, local_dir=local_dir, families=families, log=log
+            error,
+            repo_id=repo_id,
+            revision=revision,
+            local_dir=local_dir,
+            families=families,
+            include_candidates=include_candidates,
+            log=log,
         )
         if local is not None:
             return local
@@ -476,9 +533,9 @@ def download_hub_dataset(
     to_fetch = sum(size for path, size in expected.items() if present.get(path) != size)
     free = shutil.disk_usage(local_dir).free
     log.info(
-        "Hub %s@%s (commit %s): %d files, %.2f GB, %.2f GB still to fetch into %s (%.1f GB free)",
-        repo_id, revision, commit_sha, len(expected), sum(expected.values()) / 1e9,
-        to_fetch / 1e9, local_dir, free / 1e9,
+        f"Hub {repo_id}@{revision} (commit {commit_sha}): {len(expected)} files, "
+        f"{sum(expected.values()) / 1e9:.2f} GB, {to_fetch / 1e9:.2f} GB still to fetch into "
+        f"{local_dir} ({free / 1e9:.1f} GB free)"
     )
     if to_fetch > free:
         raise SourceUnavailableError(
@@ -486,6 +543,25 @@ def download_hub_dataset(
             f"still to fetch but only {free / 1e9:.1f} GB free in {local_dir}. Free space, choose "
             "another TAAC_DATA_ROOT, or fetch fewer embedding families (TAAC_EMBEDDING_FAMILIES=81)."
         )
+
+    download = HubDownload(
+        repo_id=repo_id,
+        revision=revision,
+        commit_sha=commit_sha,
+        local_dir=local_dir,
+        files=list(expected),
+        total_bytes=sum(expected.values()),
+    )
+    manifest = _read_manifest(local_dir)
+    unchanged = (
+        to_fetch == 0
+        and manifest is not None
+        and manifest.get("complete") is True
+        and manifest.get("commit_sha") == commit_sha
+        and manifest.get("files") == expected
+    )
+    if not unchanged:
+        _write_manifest(download, families, include_candidates, expected, complete=False)
 
     try:
         snapshot_download(
@@ -499,26 +575,21 @@ def download_hub_dataset(
             endpoint=endpoint,
         )
     except catchable as error:
-        # A connection lost mid-way: what finished stays, partial files resume next run.
+        # A connection lost mid-way: finished files stay, the next run fetches the rest.
         return fail_or_local(error, "download")
 
-    problems = verify_download(local_dir, families, expected=expected)
+    orphans = _remove_orphan_partials(local_dir, patterns)
+    if orphans:
+        log.info(f"Removed {orphans} partial download(s) left by an interrupted earlier run")
+    problems = verify_download(local_dir, families, expected=expected, include_candidates=include_candidates)
     if problems:
         raise SourceUnavailableError(
             f"Hub dataset {repo_id!r} at revision {revision!r} (commit {commit_sha}) downloaded into "
-            f"{local_dir} but the copy is incomplete: {'; '.join(problems)}. Re-run to resume, or "
+            f"{local_dir} but the copy is incomplete: {'; '.join(problems)}. Re-run to fetch the rest, or "
             "delete the folder to start over."
         )
-    download = HubDownload(
-        repo_id=repo_id,
-        revision=revision,
-        commit_sha=commit_sha,
-        local_dir=local_dir,
-        files=list(expected),
-        total_bytes=sum(expected.values()),
-    )
-    _write_manifest(download, families, expected)
-    log.info("Hub %s at commit %s verified in %s (%d files)", repo_id, commit_sha, local_dir, len(expected))
+    _write_manifest(download, families, include_candidates, expected, complete=True)
+    log.info(f"Hub {repo_id} at commit {commit_sha} verified in {local_dir} ({len(expected)} files)")
     return download
 
 

@@ -1,0 +1,124 @@
+from __future__ import annotations
+
+import collections
+import os
+import pickle
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from taac_dagster.formats import CANDIDATE_FEATURE_STRUCT, HUB_SEQ_EVENT
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEMO_FIXTURE = REPO_ROOT.parent / "shared" / "fixtures" / "tencentgr_demo"
+
+
+@pytest.fixture(autouse=True)
+def _isolated_settings(monkeypatch):
+    """Tests see the documented defaults, not a developer's TAAC_* environment."""
+    for key in list(os.environ):
+        if key.startswith("TAAC_"):
+            monkeypatch.delenv(key)
+
+
+@pytest.fixture
+def demo_dir() -> Path:
+    if not DEMO_FIXTURE.is_dir():
+        pytest.fail(f"the real-data fixture is missing: {DEMO_FIXTURE} (../shared beside the checkout)")
+    return DEMO_FIXTURE
+
+
+@pytest.fixture
+def demo_copy(tmp_path, demo_dir) -> Path:
+    """A writable copy of the real fixture, for tests that damage it."""
+    target = tmp_path / "demo"
+    shutil.copytree(demo_dir, target)
+    for path in target.rglob("*"):
+        path.chmod(0o644 if path.is_file() else 0o755)
+    target.chmod(0o755)
+    return target
+
+
+# A tiny Hub-parquet dataset written by hand, independent of the synthetic generator:
+# user 1 clicks item 2 then converts on item 3; user 2 only clicks; user 3 never clicks.
+TINY_EVENTS = {
+    1: [(1, 0, 100), (2, 1, 110), (3, 0, 120), (3, 2, 130), (4, 0, 140)],
+    2: [(2, 0, 200), (4, 1, 210), (1, 0, 220), (5, 1, 230), (1, 0, 240)],
+    3: [(5, 0, 300), (4, 0, 310)],
+}
+TINY_CREATIVE = {item: 20_000_000_000 + item for item in range(1, 7)}  # item 6 is cold
+
+
+def write_tiny_hub(root: Path, *, emb_dim: int = 4, track: str = "10M") -> Path:
+    events = {u: [(i, (a if track == "10M" or a < 2 else 1), t) for i, a, t in evs] for u, evs in TINY_EVENTS.items()}
+    (root / "seq").mkdir(parents=True)
+    users = sorted(events)
+    seq = pa.array(
+        [[{"item_id": i, "action_type": a, "timestamp": t} for i, a, t in events[u]] for u in users],
+        pa.list_(HUB_SEQ_EVENT),
+    )
+    pq.write_table(pa.table({"user_id": pa.array(users, pa.int64()), "seq": seq}), root / "seq" / "part-0.parquet")
+    (root / "user_feat").mkdir()
+    pq.write_table(
+        pa.table(
+            {
+                "user_id": pa.array(users, pa.int64()),
+                "103": pa.array([1, 2, None], pa.int64()),
+                "106": pa.array([[1, 2], None, [2]], pa.list_(pa.int64())),
+            }
+        ),
+        root / "user_feat" / "part-0.parquet",
+    )
+    (root / "item_feat").mkdir()
+    pq.write_table(
+        pa.table({"item_id": pa.array(range(1, 6), pa.int64()), "100": pa.array([1, 2, 1, 2, 1], pa.int64())}),
+        root / "item_feat" / "part-0.parquet",
+    )
+    (root / "candidate").mkdir()
+    pool = [3, 6]  # user 2's target (item 5) is left out on purpose: the warehouse adds it
+    pq.write_table(
+        pa.table(
+            {
+                "item_id": pa.array([TINY_CREATIVE[i] for i in pool], pa.int64()),
+                "retrieval_id": pa.array([1, 2], pa.int64()),
+                "100": pa.array(
+                    [{"feature_value": 1, "cold_start": False}, {"feature_value": 0, "cold_start": True}],
+                    CANDIDATE_FEATURE_STRUCT,
+                ),
+            }
+        ),
+        root / "candidate" / "part-0.parquet",
+    )
+    emb_dir = root / "mm_emb" / f"emb_81_{emb_dim}_parquet"
+    emb_dir.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    pq.write_table(
+        pa.table(
+            {
+                "anonymous_cid": pa.array(list(TINY_CREATIVE.values()), pa.int64()),
+                "emb": pa.array(rng.normal(size=(6, emb_dim)).astype(np.float32).tolist(), pa.list_(pa.float32())),
+            }
+        ),
+        emb_dir / "part-0.parquet",
+    )
+    features = collections.defaultdict(dict)
+    features["100"] = {1000 + v: v for v in (1, 2)}
+    features["103"] = {1030 + v: v for v in (1, 2)}
+    features["106"] = {1060 + v: v for v in (1, 2)}
+    indexer = {
+        "u": {f"user_{u:03d}": u for u in users},
+        "i": {TINY_CREATIVE[i]: i for i in range(1, 6)},
+        "f": features,
+    }
+    with open(root / "indexer.pkl", "wb") as handle:
+        pickle.dump(indexer, handle)
+    return root
+
+
+@pytest.fixture
+def tiny_hub(tmp_path) -> Path:
+    return write_tiny_hub(tmp_path / "tiny_hub")

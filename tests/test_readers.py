@@ -1,0 +1,199 @@
+"""Readers of both real formats: the real fixture with its quirks, and every bad input."""
+
+from __future__ import annotations
+
+import json
+
+import duckdb
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from taac_dagster.errors import DataFormatError
+from taac_dagster.formats import HUB_FORMAT, JSONL_FORMAT
+from taac_dagster.readers.detect import detect_format
+from taac_dagster.readers.embeddings import find_embedding_source, read_embedding_matrix, write_family_embeddings
+from taac_dagster.readers.hub_parquet import stage_hub_dataset
+from taac_dagster.readers.jsonl import stage_jsonl_dataset
+from taac_dagster.readers.staging import stage_indexer
+
+
+def count(con, sql):
+    return con.execute(sql).fetchall()[0][0]
+
+
+def test_detects_both_formats(demo_dir, tiny_hub):
+    assert detect_format(demo_dir) == JSONL_FORMAT
+    assert detect_format(tiny_hub) == HUB_FORMAT
+
+
+def test_path_with_neither_format_is_named(tmp_path):
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(DataFormatError) as err:
+        detect_format(tmp_path)
+    message = str(err.value)
+    assert str(tmp_path) in message and "Hub parquet layout" in message and "notes.txt" in message
+
+
+def test_missing_path_and_missing_indexer(tmp_path):
+    with pytest.raises(DataFormatError, match="no such file or folder"):
+        detect_format(tmp_path / "absent")
+    (tmp_path / "seq.jsonl").write_text("[]\n")
+    with pytest.raises(DataFormatError, match="indexer.pkl is missing"):
+        detect_format(tmp_path)
+
+
+def test_real_fixture_with_its_quirks(demo_dir):
+    con = duckdb.connect()
+    vocab = stage_jsonl_dataset(con, demo_dir)
+    assert vocab == {"items": 58734, "users": 865, "features": 22}
+    # 88 users, the last line has no trailing newline and is still read.
+    assert count(con, "SELECT count(DISTINCT user_id) FROM stg_events") == 88
+    assert count(con, "SELECT count(*) FROM stg_events") == 7956
+    last_line_user = json.loads(demo_dir.joinpath("seq.jsonl").read_text().splitlines()[-1])[0][0]
+    assert count(con, f"SELECT count(*) FROM stg_events WHERE user_id = {last_line_user}") > 0
+    # About 1.3% of interaction records carry a null action type.
+    assert count(con, "SELECT count(*) FROM stg_events WHERE action_type IS NULL") == 103
+    # User profiles: one per user, multi-valued features as lists, absent ones NULL.
+    assert count(con, "SELECT count(*) FROM stg_user_features") == 88
+    assert count(con, "SELECT count(*) FROM stg_user_features WHERE f108 IS NOT NULL") == 17
+    assert count(con, "SELECT count(*) FROM stg_user_features WHERE len(f106) >= 1") == 79
+    # No item_feat_dict.json: item features come from the inline records.
+    assert count(con, "SELECT count(*) FROM stg_item_features") == count(con, "SELECT count(DISTINCT item_id) FROM stg_events")
+    # Real items may lack features: 3 of them have no f100.
+    assert count(con, "SELECT count(*) FROM stg_item_features WHERE f100 IS NULL") == 3
+
+
+def test_real_fixture_embeddings_partial_coverage(demo_dir, tmp_path):
+    con = duckdb.connect()
+    stage_indexer(con, demo_dir / "indexer.pkl")
+    source = find_embedding_source(demo_dir, JSONL_FORMAT, 81)
+    assert source.dim == 32 and source.kind == "jsonl"
+    counts = write_family_embeddings(con, source, tmp_path / "emb_81.parquet")
+    assert counts == {"rows": 479, "indexed_items": 479, "duplicate_ids": 0}
+    creative, items, matrix = read_embedding_matrix(tmp_path / "emb_81.parquet")
+    assert matrix.shape == (479, 32) and matrix.dtype.name == "float32"
+    assert list(creative) == sorted(creative)
+
+
+def _rewrite_line(path, number, text):
+    lines = path.read_text().split("\n")
+    lines[number - 1] = text
+    path.write_text("\n".join(lines))
+
+
+@pytest.mark.parametrize(
+    ("damage", "line", "phrase"),
+    [
+        ("truncate_last", 88, "truncated"),
+        ("garble", 5, "invalid JSON"),
+        ("five_fields", 7, "5 fields instead of 6"),
+        ("string_item", 9, "item_id 'abc'"),
+        ("object_line", 3, "a JSON dict"),
+    ],
+)
+def test_bad_jsonl_lines_are_named(demo_copy, damage, line, phrase):
+    seq = demo_copy / "seq.jsonl"
+    lines = seq.read_text().split("\n")
+    if damage == "truncate_last":
+        seq.write_text("\n".join(lines[:-1]) + "\n" + lines[-1][: len(lines[-1]) // 2])
+    elif damage == "garble":
+        _rewrite_line(seq, line, lines[line - 1][:40])
+    elif damage == "five_fields":
+        records = json.loads(lines[line - 1])
+        records[2] = records[2][:5]
+        _rewrite_line(seq, line, json.dumps(records))
+    elif damage == "string_item":
+        records = json.loads(lines[line - 1])
+        records[0][1] = "abc"
+        _rewrite_line(seq, line, json.dumps(records))
+    elif damage == "object_line":
+        _rewrite_line(seq, line, json.dumps({"user": 1}))
+    con = duckdb.connect()
+    with pytest.raises(DataFormatError) as err:
+        stage_jsonl_dataset(con, demo_copy)
+    assert err.value.line == line
+    message = str(err.value)
+    assert str(seq) in message and f"line {line}" in message and phrase in message
+
+
+def test_jsonl_embedding_of_wrong_length(demo_copy):
+    part = demo_copy / "creative_emb" / "emb_81_32" / "part-0000"
+    lines = part.read_text().split("\n")
+    row = json.loads(lines[9])
+    row["emb"] = row["emb"][:31]
+    lines[9] = json.dumps(row)
+    part.write_text("\n".join(lines))
+    con = duckdb.connect()
+    stage_indexer(con, demo_copy / "indexer.pkl")
+    source = find_embedding_source(demo_copy, JSONL_FORMAT, 81)
+    out = demo_copy / "out" / "emb_81.parquet"
+    with pytest.raises(DataFormatError) as err:
+        write_family_embeddings(con, source, out)
+    assert err.value.line == 10 and "length 31" in str(err.value) and str(part) in str(err.value)
+    assert not out.exists() and not list((demo_copy / "out").glob(".*"))
+
+
+def test_hub_layout_staged(tiny_hub):
+    con = duckdb.connect()
+    stage_hub_dataset(con, tiny_hub)
+    assert count(con, "SELECT count(*) FROM stg_events") == 12
+    assert count(con, "SELECT count(*) FROM stg_user_features WHERE f106 IS NOT NULL") == 2
+    # Columns absent from the files are present and NULL.
+    assert count(con, "SELECT count(*) FROM stg_item_features WHERE f121 IS NULL") == 5
+    # The cold-start feature value is kept out of the id column and counted.
+    assert con.execute("SELECT f100, cold_features FROM stg_candidates ORDER BY retrieval_id").fetchall() == [(1, 0), (None, 1)]
+
+
+def test_hub_missing_column_is_named(tiny_hub):
+    path = tiny_hub / "seq" / "part-0.parquet"
+    table = pq.read_table(path).drop_columns(["seq"])
+    pq.write_table(table, path)
+    with pytest.raises(DataFormatError) as err:
+        stage_hub_dataset(duckdb.connect(), tiny_hub)
+    assert str(path) in str(err.value) and "column 'seq'" in str(err.value) and "['user_id']" in str(err.value)
+
+
+def test_hub_mistyped_column_is_named(tiny_hub):
+    path = tiny_hub / "item_feat" / "part-0.parquet"
+    table = pq.read_table(path)
+    table = table.set_column(0, "item_id", pa.array([str(v) for v in table.column("item_id").to_pylist()]))
+    pq.write_table(table, path)
+    with pytest.raises(DataFormatError) as err:
+        stage_hub_dataset(duckdb.connect(), tiny_hub)
+    assert str(path) in str(err.value) and "column 'item_id' of type integer" in str(err.value) and "string" in str(err.value)
+
+
+def test_hub_null_user_id_row_is_named(tiny_hub):
+    path = tiny_hub / "seq" / "part-0.parquet"
+    table = pq.read_table(path)
+    table = table.set_column(0, "user_id", pa.array([1, None, 3], pa.int64()))
+    pq.write_table(table, path)
+    with pytest.raises(DataFormatError) as err:
+        stage_hub_dataset(duckdb.connect(), tiny_hub)
+    assert err.value.row == 1 and str(path) in str(err.value)
+
+
+def test_hub_embedding_of_wrong_length_is_named(tiny_hub, tmp_path):
+    path = tiny_hub / "mm_emb" / "emb_81_4_parquet" / "part-0.parquet"
+    table = pq.read_table(path)
+    embs = table.column("emb").to_pylist()
+    embs[4] = embs[4][:3]
+    pq.write_table(table.set_column(1, "emb", pa.array(embs, pa.list_(pa.float32()))), path)
+    con = duckdb.connect()
+    stage_indexer(con, tiny_hub / "indexer.pkl")
+    source = find_embedding_source(tiny_hub, HUB_FORMAT, 81)
+    with pytest.raises(DataFormatError) as err:
+        write_family_embeddings(con, source, tmp_path / "emb.parquet")
+    assert err.value.row == 4 and "length 4" in str(err.value) and "found length 3" in str(err.value)
+
+
+def test_unknown_embedding_family(tiny_hub):
+    with pytest.raises(DataFormatError, match="family 83.*families 81"):
+        find_embedding_source(tiny_hub, HUB_FORMAT, 83)
+
+
+def test_not_a_parquet_file(tiny_hub):
+    (tiny_hub / "user_feat" / "part-0.parquet").write_bytes(b"not parquet at all")
+    with pytest.raises(DataFormatError, match="readable parquet file"):
+        stage_hub_dataset(duckdb.connect(), tiny_hub)

@@ -1,0 +1,36 @@
+from __future__ import annotations
+
+import pytest
+
+from taac_dagster.errors import UnknownTrackError
+from taac_dagster.paths import TrackPaths
+from taac_dagster.settings import load_settings
+from taac_dagster.tracks import get_track
+
+
+def test_merge_order(monkeypatch, tmp_path):
+    settings = load_settings("10M")
+    assert settings.source == "synthetic" and settings.hub_repo_id == "TAAC2025/TencentGR-10M"
+    assert settings.synthetic.seed == 10  # from configs/tracks/10M.yaml
+    monkeypatch.setenv("TAAC_SYNTHETIC__NUM_ITEMS", "777")
+    monkeypatch.setenv("TAAC_EMBEDDING_FAMILIES", "81,82")
+    settings = load_settings("10M", {"data_root": str(tmp_path), "synthetic": {"num_users": 50}})
+    assert settings.synthetic.num_items == 777  # environment beats the preset
+    assert settings.synthetic.seed == 10  # the preset survives a partial env override
+    assert settings.synthetic.num_users == 50  # explicit overrides beat everything
+    assert settings.embedding_families == [81, 82]
+    assert settings.data_root == tmp_path
+
+
+def test_unknown_track_is_refused():
+    with pytest.raises(UnknownTrackError, match="unknown track '5M': expected one of 1M, 10M"):
+        load_settings("5M")
+    with pytest.raises(UnknownTrackError):
+        TrackPaths("data", "100M")
+    assert get_track("10M").weighted and not get_track("1M").weighted
+
+
+def test_invalid_source_is_refused(monkeypatch):
+    monkeypatch.setenv("TAAC_SOURCE", "ftp")
+    with pytest.raises(ValueError, match="synthetic"):
+        load_settings("1M")
