@@ -1,14 +1,13 @@
--- events: one row per interaction, in source order within each user.
+-- events: one row per interaction; position is the 0-based index in the user's source order.
 -- Policy for records whose action_type is NULL (about 1.3% of real 1M records): they are kept
 -- in the history as exposures (action_type 0) with action_type_missing = true, so they never
 -- become a target. The quality check events_missing_action_types reports their count (WARN).
 CREATE OR REPLACE TABLE events AS
 SELECT
     user_id,
-    (row_number() OVER (PARTITION BY user_id ORDER BY seq_idx) - 1)::INTEGER AS position,
+    position,
     item_id,
     coalesce(action_type, 0)::INTEGER AS action_type,
     action_type IS NULL AS action_type_missing,
     "timestamp"
-FROM stg_events
-ORDER BY user_id, position;
+FROM stg_events;

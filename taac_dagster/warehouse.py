@@ -12,13 +12,14 @@ from typing import Any
 import duckdb
 
 from taac_dagster.atomic import atomic_dir, atomic_file
+from taac_dagster.errors import DataFormatError
 from taac_dagster.formats import HUB_FORMAT, JSONL_FORMAT
 from taac_dagster.paths import TrackPaths
 from taac_dagster.readers.detect import detect_format
 from taac_dagster.readers.embeddings import find_embedding_source, write_family_embeddings
-from taac_dagster.readers.hub_parquet import stage_hub_dataset
-from taac_dagster.readers.jsonl import stage_jsonl_dataset
-from taac_dagster.readers.staging import STAGING_TABLES
+from taac_dagster.readers.hub_parquet import diagnose_seq, stage_hub_dataset
+from taac_dagster.readers.jsonl import diagnose_seq_jsonl, stage_jsonl_dataset
+from taac_dagster.readers.staging import drop_staging
 from taac_dagster.settings import TaacSettings
 from taac_dagster.sql import load_sql
 from taac_dagster.tracks import get_track
@@ -98,11 +99,12 @@ def build_warehouse(
                 con.execute(load_sql(name, **params))
                 seconds[name] = time.perf_counter() - started
                 logger.info(f"built table {name} in {seconds[name]:.1f}s")
+                if name == "events":
+                    _validate_events(con, source_root, dataset_format)
             embeddings = _write_embeddings(con, source_root, dataset_format, settings, paths, tmp_emb, logger)
             missing = con.execute("SELECT count(*) FROM events WHERE action_type_missing").fetchall()[0][0]
             _write_info(con, paths.track, dataset_format, source_root)
-            for name in STAGING_TABLES:
-                con.execute(f"DROP TABLE IF EXISTS {name}")
+            drop_staging(con)
             counts = {
                 name: con.execute(f"SELECT count(*) FROM {name}").fetchall()[0][0] for name in WAREHOUSE_TABLES
             }
@@ -112,6 +114,18 @@ def build_warehouse(
         # A write-ahead log left by a crashed writer of the old file must not replay onto the new one.
         Path(str(paths.warehouse) + ".wal").unlink(missing_ok=True)
     return WarehouseSummary(paths.warehouse, dataset_format, counts, embeddings, seconds, int(missing))
+
+
+def _validate_events(con: duckdb.DuckDBPyConnection, source_root: Path, dataset_format: str) -> None:
+    nulls = con.execute(
+        'SELECT count(*) FROM events WHERE user_id IS NULL OR item_id IS NULL OR "timestamp" IS NULL'
+    ).fetchall()[0][0]
+    if nulls:
+        if dataset_format == HUB_FORMAT:
+            diagnose_seq(con, source_root / "seq")
+        else:
+            diagnose_seq_jsonl(source_root / "seq.jsonl")
+        raise DataFormatError(source_root, "events with non-null user, item and timestamp", f"{nulls} events with nulls")
 
 
 def _write_embeddings(

@@ -138,6 +138,7 @@ def test_hub_layout_staged(tiny_hub):
     con = duckdb.connect()
     stage_hub_dataset(con, tiny_hub)
     assert count(con, "SELECT count(*) FROM stg_events") == 12
+    assert count(con, "SELECT max(position) FROM stg_events WHERE user_id = 1") == 4
     assert count(con, "SELECT count(*) FROM stg_user_features WHERE f106 IS NOT NULL") == 2
     # Columns absent from the files are present and NULL.
     assert count(con, "SELECT count(*) FROM stg_item_features WHERE f121 IS NULL") == 5
@@ -164,14 +165,37 @@ def test_hub_mistyped_column_is_named(tiny_hub):
     assert str(path) in str(err.value) and "column 'item_id' of type integer" in str(err.value) and "string" in str(err.value)
 
 
-def test_hub_null_user_id_row_is_named(tiny_hub):
+def _build(source, tmp_path, track="10M"):
+    from taac_dagster.paths import TrackPaths
+    from taac_dagster.settings import load_settings
+    from taac_dagster.warehouse import build_warehouse
+
+    settings = load_settings(track, {"data_root": str(tmp_path / "data")})
+    return build_warehouse(source, TrackPaths(settings.data_root, track), settings)
+
+
+def test_hub_null_user_id_row_is_named(tiny_hub, tmp_path):
     path = tiny_hub / "seq" / "part-0.parquet"
     table = pq.read_table(path)
     table = table.set_column(0, "user_id", pa.array([1, None, 3], pa.int64()))
     pq.write_table(table, path)
     with pytest.raises(DataFormatError) as err:
-        stage_hub_dataset(duckdb.connect(), tiny_hub)
-    assert err.value.row == 1 and str(path) in str(err.value)
+        _build(tiny_hub, tmp_path)
+    assert err.value.row == 1 and str(path) in str(err.value) and "non-null user_id" in str(err.value)
+
+
+def test_hub_null_timestamp_in_an_event_is_named(tiny_hub, tmp_path):
+    from taac_dagster.formats import HUB_SEQ_EVENT
+
+    path = tiny_hub / "seq" / "part-0.parquet"
+    table = pq.read_table(path)
+    seqs = table.column("seq").to_pylist()
+    seqs[2][1]["timestamp"] = None
+    pq.write_table(table.set_column(1, "seq", pa.array(seqs, pa.list_(HUB_SEQ_EVENT))), path)
+    with pytest.raises(DataFormatError) as err:
+        _build(tiny_hub, tmp_path)
+    assert err.value.row == 2 and "non-null item_id and timestamp" in str(err.value)
+    assert not (tmp_path / "data" / "10M" / "warehouse.duckdb").exists()
 
 
 def test_hub_embedding_of_wrong_length_is_named(tiny_hub, tmp_path):

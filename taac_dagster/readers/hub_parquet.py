@@ -113,30 +113,32 @@ _INT_LIST: tuple[TypeCheck, str] = (_is_int_list, "list<integer>")
 
 
 def stage_seq(con: duckdb.DuckDBPyConnection, folder: Path) -> None:
+    """``stg_events`` as a view over the files: the events table reads them exactly once."""
     files = parquet_files(folder)
     check_schema(files, {"user_id": _INT, "seq": (_is_seq, SEQ_TYPE)})
-    locate_first(con, files, "user_id IS NULL", "a non-null user_id")
     con.execute(
         f"""
-        CREATE OR REPLACE TABLE stg_events AS
-        SELECT user_id, seq_idx::INTEGER AS seq_idx, ev.item_id AS item_id,
-               ev.action_type::INTEGER AS action_type, ev.timestamp AS timestamp
+        CREATE OR REPLACE VIEW stg_events AS
+        SELECT user_id, (idx - 1)::INTEGER AS position, ev.item_id AS item_id,
+               ev.action_type::INTEGER AS action_type, ev.timestamp AS "timestamp"
         FROM (
-            SELECT user_id, unnest(seq) AS ev, generate_subscripts(seq, 1) AS seq_idx
+            SELECT user_id, unnest(seq) AS ev, generate_subscripts(seq, 1) AS idx
             FROM read_parquet({files_sql(files)}, union_by_name=true)
         )
         """
     )
-    bad = con.execute(
-        "SELECT count(*) FROM stg_events WHERE item_id IS NULL OR timestamp IS NULL"
-    ).fetchall()[0][0]
-    if bad:
-        locate_first(
-            con,
-            files,
-            "list_count(list_filter(seq, lambda e: e.item_id IS NULL OR e.timestamp IS NULL)) > 0",
-            "events with non-null item_id and timestamp",
-        )
+
+
+def diagnose_seq(con: duckdb.DuckDBPyConnection, folder: Path) -> None:
+    """Raise at the first row of ``seq/`` with a null user id, item id or timestamp."""
+    files = parquet_files(folder)
+    locate_first(con, files, "user_id IS NULL", "a non-null user_id")
+    locate_first(
+        con,
+        files,
+        "list_count(list_filter(seq, lambda e: e.item_id IS NULL OR e.timestamp IS NULL)) > 0",
+        "events with non-null item_id and timestamp",
+    )
 
 
 def stage_user_features(con: duckdb.DuckDBPyConnection, folder: Path) -> None:

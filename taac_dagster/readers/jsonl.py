@@ -18,7 +18,6 @@ from taac_dagster.readers.staging import create_empty_candidates, stage_indexer,
 
 log = logging.getLogger(__name__)
 
-_INT_TYPES = ("UBIGINT", "BIGINT")
 _RECORD = (
     "a JSON list of records [user_id, item_id, user_feature, item_feature, action_type, "
     "timestamp] with integer ids and timestamps"
@@ -29,36 +28,36 @@ def _sql_str(path: Path) -> str:
     return "'" + str(path).replace("'", "''") + "'"
 
 
-def _item_feature_paths() -> str:
-    return "[" + ", ".join(f"'$.\"{f}\"'" for f in ITEM_SPARSE_FEATURES) + "]"
-
-
 def stage_seq_jsonl(con: duckdb.DuckDBPyConnection, path: Path) -> None:
-    """Parse ``seq.jsonl`` into ``stg_events``, ``stg_user_features`` and ``stg_item_features``."""
+    """Parse ``seq.jsonl`` into ``stg_events``, ``stg_user_features`` and ``stg_item_features``.
+
+    The file is parsed once: each line becomes a list of records, each record a list of JSON
+    values (``JSON[][]``), so no field is parsed twice. Interaction records are moved before
+    the user-profile record(s) of their line, which makes their index the event position.
+    """
     query = f"""
     CREATE OR REPLACE TABLE stg_jsonl_records AS
     WITH lines AS (
-        SELECT CAST(json AS JSON[]) AS recs FROM read_ndjson_objects({_sql_str(path)})
+        SELECT CAST(json AS JSON[][]) AS recs FROM read_ndjson_objects({_sql_str(path)})
+    ), split AS (
+        SELECT list_concat(list_filter(recs, lambda r: r[3] IS NULL),
+                           list_filter(recs, lambda r: r[3] IS NOT NULL)) AS recs,
+               len(list_filter(recs, lambda r: r[3] IS NULL)) AS n_events
+        FROM lines
     ), flat AS (
-        SELECT unnest(recs) AS rec, generate_subscripts(recs, 1) AS seq_idx FROM lines
+        SELECT unnest(recs) AS rec, generate_subscripts(recs, 1) AS idx, n_events FROM split
     )
     SELECT
-        seq_idx,
-        json_array_length(rec) AS n_fields,
-        json_type(rec, '$[0]') AS user_type,
-        json_type(rec, '$[1]') AS item_type,
-        json_type(rec, '$[2]') AS ufeat_type,
-        json_type(rec, '$[3]') AS ifeat_type,
-        json_type(rec, '$[4]') AS action_json_type,
-        json_type(rec, '$[5]') AS ts_type,
-        TRY_CAST(rec->>'$[0]' AS BIGINT) AS user_id,
-        TRY_CAST(rec->>'$[1]' AS BIGINT) AS item_id,
-        TRY_CAST(rec->>'$[4]' AS INTEGER) AS action_type,
-        TRY_CAST(rec->>'$[5]' AS BIGINT) AS timestamp,
-        CASE WHEN json_type(rec, '$[2]') = 'OBJECT' THEN rec->'$[2]' END AS user_feature,
-        CASE WHEN json_type(rec, '$[3]') = 'OBJECT'
-             THEN TRY_CAST(json_extract(rec->'$[3]', {_item_feature_paths()}) AS BIGINT[]) END
-             AS item_features
+        TRY_CAST(rec[1] AS BIGINT) AS user_id,
+        CASE WHEN idx <= n_events THEN (idx - 1)::INTEGER END AS position,
+        TRY_CAST(rec[2] AS BIGINT) AS item_id,
+        TRY_CAST(rec[5] AS INTEGER) AS action_type,
+        TRY_CAST(rec[6] AS BIGINT) AS "timestamp",
+        rec[3] AS user_feature,
+        rec[4] AS item_feature,
+        len(rec) IS DISTINCT FROM 6
+            OR TRY_CAST(rec[1] AS BIGINT) IS NULL
+            OR (rec[5] IS NOT NULL AND TRY_CAST(rec[5] AS INTEGER) IS NULL) AS malformed
     FROM flat
     """
     try:
@@ -67,20 +66,11 @@ def stage_seq_jsonl(con: duckdb.DuckDBPyConnection, path: Path) -> None:
         diagnose_seq_jsonl(path)  # raises with the line number when it finds the problem
         raise DataFormatError(path, _RECORD, f"a file DuckDB cannot parse ({exc})") from exc
 
-    ints = ", ".join(f"'{t}'" for t in _INT_TYPES)
     bad = con.execute(
-        f"""
-        SELECT count(*) FROM stg_jsonl_records WHERE
-            n_fields IS DISTINCT FROM 6
-            OR user_type NOT IN ({ints})
-            OR ts_type NOT IN ({ints}) AND ufeat_type <> 'OBJECT'
-            OR (ufeat_type = 'OBJECT' AND item_type <> 'NULL')
-            OR (ufeat_type <> 'OBJECT' AND (
-                    item_type NOT IN ({ints})
-                    OR ufeat_type <> 'NULL'
-                    OR ifeat_type NOT IN ('OBJECT', 'NULL')
-                    OR action_json_type NOT IN ({ints}, 'NULL')))
-            OR (ifeat_type = 'OBJECT' AND item_features IS NULL)
+        """
+        SELECT count(*) FROM stg_jsonl_records WHERE malformed
+            OR (user_feature IS NULL AND (item_id IS NULL OR "timestamp" IS NULL))
+            OR (user_feature IS NOT NULL AND (item_id IS NOT NULL OR json_type(user_feature) <> 'OBJECT'))
         """
     ).fetchall()[0][0]
     if bad:
@@ -89,31 +79,38 @@ def stage_seq_jsonl(con: duckdb.DuckDBPyConnection, path: Path) -> None:
 
     con.execute(
         """
-        CREATE OR REPLACE TABLE stg_events AS
-        SELECT user_id, seq_idx::INTEGER AS seq_idx, item_id, action_type, timestamp
-        FROM stg_jsonl_records WHERE ufeat_type <> 'OBJECT'
+        CREATE OR REPLACE VIEW stg_events AS
+        SELECT user_id, position, item_id, action_type, "timestamp"
+        FROM stg_jsonl_records WHERE position IS NOT NULL
         """
     )
     con.execute(
         "CREATE OR REPLACE TABLE stg_user_features AS SELECT user_id, "
         + user_feature_select(
             "(SELECT user_id, any_value(user_feature) AS uf FROM stg_jsonl_records "
-            "WHERE ufeat_type = 'OBJECT' GROUP BY user_id)",
+            "WHERE position IS NULL GROUP BY user_id)",
             "uf",
         )
     )
-    item_cols = ", ".join(
-        f"feats[{i + 1}] AS {feature_column(f)}" for i, f in enumerate(ITEM_SPARSE_FEATURES)
-    )
+    # Features are extracted once per distinct item, not once per record.
     con.execute(
-        f"""
-        CREATE OR REPLACE TABLE stg_item_features AS
-        SELECT item_id, {item_cols} FROM (
-            SELECT item_id, any_value(item_features) AS feats FROM stg_jsonl_records
-            WHERE item_features IS NOT NULL GROUP BY item_id)
+        """
+        CREATE OR REPLACE TABLE stg_jsonl_item_json AS
+        SELECT item_id, any_value(item_feature) AS item_feature FROM stg_jsonl_records
+        WHERE position IS NOT NULL AND item_feature IS NOT NULL GROUP BY item_id
         """
     )
-    con.execute("DROP TABLE stg_jsonl_records")
+    if con.execute(
+        "SELECT count(*) FROM stg_jsonl_item_json WHERE json_type(item_feature) <> 'OBJECT'"
+    ).fetchall()[0][0]:
+        diagnose_seq_jsonl(path)
+    item_cols = ", ".join(
+        f"TRY_CAST(item_feature->>'$.\"{f}\"' AS BIGINT) AS {feature_column(f)}" for f in ITEM_SPARSE_FEATURES
+    )
+    con.execute(
+        f"CREATE OR REPLACE TABLE stg_item_features AS SELECT item_id, {item_cols} FROM stg_jsonl_item_json"
+    )
+    con.execute("DROP TABLE stg_jsonl_item_json")
 
 
 def _is_int(value: object) -> bool:

@@ -2,8 +2,9 @@
 
 Staging tables (regular DuckDB tables, dropped once the warehouse is built):
 
-- ``stg_events(user_id, seq_idx, item_id, action_type, timestamp)``: interaction records in
-  file order within each user (``seq_idx``); ``action_type`` may be NULL (real data does that).
+- ``stg_events(user_id, position, item_id, action_type, timestamp)``: interaction records,
+  ``position`` 0..n-1 in source order within each user; ``action_type`` may be NULL (real
+  data does that). A view where the source can be read directly (Hub parquet).
 - ``stg_user_features(user_id, f103.., f106[]..)``: one row per user with a profile.
 - ``stg_item_features(item_id, f100..)``: one row per item with features.
 - ``stg_candidates(creative_id, retrieval_id, f100.., cold_features)``: the published pool, or
@@ -32,6 +33,7 @@ from taac_dagster.safe_pickle import load_indexer
 
 STAGING_TABLES = (
     "stg_events",
+    "stg_jsonl_records",
     "stg_user_features",
     "stg_item_features",
     "stg_candidates",
@@ -39,6 +41,17 @@ STAGING_TABLES = (
     "stg_user_index",
     "stg_feature_vocab",
 )
+
+
+def drop_staging(con: duckdb.DuckDBPyConnection) -> None:
+    kinds = dict(
+        con.execute(
+            "SELECT table_name, table_type FROM information_schema.tables WHERE table_name LIKE 'stg_%'"
+        ).fetchall()
+    )
+    for name in STAGING_TABLES:  # views first: they read the tables after them
+        if name in kinds:
+            con.execute(f"DROP {'VIEW' if kinds[name] == 'VIEW' else 'TABLE'} {name}")
 
 
 def item_feature_columns_sql(prefix: str = "") -> str:

@@ -1,0 +1,1 @@
+"""Model code (torch/numpy, no Dagster import): batching, encoders, losses, retrieval, metrics."""

@@ -1,0 +1,83 @@
+"""The asset chain on a real temporary Dagster instance, both partitions."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from dagster import AssetKey, DagsterInstance, asset, materialize
+
+from assets.raw import raw_dataset
+from assets.warehouse import WAREHOUSE_ASSETS, warehouse_tables
+from taac_dagster.paths import TrackPaths
+from taac_dagster.resources import TaacConfig
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def instance(tmp_path):
+    with DagsterInstance.ephemeral(tempdir=str(tmp_path / "dagster_home")) as inst:
+        yield inst
+
+
+def small_config(tmp_path, **extra):
+    return TaacConfig(data_root=str(tmp_path / "data"), synthetic_num_users=300, synthetic_num_items=900, **extra)
+
+
+def test_chain_materializes_both_partitions(tmp_path, instance):
+    config = small_config(tmp_path)
+    for track in ("1M", "10M"):
+        result = materialize([raw_dataset, warehouse_tables], partition_key=track, resources={"taac": config}, instance=instance)
+        assert result.success
+        checks = {e.check_name: e for e in result.get_asset_check_evaluations()}
+        assert len(checks) == 8 and all(e.passed for e in checks.values()), track
+        materialized = {event.asset_key for event in result.get_asset_materialization_events()}
+        assert materialized == {AssetKey("raw_dataset"), *(AssetKey(n) for n in WAREHOUSE_ASSETS)}
+        paths = TrackPaths(tmp_path / "data", track)
+        assert paths.warehouse.is_file() and paths.embedding_file(81).is_file()
+        manifest = json.loads(paths.raw_manifest.read_text())
+        # The raw data version recorded by Dagster is the content fingerprint.
+        raw_events = [m for m in result.get_asset_materialization_events() if m.asset_key == AssetKey("raw_dataset")]
+        assert raw_events[0].materialization.tags["dagster/data_version"] == manifest["digest"]
+    # 10M data has conversions; 1M data has none.
+    import duckdb
+
+    for track, has_conversions in (("1M", False), ("10M", True)):
+        con = duckdb.connect(str(TrackPaths(tmp_path / "data", track).warehouse), read_only=True)
+        assert (con.execute("SELECT count(*) FROM events WHERE action_type = 2").fetchall()[0][0] > 0) == has_conversions
+
+
+def test_rematerializing_one_partition_leaves_the_other_alone(tmp_path, instance):
+    config = small_config(tmp_path)
+    for track in ("1M", "10M"):
+        assert materialize([raw_dataset, warehouse_tables], partition_key=track, resources={"taac": config}, instance=instance).success
+    other = TrackPaths(tmp_path / "data", "10M")
+    before = {p: p.stat().st_mtime_ns for p in other.root.rglob("*") if p.is_file()}
+    assert materialize([raw_dataset, warehouse_tables], partition_key="1M", resources={"taac": config}, instance=instance).success
+    after = {p: p.stat().st_mtime_ns for p in other.root.rglob("*") if p.is_file()}
+    assert before == after
+
+
+def test_blocking_check_stops_downstream(tmp_path, instance, tiny_hub):
+    """Conversions in a 1M-track dataset fail events_valid; the next stage does not run."""
+
+    ran = []
+
+    @asset(deps=["sequences"], partitions_def=raw_dataset.partitions_def, code_version="test")
+    def next_stage() -> None:
+        ran.append(True)
+
+    config = small_config(tmp_path, source="local", local_path=str(tiny_hub))
+    result = materialize(
+        [raw_dataset, warehouse_tables, next_stage],
+        partition_key="1M",
+        resources={"taac": config},
+        instance=instance,
+        raise_on_error=False,
+    )
+    checks = {e.check_name: e for e in result.get_asset_check_evaluations()}
+    assert not checks["events_valid"].passed
+    assert checks["events_valid"].metadata["full_table_violations"].value["action_type_not_allowed"] == 1
+    assert ran == []
+    assert AssetKey("next_stage") not in {m.asset_key for m in result.get_asset_materialization_events()}
