@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from taac_dagster.atomic import atomic_dir, write_text_atomic
+from taac_dagster.atomic import atomic_dir, remove_stale_temps, write_text_atomic
 from taac_dagster.errors import SourceUnavailableError
 from taac_dagster.fingerprint import fingerprint_tree
 from taac_dagster.formats import HUB_FORMAT, hub_embedding_dirs, jsonl_embedding_sources
@@ -74,6 +74,9 @@ def materialize_raw(settings: TaacSettings, paths: TrackPaths, *, logger: Any = 
     logger = logger or log
     started = time.perf_counter()
     details: dict[str, Any] = {}
+    paths.root.mkdir(parents=True, exist_ok=True)
+    if remove_stale_temps(paths.root):
+        logger.warning(f"removed leftovers of an interrupted run in {paths.root}")
     if settings.source == "synthetic":
         from taac_dagster.sources.synthetic import generate_dataset
 

@@ -11,7 +11,9 @@ from typing import Any
 
 import duckdb
 
-from taac_dagster.atomic import atomic_dir, atomic_file
+import shutil
+
+from taac_dagster.atomic import atomic_dir, atomic_file, remove_stale_temps
 from taac_dagster.errors import DataFormatError
 from taac_dagster.formats import HUB_FORMAT, JSONL_FORMAT
 from taac_dagster.paths import TrackPaths
@@ -25,6 +27,8 @@ from taac_dagster.sql import load_sql
 from taac_dagster.tracks import get_track
 
 log = logging.getLogger(__name__)
+
+SPILL_DIR = ".duckdb_spill"  # DuckDB's out-of-core scratch space, removed after each build
 
 # Built in this order; each reads the staging tables and the tables before it.
 WAREHOUSE_TABLES = ("feature_vocab", "events", "items", "users", "holdout", "sequences", "candidates")
@@ -56,7 +60,7 @@ def connect(path: Path, settings: TaacSettings, *, read_only: bool = False) -> d
     if settings.duckdb_threads:
         con.execute(f"SET threads = {int(settings.duckdb_threads)}")
     if not read_only:
-        spill = path.parent / ".duckdb_spill"
+        spill = path.parent / SPILL_DIR
         spill.mkdir(parents=True, exist_ok=True)
         con.execute(f"SET temp_directory = '{spill}'")
         con.execute("SET preserve_insertion_order = false")
@@ -82,8 +86,25 @@ def build_warehouse(
     logger = logger or log
     dataset_format = detect_format(source_root)
     params = table_params(paths.track, settings)
-    seconds: dict[str, float] = {}
     paths.root.mkdir(parents=True, exist_ok=True)
+    removed = remove_stale_temps(paths.root)
+    if removed:
+        logger.warning(f"removed {removed} leftovers of interrupted builds in {paths.root}")
+    try:
+        return _build(source_root, dataset_format, paths, settings, params, logger)
+    finally:
+        shutil.rmtree(paths.root / SPILL_DIR, ignore_errors=True)
+
+
+def _build(
+    source_root: Path,
+    dataset_format: str,
+    paths: TrackPaths,
+    settings: TaacSettings,
+    params: dict[str, Any],
+    logger: Any,
+) -> WarehouseSummary:
+    seconds: dict[str, float] = {}
     with atomic_file(paths.warehouse) as tmp_db, atomic_dir(paths.embeddings) as tmp_emb:
         con = connect(tmp_db, settings)
         try:

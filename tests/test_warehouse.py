@@ -123,3 +123,14 @@ def test_failed_build_keeps_the_previous_warehouse(demo_copy, tmp_path):
     leftovers = [p.name for p in summary.path.parent.iterdir() if ".tmp-" in p.name]
     assert leftovers == []
     assert (summary.path.parent / "embeddings" / "emb_81.parquet").exists()
+
+
+def test_leftovers_of_a_crashed_build_are_cleared(demo_dir, tmp_path):
+    root = tmp_path / "data" / "1M"
+    root.mkdir(parents=True)
+    crashed = root / ".warehouse.duckdb.tmp-deadbeef.duckdb"
+    crashed.write_bytes(b"half a database")
+    (root / ".embeddings.tmp-deadbeef").mkdir()
+    summary, _ = build(demo_dir, tmp_path, "1M")
+    assert sorted(p.name for p in root.iterdir()) == ["embeddings", "warehouse.duckdb"]
+    assert summary.path == root / "warehouse.duckdb"
