@@ -5,8 +5,8 @@ generated once, then, in fresh subprocesses so peak memory is per step:
 
 - ``bare``: DuckDB reads the sequence files and unnests every event (user, item, action,
   timestamp) into a table: the floor any reader pays;
-- ``events``: our reader stages the same files (events, user profiles, item features, the
-  indexer) and builds the validated ``events`` table from ``sql/events.sql``;
+- ``events``: our reader stages the same sequence files and builds the ``events`` table from
+  ``sql/events.sql`` (for JSONL the one parse also yields user profiles and item features);
 - ``warehouse``: the full warehouse build (every table in sql/, embeddings).
 
 The figure is events/s relative to bare (target >= 0.7 for ``events``). Peak memory is the
@@ -59,13 +59,16 @@ def _child(step: str, root: str, fmt: str, work: str) -> None:
         con.execute(BARE_SQL[fmt].format(root=root))
         events = con.execute("SELECT count(*) FROM bare").fetchall()[0][0]
     elif step == "events":
-        from taac_dagster.readers.hub_parquet import stage_hub_dataset
-        from taac_dagster.readers.jsonl import stage_jsonl_dataset
+        from taac_dagster.readers.hub_parquet import stage_seq
+        from taac_dagster.readers.jsonl import stage_seq_jsonl
         from taac_dagster.sql import load_sql
         from taac_dagster.warehouse import table_params
 
         con = connect(db, settings)
-        (stage_hub_dataset if fmt == "hub_parquet" else stage_jsonl_dataset)(con, Path(root))
+        if fmt == "hub_parquet":
+            stage_seq(con, Path(root) / "seq")
+        else:
+            stage_seq_jsonl(con, Path(root) / "seq.jsonl")
         con.execute(load_sql("events", **table_params("1M", settings)))
         events = con.execute("SELECT count(*) FROM events").fetchall()[0][0]
     else:
