@@ -35,6 +35,35 @@ class SyntheticSettings(BaseModel):
     format: Literal["hub_parquet", "competition_jsonl"] = "hub_parquet"
 
 
+class SemanticIdSettings(BaseModel):
+    """RQ-KMeans Semantic IDs (models/semantic_ids.py); None picks the documented default."""
+
+    family: int | None = None  # None: the first of embedding_families
+    levels: int = Field(3, ge=1, le=8)
+    # K per level. None: min(256, max(8, round(sqrt(items with an embedding)))).
+    codebook_size: int | None = Field(None, ge=2)
+    whiten: Literal["none", "pca"] = "none"
+    whiten_dim: int | None = Field(None, ge=2)  # PCA output dim; None: min(dim, 256)
+    normalize: bool = True
+    niter: int = Field(20, ge=1)
+    seed: int = 0
+    max_train_points: int = Field(100_000, ge=100)
+    # Fewer items with the family's embedding is an error. None: max(K, 2% of the items).
+    min_items: int | None = Field(None, ge=1)
+
+
+class TrainingSettings(BaseModel):
+    """Encoder training (models/train.py): a preset from configs/models/ and a few overrides."""
+
+    preset: str = "default"  # configs/models/<preset>.yaml (baseline | default)
+    epochs: int | None = Field(None, ge=1)  # None: the preset's
+    max_steps: int | None = Field(None, ge=1)  # overrides epochs
+    batch_size: int | None = Field(None, ge=1)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    threads: int | None = Field(None, ge=1)  # torch CPU threads (None: the cores not busy, >= 1)
+    val_users: int = Field(1000, ge=0)  # holdout users scored during training
+
+
 class TaacSettings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="TAAC_",
@@ -53,6 +82,8 @@ class TaacSettings(BaseSettings):
     # "81", "81,82", "81 82" or "[81, 82]" in the environment.
     embedding_families: Annotated[list[int], NoDecode] = Field(default_factory=lambda: [81])
     synthetic: SyntheticSettings = Field(default_factory=SyntheticSettings)
+    semantic_ids: SemanticIdSettings = Field(default_factory=SemanticIdSettings)
+    training: TrainingSettings = Field(default_factory=TrainingSettings)
     max_history: int = Field(100, ge=1, le=100)
     # Quality checks validate every row of small tables and a deterministic user sample of
     # large ones (users whose id falls in the sample are validated with all their rows).

@@ -1,0 +1,83 @@
+"""encoder_checkpoint: the retrieval encoder of a track, trained (or resumed) on its warehouse.
+
+Thin: the work is ``models.train.train_track``. It prepares the training arrays once from the
+DuckDB tables (``<root>/<track>/checkpoints/arrays/``, reused while the warehouse and the
+Semantic IDs are unchanged), trains the preset chosen by ``TAAC_TRAINING__PRESET`` and writes
+``<root>/<track>/checkpoints/<preset>/last.pt`` atomically. A run interrupted half way resumes
+from its last checkpoint; a finished checkpoint of the same config and data is kept as is.
+Progress (steps, loss, samples/s) goes to the Dagster log; the loss curve and the validation
+figures next to the popularity baseline go to the materialization metadata.
+"""
+
+import json
+from typing import Any
+
+from dagster import AssetExecutionContext, AssetKey, MaterializeResult, MetadataValue, asset
+
+from models.train import train_track
+from taac_dagster.partitions import track_partitions
+from taac_dagster.resources import TaacConfig
+
+# Bump when the same inputs and settings would train a different model or write a different
+# checkpoint layout (model code, loss, batching, optimizer, array preparation).
+TRAINING_CODE_VERSION = "training-v1"
+
+INPUT_TABLES = ("sequences", "holdout", "items", "users", "candidates", "item_embeddings")
+
+
+def _log_line(record: dict[str, Any]) -> str:
+    event = record.get("event")
+    if event == "progress":
+        return (
+            f"step {record['step']}/{record['of']} (epoch {record['epoch']}): loss {record['loss']:.4f}, "
+            f"{record['samples_per_s']:.0f} sequences/s, {record['tokens_per_s']:.0f} tokens/s, lr {record['lr']:.2e}"
+        )
+    if event == "validation":
+        return (
+            f"validation at step {record['step']} ({record['users']} users): HR@10 {record['hr@10']:.4f}, "
+            f"NDCG@10 {record['ndcg@10']:.4f}, score {record['score']:.4f}; popularity HR@10 "
+            f"{record['popularity_hr@10']:.4f}, score {record['popularity_score']:.4f}"
+        )
+    return json.dumps(record, default=str)
+
+
+@asset(
+    partitions_def=track_partitions,
+    code_version=TRAINING_CODE_VERSION,
+    group_name="training",
+    deps=[AssetKey("semantic_id_codebooks"), *(AssetKey(name) for name in INPUT_TABLES)],
+    kinds={"pytorch"},
+    description="The retrieval encoder (causal Transformer over user histories, InfoNCE with "
+    "logQ) trained on the track; checkpoint with model, optimizer, step, config and data version.",
+)
+def encoder_checkpoint(context: AssetExecutionContext, taac: TaacConfig) -> MaterializeResult:
+    track = context.partition_key
+    run = train_track(
+        taac.paths(track), taac.settings(track), logger=context.log,
+        on_log=lambda record: context.log.info(_log_line(record)),
+    )
+    result, metrics = run.result, run.result.metrics
+    figures = {k: round(float(metrics[k]), 5) for k in metrics if k != "users"}
+    return MaterializeResult(
+        metadata={
+            "checkpoint": MetadataValue.path(str(result.checkpoint)),
+            "report": MetadataValue.path(str(run.report_path)),
+            "preset": run.preset.name,
+            "config_hash": result.config_hash,
+            "data_version": run.arrays.data_version,
+            "steps": result.steps,
+            "resumed_from_step": result.resumed_from,
+            "train_seconds": round(result.seconds, 2),
+            "samples_per_second": round(result.samples_per_second, 1),
+            "tokens_per_second": round(result.tokens_per_second, 1),
+            **({"final_loss": round(result.losses[-1], 5)} if result.losses else {}),
+            "loss_curve": MetadataValue.json(result.loss_curve()),
+            **{f"val_{key}": value for key, value in figures.items()},
+            "val_users": int(metrics.get("users", 0)),
+            "validation_history": MetadataValue.json(result.evals),
+            "params": MetadataValue.json(result.params),
+            "semantic_ids": bool(run.arrays.meta["sid_levels"]),
+            "families": MetadataValue.json(run.arrays.meta["families"]),
+            "model_config": MetadataValue.json(result.model_config),
+        }
+    )

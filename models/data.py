@@ -1,0 +1,628 @@
+"""Training arrays, prepared once from a track's DuckDB warehouse, and vectorized batches.
+
+``prepare_arrays`` reads the warehouse through a read-only connection as Arrow record batches
+and writes plain ``.npy`` files (one folder, replaced atomically); ``load_arrays`` maps them
+back (copy-on-write memory maps: nothing is read until it is indexed). Batches are built by
+numpy fancy indexing of these matrices: no per-sample Python object ever exists.
+
+The item *row space* is the index every item array shares:
+
+    row 0                    padding
+    rows 1 .. max_item_id    item re-ids (``items.item_id``); the row is the id
+    rows max_item_id + 1 ..  candidates the indexer does not know (``item_id`` NULL: cold
+                             items), ordered by creative id; they have features, maybe a
+                             multi-modal embedding and a Semantic ID, but no id embedding
+
+Files (``<root>/<track>/checkpoints/arrays/``):
+
+    seq_items [S, L] int32     training histories, left-padded with 0 (item rows)
+    seq_actions [S, L] int8    action type per position
+    seq_times [S, L] int32     seconds since meta["time_origin"]
+    seq_users [S] int32        user id per sequence
+    hold_* [H, L], hold_users, hold_target, hold_target_action   the holdout (validation and test)
+    hold_targets [H, T] int32, hold_target_actions [H, T] int8   every positive from the target on
+    val_index [V] int32        a deterministic subset of holdout rows used for validation
+    item_feats [N, F] int32    sparse item features (0 = missing), columns = meta["item_features"]
+    item_mm_<family> [N, D] float32, item_mm_mask [N, families] bool
+    item_sids [N, levels + 1] int32   Semantic ID codes + 1 (0 = none)
+    item_counts [N, actions] int64    occurrences in training sequences per action type
+    item_creative [N] int64    raw creative id per row
+    user_sparse [U, 4] int32, user_multi [U, 4, M] int32   user features (0 = missing)
+    cand_rows [C] int32, cand_creative [C] int64, cand_retrieval [C] int64, cand_cold [C] bool
+    meta.json                  vocabularies, dims, time origin, data version, source key
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from taac_dagster.atomic import atomic_dir
+from taac_dagster.readers.embeddings import read_embedding_matrix
+from taac_dagster.tracks import get_track
+
+log = logging.getLogger(__name__)
+
+ARRAYS_VERSION = 1
+ITEM_FEATURES = ("100", "101", "102", "112", "114", "115", "116", "117", "118", "119", "120", "121", "122")
+USER_SPARSE = ("103", "104", "105", "109")
+USER_MULTI = ("106", "107", "108", "110")
+SID_TABLE = "item_semantic_ids"
+CHUNK_ROWS = 65_536  # sequences per Arrow record batch while preparing
+
+
+@dataclass(frozen=True)
+class PrepareOptions:
+    max_len: int = 100  # history positions kept (the latest ones)
+    families: tuple[int, ...] | None = None  # multi-modal families to use (None: all in the warehouse)
+    multi_len: int = 8  # values kept per multi-valued user feature
+    val_users: int = 1000  # holdout rows used for validation
+    val_seed: int = 0
+    use_semantic_ids: bool = True
+    # A family whose [item rows, dim] float32 matrix would exceed this is left out of training
+    # (with a warning; its Semantic IDs still reach the model): 4.8M items x 4096-d is 78 GB.
+    max_mm_bytes: int = 4 << 30
+
+
+# --- Padding: lists -> matrices, all vectorized ------------------------------------------------
+
+
+def list_parts(column: pa.Array | pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
+    """(lengths, flat values) of an Arrow list column; null lists are empty, null values 0."""
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    lengths = pc.list_value_length(column).fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
+    values = pc.list_flatten(column).fill_null(0).to_numpy(zero_copy_only=False)
+    return lengths, values
+
+
+def pad_lists(lengths: np.ndarray, values: np.ndarray, width: int, dtype: Any, *, left: bool) -> np.ndarray:
+    """Rows of ``values`` (split by ``lengths``) in a [rows, width] matrix of zeros.
+
+    ``left=True``: right-aligned, the *last* ``width`` values of each list kept (histories);
+    ``left=False``: left-aligned, the *first* ``width`` values kept (feature lists).
+    """
+    n = len(lengths)
+    out = np.zeros((n, width), dtype)
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+    keep = np.minimum(lengths, width)
+    first = starts + (lengths - keep if left else 0)
+    total = int(keep.sum())
+    if total == 0:
+        return out
+    row = np.repeat(np.arange(n), keep)
+    within = np.arange(total) - np.repeat(np.cumsum(keep) - keep, keep)
+    col = within + (np.repeat(width - keep, keep) if left else 0)
+    out[row, col] = values[np.repeat(first, keep) + within]
+    return out
+
+
+# --- Prepared arrays --------------------------------------------------------------------------
+
+
+@dataclass
+class Arrays:
+    """The prepared arrays of one track (numpy, memory-mapped) and their metadata."""
+
+    folder: Path
+    meta: dict[str, Any]
+    a: dict[str, np.ndarray] = field(repr=False)
+
+    def __getattr__(self, name: str) -> np.ndarray:
+        try:
+            return self.__dict__["a"][name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    @property
+    def data_version(self) -> str:
+        return self.meta["data_version"]
+
+    @property
+    def num_sequences(self) -> int:
+        return int(self.meta["num_sequences"])
+
+    @property
+    def mm_tables(self) -> list[np.ndarray]:
+        return [self.a[f"item_mm_{f}"] for f in self.meta["families"]]
+
+
+def load_arrays(folder: str | Path) -> Arrays:
+    folder = Path(folder)
+    meta = json.loads((folder / "meta.json").read_text())
+    # mmap_mode="c": copy-on-write, so torch.from_numpy gets a writable view and disk is never touched.
+    arrays = {p.stem: np.load(p, mmap_mode="c") for p in sorted(folder.glob("*.npy"))}
+    return Arrays(folder, meta, arrays)
+
+
+def source_key(warehouse: Path, codebooks_json: Path | None, track: str, options: PrepareOptions) -> str:
+    """Cheap identity of the inputs: the warehouse file (size, mtime), the codebooks, the options."""
+    stat = warehouse.stat()
+    digest = hashlib.blake2b(digest_size=12)
+    digest.update(json.dumps([ARRAYS_VERSION, track, stat.st_size, stat.st_mtime_ns, asdict(options)], default=str).encode())
+    if codebooks_json is not None and codebooks_json.is_file():
+        digest.update(codebooks_json.read_bytes())
+    return digest.hexdigest()
+
+
+def prepare_arrays(
+    warehouse: Path,
+    out_dir: Path,
+    track: str,
+    options: PrepareOptions = PrepareOptions(),
+    *,
+    codebooks_json: Path | None = None,
+    reuse: bool = True,
+    logger: Any = None,
+) -> Arrays:
+    """Arrays of ``warehouse`` in ``out_dir``; reused as they are when the source key matches."""
+    logger = logger or log
+    key = source_key(warehouse, codebooks_json, track, options)
+    meta_path = out_dir / "meta.json"
+    if reuse and meta_path.is_file() and json.loads(meta_path.read_text()).get("source_key") == key:
+        logger.info(f"reusing prepared arrays in {out_dir}")
+        return load_arrays(out_dir)
+    started = time.perf_counter()
+    with atomic_dir(out_dir) as tmp:
+        con = duckdb.connect(str(warehouse), read_only=True)
+        try:
+            meta = _prepare(con, Path(tmp), track, options, codebooks_json, logger)
+        finally:
+            con.close()
+        meta["source_key"] = key
+        meta["seconds"] = round(time.perf_counter() - started, 2)
+        meta["data_version"] = _digest_folder(Path(tmp))
+        (Path(tmp) / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
+    logger.info(f"prepared arrays in {out_dir} in {meta['seconds']:.1f}s (data version {meta['data_version']})")
+    return load_arrays(out_dir)
+
+
+def _digest_folder(folder: Path) -> str:
+    digest = hashlib.blake2b(digest_size=12)
+    for path in sorted(folder.glob("*.npy")):
+        digest.update(path.name.encode())
+        with open(path, "rb") as handle:
+            while chunk := handle.read(1 << 24):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _scalar(con: duckdb.DuckDBPyConnection, sql: str) -> Any:
+    return con.execute(sql).fetchall()[0][0]
+
+
+def _columns(con: duckdb.DuckDBPyConnection, table: str) -> list[str]:
+    return [row[0] for row in con.execute(f"SELECT column_name FROM (DESCRIBE {table})").fetchall()]
+
+
+def _has_table(con: duckdb.DuckDBPyConnection, table: str) -> bool:
+    return bool(_scalar(con, f"SELECT count(*) FROM duckdb_tables() WHERE table_name = '{table}'"))
+
+
+def _save(folder: Path, name: str, array: np.ndarray) -> None:
+    np.save(folder / f"{name}.npy", np.ascontiguousarray(array))
+
+
+def _prepare(
+    con: duckdb.DuckDBPyConnection,
+    out: Path,
+    track: str,
+    options: PrepareOptions,
+    codebooks_json: Path | None,
+    logger: Any,
+) -> dict[str, Any]:
+    n_actions = len(get_track(track).allowed_actions)
+    time_origin = int(_scalar(con, 'SELECT coalesce(min("timestamp"), 0) FROM events'))
+
+    # Item row space: re-ids, then candidates without one (by creative id).
+    max_item = int(
+        _scalar(con, "SELECT greatest((SELECT coalesce(max(item_id), 0) FROM items), (SELECT coalesce(max(item_id), 0) FROM candidates))")
+    )
+    extra_creative = con.execute(
+        "SELECT DISTINCT creative_id FROM candidates WHERE item_id IS NULL ORDER BY creative_id"
+    ).fetchnumpy()["creative_id"].astype(np.int64)
+    id_rows = max_item + 1
+    n_rows = id_rows + len(extra_creative)
+
+    def rows_of(item_ids: np.ndarray, creative_ids: np.ndarray) -> np.ndarray:
+        """Row of each (item id or -1, creative id); -1 where the item is in neither space."""
+        rows = np.where(item_ids > 0, item_ids, -1).astype(np.int64)
+        unknown = rows < 0
+        if unknown.any() and len(extra_creative):
+            pos = np.searchsorted(extra_creative, creative_ids[unknown])
+            pos = np.minimum(pos, len(extra_creative) - 1)
+            found = extra_creative[pos] == creative_ids[unknown]
+            rows[np.flatnonzero(unknown)[found]] = id_rows + pos[found]
+        return rows
+
+    # Item features, clipped to their vocabulary (an unknown value becomes 0 = missing).
+    vocab = dict(con.execute("SELECT feature_id, vocab_size FROM feature_vocab").fetchall())
+    item_cols = [c[1:] for c in _columns(con, "items") if c.startswith("f") and c[1:] in ITEM_FEATURES]
+    cand_cols = set(_columns(con, "candidates"))
+    item_feats = np.zeros((n_rows, len(item_cols)), np.int32)
+    creative = np.zeros(n_rows, np.int64)
+    select = ", ".join(f"coalesce(f{c}, 0) AS f{c}" for c in item_cols)
+    items = con.execute(f"SELECT item_id, coalesce(creative_id, 0) AS creative_id{', ' + select if select else ''} FROM items").fetchnumpy()
+    item_rows = items["item_id"].astype(np.int64)
+    creative[item_rows] = items["creative_id"]
+    for j, c in enumerate(item_cols):
+        item_feats[item_rows, j] = items[f"f{c}"]
+    if len(extra_creative):
+        creative[id_rows:] = extra_creative
+        select = ", ".join(f"any_value(coalesce(f{c}, 0)) AS f{c}" if f"f{c}" in cand_cols else f"0 AS f{c}" for c in item_cols)
+        cold = con.execute(
+            f"SELECT creative_id{', ' + select if select else ''} FROM candidates WHERE item_id IS NULL GROUP BY creative_id ORDER BY creative_id"
+        ).fetchnumpy()
+        for j, c in enumerate(item_cols):
+            item_feats[id_rows:, j] = cold[f"f{c}"]
+    item_vocab = []
+    for j, c in enumerate(item_cols):
+        size = int(vocab.get(c, item_feats[:, j].max(initial=0)))
+        item_feats[:, j][(item_feats[:, j] < 0) | (item_feats[:, j] > size)] = 0
+        item_vocab.append(size)
+    _save(out, "item_feats", item_feats)
+    _save(out, "item_creative", creative)
+    del item_feats, items
+
+    # Multi-modal embeddings: one matrix per family present, zeros + mask where missing.
+    present = {row[0]: (row[1], row[2]) for row in con.execute("SELECT family, dim, path FROM embedding_families").fetchall()}
+    families = sorted(present) if options.families is None else [f for f in options.families if f in present]
+    for family in list(families):
+        size = n_rows * int(present[family][0]) * 4
+        if size > options.max_mm_bytes:
+            logger.warning(
+                f"embedding family {family} ({present[family][0]}-d) left out of training: {size / 2**30:.1f} GiB "
+                f"for {n_rows} item rows exceeds max_mm_bytes ({options.max_mm_bytes / 2**30:.1f} GiB)"
+            )
+            families.remove(family)
+    mm_mask = np.zeros((n_rows, len(families)), bool)
+    mm_dims = []
+    for j, family in enumerate(families):
+        dim, path = present[family]
+        cids, iids, matrix = read_embedding_matrix(Path(path))
+        rows = rows_of(iids.astype(np.int64), cids.astype(np.int64))
+        ok = rows >= 0
+        table = np.zeros((n_rows, dim), np.float32)
+        table[rows[ok]] = matrix[ok]
+        mm_mask[rows[ok], j] = True
+        _save(out, f"item_mm_{family}", table)
+        mm_dims.append(int(dim))
+        del table, matrix
+    _save(out, "item_mm_mask", mm_mask)
+
+    # Semantic IDs (another asset's table), codes shifted by one so that 0 is padding.
+    sid_levels, sid_vocab, codebook_info = 0, [], {}
+    if options.use_semantic_ids and _has_table(con, SID_TABLE):
+        sid = con.sql(f"SELECT coalesce(item_id, -1) AS item_id, creative_id, codes FROM {SID_TABLE}").to_arrow_table()
+        lengths, flat = list_parts(sid.column("codes"))
+        if len(lengths) and lengths.min() == lengths.max() and lengths[0] > 0:
+            width = int(lengths[0])
+            codes = flat.reshape(-1, width).astype(np.int32) + 1
+            rows = rows_of(sid.column("item_id").to_numpy().astype(np.int64), sid.column("creative_id").to_numpy().astype(np.int64))
+            sids = np.zeros((n_rows, width), np.int32)
+            sids[rows[rows >= 0]] = codes[rows >= 0]
+            sid_levels, sid_vocab = width, [int(v) + 1 for v in sids.max(axis=0)]
+            _save(out, "item_sids", sids)
+            if codebooks_json is not None and codebooks_json.is_file():
+                info = json.loads(codebooks_json.read_text())
+                codebook_info = {k: info[k] for k in ("levels", "codebook_size", "family") if k in info}
+        else:
+            logger.warning(f"{SID_TABLE}: codes of unequal or zero length; training without Semantic IDs")
+
+    # Users: sparse features and multi-valued ones (first multi_len values each).
+    user_cols = set(_columns(con, "users"))
+    max_user = int(_scalar(con, "SELECT greatest((SELECT coalesce(max(user_id), 0) FROM users), (SELECT coalesce(max(user_id), 0) FROM sequences))"))
+    sparse_names = [c for c in USER_SPARSE if f"f{c}" in user_cols]
+    multi_names = [c for c in USER_MULTI if f"f{c}" in user_cols]
+    cols = ", ".join(["user_id"] + [f"f{c}" for c in sparse_names + multi_names])
+    users = con.sql(f"SELECT {cols} FROM users").to_arrow_table()
+    user_ids = users.column("user_id").to_numpy().astype(np.int64)
+    user_sparse = np.zeros((max_user + 1, len(USER_SPARSE)), np.int32)
+    user_multi = np.zeros((max_user + 1, len(USER_MULTI), options.multi_len), np.int32)
+    user_vocab = {}
+    for j, c in enumerate(USER_SPARSE):
+        size = int(vocab.get(c, 0))
+        if c in sparse_names:
+            values = users.column(f"f{c}").fill_null(0).to_numpy().astype(np.int64)
+            size = size or int(values.max(initial=0))
+            values[(values < 0) | (values > size)] = 0
+            user_sparse[user_ids, j] = values
+        user_vocab[c] = size
+    for j, c in enumerate(USER_MULTI):
+        size = int(vocab.get(c, 0))
+        if c in multi_names:
+            lengths, values = list_parts(users.column(f"f{c}"))
+            values = values.astype(np.int64)
+            size = size or int(values.max(initial=0))
+            values[(values < 0) | (values > size)] = 0
+            user_multi[user_ids, j] = pad_lists(lengths, values, options.multi_len, np.int32, left=False)
+        user_vocab[c] = size
+    _save(out, "user_sparse", user_sparse)
+    _save(out, "user_multi", user_multi)
+    del users, user_multi
+
+    # Training sequences: streamed in record batches straight into memory-mapped matrices.
+    L = options.max_len
+    n_seq = int(_scalar(con, "SELECT count(*) FROM sequences"))
+    seq_items = np.lib.format.open_memmap(out / "seq_items.npy", "w+", np.int32, (n_seq, L))
+    seq_actions = np.lib.format.open_memmap(out / "seq_actions.npy", "w+", np.int8, (n_seq, L))
+    seq_times = np.lib.format.open_memmap(out / "seq_times.npy", "w+", np.int32, (n_seq, L))
+    seq_users = np.zeros(n_seq, np.int32)
+    counts = np.zeros(n_rows * n_actions, np.int64)
+    reader = con.sql(
+        "SELECT user_id, item_ids, action_types, timestamps FROM sequences ORDER BY user_id"
+    ).to_arrow_reader(CHUNK_ROWS)
+    lo = 0
+    events = 0
+    for batch in reader:
+        hi = lo + batch.num_rows
+        seq_users[lo:hi] = batch.column("user_id").to_numpy()
+        lengths, items_flat = list_parts(batch.column("item_ids"))
+        _, actions_flat = list_parts(batch.column("action_types"))
+        _, times_flat = list_parts(batch.column("timestamps"))
+        seq_items[lo:hi] = pad_lists(lengths, items_flat.astype(np.int32), L, np.int32, left=True)
+        seq_actions[lo:hi] = pad_lists(lengths, actions_flat.astype(np.int8), L, np.int8, left=True)
+        seq_times[lo:hi] = pad_lists(lengths, _relative_times(times_flat, time_origin), L, np.int32, left=True)
+        # Popularity per action type over what training sees (the kept positions only).
+        kept = seq_items[lo:hi] > 0
+        counts += np.bincount(
+            seq_items[lo:hi][kept].astype(np.int64) * n_actions + seq_actions[lo:hi][kept], minlength=n_rows * n_actions
+        )
+        events += int(kept.sum())
+        lo = hi
+    seq_items.flush(), seq_actions.flush(), seq_times.flush()
+    del seq_items, seq_actions, seq_times
+    _save(out, "seq_users", seq_users)
+    _save(out, "item_counts", counts.reshape(n_rows, n_actions))
+
+    # Holdout: the history before each target, the target, and every positive from it on.
+    hold = con.sql(
+        """SELECT user_id, target_item_id, target_action_type, history_item_ids, history_action_types,
+                  history_timestamps, target_item_ids, target_action_types FROM holdout ORDER BY user_id"""
+    ).to_arrow_table()
+    lengths, flat = list_parts(hold.column("history_item_ids"))
+    _save(out, "hold_items", pad_lists(lengths, flat.astype(np.int32), L, np.int32, left=True))
+    _, flat = list_parts(hold.column("history_action_types"))
+    _save(out, "hold_actions", pad_lists(lengths, flat.astype(np.int8), L, np.int8, left=True))
+    _, flat = list_parts(hold.column("history_timestamps"))
+    _save(out, "hold_times", pad_lists(lengths, _relative_times(flat, time_origin), L, np.int32, left=True))
+    _save(out, "hold_users", hold.column("user_id").to_numpy().astype(np.int32))
+    _save(out, "hold_target", hold.column("target_item_id").to_numpy().astype(np.int32))
+    _save(out, "hold_target_action", hold.column("target_action_type").to_numpy().astype(np.int8))
+    t_lengths, flat = list_parts(hold.column("target_item_ids"))
+    width = int(max(1, min(L, t_lengths.max(initial=1))))
+    _save(out, "hold_targets", pad_lists(t_lengths, flat.astype(np.int32), width, np.int32, left=False))
+    _, flat = list_parts(hold.column("target_action_types"))
+    _save(out, "hold_target_actions", pad_lists(t_lengths, flat.astype(np.int8), width, np.int8, left=False))
+    n_hold = hold.num_rows
+    val = np.sort(np.random.default_rng(options.val_seed).permutation(n_hold)[: options.val_users]).astype(np.int32)
+    _save(out, "val_index", val)
+    del hold
+
+    # The candidate pool, in retrieval-id order.
+    cand = con.execute(
+        "SELECT coalesce(item_id, -1) AS item_id, creative_id, retrieval_id, is_cold FROM candidates ORDER BY retrieval_id"
+    ).fetchnumpy()
+    cand_rows = rows_of(cand["item_id"].astype(np.int64), cand["creative_id"].astype(np.int64))
+    if (cand_rows < 0).any():
+        raise ValueError(f"{int((cand_rows < 0).sum())} candidates have no item row")
+    _save(out, "cand_rows", cand_rows.astype(np.int32))
+    _save(out, "cand_creative", cand["creative_id"].astype(np.int64))
+    _save(out, "cand_retrieval", cand["retrieval_id"].astype(np.int64))
+    _save(out, "cand_cold", np.asarray(cand["is_cold"], bool))
+
+    logger.info(
+        f"arrays: {n_seq} sequences ({events} events), {n_hold} holdout users, {n_rows} item rows "
+        f"({len(extra_creative)} cold without id), {len(cand_rows)} candidates, families {families}, "
+        f"Semantic IDs {'yes' if sid_levels else 'no'}"
+    )
+    return {
+        "version": ARRAYS_VERSION,
+        "track": track,
+        "max_len": L,
+        "n_actions": n_actions,
+        "time_origin": time_origin,
+        "num_sequences": n_seq,
+        "num_events": events,
+        "num_holdout": n_hold,
+        "num_val": int(len(val)),
+        "num_item_rows": n_rows,
+        "id_rows": id_rows,
+        "num_cold_rows": int(len(extra_creative)),
+        "num_candidates": int(len(cand_rows)),
+        "num_user_rows": max_user + 1,
+        "item_features": list(item_cols),
+        "item_vocab": item_vocab,
+        "user_sparse": list(USER_SPARSE),
+        "user_multi": list(USER_MULTI),
+        "user_vocab": user_vocab,
+        "multi_len": options.multi_len,
+        "families": families,
+        "mm_dims": mm_dims,
+        "sid_levels": sid_levels,
+        "sid_vocab": sid_vocab,
+        "codebooks": codebook_info,
+        "options": asdict(options),
+    }
+
+
+def _relative_times(timestamps: np.ndarray, origin: int) -> np.ndarray:
+    rel = timestamps.astype(np.int64) - origin
+    if len(rel) and (rel.min() < 0 or rel.max() >= 2**31):
+        raise ValueError(f"timestamps span more than 68 years from {origin}: cannot store as int32 seconds")
+    return rel.astype(np.int32)
+
+
+# --- Batches ----------------------------------------------------------------------------------
+
+
+@dataclass
+class NegativeSpec:
+    """Which negatives a batch carries (the loss decides how to use them)."""
+
+    in_batch: int = 0  # target items drawn from other positions of the global batch
+    sampled: int = 0  # items drawn from the sampler, shared by the whole batch
+    per_position: int = 0  # one sampled item per position (the official baseline's BCE), 0 or 1
+    # Per-position negatives are drawn from a shared pool of this many sampled items (each
+    # position's negative is still a draw from the sampler); the item tower then embeds a few
+    # thousand negatives per step instead of one per position. 0: independent draws.
+    per_position_pool: int = 4096
+    sampler: str = "popularity"  # "popularity" (counts ** alpha) or "uniform" (over trained items)
+    alpha: float = 1.0
+    logq: bool = True
+
+
+class ItemSampler:
+    """Draw item rows by popularity**alpha or uniformly over the items seen in training, in
+    O(log n) per draw (inverse CDF); ``log_q`` is the log-probability of each row."""
+
+    def __init__(self, counts: np.ndarray, kind: str = "popularity", alpha: float = 1.0) -> None:
+        counts = np.asarray(counts, np.float64)
+        seen = counts > 0
+        if kind == "popularity":
+            weights = np.where(seen, counts, 0.0) ** alpha
+        elif kind == "uniform":
+            weights = seen.astype(np.float64)
+        else:
+            raise ValueError(f"unknown sampler {kind!r}: popularity or uniform")
+        if weights.sum() <= 0:
+            raise ValueError("no item occurs in the training sequences: nothing to sample")
+        self.p = weights / weights.sum()
+        self.cdf = np.cumsum(self.p)
+        self.cdf[-1] = 1.0
+
+    def sample(self, rng: np.random.Generator, size: int | tuple[int, ...]) -> np.ndarray:
+        return np.searchsorted(self.cdf, rng.random(size), side="right").astype(np.int64)
+
+
+class BatchMaker:
+    """Step-addressable batches: ``batch(step)`` is a pure function of (seed, step), so a run
+    resumed at step s sees exactly the batches an uninterrupted run would have seen, and every
+    rank of a distributed run builds the same global batch and keeps its own slice.
+
+    Epoch e visits the training sequences in ``default_rng([seed, e]).permutation``; the last
+    incomplete batch of an epoch is dropped (every step has the same global batch size).
+    """
+
+    def __init__(
+        self,
+        arrays: Arrays,
+        batch_size: int,
+        *,
+        seed: int = 0,
+        action_weights: dict[int, float] | None = None,
+        negatives: NegativeSpec | None = None,
+        rank: int = 0,
+        world: int = 1,
+    ) -> None:
+        n = arrays.num_sequences
+        self.arrays = arrays
+        self.global_batch = max(world, min(batch_size, n) // world * world)
+        if n < world:
+            raise ValueError(f"{n} training sequences cannot feed {world} ranks")
+        self.steps_per_epoch = n // self.global_batch
+        self.seed = seed
+        self.rank, self.world = rank, world
+        n_actions = arrays.meta["n_actions"]
+        weights = action_weights or {a: 1.0 for a in range(n_actions)}
+        self.action_weight = np.array([float(weights.get(a, 0.0)) for a in range(n_actions)], np.float32)
+        self.neg = negatives or NegativeSpec()
+        counts = np.asarray(arrays.item_counts)
+        # In-batch negatives are targets of weighted positions: their distribution is the
+        # popularity of those positions' items.
+        target_counts = (counts * (self.action_weight > 0)).sum(axis=1)
+        self.target_q = target_counts / max(target_counts.sum(), 1)
+        self.sampler = None
+        if self.neg.sampled or self.neg.per_position:
+            self.sampler = ItemSampler(counts.sum(axis=1), self.neg.sampler, self.neg.alpha)
+        # logQ: log of the expected number of times an item shows up among the negatives.
+        expected = self.neg.in_batch * self.target_q
+        if self.neg.sampled:
+            expected = expected + self.neg.sampled * self.sampler.p
+        self.log_q = np.log(np.maximum(expected, 1e-12)).astype(np.float32)
+        self._order: tuple[int, np.ndarray] | None = None
+
+    def order(self, epoch: int) -> np.ndarray:
+        if self._order is None or self._order[0] != epoch:
+            self._order = (epoch, np.random.default_rng([self.seed, epoch]).permutation(self.arrays.num_sequences))
+        return self._order[1]
+
+    def batch(self, step: int) -> dict[str, np.ndarray]:
+        epoch, i = divmod(step, self.steps_per_epoch)
+        rows = self.order(epoch)[i * self.global_batch : (i + 1) * self.global_batch]
+        rows = np.sort(rows)  # sequential reads of the memory maps; the set is what is random
+        return self.make(rows, np.random.default_rng([self.seed, 1_000_003, step]))
+
+    def make(self, rows: np.ndarray, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        """Global batch of the training sequences ``rows``; this rank's slice is returned."""
+        a = self.arrays
+        items = np.asarray(a.seq_items[rows])
+        actions = np.asarray(a.seq_actions[rows]).astype(np.int64)
+        weights = self.action_weight[actions] * (items > 0)
+        total = float(weights.sum())
+        out: dict[str, np.ndarray] = {}
+        if self.neg.in_batch:
+            candidates = np.flatnonzero(weights.reshape(-1) > 0)
+            if len(candidates) == 0:
+                candidates = np.flatnonzero(items.reshape(-1) > 0)
+            pick = rng.integers(0, len(candidates), self.neg.in_batch)
+            in_batch = items.reshape(-1)[candidates[pick]].astype(np.int64)
+        else:
+            in_batch = np.zeros(0, np.int64)
+        sampled = self.sampler.sample(rng, self.neg.sampled) if self.neg.sampled else np.zeros(0, np.int64)
+        neg = np.concatenate([in_batch, sampled])
+        if len(neg):
+            # Each distinct negative once (sorted), its multiplicity folded into log Q: a
+            # negative drawn k times weighs k in the softmax denominator, i.e. logit + log k.
+            neg, counts = np.unique(neg, return_counts=True)
+            base = self.log_q[neg] if self.neg.logq else np.zeros(len(neg), np.float32)
+            out["neg_items"] = neg
+            out["neg_logq"] = (base - np.log(counts)).astype(np.float32)
+        if self.neg.per_position:
+            if self.neg.per_position_pool:
+                pool = self.sampler.sample(rng, self.neg.per_position_pool)
+                out["pos_neg_items"] = pool[rng.integers(0, len(pool), items.shape)]
+            else:
+                out["pos_neg_items"] = self.sampler.sample(rng, items.shape)
+        # This rank's slice of the per-sequence arrays.
+        per_rank = len(rows) // self.world
+        mine = slice(self.rank * per_rank, (self.rank + 1) * per_rank)
+        rows, items, actions, weights = rows[mine], items[mine], actions[mine], weights[mine]
+        if "pos_neg_items" in out:
+            out["pos_neg_items"] = out["pos_neg_items"][mine]
+        users = np.asarray(a.seq_users[rows]).astype(np.int64)
+        out.update(
+            items=items.astype(np.int64),
+            actions=actions,
+            times=np.asarray(a.seq_times[rows]).astype(np.int64),
+            user_sparse=np.asarray(a.user_sparse[users]).astype(np.int64),
+            user_multi=np.asarray(a.user_multi[users]).astype(np.int64),
+            weights=weights.astype(np.float32),
+            pos_logq=self.log_q[items] if (self.neg.logq and len(neg)) else np.zeros(items.shape, np.float32),
+            # The loss is summed over this rank and divided by the global weight total; DDP
+            # averages gradients over ranks, so the world size comes back in here.
+            loss_scale=np.float32(self.world / max(total, 1e-12)),
+        )
+        return out
+
+
+def holdout_batch(arrays: Arrays, index: np.ndarray) -> dict[str, np.ndarray]:
+    """Model inputs for holdout rows ``index`` (histories before each target)."""
+    users = np.asarray(arrays.hold_users[index]).astype(np.int64)
+    return {
+        "items": np.asarray(arrays.hold_items[index]).astype(np.int64),
+        "actions": np.asarray(arrays.hold_actions[index]).astype(np.int64),
+        "times": np.asarray(arrays.hold_times[index]).astype(np.int64),
+        "user_sparse": np.asarray(arrays.user_sparse[users]).astype(np.int64),
+        "user_multi": np.asarray(arrays.user_multi[users]).astype(np.int64),
+    }

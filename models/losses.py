@@ -1,0 +1,95 @@
+"""Retrieval losses: InfoNCE with sampled negatives and logQ correction, and the official
+baseline's binary cross-entropy with one sampled negative per position.
+
+Notation: P positions to predict, M shared negatives, d the embedding width.
+
+InfoNCE (sampled softmax over cosine similarity):
+
+    s(u, v)  = cos(u, v) / tau                                    (dot product if cosine=False)
+    l_p      = s(u_p, v_p) - log Q(i_p)                           the positive's logit
+    l_pj     = s(u_p, n_j) - log Q(j),   -inf where j == i_p      the negatives' logits
+    loss_p   = logsumexp(l_p, l_p1 .. l_pM) - l_p
+    loss     = sum_p w_p loss_p * scale                            (scale = 1 / sum w by default)
+
+Q(j) is the expected number of times item j shows up among the negatives (in-batch draws
+follow the targets' popularity, sampled ones the sampler's law): subtracting log Q makes the
+sampled softmax an unbiased estimate of the full softmax instead of one that punishes popular
+items for being popular (the "logQ correction" of Yi et al., RecSys 2019). A negative that is
+the position's own target is masked out. w_p weighs a position by its target's action type.
+A negative drawn k times can be sent once with log Q lowered by log k: the same loss.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def info_nce(
+    user: torch.Tensor,
+    pos: torch.Tensor,
+    neg: torch.Tensor,
+    *,
+    temperature: float | torch.Tensor = 0.05,
+    pos_log_q: torch.Tensor | None = None,
+    neg_log_q: torch.Tensor | None = None,
+    pos_ids: torch.Tensor | None = None,
+    neg_ids: torch.Tensor | None = None,
+    weights: torch.Tensor | None = None,
+    scale: float | torch.Tensor | None = None,
+    cosine: bool = True,
+) -> torch.Tensor:
+    """Weighted InfoNCE of P positions (user [P, d], pos [P, d]) against M shared negatives
+    (neg [M, d]). ``scale`` defaults to 1 / sum(weights), i.e. the weighted mean."""
+    if cosine:
+        user, pos, neg = F.normalize(user, dim=-1), F.normalize(pos, dim=-1), F.normalize(neg, dim=-1)
+    user = user.float() / temperature  # fold 1/tau into the P x d side, not the P x M logits
+    pos, neg = pos.float(), neg.float()
+    pos_logit = (user * pos).sum(-1)
+    if pos_log_q is not None:
+        pos_logit = pos_logit - pos_log_q
+    if neg_log_q is not None:
+        # -log Q rides along in the GEMM as one more coordinate: [u, 1] . [n, -log Q]
+        ones = torch.ones(len(user), 1, dtype=user.dtype, device=user.device)
+        neg_logit = torch.cat([user, ones], 1) @ torch.cat([neg, -neg_log_q[:, None].float()], 1).T
+    else:
+        neg_logit = user @ neg.T
+    if pos_ids is not None and neg_ids is not None:
+        if len(neg_ids) > 1 and bool((neg_ids[1:] > neg_ids[:-1]).all()):
+            # Sorted, unique negatives (what BatchMaker sends): a position's own target sits in
+            # at most one column, found by binary search instead of a P x M comparison.
+            col = torch.searchsorted(neg_ids, pos_ids).clamp_max(len(neg_ids) - 1)
+            hit = (neg_ids[col] == pos_ids).nonzero().squeeze(1)
+            neg_logit[hit, col[hit]] = float("-inf")
+        else:
+            neg_logit = neg_logit.masked_fill_(neg_ids[None, :] == pos_ids[:, None], float("-inf"))
+    per_position = torch.logaddexp(pos_logit, torch.logsumexp(neg_logit, dim=1)) - pos_logit
+    if weights is None:
+        weights = torch.ones_like(per_position)
+    if scale is None:
+        scale = 1.0 / weights.sum().clamp_min(1e-12)
+    return (per_position * weights).sum() * scale
+
+
+def sampled_bce(
+    user: torch.Tensor,
+    pos: torch.Tensor,
+    neg: torch.Tensor,
+    *,
+    weights: torch.Tensor | None = None,
+    scale: float | torch.Tensor | None = None,
+    cosine: bool = False,
+    temperature: float | torch.Tensor = 1.0,
+) -> torch.Tensor:
+    """The official baseline: per position, BCE on the dot product with the positive (label 1)
+    and with one sampled negative (label 0). user, pos, neg: [P, d]."""
+    if cosine:
+        user, pos, neg = F.normalize(user, dim=-1), F.normalize(pos, dim=-1), F.normalize(neg, dim=-1)
+    pos_logit = (user * pos).sum(-1).float() / temperature
+    neg_logit = (user * neg).sum(-1).float() / temperature
+    per_position = F.softplus(-pos_logit) + F.softplus(neg_logit)  # BCE(pos, 1) + BCE(neg, 0)
+    if weights is None:
+        weights = torch.ones_like(per_position)
+    if scale is None:
+        scale = 1.0 / weights.sum().clamp_min(1e-12)
+    return (per_position * weights).sum() * scale

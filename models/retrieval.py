@@ -1,0 +1,694 @@
+"""Top-k retrieval over the candidate pool with Faiss (inner product on L2-normalized vectors).
+
+    item vectors  --normalize-->  IndexFlatIP | IndexIVFFlat | IndexHNSWFlat   (rows 0..n-1)
+    user vectors  --normalize-->  search(k + max exclusions)  --drop history items-->  top-k
+    row -> id through the index's id map (creative ids, or retrieval ids: the caller's choice)
+
+Decisions:
+
+* **Exact up to ``FLAT_MAX_POOL`` items, IVF above.** Exact search costs ``2 * pool * dim``
+  FLOP per query; measured here (64-d, 2 cores) ~5.3 us of CPU per 1K items per query, so a
+  1M-user evaluation takes ~70 s at 20K items (history exclusion included), ~5 minutes at
+  100K and ~30 minutes at 660K. Up to 20K items exact search is cheap enough and needs no
+  training (recall 1); above, IVF scans ``nprobe / nlist`` of the pool (numbers in
+  ``default_index_spec``; benchmarks/bench_retrieval.py measures them).
+* **HNSW is available but never the default**: user vectors are out of the item distribution
+  (a mixture of interests, not an item), and graph search started from item neighbourhoods
+  loses recall on such queries (measured on trained vectors: 0.3-0.7 recall@10 at default
+  settings where IVF held 0.93-0.99). IVF's recall only depends on how many lists are
+  scanned, so a recall floor is met by raising ``nprobe``.
+* **Exclusions** (a user's history items) are filtered after the search: each batch fetches
+  ``k + m`` neighbours, m = the most in-pool exclusions of a query in the batch, and keeps
+  the first k that are not excluded (vectorized with numpy, no per-user Python loop). The
+  over-fetch is cheap: an IVF scan costs the same for k = 10 and k = 110 (+10%), and the
+  filter is sort + searchsorted (~0.02 ms a query).
+* **IVF queries are searched in list order** (sorted by their nearest list, then
+  ``search_preassigned``): the scan is memory-bound and neighbouring queries then reuse the
+  lists in cache, ~25% faster for identical results.
+  Exclusion ids are in the same id space as the index's id map; ids not in the pool
+  (padding such as 0 or -1 included) are ignored.
+* Faiss uses every core by default (``threads``); the vectors are float32 and normalized
+  once, at build time, and per query batch at search time (scores are cosines).
+
+Saved layout (one folder, written with ``atomic_dir``: the old complete index stays in place
+until the new one is complete):
+
+    <path>/index.faiss       faiss.write_index
+    <path>/ids.npy           int64 row -> id
+    <path>/metadata.json     format, spec, dim, pool size, id-map hash, checkpoint version, ...
+
+``load_index`` refuses a folder whose parts disagree, or one built from another checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import faiss
+import numpy as np
+import pyarrow as pa
+
+from taac_dagster.atomic import atomic_dir
+from taac_dagster.errors import TaacError
+
+FORMAT_VERSION = 1
+INDEX_FILE = "index.faiss"
+IDS_FILE = "ids.npy"
+METADATA_FILE = "metadata.json"
+
+# Exact search up to this many items; IVF above (see the module docstring and
+# default_index_spec for the cost model behind both numbers).
+FLAT_MAX_POOL = 20_000
+# IVF training: k-means on at most this many points per list (faiss warns below 39).
+TRAIN_POINTS_PER_LIST = 64
+MIN_POINTS_PER_LIST = 39
+
+IndexKind = Literal["flat", "ivf", "hnsw"]
+
+
+@dataclass(frozen=True)
+class ExclusionCSR:
+    """Per-query exclusion ids in CSR form: query q excludes values[offsets[q]:offsets[q + 1]]."""
+
+    offsets: np.ndarray  # int64 [nq + 1], offsets[0] == 0
+    values: np.ndarray  # int64
+
+
+# Per-query exclusions: a sequence of 1-d arrays / lists, a padded 2-d array (padding = any id
+# not in the pool, e.g. 0 or -1), a pyarrow list array (DuckDB's history lists), or CSR.
+Exclusions = Union[Sequence[Any], np.ndarray, pa.Array, pa.ChunkedArray, ExclusionCSR]
+
+
+class RetrievalError(TaacError, ValueError):
+    """Bad input to the retrieval code: empty pool, wrong dimension, mismatched index."""
+
+
+class IndexMismatchError(RetrievalError):
+    """A saved index does not belong to the checkpoint / pool it is being used with."""
+
+
+# --- Specs -------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class IndexSpec:
+    """Which Faiss index to build. ``nlist=None`` picks ``auto_nlist(pool size)``."""
+
+    kind: IndexKind = "flat"
+    nlist: int | None = None  # IVF: number of inverted lists (k-means centroids)
+    nprobe: int = 32  # IVF: lists scanned per query
+    M: int = 32  # HNSW: graph degree
+    ef_construction: int = 200  # HNSW: beam width while building
+    ef_search: int = 128  # HNSW: beam width while searching (raised to k' when smaller)
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("flat", "ivf", "hnsw"):
+            raise RetrievalError(f"index kind must be 'flat', 'ivf' or 'hnsw', got {self.kind!r}")
+        for name in ("nprobe", "M", "ef_construction", "ef_search"):
+            if int(getattr(self, name)) < 1:
+                raise RetrievalError(f"IndexSpec.{name} must be >= 1, got {getattr(self, name)}")
+        if self.nlist is not None and self.nlist < 1:
+            raise RetrievalError(f"IndexSpec.nlist must be >= 1 or None, got {self.nlist}")
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> IndexSpec:
+        return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
+
+    def describe(self) -> str:
+        if self.kind == "flat":
+            return "flat (exact)"
+        if self.kind == "ivf":
+            return f"ivf (nlist={self.nlist}, nprobe={self.nprobe})"
+        return f"hnsw (M={self.M}, efConstruction={self.ef_construction}, efSearch={self.ef_search})"
+
+
+def auto_nlist(pool_size: int) -> int:
+    """~2.5 * sqrt(n) lists rounded to a power of two (2048 at 660K items, 4096 at the 10M
+    pool's 3.6M), never fewer than ``MIN_POINTS_PER_LIST`` items per list."""
+    n = max(1, int(pool_size))
+    nlist = 2 ** round(math.log2(max(1.0, 2.5 * math.sqrt(n))))
+    return int(max(1, min(nlist, n // MIN_POINTS_PER_LIST)))
+
+
+def default_index_spec(pool_size: int) -> IndexSpec:
+    """Exact search up to ``FLAT_MAX_POOL`` items, IVF above.
+
+    IVF: ``auto_nlist`` lists, ``nprobe`` = 2% of them (at least 16). Measured at 660K x 64-d
+    on out-of-distribution queries (topic mixtures; bench_retrieval.py), nlist 2048:
+
+        scanned    recall@10 (moderate / hard data)    1M users, history excluded, 2 cores
+        1%         0.998 / 0.958                       ~65-80 s
+        2%         0.9998 / 0.974                      ~105-115 s     <- default
+        3.5%       0.9999 / 0.984                      ~190 s
+        5%         0.9999 / 0.989                      ~245 s
+
+    nlist 4096 gains ~0.5 points of recall at the same share on hard data but builds 5x
+    slower (k-means) and pays twice the coarse step. How hard real user vectors are is only
+    known from them: the index asset measures recall@10 on a sample of real queries and
+    raises nprobe until its floor with ``tune_nprobe``; 2% is the starting point, not a
+    guarantee.
+    """
+    if pool_size < 1:
+        raise RetrievalError("the candidate pool is empty: nothing to index")
+    if pool_size <= FLAT_MAX_POOL:
+        return IndexSpec(kind="flat")
+    nlist = auto_nlist(pool_size)
+    nprobe = int(min(nlist, max(16, round(nlist * 0.02))))
+    return IndexSpec(kind="ivf", nlist=nlist, nprobe=nprobe)
+
+
+# --- The index ---------------------------------------------------------------------------
+def default_threads() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def set_threads(threads: int | None = None) -> int:
+    """Faiss (OpenMP) threads; None = every core this process may use."""
+    threads = default_threads() if threads is None else max(1, int(threads))
+    faiss.omp_set_num_threads(threads)
+    return threads
+
+
+@dataclass
+class ItemIndex:
+    """A Faiss index over the pool (rows 0..n-1) with its id map (row -> id)."""
+
+    index: faiss.Index
+    ids: np.ndarray  # int64 [n]
+    spec: IndexSpec
+    metadata: dict[str, Any] = field(default_factory=dict)
+    _lookup: np.ndarray | None = field(init=False, repr=False, default=None)
+    _sorted_ids: np.ndarray = field(init=False, repr=False)
+    _sorted_rows: np.ndarray = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.ids = np.ascontiguousarray(self.ids, dtype=np.int64)
+        if self.index.ntotal != len(self.ids):
+            raise IndexMismatchError(
+                f"the faiss index holds {self.index.ntotal} vectors but the id map has {len(self.ids)} ids"
+            )
+        n = len(self.ids)
+        if n and self.ids.min() >= 0 and self.ids.max() < 4 * n + (1 << 20):
+            # Small ids (retrieval ids, re-ids): a dense id -> row table, O(1) per lookup.
+            self._lookup = np.full(int(self.ids.max()) + 1, -1, dtype=np.int64)
+            self._lookup[self.ids] = np.arange(n)
+        self._sorted_rows = np.argsort(self.ids, kind="stable")
+        self._sorted_ids = self.ids[self._sorted_rows]
+        self.configure()
+
+    @property
+    def dim(self) -> int:
+        return int(self.index.d)
+
+    @property
+    def size(self) -> int:
+        return int(self.index.ntotal)
+
+    def configure(self, *, nprobe: int | None = None, ef_search: int | None = None) -> ItemIndex:
+        """Set the search-time knobs (recorded in ``spec``); None keeps the spec's value."""
+        spec = replace(
+            self.spec,
+            nprobe=self.spec.nprobe if nprobe is None else int(nprobe),
+            ef_search=self.spec.ef_search if ef_search is None else int(ef_search),
+        )
+        self.spec = spec
+        if spec.kind == "ivf":
+            faiss.extract_index_ivf(self.index).nprobe = min(spec.nprobe, spec.nlist or spec.nprobe)
+        elif spec.kind == "hnsw":
+            self.index.hnsw.efSearch = spec.ef_search
+        return self
+
+    def rows_of(self, ids: np.ndarray) -> np.ndarray:
+        """Row of each id in the pool, -1 where the id is not in the pool."""
+        ids = np.asarray(ids, dtype=np.int64)
+        if self._lookup is not None:
+            inside = (ids >= 0) & (ids < len(self._lookup))
+            return np.where(inside, self._lookup[np.where(inside, ids, 0)], -1)
+        pos = np.searchsorted(self._sorted_ids, ids)
+        pos = np.minimum(pos, len(self._sorted_ids) - 1)
+        found = self._sorted_ids[pos] == ids
+        return np.where(found, self._sorted_rows[pos], -1)
+
+
+def pool_fingerprint(ids: np.ndarray) -> str:
+    """blake2b of the id map (order matters): ties an index to the pool it was built for."""
+    return hashlib.blake2b(np.ascontiguousarray(ids, dtype=np.int64).tobytes(), digest_size=16).hexdigest()
+
+
+def normalize_rows(vectors: np.ndarray, *, what: str = "vectors") -> np.ndarray:
+    """float32 copy with unit L2 rows (zero rows stay zero); refuses NaN / inf."""
+    x = np.array(vectors, dtype=np.float32, copy=True, order="C")
+    if x.ndim != 2:
+        raise RetrievalError(f"{what} must be a 2-d [n, dim] array, got shape {x.shape}")
+    if x.size and not np.isfinite(x).all():
+        bad = int((~np.isfinite(x).all(axis=1)).sum())
+        raise RetrievalError(f"{what}: {bad} rows contain NaN or infinite values")
+    if x.size:
+        faiss.normalize_L2(x)
+    return x
+
+
+def build_index(
+    vectors: np.ndarray,
+    ids: np.ndarray,
+    spec: IndexSpec | None = None,
+    *,
+    seed: int = 0,
+    threads: int | None = None,
+) -> ItemIndex:
+    """Index ``vectors`` [n, dim] (normalized here) with row i standing for ``ids[i]``.
+
+    ``spec=None`` picks ``default_index_spec(n)``. IVF trains spherical k-means on a seeded
+    sample of at most ``TRAIN_POINTS_PER_LIST * nlist`` items; ``nlist`` is lowered to keep at
+    least ``MIN_POINTS_PER_LIST`` items per list.
+    """
+    ids = np.asarray(ids)
+    vectors = np.asarray(vectors)
+    if vectors.ndim != 2:
+        raise RetrievalError(f"item vectors must be a 2-d [n, dim] array, got shape {vectors.shape}")
+    n, dim = vectors.shape
+    if n == 0:
+        raise RetrievalError("the candidate pool is empty: no item vectors to index")
+    if dim == 0:
+        raise RetrievalError("item vectors have dimension 0")
+    if ids.shape != (n,):
+        raise RetrievalError(f"expected one id per vector ({n}), got an id array of shape {ids.shape}")
+    if not np.issubdtype(ids.dtype, np.integer):
+        raise RetrievalError(f"ids must be integers (creative or retrieval ids), got dtype {ids.dtype}")
+    sorted_ids = np.sort(ids)
+    duplicates = int((sorted_ids[1:] == sorted_ids[:-1]).sum())
+    if duplicates:
+        raise RetrievalError(f"ids must be unique: {duplicates} duplicates in the id map")
+    spec = spec or default_index_spec(n)
+    set_threads(threads)
+    x = normalize_rows(vectors, what="item vectors")
+    started = time.perf_counter()
+
+    if spec.kind == "flat":
+        index: faiss.Index = faiss.IndexFlatIP(dim)
+        index.add(x)
+    elif spec.kind == "ivf":
+        nlist = min(spec.nlist or auto_nlist(n), max(1, n // MIN_POINTS_PER_LIST))
+        spec = replace(spec, nlist=nlist)
+        index = faiss.index_factory(dim, f"IVF{nlist},Flat", faiss.METRIC_INNER_PRODUCT)
+        cp = faiss.extract_index_ivf(index).cp
+        cp.seed = int(seed)
+        cp.spherical = True  # centroids on the sphere, like the vectors
+        cp.niter = 10  # list quality barely moves after 10 iterations; build time halves
+        cp.max_points_per_centroid = TRAIN_POINTS_PER_LIST
+        cp.min_points_per_centroid = 1
+        sample = min(n, TRAIN_POINTS_PER_LIST * nlist)
+        rows = np.sort(np.random.default_rng(seed).choice(n, size=sample, replace=False)) if sample < n else slice(None)
+        index.train(x[rows])
+        index.add(x)
+    else:  # hnsw
+        index = faiss.IndexHNSWFlat(dim, spec.M, faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efConstruction = spec.ef_construction
+        index.add(x)  # multi-threaded insertion: two builds may differ slightly
+    built = ItemIndex(index=index, ids=ids.astype(np.int64), spec=spec)
+    built.metadata.update({"build_seconds": round(time.perf_counter() - started, 3), "seed": int(seed)})
+    return built
+
+
+# --- Search ------------------------------------------------------------------------------
+def as_csr(exclude: Exclusions, num_queries: int) -> ExclusionCSR:
+    """Per-query exclusion ids as CSR (offsets [nq + 1], values), whatever the input form."""
+    if isinstance(exclude, ExclusionCSR):
+        offsets = np.asarray(exclude.offsets, dtype=np.int64)
+        values = np.asarray(exclude.values, dtype=np.int64)
+    elif isinstance(exclude, (pa.Array, pa.ChunkedArray)):
+        arr = exclude.combine_chunks() if isinstance(exclude, pa.ChunkedArray) else exclude
+        arr = arr.cast(pa.large_list(pa.int64()))
+        offsets = arr.offsets.to_numpy().astype(np.int64)
+        values = arr.values.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
+        offsets = offsets - offsets[0]  # a sliced array
+        values = values[: offsets[-1]] if len(offsets) else values[:0]
+    elif isinstance(exclude, np.ndarray) and exclude.ndim == 2:
+        width = exclude.shape[1]
+        offsets = np.arange(exclude.shape[0] + 1, dtype=np.int64) * width
+        values = exclude.astype(np.int64).ravel()
+    else:
+        parts = [np.asarray(p if p is not None else [], dtype=np.int64).ravel() for p in exclude]
+        lengths = np.fromiter((len(p) for p in parts), dtype=np.int64, count=len(parts))
+        offsets = np.concatenate([[0], np.cumsum(lengths)])
+        values = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+    if len(offsets) != num_queries + 1:
+        raise RetrievalError(f"exclusions are given for {len(offsets) - 1} queries, expected {num_queries}")
+    return ExclusionCSR(offsets, values)
+
+
+def batch_exclusions(
+    csr: ExclusionCSR, lo: int, hi: int, rows_of: Callable[[np.ndarray], np.ndarray], num_rows: int
+) -> tuple[np.ndarray | None, int]:
+    """The exclusions of queries ``lo:hi`` as sorted keys ``(query - lo) * num_rows + row``
+    (ids outside the pool dropped) and the most any one query has (an upper bound of the
+    over-fetch: a repeated id counts twice). Sorting, not ``np.unique``: numpy 2.4's unique is
+    ~15x slower than a sort on these arrays."""
+    start, stop = csr.offsets[lo], csr.offsets[hi]
+    rows = rows_of(csr.values[start:stop])
+    owner = np.repeat(np.arange(hi - lo, dtype=np.int64), np.diff(csr.offsets[lo : hi + 1]))
+    keep = rows >= 0
+    if not keep.any():
+        return None, 0
+    owner = owner[keep]
+    keys = np.sort(owner * num_rows + rows[keep])
+    return keys, int(np.bincount(owner, minlength=hi - lo).max())
+
+
+def filter_topk(
+    labels: np.ndarray, scores: np.ndarray, excluded_keys: np.ndarray | None, num_rows: int, k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Keep, per query, the first ``k`` labels that are valid (>= 0) and not excluded.
+
+    ``excluded_keys`` = query * num_rows + row for each (query, excluded row) pair of this
+    batch. Missing slots get label -1 and score -inf.
+    """
+    bad = labels < 0
+    if excluded_keys is not None and len(excluded_keys):
+        keys = np.arange(len(labels), dtype=np.int64)[:, None] * num_rows + labels
+        pos = np.minimum(np.searchsorted(excluded_keys, keys), len(excluded_keys) - 1)
+        bad |= excluded_keys[pos] == keys
+    if labels.shape[1] == k and not bad.any():
+        return labels, scores
+    good = ~bad
+    slot = np.cumsum(good, axis=1) - 1  # where each good label lands in the output
+    take = good & (slot < k)
+    r, c = np.nonzero(take)
+    out_labels = np.full((len(labels), k), -1, dtype=np.int64)
+    out_scores = np.full((len(labels), k), -np.inf, dtype=np.float32)
+    out_labels[r, slot[r, c]] = labels[r, c]
+    out_scores[r, slot[r, c]] = scores[r, c]
+    return out_labels, out_scores
+
+
+def _faiss_search(index: ItemIndex, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """``index.index.search``; for IVF, queries are first sorted by their nearest list so that
+    neighbouring queries (one thread's share) scan the same lists while they are in cache:
+    the scan is memory-bound, and this saves ~30% at 660K x 64-d. Same results."""
+    if index.spec.kind != "ivf" or len(q) < 256:
+        return index.index.search(q, k)
+    ivf = faiss.extract_index_ivf(index.index)
+    coarse_scores, lists = ivf.quantizer.search(q, ivf.nprobe)
+    order = np.argsort(lists[:, 0], kind="stable")
+    scores, labels = ivf.search_preassigned(q[order], k, lists[order], coarse_scores[order])
+    inverse = np.empty_like(order)
+    inverse[order] = np.arange(len(order))
+    return scores[inverse], labels[inverse]
+
+
+def search(
+    index: ItemIndex,
+    queries: np.ndarray,
+    k: int = 10,
+    *,
+    exclude: Exclusions | None = None,
+    batch_size: int = 16_384,
+    threads: int | None = None,
+    return_rows: bool = False,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Top-``k`` ids [nq, k] (best first) and cosine scores [nq, k] for each query vector.
+
+    ``exclude``: per-query ids (the index's id space) that must not be returned, e.g. the
+    user's history items. A slot that cannot be filled (pool too small, IVF lists too short)
+    holds id -1 and score -inf. ``return_rows`` returns pool rows instead of ids.
+    """
+    queries = np.asarray(queries)
+    if queries.ndim != 2:
+        raise RetrievalError(f"queries must be a 2-d [nq, dim] array, got shape {queries.shape}")
+    if queries.shape[1] != index.dim:
+        raise RetrievalError(
+            f"query dimension {queries.shape[1]} does not match the index dimension {index.dim} "
+            "(was the index built from another checkpoint?)"
+        )
+    if k < 1:
+        raise RetrievalError(f"k must be >= 1, got {k}")
+    nq = len(queries)
+    set_threads(threads)
+    csr = as_csr(exclude, nq) if exclude is not None else None
+    out_rows = np.full((nq, k), -1, dtype=np.int64)
+    out_scores = np.full((nq, k), -np.inf, dtype=np.float32)
+    n = index.size
+    for lo in range(0, nq, batch_size):
+        hi = min(nq, lo + batch_size)
+        q = normalize_rows(queries[lo:hi], what="queries")
+        keys, extra = batch_exclusions(csr, lo, hi, index.rows_of, n) if csr is not None else (None, 0)
+        fetch = min(n, k + extra)
+        scores, labels = _faiss_search(index, q, fetch)
+        labels, scores = filter_topk(labels, scores, keys, n, k)
+        out_rows[lo:hi] = labels
+        out_scores[lo:hi] = scores
+    if return_rows:
+        return out_rows, out_scores
+    ids = np.where(out_rows >= 0, index.ids[np.maximum(out_rows, 0)], -1)
+    return ids, out_scores
+
+
+def torch_exact_search(
+    index: ItemIndex | np.ndarray,
+    queries: np.ndarray,
+    k: int = 10,
+    *,
+    exclude: Exclusions | None = None,
+    device: str = "cuda",
+    batch_size: int = 4096,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-``k`` pool rows and scores with a torch matmul + topk (for a GPU).
+
+    ``index``: a flat ``ItemIndex`` (its vectors are read back) or the normalized item
+    vectors [n, dim]. Exclusions are masked to -inf before the top-k, so there is no
+    over-fetch; exclusion ids are mapped to rows through ``index`` (or are rows already when
+    vectors are given). Returns rows (not ids) and scores, like ``search(..., return_rows=True)``.
+    """
+    import torch  # heavy import, only here
+
+    if isinstance(index, ItemIndex):
+        vectors = flat_like(index).index.reconstruct_n(0, index.size)  # normalized at build
+        rows_of = index.rows_of
+    else:
+        vectors = normalize_rows(index, what="item vectors")
+        size = len(vectors)
+        rows_of = lambda v: np.where((v >= 0) & (v < size), v, -1)  # noqa: E731
+    n = len(vectors)
+    if queries.shape[1] != vectors.shape[1]:
+        raise RetrievalError(f"query dimension {queries.shape[1]} does not match the item dimension {vectors.shape[1]}")
+    items = torch.from_numpy(np.ascontiguousarray(vectors)).to(device)
+    csr = as_csr(exclude, len(queries)) if exclude is not None else None
+    out_rows = np.empty((len(queries), min(k, n)), dtype=np.int64)
+    out_scores = np.empty((len(queries), min(k, n)), dtype=np.float32)
+    for lo in range(0, len(queries), batch_size):
+        hi = min(len(queries), lo + batch_size)
+        q = torch.from_numpy(normalize_rows(queries[lo:hi], what="queries")).to(device)
+        scores = q @ items.T
+        if csr is not None:
+            rows = rows_of(csr.values[csr.offsets[lo] : csr.offsets[hi]])
+            owner = np.repeat(np.arange(hi - lo), np.diff(csr.offsets[lo : hi + 1]))
+            keep = rows >= 0
+            if keep.any():
+                scores[torch.from_numpy(owner[keep]).to(device), torch.from_numpy(rows[keep]).to(device)] = -torch.inf
+        top_scores, top_rows = torch.topk(scores, min(k, n), dim=1)
+        out_rows[lo:hi] = top_rows.cpu().numpy()
+        out_scores[lo:hi] = top_scores.cpu().numpy()
+    out_rows[~np.isfinite(out_scores)] = -1  # everything excluded
+    return out_rows, out_scores
+
+
+# --- Recall ------------------------------------------------------------------------------
+def recall_at_k(approx_ids: np.ndarray, exact_ids: np.ndarray, k: int = 10) -> float:
+    """Mean over queries of |approx top-k  ∩  exact top-k| / |exact top-k| (-1 slots ignored)."""
+    approx = np.asarray(approx_ids)[:, :k]
+    exact = np.asarray(exact_ids)[:, :k]
+    if approx.shape[0] != exact.shape[0]:
+        raise RetrievalError(f"recall needs the same queries: {approx.shape[0]} vs {exact.shape[0]} rows")
+    if not len(exact):
+        return float("nan")
+    valid = exact >= 0
+    found = (exact[:, :, None] == approx[:, None, :]).any(axis=2) & valid
+    denom = valid.sum(axis=1)
+    per_query = np.where(denom > 0, found.sum(axis=1) / np.maximum(denom, 1), 1.0)
+    return float(per_query.mean())
+
+
+def measure_recall(
+    index: ItemIndex,
+    exact_index: ItemIndex,
+    sample_queries: np.ndarray,
+    k: int = 10,
+    *,
+    exclude: Exclusions | None = None,
+) -> float:
+    """recall@k of ``index`` against exact search (``exact_index``, a flat index over the same
+    pool and ids) on ``sample_queries``, with the same exclusions applied to both."""
+    if exact_index.spec.kind != "flat":
+        raise RetrievalError(f"the reference index must be exact (flat), got {exact_index.spec.kind}")
+    if exact_index.size != index.size or not np.array_equal(exact_index.ids, index.ids):
+        raise RetrievalError("the reference index covers another pool (its id map differs)")
+    approx, _ = search(index, sample_queries, k, exclude=exclude)
+    exact, _ = search(exact_index, sample_queries, k, exclude=exclude)
+    return recall_at_k(approx, exact, k)
+
+
+def tune_nprobe(
+    index: ItemIndex,
+    exact_index: ItemIndex,
+    sample_queries: np.ndarray,
+    target: float = 0.99,
+    k: int = 10,
+    *,
+    exclude: Exclusions | None = None,
+    start: int | None = None,
+    max_nprobe: int | None = None,
+) -> tuple[int, float]:
+    """The smallest ``nprobe`` on a x1.5 ladder from ``start`` (default: the spec's) whose
+    recall@k on the sample reaches ``target`` (or every list, if none does); leaves the index
+    configured with it. Returns (nprobe, recall). The exact reference is searched once; each
+    step costs one IVF search of the sample (~0.2 s for 2,000 queries at 660K items)."""
+    if index.spec.kind != "ivf":
+        raise RetrievalError(f"tune_nprobe needs an IVF index, got {index.spec.kind}")
+    exact, _ = search(exact_index, sample_queries, k, exclude=exclude)
+    limit = min(index.spec.nlist or 1, max_nprobe or index.spec.nlist or 1)
+    nprobe = max(1, min(start or index.spec.nprobe, limit))
+    while True:
+        index.configure(nprobe=nprobe)
+        recall = recall_at_k(search(index, sample_queries, k, exclude=exclude)[0], exact, k)
+        if recall >= target or nprobe >= limit:
+            return nprobe, recall
+        nprobe = min(limit, max(nprobe + 1, int(nprobe * 1.5)))
+
+
+def flat_like(index: ItemIndex) -> ItemIndex:
+    """An exact index over the same vectors and ids (IVF-Flat and HNSW-Flat keep the vectors)."""
+    if index.spec.kind == "flat":
+        return index
+    vectors = index.index.reconstruct_n(0, index.size) if index.spec.kind == "hnsw" else _ivf_vectors(index)
+    flat = faiss.IndexFlatIP(index.dim)
+    flat.add(vectors)
+    return ItemIndex(index=flat, ids=index.ids.copy(), spec=IndexSpec(kind="flat"))
+
+
+def _ivf_vectors(index: ItemIndex) -> np.ndarray:
+    ivf = faiss.extract_index_ivf(index.index)
+    ivf.make_direct_map()
+    try:
+        return ivf.reconstruct_n(0, index.size)
+    finally:
+        ivf.set_direct_map_type(faiss.DirectMap.NoMap)
+
+
+# --- Save / load -------------------------------------------------------------------------
+def save_index(path: str | Path, index: ItemIndex, metadata: Mapping[str, Any]) -> Path:
+    """Write ``index`` into the folder ``path`` atomically (index, id map, metadata).
+
+    ``metadata`` must name the checkpoint the vectors came from (``checkpoint_version``, e.g.
+    the checkpoint asset's data version); anything else JSON-serializable is kept as is.
+    """
+    if not metadata.get("checkpoint_version"):
+        raise RetrievalError("save_index needs metadata['checkpoint_version'] (the checkpoint's data version)")
+    meta = {
+        **index.metadata,
+        **dict(metadata),
+        "format_version": FORMAT_VERSION,
+        "spec": index.spec.to_json(),
+        "dim": index.dim,
+        "pool_size": index.size,
+        "pool_fingerprint": pool_fingerprint(index.ids),
+        "faiss_version": faiss.__version__,
+    }
+    path = Path(path)
+    with atomic_dir(path) as tmp:
+        faiss.write_index(index.index, str(tmp / INDEX_FILE))
+        np.save(tmp / IDS_FILE, index.ids)
+        (tmp / METADATA_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True, default=str) + "\n")
+    index.metadata = meta
+    return path
+
+
+def read_index_metadata(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    meta_path = path / METADATA_FILE
+    if not meta_path.is_file():
+        raise IndexMismatchError(f"{path}: no saved index here ({METADATA_FILE} is missing)")
+    return json.loads(meta_path.read_text())
+
+
+def load_index(
+    path: str | Path,
+    *,
+    expected_checkpoint_version: str | None = None,
+    expected: Mapping[str, Any] | None = None,
+    threads: int | None = None,
+) -> ItemIndex:
+    """Read a folder written by ``save_index`` and check that its parts agree.
+
+    Refuses (``IndexMismatchError``) an index built from another checkpoint than
+    ``expected_checkpoint_version``, and one whose metadata differs from ``expected`` on any
+    of its keys (e.g. ``{"dim": 64, "pool_fingerprint": pool_fingerprint(candidate ids)}``).
+    """
+    path = Path(path)
+    meta = read_index_metadata(path)
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise IndexMismatchError(f"{path}: index format {meta.get('format_version')}, expected {FORMAT_VERSION}")
+    if expected_checkpoint_version is not None and meta.get("checkpoint_version") != expected_checkpoint_version:
+        raise IndexMismatchError(
+            f"{path}: the index was built from checkpoint {meta.get('checkpoint_version')!r}, not the current "
+            f"checkpoint {expected_checkpoint_version!r}; rebuild the index"
+        )
+    for key, want in (expected or {}).items():
+        if meta.get(key) != want:
+            raise IndexMismatchError(f"{path}: index metadata {key}={meta.get(key)!r}, expected {want!r}; rebuild the index")
+    set_threads(threads)
+    raw = faiss.read_index(str(path / INDEX_FILE))
+    ids = np.load(path / IDS_FILE)
+    spec = IndexSpec.from_json(meta["spec"])
+    problems = []
+    if raw.d != meta.get("dim"):
+        problems.append(f"faiss dim {raw.d} vs metadata dim {meta.get('dim')}")
+    if raw.ntotal != meta.get("pool_size") or len(ids) != meta.get("pool_size"):
+        problems.append(f"{raw.ntotal} vectors and {len(ids)} ids vs metadata pool size {meta.get('pool_size')}")
+    if pool_fingerprint(ids) != meta.get("pool_fingerprint"):
+        problems.append("the id map's fingerprint differs from the metadata's")
+    kind = "ivf" if faiss.try_extract_index_ivf(raw) is not None else "hnsw" if hasattr(raw, "hnsw") else "flat"
+    if kind != spec.kind:
+        problems.append(f"faiss index type {type(raw).__name__} vs spec kind {spec.kind!r}")
+    if problems:
+        raise IndexMismatchError(f"{path}: the saved index is inconsistent: " + "; ".join(problems))
+    return ItemIndex(index=raw, ids=ids, spec=spec, metadata=meta)
+
+
+__all__ = [
+    "FLAT_MAX_POOL",
+    "ExclusionCSR",
+    "IndexMismatchError",
+    "IndexSpec",
+    "ItemIndex",
+    "RetrievalError",
+    "as_csr",
+    "auto_nlist",
+    "batch_exclusions",
+    "build_index",
+    "default_index_spec",
+    "filter_topk",
+    "flat_like",
+    "load_index",
+    "measure_recall",
+    "normalize_rows",
+    "pool_fingerprint",
+    "read_index_metadata",
+    "recall_at_k",
+    "save_index",
+    "search",
+    "set_threads",
+    "torch_exact_search",
+    "tune_nprobe",
+]

@@ -1,0 +1,245 @@
+"""Training on small generated warehouses: arrays, resume, DDP, learning, the Dagster asset."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from models.data import BatchMaker, NegativeSpec, PrepareOptions, prepare_arrays
+from models.train import Preset, TrainConfig, load_encoder, load_preset, train
+from taac_dagster.paths import TrackPaths
+from taac_dagster.raw import materialize_raw
+from taac_dagster.settings import load_settings
+from taac_dagster.warehouse import build_warehouse
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+TINY_MODEL = dict(d_model=16, n_layers=1, n_heads=2, mlp_ratio=2.0, dropout=0.1, sparse_threshold=100)
+TINY_TRAIN = dict(
+    batch_size=64, max_steps=6, lr=3e-3, warmup_steps=2, schedule="cosine", grad_clip=1.0, weight_decay=0.01,
+    in_batch_negatives=32, sampled_negatives=32, action_weights={0: 0.5, 1: 1.0}, val_users=100, log_every=0,
+    threads=1,  # robust timing on a shared 2-core machine (two spinning OpenMP threads stall under load)
+)
+
+
+def build(root: Path, track: str, users: int, items: int) -> TrackPaths:
+    settings = load_settings(track, {"data_root": str(root), "synthetic": {"num_users": users, "num_items": items}})
+    paths = TrackPaths(root, track)
+    manifest = materialize_raw(settings, paths)
+    build_warehouse(Path(manifest.root), paths, settings)
+    return paths
+
+
+@pytest.fixture(scope="module")
+def track_1m(tmp_path_factory) -> TrackPaths:
+    return build(tmp_path_factory.mktemp("train_data"), "1M", 800, 2000)
+
+
+@pytest.fixture(scope="module")
+def arrays_1m(track_1m):
+    return prepare_arrays(track_1m.warehouse, track_1m.checkpoints / "arrays", "1M", PrepareOptions(val_users=300))
+
+
+def tiny_preset(**train_overrides) -> Preset:
+    return Preset("tiny", dict(TINY_MODEL), TrainConfig.from_dict({**TINY_TRAIN, **train_overrides}))
+
+
+# --- Arrays ---------------------------------------------------------------------------------------
+
+
+def test_arrays_match_the_warehouse(track_1m, arrays_1m):
+    a = arrays_1m
+    con = duckdb.connect(str(track_1m.warehouse), read_only=True)
+    seqs = con.execute("SELECT user_id, item_ids, action_types, timestamps FROM sequences ORDER BY user_id").fetchall()
+    n_events = con.execute("SELECT sum(length) FROM sequences").fetchall()[0][0]
+    cands = con.execute("SELECT creative_id, item_id FROM candidates ORDER BY retrieval_id").fetchall()
+    con.close()
+    assert a.seq_items.shape == (len(seqs), 100) and a.seq_items.dtype == np.int32
+    for i in (0, 7, len(seqs) - 1):
+        user, items, actions, times = seqs[i]
+        n = len(items)
+        assert a.seq_users[i] == user
+        assert a.seq_items[i, -n:].tolist() == items and not a.seq_items[i, :-n].any()
+        assert a.seq_actions[i, -n:].tolist() == actions
+        assert (a.seq_times[i, -n:].astype(np.int64) + a.meta["time_origin"]).tolist() == times
+    assert int(a.item_counts.sum()) == n_events == a.meta["num_events"]
+    # Every candidate has a row: its re-id, or a row past id_rows for a cold one without.
+    assert a.cand_creative.tolist() == [c for c, _ in cands]
+    for row, (creative, item) in zip(a.cand_rows.tolist(), cands):
+        assert a.item_creative[row] == creative
+        assert (row == item) if item is not None else (row >= a.meta["id_rows"])
+    cold = a.cand_rows[a.cand_rows >= a.meta["id_rows"]]
+    assert len(cold) == a.meta["num_cold_rows"] > 0 and a.item_feats[cold].any()
+    assert len(a.val_index) == 300 and np.all(np.diff(a.val_index) > 0)
+
+
+def test_arrays_are_reused_and_rebuilt_when_the_warehouse_changes(track_1m, arrays_1m, tmp_path):
+    again = prepare_arrays(track_1m.warehouse, track_1m.checkpoints / "arrays", "1M", PrepareOptions(val_users=300))
+    assert again.data_version == arrays_1m.data_version
+    other = prepare_arrays(track_1m.warehouse, tmp_path / "arrays", "1M", PrepareOptions(val_users=300, max_len=20))
+    assert other.seq_items.shape[1] == 20 and other.data_version != arrays_1m.data_version
+
+
+def test_batches_are_vectorized_slices_and_ranks_split_the_global_batch(arrays_1m):
+    spec = NegativeSpec(in_batch=16, sampled=16)
+    single = BatchMaker(arrays_1m, 64, seed=3, negatives=spec).batch(5)
+    halves = [BatchMaker(arrays_1m, 64, seed=3, negatives=spec, rank=r, world=2).batch(5) for r in (0, 1)]
+    assert single["items"].shape == (64, 100)
+    np.testing.assert_array_equal(np.concatenate([h["items"] for h in halves]), single["items"])
+    np.testing.assert_array_equal(halves[0]["neg_items"], single["neg_items"])
+    # scale = world / global weight total, so the rank losses average to the global loss
+    assert halves[0]["loss_scale"] == pytest.approx(2 * single["loss_scale"])
+
+
+def test_prefetched_batches_equal_inline_ones(arrays_1m):
+    from models.train import batches
+
+    maker = BatchMaker(arrays_1m, 32, seed=1, negatives=NegativeSpec(sampled=8))
+    inline = list(batches(maker, 2, 6, ahead=0))
+    ahead = list(batches(maker, 2, 6, ahead=2))
+    assert [s for s, _ in ahead] == [2, 3, 4, 5]
+    for (_, a), (_, b) in zip(inline, ahead):
+        assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+# --- Resume, checkpoints --------------------------------------------------------------------------
+
+
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(arrays_1m, tmp_path):
+    preset = tiny_preset()
+    full = train(arrays_1m, preset, track="1M", checkpoint_dir=tmp_path / "full")
+    cut = train(arrays_1m, preset, track="1M", checkpoint_dir=tmp_path / "cut", stop_after=3)
+    assert cut.steps == 3
+    resumed = train(arrays_1m, preset, track="1M", checkpoint_dir=tmp_path / "cut")
+    assert resumed.resumed_from == 3 and resumed.steps == 6
+    assert resumed.losses == full.losses
+    a = torch.load(tmp_path / "full" / "last.pt", weights_only=False)
+    b = torch.load(tmp_path / "cut" / "last.pt", weights_only=False)
+    assert a["model"].keys() == b["model"].keys()
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    assert "sparse" in a["optim"]  # the id table went through SparseAdam
+    # A finished run of the same config and data is not trained again.
+    again = train(arrays_1m, preset, track="1M", checkpoint_dir=tmp_path / "full")
+    assert again.resumed_from == 6 and again.metrics == full.metrics
+    # Another config starts afresh.
+    other = train(arrays_1m, tiny_preset(lr=1e-3), track="1M", checkpoint_dir=tmp_path / "full")
+    assert other.resumed_from == 0
+
+
+def test_a_checkpoint_rebuilds_the_model_on_its_own(arrays_1m, tmp_path):
+    result = train(arrays_1m, tiny_preset(max_steps=2), track="1M", checkpoint_dir=tmp_path)
+    model, ckpt = load_encoder(result.checkpoint)  # no preset, no config file
+    assert ckpt["step"] == 2 and ckpt["data_version"] == arrays_1m.data_version
+    rows = torch.from_numpy(arrays_1m.cand_rows[:50].astype(np.int64))
+    vectors = model.item_vectors(rows)
+    assert vectors.shape == (50, 16) and torch.isfinite(vectors).all()
+
+
+# --- Distributed --------------------------------------------------------------------------------
+
+
+def run_cli(args: list[str], *, torchrun: bool) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
+    prefix = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"] if torchrun else [sys.executable]
+    done = subprocess.run([*prefix, "-m", "models.train", *args], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+
+def test_ddp_with_two_processes_follows_the_single_process_trajectory(track_1m, arrays_1m, tmp_path):
+    preset = {
+        "model": {**TINY_MODEL, "dropout": 0.0},
+        "train": {**TINY_TRAIN, "max_steps": 5, "schedule": "constant", "warmup_steps": 0, "val_users": 50},
+    }
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(preset))
+    common = ["--config", str(config), "--data-root", str(track_1m.data_root), "--track", "1M", "--arrays", str(arrays_1m.folder)]
+    run_cli([*common, "--checkpoint-dir", str(tmp_path / "one"), "--report", str(tmp_path / "one.json")], torchrun=False)
+    run_cli([*common, "--checkpoint-dir", str(tmp_path / "two"), "--report", str(tmp_path / "two.json")], torchrun=True)
+    one, two = (json.loads((tmp_path / f"{name}.json").read_text()) for name in ("one", "two"))
+    assert two["world"] == 2 and one["world"] == 1
+    assert len(one["losses"]) == len(two["losses"]) == 5
+    np.testing.assert_allclose(two["losses"], one["losses"], rtol=1e-4, atol=1e-5)
+    assert (tmp_path / "two" / "last.pt").is_file()  # written by rank 0
+
+
+# --- Learning ------------------------------------------------------------------------------------
+
+
+def test_trained_model_beats_popularity_on_validation(arrays_1m):
+    # The default preset, narrower and shorter so that the test takes seconds.
+    preset = load_preset("default", {
+        "model": {"d_model": 32, "n_layers": 1},
+        "train": {"batch_size": 64, "epochs": 3, "in_batch_negatives": 128, "sampled_negatives": 128,
+                  "val_users": 300, "log_every": 0, "threads": 1},
+    })
+    result = train(arrays_1m, preset, track="1M")
+    m = result.metrics
+    assert m["users"] == 300
+    assert m["hr@10"] >= 2 * m["popularity_hr@10"] and m["hr@10"] - m["popularity_hr@10"] >= 0.05, m
+    assert m["score"] > m["popularity_score"]
+    assert result.losses[-1] < result.losses[0]
+
+
+def test_10m_track_trains_with_conversions(tmp_path):
+    paths = build(tmp_path, "10M", 200, 600)
+    arrays = prepare_arrays(paths.warehouse, paths.checkpoints / "arrays", "10M")
+    assert arrays.meta["n_actions"] == 3 and arrays.item_counts[:, 2].sum() > 0
+    result = train(arrays, tiny_preset(max_steps=2, action_weights={0: 0.5, 1: 1.0, 2: 2.5}), track="10M")
+    assert result.steps == 2 and np.isfinite(result.losses).all() and "hr@10" in result.metrics
+
+
+def test_baseline_preset_runs(arrays_1m):
+    preset = load_preset("baseline", {"train": {"batch_size": 64, "max_steps": 2, "val_users": 50, "log_every": 0, "threads": 1}})
+    assert preset.model["loss"] == "bce" and preset.model["d_model"] == 32
+    result = train(arrays_1m, preset, track="1M")
+    assert result.steps == 2 and np.isfinite(result.losses).all()
+
+
+# --- The Dagster asset ----------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_encoder_checkpoint_asset(tmp_path, monkeypatch):
+    from dagster import AssetKey, DagsterInstance, materialize
+
+    from assets.raw import raw_dataset
+    from assets.training import encoder_checkpoint
+    from assets.warehouse import warehouse_tables
+    from taac_dagster.resources import TaacConfig
+
+    chain = [raw_dataset, warehouse_tables]
+    try:
+        from assets.semantic_ids import semantic_id_codebooks
+
+        chain.append(semantic_id_codebooks)
+    except ImportError:
+        pass
+    monkeypatch.setenv("TAAC_TRAINING__THREADS", "1")
+    config = TaacConfig(data_root=str(tmp_path / "data"), synthetic_num_users=300, synthetic_num_items=900)
+    with DagsterInstance.ephemeral(tempdir=str(tmp_path / "home")) as instance:
+        result = materialize([*chain, encoder_checkpoint], partition_key="1M", resources={"taac": config}, instance=instance)
+        assert result.success
+        events = [e for e in result.get_asset_materialization_events() if e.asset_key == AssetKey("encoder_checkpoint")]
+        meta = events[0].materialization.metadata
+        checkpoint = Path(meta["checkpoint"].value)
+        assert checkpoint.is_file() and meta["steps"].value > 0 and meta["resumed_from_step"].value == 0
+        assert meta["val_hr@10"].value >= 0 and "val_popularity_hr@10" in meta
+        assert len(meta["loss_curve"].value) == meta["steps"].value
+        assert meta["semantic_ids"].value == (len(chain) == 3)
+        model, ckpt = load_encoder(checkpoint)
+        assert ckpt["preset"] == "default" and ckpt["track"] == "1M"
+        # Materialized again with nothing changed: the finished checkpoint is kept, not retrained.
+        again = materialize([encoder_checkpoint], partition_key="1M", resources={"taac": config}, instance=instance)
+        meta2 = again.get_asset_materialization_events()[0].materialization.metadata
+        assert meta2["resumed_from_step"].value == meta["steps"].value
+        assert meta2["val_score"].value == meta["val_score"].value
