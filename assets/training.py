@@ -12,9 +12,9 @@ figures next to the popularity baseline go to the materialization metadata.
 import json
 from typing import Any
 
-from dagster import AssetExecutionContext, AssetKey, MaterializeResult, MetadataValue, asset
+from dagster import AssetExecutionContext, AssetKey, DataVersion, MaterializeResult, MetadataValue, asset
 
-from models.train import train_track
+from models.train import checkpoint_version, train_track
 from taac_dagster.partitions import track_partitions
 from taac_dagster.resources import TaacConfig
 
@@ -48,7 +48,8 @@ def _log_line(record: dict[str, Any]) -> str:
     deps=[AssetKey("semantic_id_codebooks"), *(AssetKey(name) for name in INPUT_TABLES)],
     kinds={"pytorch"},
     description="The retrieval encoder (causal Transformer over user histories, InfoNCE with "
-    "logQ) trained on the track; checkpoint with model, optimizer, step, config and data version.",
+    "logQ) trained on the track; checkpoint with model, optimizer, step, config and data version "
+    "(its data version names config, data and step).",
 )
 def encoder_checkpoint(context: AssetExecutionContext, taac: TaacConfig) -> MaterializeResult:
     track = context.partition_key
@@ -58,9 +59,12 @@ def encoder_checkpoint(context: AssetExecutionContext, taac: TaacConfig) -> Mate
     )
     result, metrics = run.result, run.result.metrics
     figures = {k: round(float(metrics[k]), 5) for k in metrics if k != "users"}
+    version = checkpoint_version(result.config_hash, run.arrays.data_version, result.steps)
     return MaterializeResult(
+        data_version=DataVersion(version),
         metadata={
             "checkpoint": MetadataValue.path(str(result.checkpoint)),
+            "checkpoint_version": version,
             "report": MetadataValue.path(str(run.report_path)),
             "preset": run.preset.name,
             "config_hash": result.config_hash,

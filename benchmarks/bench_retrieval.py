@@ -120,7 +120,8 @@ def main() -> None:
     parser.add_argument("--recall-queries", type=int, default=2_000)
     parser.add_argument("--eval-users", type=int, default=100_000)
     parser.add_argument("--ivf", default="2048:20,2048:41,2048:72,2048:102,4096:82,4096:164", help="nlist:nprobe,...")
-    parser.add_argument("--hnsw", default="32:100:64,32:100:128,32:100:256,32:100:512", help="M:efConstruction:efSearch,...")
+    parser.add_argument("--hnsw", default="32:100:64,32:100:128,32:100:256,32:100:512",
+                        help="M:efConstruction:efSearch,...")
     parser.add_argument("--torch-device", default=None,
                         help="also time exact top-10 with torch matmul on this device (e.g. cuda)")
     parser.add_argument("--threads", type=int, default=None)
@@ -203,7 +204,8 @@ def main() -> None:
         evals[label] = {"spec": index.spec.to_json(), "users": n, "wall_s": wall,
                         "wall_s_per_1m": wall * 1e6 / n, "idle_s_per_1m": cpu * 1e6 / n / threads,
                         "recall_excl": recall, "hr": hr, "ndcg": ndcg}
-        print(f"\n1M-user evaluation, {label} spec {index.spec.describe()}: build {index.metadata['build_seconds']:.1f}s; "
+        print(f"\n1M-user evaluation, {label} spec {index.spec.describe()}: "
+              f"build {index.metadata['build_seconds']:.1f}s; "
               f"{n:,} users searched (history excluded) + scored in {wall:.1f}s -> "
               f"{wall * 1e6 / n:.0f}s per 1M users on this (shared) machine, {cpu * 1e6 / n / threads:.0f}s on "
               f"{threads} idle cores; recall@10 (excl) {recall:.4f}", flush=True)
@@ -220,8 +222,8 @@ def main() -> None:
                                      batch_size=8192)
         wall = time.perf_counter() - wall
         recall = recall_at_k(rows[: len(rq)], exact_excl)
-        evals["torch_exact"] = {"device": args.torch_device, "users": n, "wall_s": wall, "wall_s_per_1m": wall * 1e6 / n,
-                                "recall_excl": recall}
+        evals["torch_exact"] = {"device": args.torch_device, "users": n, "wall_s": wall,
+                                "wall_s_per_1m": wall * 1e6 / n, "recall_excl": recall}
         print(f"\nexact top-10 with torch on {args.torch_device}: {n:,} users (history masked) in {wall:.1f}s -> "
               f"{wall * 1e6 / n:.0f}s per 1M users; recall@10 vs faiss exact {recall:.4f}")
     print(f"\npeak RSS {peak_rss_mb():,.0f} MB; load average {os.getloadavg()[0]:.2f}")

@@ -103,7 +103,8 @@ def oracle_share(headline: Mapping[str, Mapping[str, float]]) -> dict[str, float
 
 # --- Slices ------------------------------------------------------------------------------
 def _bucket(values: np.ndarray, edges: Sequence[float], labels: Sequence[str]) -> pd.Categorical:
-    codes = np.searchsorted(np.asarray(edges[1:-1], dtype=np.float64), np.asarray(values, dtype=np.float64), side="right")
+    inner_edges = np.asarray(edges[1:-1], dtype=np.float64)
+    codes = np.searchsorted(inner_edges, np.asarray(values, dtype=np.float64), side="right")
     return pd.Categorical.from_codes(codes, categories=list(labels))
 
 
@@ -257,7 +258,9 @@ def report_figures(figures: Mapping[str, Any]) -> dict[str, float]:
     return {k: float(v) for k, v in flat.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
-def compare_figures(previous: Mapping[str, Any], current: Mapping[str, Any], *, tolerance: float = 1e-9) -> dict[str, Any]:
+def compare_figures(
+    previous: Mapping[str, Any], current: Mapping[str, Any], *, tolerance: float = 1e-9
+) -> dict[str, Any]:
     """Which figures moved between two report JSONs, and what changed in between."""
     before, after = report_figures(previous), report_figures(current)
     moved = []
@@ -265,7 +268,9 @@ def compare_figures(previous: Mapping[str, Any], current: Mapping[str, Any], *, 
         delta = after[key] - before[key]
         if abs(delta) > tolerance:
             rel = delta / abs(before[key]) if before[key] else None
-            moved.append({"figure": key, "previous": before[key], "current": after[key], "delta": delta, "relative": rel})
+            moved.append(
+                {"figure": key, "previous": before[key], "current": after[key], "delta": delta, "relative": rel}
+            )
     prov_before = _flatten({k: v for k, v in previous.get("provenance", {}).items() if k != "figures"})
     prov_after = _flatten({k: v for k, v in current.get("provenance", {}).items() if k != "figures"})
     changes = [
@@ -320,7 +325,8 @@ def _html_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 
 def headline_rows(headline: Mapping[str, Mapping[str, float]], k: int = K) -> tuple[list[str], list[list[Any]]]:
     weighted = any("w_score" in figures for figures in headline.values())
-    headers = ["method", f"HR@{k}", f"NDCG@{k}", "Score"] + ([f"w-HR@{k}", f"w-NDCG@{k}", "w-Score"] if weighted else [])
+    headers = ["method", f"HR@{k}", f"NDCG@{k}", "Score"]
+    headers += [f"w-HR@{k}", f"w-NDCG@{k}", "w-Score"] if weighted else []
     headers.append("users")
     rows = []
     for method in ordered_methods(headline):
@@ -483,7 +489,8 @@ def write_report(
         md += ["No previous report for this track: nothing to compare.", ""]
     else:
         md += [f"Previous report: {comparison['previous_created_at']}. {len(comparison['moved'])} figures moved, "
-               f"{comparison['unchanged']} unchanged, {len(comparison['added'])} new, {len(comparison['removed'])} gone.", ""]
+               f"{comparison['unchanged']} unchanged, {len(comparison['added'])} new, "
+               f"{len(comparison['removed'])} gone.", ""]
         if figure_rows:
             md += [_md_table(fig_headers, figure_rows), ""]
         md += ["What changed:", ""]
@@ -516,7 +523,8 @@ def write_report(
             body.append(_html_table(fig_headers, figure_rows))
         body.append(_html_table(["what", "previous", "current"], change_rows) if change_rows
                     else "<p>Nothing recorded changed (same code, data, checkpoint and config).</p>")
-    style = ("body{font-family:sans-serif;max-width:1200px;margin:2em auto;}table{border-collapse:collapse;margin:1em 0}"
+    style = ("body{font-family:sans-serif;max-width:1200px;margin:2em auto;}"
+             "table{border-collapse:collapse;margin:1em 0}"
              "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}th{background:#f3f3f3}img{max-width:100%}")
     page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
             f"<style>{style}</style></head><body>{''.join(body)}</body></html>\n")

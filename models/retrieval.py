@@ -646,7 +646,9 @@ def load_index(
         )
     for key, want in (expected or {}).items():
         if meta.get(key) != want:
-            raise IndexMismatchError(f"{path}: index metadata {key}={meta.get(key)!r}, expected {want!r}; rebuild the index")
+            raise IndexMismatchError(
+                f"{path}: index metadata {key}={meta.get(key)!r}, expected {want!r}; rebuild the index"
+            )
     set_threads(threads)
     raw = faiss.read_index(str(path / INDEX_FILE))
     ids = np.load(path / IDS_FILE)

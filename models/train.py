@@ -127,6 +127,12 @@ def load_preset(name_or_path: str | Path, overrides: dict[str, Any] | None = Non
     return Preset(path.stem, model, TrainConfig.from_dict(train))
 
 
+def checkpoint_version(digest: str, data_version: str, step: int) -> str:
+    """Names what a checkpoint holds: config, data and step (a CPU run is deterministic, so the
+    same three give the same weights). Downstream indexes record it to refuse stale vectors."""
+    return f"{digest}-{data_version}-s{step}"
+
+
 def config_hash(model_cfg: EncoderConfig, tc: TrainConfig) -> str:
     train = {k: v for k, v in asdict(tc).items() if k not in _NOT_HASHED}
     text = json.dumps({"model": model_cfg.to_dict(), "train": train}, sort_keys=True, default=str)
@@ -429,6 +435,7 @@ def _train(
             "evals": evals,
             "retrieval_actions": list(actions),
             "params": params,
+            "checkpoint_version": checkpoint_version(digest, arrays.data_version, step),
         }
 
     def checkpoint(step: int) -> None:
@@ -570,6 +577,7 @@ def train_track(paths: Any, settings: Any, *, logger: Any = None, on_log: Callab
         "config_hash": result.config_hash,
         "data_version": arrays.data_version,
         "steps": result.steps,
+        "checkpoint_version": checkpoint_version(result.config_hash, arrays.data_version, result.steps),
         "resumed_from": result.resumed_from,
         "metrics": result.metrics,
         "evals": result.evals,

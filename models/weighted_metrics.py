@@ -72,7 +72,9 @@ def metrics_from_ranks(ranks: np.ndarray, k: int = K) -> dict[str, float]:
 
 
 # --- Weighted, many targets --------------------------------------------------------------
-def relevance_weights(action_types: np.ndarray, relevance: Mapping[int, float] | None = None, *, pad: int = PAD) -> np.ndarray:
+def relevance_weights(
+    action_types: np.ndarray, relevance: Mapping[int, float] | None = None, *, pad: int = PAD
+) -> np.ndarray:
     """Weights for an (optionally padded) array of action types; ``pad`` slots weigh 0."""
     relevance = RELEVANCE if relevance is None else relevance
     actions = np.asarray(action_types, dtype=np.int64)

@@ -1,19 +1,36 @@
-"""The code location: every asset, check, job and resource of the project, assembled here.
+"""The code location: every asset, check, job, schedule, sensor and resource, assembled here.
 
 Load it with ``dagster dev`` (workspace.yaml) or ``dagster job execute -m taac_dagster.definitions``.
 """
 
-from dagster import Definitions
+from dagster import AssetKey, AssetSpec, Definitions
 
 from assets.raw import raw_dataset
 from assets.semantic_ids import semantic_id_codebooks
 from assets.training import encoder_checkpoint
 from assets.warehouse import warehouse_tables
-from taac_dagster.jobs import data_job, main_job
+from taac_dagster.automation import automation_sensor, downstream_condition
+from taac_dagster.jobs import data_job, main_job, retrain_job
 from taac_dagster.resources import TaacConfig
+from taac_dagster.schedules import build_retraining_schedule
+from taac_dagster.settings import TaacSettings
+
+_settings = TaacSettings()
+
+
+def _automate_below_raw(spec: AssetSpec) -> AssetSpec:
+    # The raw data is materialized on purpose (CLI, UI, schedule); everything below follows it.
+    if spec.key == AssetKey("raw_dataset"):
+        return spec
+    return spec.replace_attributes(automation_condition=downstream_condition())
+
 
 defs = Definitions(
     assets=[raw_dataset, warehouse_tables, semantic_id_codebooks, encoder_checkpoint],
-    jobs=[main_job, data_job],
+    jobs=[main_job, data_job, retrain_job],
+    schedules=[
+        build_retraining_schedule(retrain_job, _settings.retrain_cron, enabled=_settings.retrain_schedule_enabled)
+    ],
+    sensors=[automation_sensor],
     resources={"taac": TaacConfig()},
-)
+).map_asset_specs(func=_automate_below_raw)

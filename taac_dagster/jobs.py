@@ -5,6 +5,8 @@ from dagster import AssetSelection, define_asset_job
 from taac_dagster.partitions import track_partitions
 
 DATA_ASSETS = AssetSelection.groups("data", "warehouse")
+# Everything after the data: codebooks, encoder (and the stages that join later groups).
+RETRAIN_ASSETS = AssetSelection.all() - DATA_ASSETS
 
 # The whole chain. Later stages (codebooks, training, retrieval, reports) join the chain by
 # being defined: this selection takes every asset.
@@ -20,4 +22,11 @@ data_job = define_asset_job(
     selection=DATA_ASSETS,
     partitions_def=track_partitions,
     description="Raw dataset -> DuckDB tables -> data-quality checks, for one track.",
+)
+
+retrain_job = define_asset_job(
+    "taac_retrain",
+    selection=RETRAIN_ASSETS,
+    partitions_def=track_partitions,
+    description="Semantic ID codebooks -> encoder checkpoint -> later stages, for one track.",
 )

@@ -88,6 +88,9 @@ class TaacSettings(BaseSettings):
     # Quality checks validate every row of small tables and a deterministic user sample of
     # large ones (users whose id falls in the sample are validated with all their rows).
     check_sample_users: int = Field(20_000, ge=100)
+    # Retraining schedule (UTC cron; default Monday 03:00) and whether it starts switched on.
+    retrain_cron: str = "0 3 * * 1"
+    retrain_schedule_enabled: bool = False
     duckdb_memory_limit: str = "8GB"
     duckdb_threads: int | None = None
 

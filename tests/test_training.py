@@ -238,6 +238,8 @@ def test_encoder_checkpoint_asset(tmp_path, monkeypatch):
         assert meta["semantic_ids"].value == (len(chain) == 3)
         model, ckpt = load_encoder(checkpoint)
         assert ckpt["preset"] == "default" and ckpt["track"] == "1M"
+        version = events[0].materialization.tags["dagster/data_version"]
+        assert version == meta["checkpoint_version"].value == ckpt["checkpoint_version"]
         # Materialized again with nothing changed: the finished checkpoint is kept, not retrained.
         again = materialize([encoder_checkpoint], partition_key="1M", resources={"taac": config}, instance=instance)
         meta2 = again.get_asset_materialization_events()[0].materialization.metadata

@@ -1,0 +1,83 @@
+"""Operating the chain: the retraining schedule and declarative automation on a real instance."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import pytest
+from dagster import DagsterInstance, Definitions, build_schedule_context, evaluate_automation_conditions, materialize
+
+from taac_dagster.definitions import defs
+from taac_dagster.resources import TaacConfig
+
+pytestmark = pytest.mark.slow
+
+
+def test_schedule_requests_one_run_per_track():
+    schedule = defs.resolve_schedule_def("taac_retraining")
+    assert schedule.cron_schedule == "0 3 * * 1" and schedule.job_name == "taac_retrain"
+    context = build_schedule_context(
+        scheduled_execution_time=dt.datetime(2026, 11, 23, 3, 0, tzinfo=dt.timezone.utc),
+        repository_def=defs.get_repository_def(),
+    )
+    requests = list(schedule.evaluate_tick(context).run_requests)
+    assert [r.partition_key for r in requests] == ["1M", "10M"]
+    assert [r.tags["taac/track"] for r in requests] == ["1M", "10M"]
+    assert len({r.run_key for r in requests}) == 2
+
+
+def _data_assets():
+    """raw_dataset and the warehouse tables, with the automation conditions definitions.py sets."""
+    from dagster import map_asset_specs
+
+    from assets.raw import raw_dataset
+    from assets.warehouse import warehouse_tables
+    from taac_dagster.definitions import _automate_below_raw
+
+    return list(map_asset_specs(_automate_below_raw, [raw_dataset, warehouse_tables]))
+
+
+
+def test_new_raw_data_requests_exactly_that_track_downstream(tmp_path):
+    assets = _data_assets()
+    with DagsterInstance.ephemeral(tempdir=str(tmp_path / "home")) as instance:
+        config = TaacConfig(data_root=str(tmp_path / "data"), synthetic_num_users=200, synthetic_num_items=600)
+        for track in ("1M", "10M"):
+            assert materialize(assets, partition_key=track, resources={"taac": config}, instance=instance).success
+        automated = Definitions(assets=assets, resources={"taac": config})
+        first = evaluate_automation_conditions(defs=automated, instance=instance)
+        settled = evaluate_automation_conditions(defs=automated, instance=instance, cursor=first.cursor)
+        assert settled.total_requested == 0
+        new_seed = TaacConfig(data_root=str(tmp_path / "data"), synthetic_num_users=200, synthetic_num_items=600, synthetic_seed=99)
+        raw = [a for a in assets if a.node_def.name == "raw_dataset"]
+        assert materialize(raw, partition_key="1M", resources={"taac": new_seed}, instance=instance).success
+        after = evaluate_automation_conditions(defs=automated, instance=instance, cursor=settled.cursor)
+        requested = {(r.key.to_user_string(), pk) for r in after.results for pk in r.true_subset.expensively_compute_partition_keys()}
+        assert ("events", "1M") in requested and ("sequences", "1M") in requested
+        assert not any(pk == "10M" for _, pk in requested)
+        assert ("raw_dataset", "1M") not in requested
+
+
+@pytest.mark.parametrize("broken", [False, True])
+def test_failed_blocking_check_holds_back_the_next_stage(tmp_path, tiny_hub, broken):
+    """Conversions on the 1M track fail events_valid: the next stage is not requested."""
+    from dagster import asset
+
+    from taac_dagster.automation import downstream_condition
+    from taac_dagster.partitions import track_partitions
+
+    @asset(deps=["events"], partitions_def=track_partitions, code_version="1", automation_condition=downstream_condition())
+    def next_stage() -> None: ...
+
+    source = {"source": "local", "local_path": str(tiny_hub)} if broken else {}
+    config = TaacConfig(data_root=str(tmp_path / "data"), synthetic_num_users=200, synthetic_num_items=600, **source)
+    assets = _data_assets()
+    automated = Definitions(assets=[*assets, next_stage], resources={"taac": config})
+    with DagsterInstance.ephemeral(tempdir=str(tmp_path / "home")) as instance:
+        before = evaluate_automation_conditions(defs=automated, instance=instance)
+        result = materialize(assets, partition_key="1M", resources={"taac": config}, instance=instance, raise_on_error=False)
+        checks = {e.check_name: e.passed for e in result.get_asset_check_evaluations()}
+        assert checks["events_valid"] is (not broken)
+        evaluation = evaluate_automation_conditions(defs=automated, instance=instance, cursor=before.cursor)
+        requested = {(r.key.to_user_string(), pk) for r in evaluation.results for pk in r.true_subset.expensively_compute_partition_keys()}
+        assert (("next_stage", "1M") in requested) is (not broken)
