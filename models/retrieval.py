@@ -7,28 +7,31 @@
 Decisions:
 
 * **Exact up to ``FLAT_MAX_POOL`` items, IVF above.** Exact search costs ``2 * pool * dim``
-  FLOP per query; measured here (64-d, 2 cores) ~5.3 us of CPU per 1K items per query, so a
-  1M-user evaluation takes ~70 s at 20K items (history exclusion included), ~5 minutes at
-  100K and ~30 minutes at 660K. Up to 20K items exact search is cheap enough and needs no
-  training (recall 1); above, IVF scans ``nprobe / nlist`` of the pool (numbers in
+  FLOP per query; measured here (64-d, 2 cores) ~5 us of CPU per 1K items per query, so a
+  1M-user evaluation takes ~1-2 minutes at 20K items (history exclusion included), ~5 at
+  100K and ~30 at 660K. Up to 20K items exact search is cheap enough and needs no training
+  (recall 1); above, IVF scans ``nprobe / nlist`` of the pool (numbers in
   ``default_index_spec``; benchmarks/bench_retrieval.py measures them).
 * **HNSW is available but never the default**: user vectors are out of the item distribution
   (a mixture of interests, not an item), and graph search started from item neighbourhoods
-  loses recall on such queries (measured on trained vectors: 0.3-0.7 recall@10 at default
-  settings where IVF held 0.93-0.99). IVF's recall only depends on how many lists are
-  scanned, so a recall floor is met by raising ``nprobe``.
+  loses recall on such queries (the issue measured 0.3-0.7 recall@10 on trained vectors at
+  default settings where IVF held 0.93-0.99; on the synthetic benchmark HNSW needs
+  efSearch 256-512 for 0.99 and is no faster than IVF there, after a 4-minute build). IVF's
+  recall only depends on how many lists are scanned, so a floor is met by raising ``nprobe``
+  (``tune_nprobe``: the smallest nprobe reaching a recall target on sample queries).
 * **Exclusions** (a user's history items) are filtered after the search: each batch fetches
   ``k + m`` neighbours, m = the most in-pool exclusions of a query in the batch, and keeps
   the first k that are not excluded (vectorized with numpy, no per-user Python loop). The
-  over-fetch is cheap: an IVF scan costs the same for k = 10 and k = 110 (+10%), and the
-  filter is sort + searchsorted (~0.02 ms a query).
+  over-fetch is cheap: an IVF scan costs about the same for k = 10 and k = 110 (+10%), and
+  the filter is sort + searchsorted (~0.02 ms a query). Exclusion ids are in the same id
+  space as the index's id map; ids not in the pool (padding such as 0 or -1) are ignored.
 * **IVF queries are searched in list order** (sorted by their nearest list, then
   ``search_preassigned``): the scan is memory-bound and neighbouring queries then reuse the
   lists in cache, ~25% faster for identical results.
-  Exclusion ids are in the same id space as the index's id map; ids not in the pool
-  (padding such as 0 or -1 included) are ignored.
 * Faiss uses every core by default (``threads``); the vectors are float32 and normalized
   once, at build time, and per query batch at search time (scores are cosines).
+* ``torch_exact_search`` is the exact alternative for a GPU (matmul + topk, exclusions
+  masked to -inf instead of over-fetched).
 
 Saved layout (one folder, written with ``atomic_dir``: the old complete index stays in place
 until the new one is complete):
@@ -143,19 +146,20 @@ def default_index_spec(pool_size: int) -> IndexSpec:
     """Exact search up to ``FLAT_MAX_POOL`` items, IVF above.
 
     IVF: ``auto_nlist`` lists, ``nprobe`` = 2% of them (at least 16). Measured at 660K x 64-d
-    on out-of-distribution queries (topic mixtures; bench_retrieval.py), nlist 2048:
+    on out-of-distribution queries (topic mixtures) with ~90 history items excluded per user
+    (bench_retrieval.py, nlist 2048; time = 1M users on 2 idle cores, from CPU time):
 
-        scanned    recall@10 (moderate / hard data)    1M users, history excluded, 2 cores
-        1%         0.998 / 0.958                       ~65-80 s
-        2%         0.9998 / 0.974                      ~105-115 s     <- default
-        3.5%       0.9999 / 0.984                      ~190 s
-        5%         0.9999 / 0.989                      ~245 s
+        nprobe (scanned)   moderate data: recall@10, time    hard data: recall@10, time
+        8 (0.4%)           0.994,  43 s                      -
+        20 (1%)            0.9985, 63 s                      0.953, 79 s
+        41 (2%) default    0.9996, 114-124 s                 0.972, 128-147 s
+        72 (3.5%)          1.0000, 224 s                     0.983, 236 s
+        136 (6.6%)         -                                 0.992, 340 s
 
-    nlist 4096 gains ~0.5 points of recall at the same share on hard data but builds 5x
+    nlist 4096 gains ~0.1-0.5 points of recall at the same share on hard data but builds 3-5x
     slower (k-means) and pays twice the coarse step. How hard real user vectors are is only
-    known from them: the index asset measures recall@10 on a sample of real queries and
-    raises nprobe until its floor with ``tune_nprobe``; 2% is the starting point, not a
-    guarantee.
+    known from them: the index asset should measure recall@10 on a sample of real queries
+    and pick nprobe with ``tune_nprobe``; 2% is the starting point, not a guarantee.
     """
     if pool_size < 1:
         raise RetrievalError("the candidate pool is empty: nothing to index")
