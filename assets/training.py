@@ -10,9 +10,19 @@ figures next to the popularity baseline go to the materialization metadata.
 """
 
 import json
+import os
+import sys
 from typing import Any
 
-from dagster import AssetExecutionContext, AssetKey, DataVersion, MaterializeResult, MetadataValue, asset
+from dagster import (
+    AssetExecutionContext,
+    AssetKey,
+    DataVersion,
+    MaterializeResult,
+    MetadataValue,
+    PipesSubprocessClient,
+    asset,
+)
 
 from models.train import checkpoint_version, train_track
 from taac_dagster.partitions import track_partitions
@@ -53,6 +63,9 @@ def _log_line(record: dict[str, Any]) -> str:
 )
 def encoder_checkpoint(context: AssetExecutionContext, taac: TaacConfig) -> MaterializeResult:
     track = context.partition_key
+    settings = taac.settings(track)
+    if settings.training.launcher == "torchrun":
+        return _train_with_torchrun(context, taac, track)
     run = train_track(
         taac.paths(track), taac.settings(track), logger=context.log,
         on_log=lambda record: context.log.info(_log_line(record)),
@@ -85,3 +98,19 @@ def encoder_checkpoint(context: AssetExecutionContext, taac: TaacConfig) -> Mate
             "model_config": MetadataValue.json(result.model_config),
         }
     )
+
+
+def _train_with_torchrun(context: AssetExecutionContext, taac: TaacConfig, track: str) -> MaterializeResult:
+    """The cluster path: torchrun runs models.train (DDP); its rank 0 reports through Pipes."""
+    settings = taac.settings(track)
+    training = settings.training
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={training.nproc_per_node}",
+        "-m", "models.train", "--config", training.preset, "--data-root", str(settings.data_root), "--track", track,
+    ]
+    if training.max_steps:
+        command += ["--max-steps", str(training.max_steps)]
+    elif training.epochs:
+        command += ["--epochs", str(training.epochs)]
+    context.log.info("launching " + " ".join(command))
+    return PipesSubprocessClient(env=dict(os.environ)).run(command=command, context=context).get_materialize_result()

@@ -603,6 +603,25 @@ def _parse_value(text: str) -> Any:
     return yaml.safe_load(text)
 
 
+def _report_through_pipes(result: TrainResult, data_version: str) -> None:
+    """When Dagster launched this process through Pipes, report the checkpoint (rank 0 only)."""
+    if "DAGSTER_PIPES_CONTEXT" not in os.environ:
+        return
+    from dagster_pipes import open_dagster_pipes
+
+    with open_dagster_pipes() as pipes:
+        pipes.report_asset_materialization(
+            metadata={
+                "checkpoint": {"raw_value": str(result.checkpoint), "type": "path"},
+                "steps": result.steps,
+                "samples_per_second": round(result.samples_per_second, 1),
+                "final_loss": round(result.losses[-1], 5) if result.losses else None,
+                **{f"val_{k}": round(float(v), 5) for k, v in result.metrics.items()},
+            },
+            data_version=checkpoint_version(result.config_hash, data_version, result.steps),
+        )
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Train the retrieval encoder on a track's warehouse.")
     parser.add_argument("--config", default="default", help="preset name (configs/models/) or YAML path")
@@ -653,6 +672,8 @@ def main(argv: list[str] | None = None) -> None:
             }
             with atomic_file(args.report) as tmp:
                 tmp.write_text(json.dumps(report, indent=2))
+        if info.is_main:
+            _report_through_pipes(result, arrays.data_version)
     finally:
         distributed.cleanup(info)
 

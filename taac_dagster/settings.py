@@ -62,6 +62,10 @@ class TrainingSettings(BaseModel):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: int | None = Field(None, ge=1)  # torch CPU threads (None: the cores not busy, >= 1)
     val_users: int = Field(1000, ge=0)  # holdout users scored during training
+    # "in_process": train inside the asset's step. "torchrun": launch `torchrun -m models.train`
+    # through Dagster Pipes (DDP over nproc_per_node processes; rank 0 reports back).
+    launcher: Literal["in_process", "torchrun"] = "in_process"
+    nproc_per_node: int = Field(1, ge=1)
 
 
 class TaacSettings(BaseSettings):

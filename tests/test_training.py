@@ -245,3 +245,32 @@ def test_encoder_checkpoint_asset(tmp_path, monkeypatch):
         meta2 = again.get_asset_materialization_events()[0].materialization.metadata
         assert meta2["resumed_from_step"].value == meta["steps"].value
         assert meta2["val_score"].value == meta["val_score"].value
+
+
+def test_encoder_checkpoint_through_torchrun_and_pipes(tmp_path, monkeypatch):
+    """The cluster path: the asset launches torchrun (2 CPU ranks, DDP); rank 0 reports via Pipes."""
+    from dagster import AssetKey, DagsterInstance, materialize
+
+    from assets.raw import raw_dataset
+    from assets.semantic_ids import semantic_id_codebooks
+    from assets.training import encoder_checkpoint
+    from assets.warehouse import warehouse_tables
+    from taac_dagster.resources import TaacConfig
+
+    monkeypatch.setenv("TAAC_TRAINING__LAUNCHER", "torchrun")
+    monkeypatch.setenv("TAAC_TRAINING__NPROC_PER_NODE", "2")
+    monkeypatch.setenv("TAAC_TRAINING__MAX_STEPS", "4")
+    monkeypatch.setenv("TAAC_TRAINING__THREADS", "1")
+    config = TaacConfig(data_root=str(tmp_path / "data"), synthetic_num_users=300, synthetic_num_items=900)
+    chain = [raw_dataset, warehouse_tables, semantic_id_codebooks, encoder_checkpoint]
+    with DagsterInstance.ephemeral(tempdir=str(tmp_path / "home")) as instance:
+        result = materialize(chain, partition_key="1M", resources={"taac": config}, instance=instance)
+        assert result.success
+        events = [e for e in result.get_asset_materialization_events() if e.asset_key == AssetKey("encoder_checkpoint")]
+        assert len(events) == 1  # one report: rank 0 only
+        meta = events[0].materialization.metadata
+        assert meta["steps"].value == 4
+        checkpoint = Path(meta["checkpoint"].value)
+        assert checkpoint.is_file()
+        _, ckpt = load_encoder(checkpoint)
+        assert events[0].materialization.tags["dagster/data_version"] == ckpt["checkpoint_version"]
