@@ -81,3 +81,34 @@ def test_failed_blocking_check_holds_back_the_next_stage(tmp_path, tiny_hub, bro
         evaluation = evaluate_automation_conditions(defs=automated, instance=instance, cursor=before.cursor)
         requested = {(r.key.to_user_string(), pk) for r in evaluation.results for pk in r.true_subset.expensively_compute_partition_keys()}
         assert (("next_stage", "1M") in requested) is (not broken)
+
+
+def test_new_raw_data_marks_exactly_that_track_stale(tmp_path):
+    from dagster import AssetKey
+    from dagster._core.definitions.data_version import CachingStaleStatusResolver
+    from dagster._core.loader import LoadingContextForTest
+
+    assets = _data_assets()
+    keys = [AssetKey(name) for name in ("raw_dataset", "events", "sequences", "item_embeddings")]
+    with DagsterInstance.ephemeral(tempdir=str(tmp_path / "home")) as instance:
+
+        def stale() -> set[tuple[str, str]]:
+            resolver = CachingStaleStatusResolver(instance, defs.resolve_asset_graph(), LoadingContextForTest(instance))
+            return {
+                (key.to_user_string(), track)
+                for key in keys
+                for track in ("1M", "10M")
+                if resolver.get_status(key, track).value == "STALE"
+            }
+
+        config = TaacConfig(data_root=str(tmp_path / "data"), synthetic_num_users=200, synthetic_num_items=600)
+        for track in ("1M", "10M"):
+            assert materialize(assets, partition_key=track, resources={"taac": config}, instance=instance).success
+        assert stale() == set()
+        raw = [a for a in assets if a.node_def.name == "raw_dataset"]
+        # The same seed gives the same content: nothing becomes stale.
+        assert materialize(raw, partition_key="1M", resources={"taac": config}, instance=instance).success
+        assert stale() == set()
+        reseeded = TaacConfig(data_root=str(tmp_path / "data"), synthetic_num_users=200, synthetic_num_items=600, synthetic_seed=99)
+        assert materialize(raw, partition_key="1M", resources={"taac": reseeded}, instance=instance).success
+        assert stale() == {("events", "1M"), ("sequences", "1M"), ("item_embeddings", "1M")}
