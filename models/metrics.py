@@ -20,21 +20,31 @@ def target_ranks(topk: np.ndarray, targets: np.ndarray) -> np.ndarray:
     return np.where(hits.any(axis=1), hits.argmax(axis=1), -1)
 
 
+def hits_from_ranks(ranks: np.ndarray, k: int = K) -> np.ndarray:
+    """Per-user HR@k (0.0 / 1.0)."""
+    ranks = np.asarray(ranks)
+    return ((ranks >= 0) & (ranks < k)).astype(np.float64)
+
+
+def ndcg_from_ranks(ranks: np.ndarray, k: int = K) -> np.ndarray:
+    """Per-user NDCG@k of a single target: 1 / log2(rank + 2) for a hit, else 0."""
+    ranks = np.asarray(ranks)
+    hit = (ranks >= 0) & (ranks < k)
+    return np.where(hit, 1.0 / np.log2(np.maximum(ranks, 0) + 2.0), 0.0)
+
+
 def hit_rate(ranks: np.ndarray, k: int = K) -> float:
     ranks = np.asarray(ranks)
-    return float(((ranks >= 0) & (ranks < k)).mean()) if len(ranks) else 0.0
+    return float(hits_from_ranks(ranks, k).mean()) if len(ranks) else 0.0
 
 
 def ndcg(ranks: np.ndarray, k: int = K) -> float:
     ranks = np.asarray(ranks)
-    if not len(ranks):
-        return 0.0
-    hit = (ranks >= 0) & (ranks < k)
-    gains = np.where(hit, 1.0 / np.log2(np.maximum(ranks, 0) + 2.0), 0.0)
-    return float(gains.mean())
+    return float(ndcg_from_ranks(ranks, k).mean()) if len(ranks) else 0.0
 
 
-def score(hr: float, ndcg_value: float) -> float:
+def score(hr: float | np.ndarray, ndcg_value: float | np.ndarray) -> float | np.ndarray:
+    """The official combination: 0.31 * HR@10 + 0.69 * NDCG@10."""
     return HR_WEIGHT * hr + NDCG_WEIGHT * ndcg_value
 
 

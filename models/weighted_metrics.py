@@ -19,7 +19,8 @@ A user whose targets weigh 0 in total scores 0 (the holdout never produces one: 
 are clicks or conversions). Targets are padded to a rectangle with ``pad`` (default -1, never
 a real id); padded slots weigh nothing.
 
-The lead merges this module with ``models/metrics.py`` (same rank convention: 0-based, -1 miss).
+The single-target formulas live in ``models/metrics.py`` (same rank convention: 0-based, -1
+miss); this module adds the weighted ones.
 """
 
 from __future__ import annotations
@@ -28,39 +29,16 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-K = 10
-HR_WEIGHT, NDCG_WEIGHT = 0.31, 0.69
-RELEVANCE: dict[int, float] = {0: 0.0, 1: 1.0, 2: 2.5}
+from models.metrics import HR_WEIGHT, K, NDCG_WEIGHT, hits_from_ranks, ndcg_from_ranks, score
+from models.metrics import target_ranks as ranks_of_targets
+from taac_dagster.tracks import get_track
+
+RELEVANCE: dict[int, float] = dict(get_track("10M").relevance)
 PAD = -1
 _CHUNK_CELLS = 1 << 24  # users per chunk = this / (k * targets)
 
 
-def score(hr: float | np.ndarray, ndcg: float | np.ndarray) -> float | np.ndarray:
-    """The official combination: 0.31 * HR@10 + 0.69 * NDCG@10."""
-    return HR_WEIGHT * hr + NDCG_WEIGHT * ndcg
-
-
-# --- Single target, from ranks ------------------------------------------------------------
-def ranks_of_targets(topk: np.ndarray, targets: np.ndarray) -> np.ndarray:
-    """0-based rank of each user's single target in its list ([users, k] ids), -1 if absent."""
-    topk = np.asarray(topk)
-    hits = topk == np.asarray(targets)[:, None]
-    return np.where(hits.any(axis=1), hits.argmax(axis=1), -1)
-
-
-def hits_from_ranks(ranks: np.ndarray, k: int = K) -> np.ndarray:
-    """Per-user HR@k (0.0 / 1.0)."""
-    ranks = np.asarray(ranks)
-    return ((ranks >= 0) & (ranks < k)).astype(np.float64)
-
-
-def ndcg_from_ranks(ranks: np.ndarray, k: int = K) -> np.ndarray:
-    """Per-user NDCG@k of a single target: 1 / log2(rank + 2) for a hit, else 0."""
-    ranks = np.asarray(ranks)
-    hit = (ranks >= 0) & (ranks < k)
-    return np.where(hit, 1.0 / np.log2(np.maximum(ranks, 0) + 2.0), 0.0)
-
-
+# --- Single target, from ranks (formulas in models/metrics.py) ----------------------------
 def metrics_from_ranks(ranks: np.ndarray, k: int = K) -> dict[str, float]:
     """Mean HR@k, NDCG@k and Score over users (0 for no users)."""
     ranks = np.asarray(ranks)
