@@ -109,6 +109,9 @@ class IndexSpec:
     M: int = 32  # HNSW: graph degree
     ef_construction: int = 200  # HNSW: beam width while building
     ef_search: int = 128  # HNSW: beam width while searching (raised to k' when smaller)
+    # Cosine (vectors L2-normalized at build and search time) or raw inner product (a model
+    # trained on dot-product scores, such as the official-baseline preset).
+    normalize: bool = True
 
     def __post_init__(self) -> None:
         if self.kind not in ("flat", "ivf", "hnsw"):
@@ -251,15 +254,16 @@ def pool_fingerprint(ids: np.ndarray) -> str:
     return hashlib.blake2b(np.ascontiguousarray(ids, dtype=np.int64).tobytes(), digest_size=16).hexdigest()
 
 
-def normalize_rows(vectors: np.ndarray, *, what: str = "vectors") -> np.ndarray:
-    """float32 copy with unit L2 rows (zero rows stay zero); refuses NaN / inf."""
+def normalize_rows(vectors: np.ndarray, *, what: str = "vectors", normalize: bool = True) -> np.ndarray:
+    """float32 copy with unit L2 rows (zero rows stay zero; ``normalize=False``: as they are);
+    refuses NaN / inf."""
     x = np.array(vectors, dtype=np.float32, copy=True, order="C")
     if x.ndim != 2:
         raise RetrievalError(f"{what} must be a 2-d [n, dim] array, got shape {x.shape}")
     if x.size and not np.isfinite(x).all():
         bad = int((~np.isfinite(x).all(axis=1)).sum())
         raise RetrievalError(f"{what}: {bad} rows contain NaN or infinite values")
-    if x.size:
+    if x.size and normalize:
         faiss.normalize_L2(x)
     return x
 
@@ -297,7 +301,7 @@ def build_index(
         raise RetrievalError(f"ids must be unique: {duplicates} duplicates in the id map")
     spec = spec or default_index_spec(n)
     set_threads(threads)
-    x = normalize_rows(vectors, what="item vectors")
+    x = normalize_rows(vectors, what="item vectors", normalize=spec.normalize)
     started = time.perf_counter()
 
     if spec.kind == "flat":
@@ -309,7 +313,7 @@ def build_index(
         index = faiss.index_factory(dim, f"IVF{nlist},Flat", faiss.METRIC_INNER_PRODUCT)
         cp = faiss.extract_index_ivf(index).cp
         cp.seed = int(seed)
-        cp.spherical = True  # centroids on the sphere, like the vectors
+        cp.spherical = spec.normalize  # centroids on the sphere, like the vectors
         cp.niter = 10  # list quality barely moves after 10 iterations; build time halves
         cp.max_points_per_centroid = TRAIN_POINTS_PER_LIST
         cp.min_points_per_centroid = 1
@@ -446,7 +450,7 @@ def search(
     n = index.size
     for lo in range(0, nq, batch_size):
         hi = min(nq, lo + batch_size)
-        q = normalize_rows(queries[lo:hi], what="queries")
+        q = normalize_rows(queries[lo:hi], what="queries", normalize=index.spec.normalize)
         keys, extra = batch_exclusions(csr, lo, hi, index.rows_of, n) if csr is not None else (None, 0)
         fetch = min(n, k + extra)
         scores, labels = _faiss_search(index, q, fetch)
@@ -543,6 +547,30 @@ def measure_recall(
     return recall_at_k(approx, exact, k)
 
 
+def _climb(
+    index: ItemIndex,
+    exact_index: ItemIndex,
+    sample_queries: np.ndarray,
+    target: float,
+    k: int,
+    exclude: Exclusions | None,
+    knob: str,
+    start: int,
+    limit: int,
+    grow: Callable[[int], int],
+) -> tuple[int, float]:
+    """Raise the search knob ``knob`` (nprobe or ef_search) along ``grow`` until recall@k on
+    the sample reaches ``target`` or the knob reaches ``limit``; the index keeps the value."""
+    exact, _ = search(exact_index, sample_queries, k, exclude=exclude)
+    value = max(1, min(start, limit))
+    while True:
+        index.configure(**{knob: value})
+        recall = recall_at_k(search(index, sample_queries, k, exclude=exclude)[0], exact, k)
+        if recall >= target or value >= limit:
+            return value, recall
+        value = min(limit, max(value + 1, grow(value)))
+
+
 def tune_nprobe(
     index: ItemIndex,
     exact_index: ItemIndex,
@@ -560,15 +588,27 @@ def tune_nprobe(
     step costs one IVF search of the sample (~0.2 s for 2,000 queries at 660K items)."""
     if index.spec.kind != "ivf":
         raise RetrievalError(f"tune_nprobe needs an IVF index, got {index.spec.kind}")
-    exact, _ = search(exact_index, sample_queries, k, exclude=exclude)
     limit = min(index.spec.nlist or 1, max_nprobe or index.spec.nlist or 1)
-    nprobe = max(1, min(start or index.spec.nprobe, limit))
-    while True:
-        index.configure(nprobe=nprobe)
-        recall = recall_at_k(search(index, sample_queries, k, exclude=exclude)[0], exact, k)
-        if recall >= target or nprobe >= limit:
-            return nprobe, recall
-        nprobe = min(limit, max(nprobe + 1, int(nprobe * 1.5)))
+    return _climb(index, exact_index, sample_queries, target, k, exclude, "nprobe",
+                  start or index.spec.nprobe, limit, lambda v: int(v * 1.5))
+
+
+def tune_ef_search(
+    index: ItemIndex,
+    exact_index: ItemIndex,
+    sample_queries: np.ndarray,
+    target: float = 0.99,
+    k: int = 10,
+    *,
+    exclude: Exclusions | None = None,
+    max_ef: int = 4096,
+) -> tuple[int, float]:
+    """HNSW's counterpart of ``tune_nprobe``: the smallest efSearch on a x2 ladder from the
+    spec's whose recall@k on the sample reaches ``target`` (or ``max_ef``). Returns (ef, recall)."""
+    if index.spec.kind != "hnsw":
+        raise RetrievalError(f"tune_ef_search needs an HNSW index, got {index.spec.kind}")
+    return _climb(index, exact_index, sample_queries, target, k, exclude, "ef_search",
+                  index.spec.ef_search, max_ef, lambda v: v * 2)
 
 
 def flat_like(index: ItemIndex) -> ItemIndex:
@@ -696,5 +736,6 @@ __all__ = [
     "search",
     "set_threads",
     "torch_exact_search",
+    "tune_ef_search",
     "tune_nprobe",
 ]

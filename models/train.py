@@ -321,15 +321,19 @@ class TrainResult:
     model_config: dict[str, Any]
 
     def loss_curve(self, points: int = 200) -> list[dict[str, float]]:
-        """The loss curve, averaged into at most ``points`` buckets of steps."""
-        if not self.losses:
-            return []
-        edges = np.linspace(0, len(self.losses), min(points, len(self.losses)) + 1).astype(int)
-        return [
-            {"step": int(hi), "loss": round(float(np.mean(self.losses[lo:hi])), 5)}
-            for lo, hi in zip(edges[:-1], edges[1:])
-            if hi > lo
-        ]
+        return loss_curve(self.losses, points)
+
+
+def loss_curve(losses: list[float], points: int = 200) -> list[dict[str, float]]:
+    """A per-step loss list averaged into at most ``points`` buckets of steps."""
+    if not losses:
+        return []
+    edges = np.linspace(0, len(losses), min(points, len(losses)) + 1).astype(int)
+    return [
+        {"step": int(hi), "loss": round(float(np.mean(losses[lo:hi])), 5)}
+        for lo, hi in zip(edges[:-1], edges[1:])
+        if hi > lo
+    ]
 
 
 # --- The loop ---------------------------------------------------------------------------------
@@ -429,6 +433,8 @@ def _train(
             "config_hash": digest,
             "data_version": arrays.data_version,
             "arrays_dir": str(arrays.folder),
+            # What the item and user tables meant at training time: checked before scoring.
+            "data_shape": {key: arrays.meta[key] for key in ("families", "item_features", "user_sparse", "user_multi")},
             "model": model.state_dict(),
             "optim": {name: opt.state_dict() for name, opt in optimizers.items()},
             "losses": losses,

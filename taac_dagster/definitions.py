@@ -5,7 +5,9 @@ Load it with ``dagster dev`` (workspace.yaml) or ``dagster job execute -m taac_d
 
 from dagster import AssetKey, AssetSpec, Definitions
 
+from assets.evaluation import evaluation_report, submission
 from assets.raw import raw_dataset
+from assets.retrieval import faiss_index
 from assets.semantic_ids import semantic_id_codebooks
 from assets.training import encoder_checkpoint
 from assets.warehouse import warehouse_tables
@@ -26,7 +28,9 @@ def _automate_below_raw(spec: AssetSpec) -> AssetSpec:
 
 
 defs = Definitions(
-    assets=[raw_dataset, warehouse_tables, semantic_id_codebooks, encoder_checkpoint],
+    assets=[
+        raw_dataset, warehouse_tables, semantic_id_codebooks, encoder_checkpoint, faiss_index, evaluation_report, submission,
+    ],
     jobs=[main_job, data_job, retrain_job],
     schedules=[
         build_retraining_schedule(retrain_job, _settings.retrain_cron, enabled=_settings.retrain_schedule_enabled)

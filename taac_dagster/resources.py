@@ -11,6 +11,9 @@ from taac_dagster.paths import TrackPaths
 from taac_dagster.settings import TaacSettings, load_settings
 
 
+_SECTIONS = ("synthetic", "training", "retrieval", "evaluation")
+
+
 class TaacConfig(ConfigurableResource):
     """Overrides of the TAAC_* settings for the runs that use this resource.
 
@@ -26,20 +29,31 @@ class TaacConfig(ConfigurableResource):
     synthetic_seed: int | None = Field(default=None, description="Seed of the generated dataset")
     synthetic_num_users: int | None = None
     synthetic_num_items: int | None = None
+    training_preset: str | None = Field(default=None, description="Model preset: default | baseline | a YAML path")
+    training_epochs: int | None = None
+    training_max_steps: int | None = None
+    training_device: str | None = Field(default=None, description="auto | cpu | cuda")
+    retrieval_index: str | None = Field(default=None, description="auto | flat | ivf | hnsw")
+    retrieval_nprobe: int | None = None
+    retrieval_recall_floor: float | None = Field(default=None, description="Blocking check floor of recall@10")
+    evaluation_exclude_history: bool | None = Field(default=None, description="Filter history items from the top-10")
+    evaluation_max_users: int | None = Field(default=None, description="Score a sample of this many holdout users")
 
     def overrides(self) -> dict[str, Any]:
-        top = {
+        """Set fields as nested settings: ``training_preset`` -> ``{"training": {"preset": ...}}``."""
+        top: dict[str, Any] = {
             key: getattr(self, key)
             for key in ("data_root", "source", "local_path", "hub_revision", "embedding_families")
             if getattr(self, key) is not None
         }
-        synthetic = {
-            key: getattr(self, f"synthetic_{key}")
-            for key in ("seed", "num_users", "num_items")
-            if getattr(self, f"synthetic_{key}") is not None
-        }
-        if synthetic:
-            top["synthetic"] = synthetic
+        for section in _SECTIONS:
+            values = {
+                name[len(section) + 1 :]: getattr(self, name)
+                for name in type(self).model_fields
+                if name.startswith(f"{section}_") and getattr(self, name) is not None
+            }
+            if values:
+                top[section] = values
         return top
 
     def settings(self, track: str) -> TaacSettings:

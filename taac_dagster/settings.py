@@ -68,6 +68,40 @@ class TrainingSettings(BaseModel):
     nproc_per_node: int = Field(1, ge=1)
 
 
+class RetrievalSettings(BaseModel):
+    """The Faiss index over the candidate pool (models/retrieval.py, models/evaluation.py)."""
+
+    # auto: exact (flat) up to 20K items, IVF above (models.retrieval.default_index_spec).
+    index: Literal["auto", "flat", "ivf", "hnsw"] = "auto"
+    nlist: int | None = Field(None, ge=1)  # IVF lists; None: ~2.5 sqrt(pool), a power of two
+    nprobe: int | None = Field(None, ge=1)  # IVF starting nprobe; None: 2% of the lists (>= 16)
+    hnsw_m: int = Field(32, ge=2)
+    hnsw_ef_construction: int = Field(200, ge=1)
+    hnsw_ef_search: int = Field(128, ge=1)
+    # recall@10 of the index against exact search on a sample of real user queries (holdout
+    # histories): tuned up to recall_target by raising nprobe / efSearch, and a blocking
+    # check fails below recall_floor.
+    recall_sample: int = Field(2000, ge=10)
+    recall_target: float = Field(0.99, gt=0, le=1)
+    recall_floor: float = Field(0.95, ge=0, le=1)
+    tune: bool = True
+    threads: int | None = Field(None, ge=1)  # Faiss threads (None: every core)
+    seed: int = 0
+
+
+class EvaluationSettings(BaseModel):
+    """The evaluation report and the submission (models/evaluation.py)."""
+
+    # Drop items already in the user's history from its top-10 (recorded in the report).
+    exclude_history: bool = True
+    query_batch_size: int = Field(4096, ge=1)  # holdout histories encoded per forward pass
+    # Also score the official-baseline preset when its checkpoint exists (a model trained with
+    # TAAC_TRAINING__PRESET=baseline; it lives in checkpoints/baseline/).
+    baseline_preset: str | None = "baseline"
+    # Score at most this many holdout users (None: every user; the report says how many).
+    max_users: int | None = Field(None, ge=1)
+
+
 class TaacSettings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="TAAC_",
@@ -88,6 +122,8 @@ class TaacSettings(BaseSettings):
     synthetic: SyntheticSettings = Field(default_factory=SyntheticSettings)
     semantic_ids: SemanticIdSettings = Field(default_factory=SemanticIdSettings)
     training: TrainingSettings = Field(default_factory=TrainingSettings)
+    retrieval: RetrievalSettings = Field(default_factory=RetrievalSettings)
+    evaluation: EvaluationSettings = Field(default_factory=EvaluationSettings)
     max_history: int = Field(100, ge=1, le=100)
     # Quality checks validate every row of small tables and a deterministic user sample of
     # large ones (users whose id falls in the sample are validated with all their rows).

@@ -1,0 +1,86 @@
+"""evaluation_report and submission: what the trained model and its index are worth.
+
+Thin: the work is ``models.evaluation.evaluate_track`` and ``submission_for_track``. The report
+(Markdown + HTML + JSON + plots under ``<root>/<track>/reports/``) scores every holdout user
+for the model, the popularity baseline, the official-baseline preset when its checkpoint exists
+and, on synthetic data, the oracle ceiling; its headline table is also this materialization's
+Markdown metadata, so it shows in the Dagster UI.
+"""
+
+from dagster import AssetExecutionContext, AssetKey, MaterializeResult, MetadataValue, asset
+
+from models.evaluation import evaluate_track, submission_for_track
+from taac_dagster.partitions import track_partitions
+from taac_dagster.resources import TaacConfig
+
+# Bump when the same checkpoint, index and settings would give other figures or files.
+EVALUATION_CODE_VERSION = "evaluation-v1"
+SUBMISSION_CODE_VERSION = "submission-v1"
+
+
+def _figure_metadata(headline: dict, share: dict) -> dict:
+    out = {}
+    for method, figures in headline.items():
+        for key, value in figures.items():
+            if key != "users":
+                out[key if method == "model" else f"{method}_{key}"] = round(float(value), 5)
+    out.update({f"oracle_share_{key}": round(value, 4) for key, value in share.items()})
+    return out
+
+
+@asset(
+    partitions_def=track_partitions,
+    code_version=EVALUATION_CODE_VERSION,
+    group_name="evaluation",
+    deps=[AssetKey("faiss_index"), AssetKey("holdout")],
+    kinds={"python"},
+    description="Scored evaluation of every holdout user: HR@10, NDCG@10, Score (weighted on 10M) for the "
+    "model, popularity, the baseline preset and the oracle; slices, plots and a comparison with the last run.",
+)
+def evaluation_report(context: AssetExecutionContext, taac: TaacConfig) -> MaterializeResult:
+    track = context.partition_key
+    result = evaluate_track(
+        taac.paths(track), taac.settings(track), code_version=EVALUATION_CODE_VERSION, logger=context.log
+    )
+    comparison = result.files.comparison
+    return MaterializeResult(
+        metadata={
+            "headline": MetadataValue.md(result.files.headline_markdown),
+            **_figure_metadata(result.headline, result.oracle_share),
+            "users": result.users,
+            "report": MetadataValue.path(str(result.files.markdown)),
+            "report_html": MetadataValue.path(str(result.files.html)),
+            "figures_json": MetadataValue.path(str(result.files.json)),
+            "notes": MetadataValue.md("\n".join(f"- {note}" for note in result.notes)),
+            "exclude_history": result.provenance["exclude_history"],
+            "index": result.provenance["index"],
+            "checkpoint_version": result.provenance["checkpoint_version"],
+            "seconds": MetadataValue.json(result.seconds),
+            "figures_moved_since_last_run": len(comparison["moved"]) if comparison else 0,
+        }
+    )
+
+
+@asset(
+    partitions_def=track_partitions,
+    code_version=SUBMISSION_CODE_VERSION,
+    group_name="evaluation",
+    deps=[AssetKey("faiss_index"), AssetKey("holdout"), AssetKey("users")],
+    kinds={"json"},
+    description='Top-10 raw creative ids per user in the official format {"top10s": [[...]], "user": [...]}, '
+    "validated (10 distinct pool ids per user), for the holdout users or the local source's predict_seq.jsonl.",
+)
+def submission(context: AssetExecutionContext, taac: TaacConfig) -> MaterializeResult:
+    track = context.partition_key
+    summary = submission_for_track(taac.paths(track), taac.settings(track), logger=context.log)
+    return MaterializeResult(
+        metadata={
+            "path": MetadataValue.path(summary["path"]),
+            "users": summary["users"],
+            "bytes": summary["bytes"],
+            "source": summary["source"],
+            "index": summary["index"],
+            "exclude_history": summary["exclude_history"],
+            "checkpoint_version": summary["checkpoint_version"],
+        }
+    )

@@ -1,0 +1,87 @@
+"""faiss_index: the trained encoder's item vectors for the whole candidate pool, in Faiss.
+
+Thin: the work is ``models.evaluation.build_track_index``. The index type comes from
+``TAAC_RETRIEVAL__INDEX`` (auto: exact up to 20K items, IVF above; or flat / ivf / hnsw). User
+vectors are out of the item distribution, so the asset measures recall@10 of the index against
+exact search on a sample of real holdout queries (tuning nprobe / efSearch up to
+``recall_target``) and a blocking check fails below ``recall_floor``: an index that misses
+neighbours never reaches the report or the submission.
+"""
+
+import hashlib
+import json
+
+from dagster import (
+    AssetCheckResult,
+    AssetCheckSeverity,
+    AssetCheckSpec,
+    AssetExecutionContext,
+    AssetKey,
+    DataVersion,
+    MaterializeResult,
+    MetadataValue,
+    asset,
+)
+
+from models.evaluation import build_track_index
+from taac_dagster.partitions import track_partitions
+from taac_dagster.resources import TaacConfig
+
+# Bump when the same checkpoint and settings would give a different index or layout.
+RETRIEVAL_CODE_VERSION = "retrieval-v1"
+RECALL_CHECK = "index_recall_at_10"
+
+
+@asset(
+    partitions_def=track_partitions,
+    code_version=RETRIEVAL_CODE_VERSION,
+    group_name="retrieval",
+    deps=[AssetKey("encoder_checkpoint"), AssetKey("candidates"), AssetKey("holdout")],
+    kinds={"faiss"},
+    check_specs=[
+        AssetCheckSpec(
+            RECALL_CHECK, asset="faiss_index", blocking=True,
+            description="recall@10 of the index against exact search on a sample of real holdout user "
+            "queries is at least TAAC_RETRIEVAL__RECALL_FLOOR (default 0.95)",
+        )
+    ],
+    description="Faiss index (flat, IVF or HNSW) of every candidate's vector from the trained item tower, "
+    "cold items included, with its id map (creative ids) and the checkpoint's version in its metadata.",
+)
+def faiss_index(context: AssetExecutionContext, taac: TaacConfig) -> MaterializeResult:
+    track = context.partition_key
+    settings = taac.settings(track)
+    build = build_track_index(taac.paths(track), settings, logger=context.log)
+    meta = build.to_metadata()
+    floor = settings.retrieval.recall_floor
+    version = hashlib.blake2b(
+        json.dumps([build.checkpoint_version, meta["spec"], meta["pool_size"]], sort_keys=True).encode(), digest_size=8
+    ).hexdigest()
+    return MaterializeResult(
+        data_version=DataVersion(version),
+        metadata={
+            "index_path": MetadataValue.path(meta["index_path"]),
+            "index": meta["index"],
+            "spec": MetadataValue.json(meta["spec"]),
+            "recall@10": meta["recall@10"],
+            "recall_queries": meta["recall_queries"],
+            "nprobe_or_ef_tuned": meta["tuned"],
+            "pool_size": meta["pool_size"],
+            "cold_items": meta["cold_items"],
+            "dim": meta["dim"],
+            "checkpoint_version": meta["checkpoint_version"],
+            "seconds": MetadataValue.json(meta["seconds"]),
+            **({"warnings": MetadataValue.json(meta["warnings"])} if meta["warnings"] else {}),
+        },
+        check_results=[
+            AssetCheckResult(
+                check_name=RECALL_CHECK,
+                passed=build.recall >= floor,
+                severity=AssetCheckSeverity.ERROR,
+                description=(f"recall@10 {build.recall:.4f} vs floor {floor} on {build.recall_queries} queries "
+                             f"({build.spec.describe()})"),
+                metadata={"recall@10": round(build.recall, 5), "floor": floor, "queries": build.recall_queries,
+                          "index": build.spec.describe()},
+            )
+        ],
+    )

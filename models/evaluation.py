@@ -1,0 +1,642 @@
+"""Scoring a trained encoder on a track: the Faiss index of the candidate pool, the evaluation
+of every holdout user, and the submission file.
+
+    build_track_index(paths, settings)   item tower over the whole pool (cold items included)
+                                         -> Faiss index -> recall@10 vs exact on real queries
+                                         -> <root>/<track>/indexes/<preset>/ (atomic)
+    evaluate_track(paths, settings)      every holdout user: top-10 from the index, HR@10,
+                                         NDCG@10, Score (w-* on 10M) for the model, popularity,
+                                         the baseline preset, the oracle; slices, plots
+                                         -> <root>/<track>/reports/evaluation.{md,html,json}
+    submission_for_track(paths, settings) top-10 creative ids per raw user id, validated
+                                         -> <root>/<track>/reports/submission.json
+
+Ids: the index's id map holds creative ids (the submission's id space); everything scored is
+kept as *pool positions* (0..C-1, the order of ``arrays.cand_*``), so targets, exclusions and
+every method's lists are compared in one space. The holdout target is always in the pool (the
+warehouse adds missing targets to it).
+
+Users are processed in chunks (``CHUNK_USERS``): per chunk the histories are encoded, the
+index searched and every method's lists scored, so memory stays flat at 1M users.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from models.baselines import oracle_topk, popularity_topk
+from models.data import Arrays, holdout_batch
+from models.encoder import Encoder, EncoderConfig
+from models.metrics import K, target_ranks
+from models.report import ReportData, ReportFiles, headline_figures, oracle_share, slice_frame, slice_metrics, write_report
+from models.retrieval import (
+    IndexSpec,
+    ItemIndex,
+    build_index,
+    default_index_spec,
+    flat_like,
+    load_index,
+    measure_recall,
+    pool_fingerprint,
+    search,
+    set_threads,
+    tune_ef_search,
+    tune_nprobe,
+)
+from models.submission import write_submission
+from models.train import LAST, cpu_threads, default_retrieval_actions, load_encoder, loss_curve, prepare_track_arrays, to_device
+from models.weighted_metrics import PAD, relevance_weights, weighted_per_user
+from taac_dagster.errors import TaacError
+from taac_dagster.tracks import get_track
+
+log = logging.getLogger(__name__)
+
+CHUNK_USERS = 65_536
+ITEM_BATCH = 65_536
+REPORT_NAME = "evaluation"
+SUBMISSION_FILE = "submission.json"
+# EncoderConfig fields that describe the data, not the architecture: a checkpoint is usable on
+# arrays only when these agree (vocabulary sizes, multi-modal dims, Semantic ID levels, ...).
+SHAPE_FIELDS = (
+    "num_item_rows", "id_rows", "item_vocab", "user_vocab", "num_user_sparse", "multi_len",
+    "mm_dims", "sid_vocab", "n_actions", "max_len",
+)
+
+
+class EvaluationError(TaacError, ValueError):
+    """The checkpoint, the index and the data do not fit together, or there is nothing to score."""
+
+
+class CheckpointMismatchError(EvaluationError):
+    """A checkpoint trained on data of another shape (vocabularies, families, ...)."""
+
+
+# --- Checkpoint and arrays ---------------------------------------------------------------
+def checkpoint_path(paths: Any, preset: str) -> Path:
+    return Path(paths.checkpoints) / Path(preset).stem / LAST
+
+
+def index_path(paths: Any, preset: str) -> Path:
+    return Path(paths.indexes) / Path(preset).stem
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise EvaluationError("TAAC_TRAINING__DEVICE=cuda but torch sees no CUDA device")
+    return torch.device(name)
+
+
+def _plain(value: Any) -> Any:
+    return list(value) if isinstance(value, (list, tuple)) else value
+
+
+def check_checkpoint_fits(ckpt: dict[str, Any], arrays: Arrays, path: Path) -> list[str]:
+    """Raise ``CheckpointMismatchError`` when the checkpoint cannot score these arrays; return
+    warnings (e.g. trained on another data version of the same shape)."""
+    have = ckpt.get("model_config") or {}
+    want = EncoderConfig.from_meta(arrays.meta).to_dict()
+    problems = [
+        f"{key}: checkpoint {_plain(have.get(key))!r}, data {_plain(want[key])!r}"
+        for key in SHAPE_FIELDS
+        if _plain(have.get(key)) != _plain(want[key])
+    ]
+    for key, value in (ckpt.get("data_shape") or {}).items():
+        if _plain(value) != _plain(arrays.meta.get(key)):
+            problems.append(f"{key}: checkpoint {value!r}, data {arrays.meta.get(key)!r}")
+    if problems:
+        raise CheckpointMismatchError(
+            f"{path}: the checkpoint does not match the track's data ({'; '.join(problems)}); it was trained "
+            f"on data version {ckpt.get('data_version')!r}, the arrays are {arrays.data_version!r}. "
+            "Re-materialize encoder_checkpoint for this data (or point TAAC_DATA_ROOT at the data it was trained on)."
+        )
+    if ckpt.get("data_version") != arrays.data_version:
+        return [
+            f"the checkpoint was trained on data version {ckpt.get('data_version')}, the current arrays are "
+            f"{arrays.data_version} (same shapes): its figures describe a stale model until encoder_checkpoint is re-materialized"
+        ]
+    return []
+
+
+@dataclass
+class LoadedModel:
+    preset: str
+    path: Path
+    model: Encoder
+    ckpt: dict[str, Any]
+    actions: tuple[int, ...]
+    warnings: list[str]
+
+    @property
+    def checkpoint_version(self) -> str:
+        return str(self.ckpt["checkpoint_version"])
+
+    @property
+    def normalize(self) -> bool:
+        return self.model.cfg.similarity == "cosine"
+
+
+def load_model(paths: Any, preset: str, arrays: Arrays, device: torch.device) -> LoadedModel:
+    path = checkpoint_path(paths, preset)
+    if not path.is_file():
+        raise EvaluationError(
+            f"{path}: no checkpoint of preset {preset!r} for track {paths.track}; materialize encoder_checkpoint "
+            f"(with TAAC_TRAINING__PRESET={preset}) first"
+        )
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    warnings = check_checkpoint_fits(ckpt, arrays, path)
+    model, ckpt = load_encoder(path, arrays, device)
+    actions = tuple(ckpt.get("retrieval_actions") or default_retrieval_actions(paths.track))
+    return LoadedModel(Path(preset).stem, path, model, ckpt, actions, warnings)
+
+
+def track_arrays(paths: Any, settings: Any, logger: Any = None) -> Arrays:
+    arrays = prepare_track_arrays(paths, settings, logger=logger or log)
+    if int(arrays.meta["num_candidates"]) == 0:
+        raise EvaluationError(
+            f"{paths.warehouse}: the candidate pool (table candidates) is empty: nothing to index or recommend"
+        )
+    return arrays
+
+
+# --- Vectors -----------------------------------------------------------------------------
+@torch.no_grad()
+def pool_item_vectors(loaded: LoadedModel, arrays: Arrays, device: torch.device) -> np.ndarray:
+    """Retrieval keys [C, d] of every candidate (pool order), cold items through their
+    features, multi-modal embeddings and Semantic IDs."""
+    rows = np.asarray(arrays.cand_rows).astype(np.int64)
+    parts = [
+        loaded.model.item_vectors(torch.from_numpy(rows[i : i + ITEM_BATCH]).to(device)).float().cpu().numpy()
+        for i in range(0, len(rows), ITEM_BATCH)
+    ]
+    return np.ascontiguousarray(np.concatenate(parts), dtype=np.float32)
+
+
+@torch.no_grad()
+def holdout_query_vectors(
+    loaded: LoadedModel, arrays: Arrays, rows: np.ndarray, device: torch.device, batch_size: int = 4096
+) -> np.ndarray:
+    """User vectors [len(rows), d] after each holdout history (before its target)."""
+    out = []
+    for i in range(0, len(rows), batch_size):
+        batch = to_device(holdout_batch(arrays, rows[i : i + batch_size]), device)
+        out.append(loaded.model.user_vectors(batch, loaded.actions).float().cpu().numpy())
+    d = loaded.model.cfg.d_model
+    return np.ascontiguousarray(np.concatenate(out), dtype=np.float32) if out else np.zeros((0, d), np.float32)
+
+
+def pool_positions(arrays: Arrays) -> np.ndarray:
+    """item row -> pool position (-1: not a candidate); row 0 (padding) is never a candidate."""
+    cand_rows = np.asarray(arrays.cand_rows).astype(np.int64)
+    position = np.full(int(arrays.meta["num_item_rows"]), -1, np.int64)
+    position[cand_rows] = np.arange(len(cand_rows))
+    return position
+
+
+def history_positions(arrays: Arrays, rows: np.ndarray, position: np.ndarray) -> np.ndarray:
+    """[users, L] pool positions of each user's history items (-1: padding or not in the pool)."""
+    return position[np.asarray(arrays.hold_items[rows]).astype(np.int64)]
+
+
+def _as_ids(positions: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    return np.where(positions >= 0, ids[np.maximum(positions, 0)], -1)
+
+
+# --- The index ---------------------------------------------------------------------------
+def index_spec_from_settings(rs: Any, pool_size: int, *, normalize: bool = True) -> IndexSpec:
+    """The index asked for by ``settings.retrieval`` (``auto``: ``default_index_spec``)."""
+    base = default_index_spec(pool_size)
+    kind = base.kind if rs.index == "auto" else rs.index
+    nprobe = rs.nprobe or (base.nprobe if base.kind == "ivf" else IndexSpec().nprobe)
+    return IndexSpec(
+        kind=kind, nlist=rs.nlist, nprobe=nprobe, M=rs.hnsw_m, ef_construction=rs.hnsw_ef_construction,
+        ef_search=rs.hnsw_ef_search, normalize=normalize,
+    )
+
+
+def sample_rows(n: int, size: int, seed: int) -> np.ndarray:
+    """A deterministic sorted sample of ``size`` row numbers out of ``n``."""
+    if size >= n:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(seed).choice(n, size=size, replace=False))
+
+
+def measure_and_tune(
+    index: ItemIndex, queries: np.ndarray, exclude: np.ndarray | None, rs: Any, k: int = K
+) -> tuple[float, bool]:
+    """recall@k against exact search on ``queries`` (tuning nprobe / efSearch up to the target
+    when ``rs.tune``); returns (recall, tuned)."""
+    if index.spec.kind == "flat" or not len(queries):
+        return 1.0, False
+    exact = flat_like(index)
+    if rs.tune and index.spec.kind == "ivf":
+        return tune_nprobe(index, exact, queries, rs.recall_target, k, exclude=exclude)[1], True
+    if rs.tune and index.spec.kind == "hnsw":
+        return tune_ef_search(index, exact, queries, rs.recall_target, k, exclude=exclude)[1], True
+    return measure_recall(index, exact, queries, k, exclude=exclude), False
+
+
+@dataclass
+class IndexBuild:
+    path: Path
+    spec: IndexSpec
+    recall: float
+    recall_queries: int
+    tuned: bool
+    pool_size: int
+    cold_items: int
+    dim: int
+    checkpoint_version: str
+    seconds: dict[str, float]
+    warnings: list[str] = field(default_factory=list)
+
+    def to_metadata(self) -> dict[str, Any]:
+        return {
+            "index_path": str(self.path),
+            "index": self.spec.describe(),
+            "index_kind": self.spec.kind,
+            "spec": self.spec.to_json(),
+            "recall@10": round(self.recall, 5),
+            "recall_queries": self.recall_queries,
+            "tuned": self.tuned,
+            "pool_size": self.pool_size,
+            "cold_items": self.cold_items,
+            "dim": self.dim,
+            "checkpoint_version": self.checkpoint_version,
+            "seconds": {k: round(v, 3) for k, v in self.seconds.items()},
+            "warnings": self.warnings,
+        }
+
+
+def build_track_index(paths: Any, settings: Any, *, logger: Any = None) -> IndexBuild:
+    """Index the whole candidate pool with the configured preset's checkpoint (see module doc)."""
+    logger = logger or log
+    rs, es = settings.retrieval, settings.evaluation
+    device = resolve_device(settings.training.device)
+    torch.set_num_threads(cpu_threads(settings.training.threads))
+    set_threads(rs.threads)
+    seconds: dict[str, float] = {}
+    started = time.perf_counter()
+    arrays = track_arrays(paths, settings, logger)
+    loaded = load_model(paths, settings.training.preset, arrays, device)
+    for warning in loaded.warnings:
+        logger.warning(warning)
+    vectors = pool_item_vectors(loaded, arrays, device)
+    seconds["item_vectors"] = time.perf_counter() - started
+    creative = np.asarray(arrays.cand_creative).astype(np.int64)
+    spec = index_spec_from_settings(rs, len(creative), normalize=loaded.normalize)
+    logger.info(f"indexing {len(creative):,} candidates ({vectors.shape[1]}-d) with {spec.describe()}")
+    t = time.perf_counter()
+    index = build_index(vectors, creative, spec, seed=rs.seed, threads=rs.threads)
+    seconds["build"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    n_hold = int(arrays.meta["num_holdout"])
+    sample = sample_rows(n_hold, rs.recall_sample, rs.seed)
+    queries = holdout_query_vectors(loaded, arrays, sample, device, es.query_batch_size)
+    exclude = None
+    if es.exclude_history:
+        exclude = _as_ids(history_positions(arrays, sample, pool_positions(arrays)), creative)
+    recall, tuned = measure_and_tune(index, queries, exclude, rs)
+    seconds["recall"] = time.perf_counter() - t
+    logger.info(f"recall@10 {recall:.4f} on {len(sample)} holdout queries with {index.spec.describe()}")
+
+    target = index_path(paths, loaded.preset)
+    save_index(target, index, loaded, arrays, recall=recall, recall_queries=len(sample), es=es, tuned=tuned)
+    seconds["total"] = time.perf_counter() - started
+    return IndexBuild(
+        path=target, spec=index.spec, recall=recall, recall_queries=int(len(sample)), tuned=tuned,
+        pool_size=len(creative), cold_items=int(np.asarray(arrays.cand_cold).sum()), dim=index.dim,
+        checkpoint_version=loaded.checkpoint_version, seconds=seconds, warnings=loaded.warnings,
+    )
+
+
+def save_index(path: Path, index: ItemIndex, loaded: LoadedModel, arrays: Arrays, **extra: Any) -> None:
+    from models.retrieval import save_index as _save
+
+    es = extra.pop("es")
+    _save(path, index, {
+        "checkpoint_version": loaded.checkpoint_version,
+        "checkpoint": str(loaded.path),
+        "preset": loaded.preset,
+        "arrays_data_version": arrays.data_version,
+        "id_space": "creative_id",
+        "exclude_history_in_recall": es.exclude_history,
+        **extra,
+    })
+
+
+def open_track_index(paths: Any, loaded: LoadedModel, arrays: Arrays, threads: int | None = None) -> ItemIndex:
+    """The saved index of ``loaded``'s preset, refused unless it was built from this very
+    checkpoint over this very pool (``IndexMismatchError`` otherwise)."""
+    creative = np.asarray(arrays.cand_creative).astype(np.int64)
+    return load_index(
+        index_path(paths, loaded.preset),
+        expected_checkpoint_version=loaded.checkpoint_version,
+        expected={"pool_fingerprint": pool_fingerprint(creative), "dim": int(loaded.model.cfg.d_model)},
+        threads=threads,
+    )
+
+
+# --- Evaluation --------------------------------------------------------------------------
+@dataclass
+class ScoringSetup:
+    device: torch.device
+    arrays: Arrays
+    loaded: LoadedModel
+    index: ItemIndex
+    creative: np.ndarray  # pool position -> creative id
+    position: np.ndarray  # item row -> pool position
+    n_hold: int
+
+
+def _scoring_setup(paths: Any, settings: Any, logger: Any) -> ScoringSetup:
+    """The arrays, the configured checkpoint and the index built from it, checked together."""
+    device = resolve_device(settings.training.device)
+    torch.set_num_threads(cpu_threads(settings.training.threads))
+    set_threads(settings.retrieval.threads)
+    arrays = track_arrays(paths, settings, logger)
+    loaded = load_model(paths, settings.training.preset, arrays, device)
+    index = open_track_index(paths, loaded, arrays, settings.retrieval.threads)
+    n_hold = int(arrays.meta["num_holdout"])
+    if n_hold == 0:
+        raise EvaluationError(f"{paths.warehouse}: the holdout table is empty: no user to score")
+    creative = np.asarray(arrays.cand_creative).astype(np.int64)
+    return ScoringSetup(device, arrays, loaded, index, creative, pool_positions(arrays), n_hold)
+
+
+@dataclass
+class Evaluation:
+    files: ReportFiles
+    headline: dict[str, dict[str, float]]
+    oracle_share: dict[str, float]
+    users: int
+    seconds: dict[str, float]
+    provenance: dict[str, Any]
+    notes: list[str]
+
+
+def popularity_order(arrays: Arrays, actions: tuple[int, ...]) -> np.ndarray:
+    """Pool positions by training popularity for the target actions (ties: all events, then
+    pool order); cold items (never seen) last."""
+    counts = np.asarray(arrays.item_counts)[np.asarray(arrays.cand_rows).astype(np.int64)]
+    target = counts[:, list(actions)].sum(axis=1)
+    plain = counts.sum(axis=1)
+    return np.lexsort((np.arange(len(counts)), -plain, -target))
+
+
+def _oracle_truth(paths: Any, settings: Any) -> Any:
+    if settings.source != "synthetic":
+        return None
+    from taac_dagster.sources.synthetic import GROUND_TRUTH_DIR, load_ground_truth
+
+    folder = Path(paths.raw) / GROUND_TRUTH_DIR
+    return load_ground_truth(folder) if folder.is_dir() else None
+
+
+def _baseline(paths: Any, settings: Any, arrays: Arrays, device: torch.device, main_preset: str,
+              notes: list[str], logger: Any) -> tuple[LoadedModel, ItemIndex] | None:
+    """The official-baseline preset, scored like the model, when its checkpoint exists."""
+    name = settings.evaluation.baseline_preset
+    if not name or Path(name).stem == Path(main_preset).stem:
+        return None
+    if not checkpoint_path(paths, name).is_file():
+        notes.append(f"No checkpoint of the '{name}' preset: train it with TAAC_TRAINING__PRESET={name} to see it here.")
+        return None
+    try:
+        loaded = load_model(paths, name, arrays, device)
+    except CheckpointMismatchError as error:
+        notes.append(f"The '{name}' preset was left out: {error}")
+        logger.warning(str(error))
+        return None
+    vectors = pool_item_vectors(loaded, arrays, device)
+    creative = np.asarray(arrays.cand_creative).astype(np.int64)
+    spec = index_spec_from_settings(settings.retrieval, len(creative), normalize=loaded.normalize)
+    index = build_index(vectors, creative, spec, seed=settings.retrieval.seed, threads=settings.retrieval.threads)
+    sample = sample_rows(int(arrays.meta["num_holdout"]), settings.retrieval.recall_sample, settings.retrieval.seed)
+    queries = holdout_query_vectors(loaded, arrays, sample, device, settings.evaluation.query_batch_size)
+    exclude = _as_ids(history_positions(arrays, sample, pool_positions(arrays)), creative) if settings.evaluation.exclude_history else None
+    recall, _ = measure_and_tune(index, queries, exclude, settings.retrieval)
+    notes.append(f"The '{name}' preset ({loaded.checkpoint_version}) is searched with {index.spec.describe()}, recall@10 {recall:.4f}.")
+    return loaded, index
+
+
+def _weighted_targets(arrays: Arrays, rows: np.ndarray, position: np.ndarray, relevance: dict[int, float]) -> tuple[np.ndarray, np.ndarray]:
+    """Padded target positions and their relevance weights for the weighted metrics."""
+    targets = np.asarray(arrays.hold_targets[rows]).astype(np.int64)
+    actions = np.asarray(arrays.hold_target_actions[rows]).astype(np.int64)
+    pad = targets == 0
+    target_pos = np.where(pad, PAD, position[targets])
+    weights = relevance_weights(np.where(pad, PAD, actions), relevance)
+    return target_pos, weights
+
+
+def evaluate_track(paths: Any, settings: Any, *, code_version: str = "", logger: Any = None) -> Evaluation:
+    """Score every holdout user (see module doc) and write the report under ``paths.reports``."""
+    logger = logger or log
+    es, rs = settings.evaluation, settings.retrieval
+    track = get_track(paths.track)
+    started = time.perf_counter()
+    seconds: dict[str, float] = {}
+    notes: list[str] = []
+    setup = _scoring_setup(paths, settings, logger)
+    device, arrays, loaded, index = setup.device, setup.arrays, setup.loaded, setup.index
+    creative, position, n_hold = setup.creative, setup.position, setup.n_hold
+    notes += loaded.warnings
+    rows = sample_rows(n_hold, es.max_users, rs.seed) if es.max_users else np.arange(n_hold)
+    n = len(rows)
+    baseline = _baseline(paths, settings, arrays, device, loaded.preset, notes, logger)
+    truth = _oracle_truth(paths, settings)
+    popular = popularity_order(arrays, loaded.actions)
+    cand_rows = np.asarray(arrays.cand_rows).astype(np.int64)
+    pool_item_ids = np.where(cand_rows < int(arrays.meta["id_rows"]), cand_rows, 0)
+    pool_pos = np.arange(len(creative))
+    weighted = any(a != 1 for a in track.target_priority)  # 10M: conversions weigh 2.5
+    relevance = dict(track.relevance)
+
+    methods = ["model", "popularity"] + (["baseline"] if baseline else []) + (["oracle"] if truth is not None else [])
+    ranks = {m: np.empty(n, np.int64) for m in methods}
+    w_user = {m: {"w_hr@10": np.empty(n), "w_ndcg@10": np.empty(n)} for m in methods} if weighted else {}
+    logger.info(f"evaluating {n:,} holdout users against {len(creative):,} candidates ({index.spec.describe()}), "
+                f"methods {methods}, history filter {'on' if es.exclude_history else 'off'}")
+    timer = {"encode": 0.0, "search": 0.0, "baselines": 0.0}
+    for lo in range(0, n, CHUNK_USERS):
+        chunk = rows[lo : lo + CHUNK_USERS]
+        hi = lo + len(chunk)
+        t = time.perf_counter()
+        queries = holdout_query_vectors(loaded, arrays, chunk, device, es.query_batch_size)
+        timer["encode"] += time.perf_counter() - t
+        history = history_positions(arrays, chunk, position) if es.exclude_history else None
+        exclude_ids = _as_ids(history, creative) if history is not None else None
+        t = time.perf_counter()
+        lists = {"model": search(index, queries, K, exclude=exclude_ids, return_rows=True)[0]}
+        timer["search"] += time.perf_counter() - t
+        t = time.perf_counter()
+        lists["popularity"] = popularity_topk(popular, pool_pos, len(chunk), K, exclude=history)
+        if baseline:
+            b_model, b_index = baseline
+            b_queries = holdout_query_vectors(b_model, arrays, chunk, device, es.query_batch_size)
+            lists["baseline"] = search(b_index, b_queries, K, exclude=exclude_ids, return_rows=True)[0]
+        if truth is not None:
+            prev_rows = np.asarray(arrays.hold_items[chunk, -1]).astype(np.int64)
+            prev = np.where(prev_rows < int(arrays.meta["id_rows"]), prev_rows, 0)
+            users = np.asarray(arrays.hold_users[chunk]).astype(np.int64)
+            lists["oracle"] = oracle_topk(truth, users, prev, pool_item_ids, K, pool_ids=pool_pos, exclude=history)
+        timer["baselines"] += time.perf_counter() - t
+        target = position[np.asarray(arrays.hold_target[chunk]).astype(np.int64)]
+        if weighted:
+            t_pos, t_w = _weighted_targets(arrays, chunk, position, relevance)
+        for m in methods:
+            ranks[m][lo:hi] = target_ranks(lists[m], target)
+            if weighted:
+                w_hr, w_nd = weighted_per_user(lists[m], t_pos, t_w, K)
+                w_user[m]["w_hr@10"][lo:hi], w_user[m]["w_ndcg@10"][lo:hi] = w_hr, w_nd
+        done = time.perf_counter() - started
+        logger.info(f"scored {hi:,}/{n:,} users ({hi / max(done, 1e-9):,.0f} users/s so far)")
+    seconds.update({k: round(v, 3) for k, v in timer.items()})
+
+    weighted_means = {}
+    if weighted:
+        from models.metrics import score
+
+        for m in methods:
+            whr, wnd = float(w_user[m]["w_hr@10"].mean()), float(w_user[m]["w_ndcg@10"].mean())
+            weighted_means[m] = {"w_hr@10": whr, "w_ndcg@10": wnd, "w_score": float(score(whr, wnd))}
+    headline = headline_figures(ranks, K, weighted=weighted_means)
+
+    hold_items = np.asarray(arrays.hold_items[rows])
+    target_rows = np.asarray(arrays.hold_target[rows]).astype(np.int64)
+    target_popularity = np.asarray(arrays.item_counts)[target_rows].sum(axis=1)
+    target_cold = np.asarray(arrays.cand_cold)[position[target_rows]] | (target_popularity == 0)
+    slices = slice_frame(
+        (hold_items != 0).sum(axis=1), target_popularity, target_cold,
+        np.asarray(arrays.hold_target_action[rows]).astype(np.int64),
+    )
+    table = slice_metrics(slices, ranks, K, per_user=w_user or None)
+
+    curves = {"model": [(p["step"], p["loss"]) for p in loss_curve(loaded.ckpt.get("losses") or [])]}
+    if baseline:
+        curves["baseline"] = [(p["step"], p["loss"]) for p in loss_curve(baseline[0].ckpt.get("losses") or [])]
+    index_meta = index.metadata
+    if es.exclude_history:
+        notes.append("History filter on: items already in a user's history are never recommended (as in the official evaluation).")
+    else:
+        notes.append("History filter off: items from a user's history may be recommended.")
+    if truth is None:
+        notes.append("No oracle: the data is not synthetic (the ceiling needs the generator's ground truth).")
+    if es.max_users:
+        notes.append(f"Scored a deterministic sample of {n:,} of the {n_hold:,} holdout users (TAAC_EVALUATION__MAX_USERS).")
+    provenance = {
+        "code_version": code_version,
+        "track": paths.track,
+        "source": settings.source,
+        "data_version": arrays.data_version,
+        "checkpoint_version": loaded.checkpoint_version,
+        "checkpoint": str(loaded.path),
+        "preset": loaded.preset,
+        "index": index.spec.describe(),
+        "exclude_history": es.exclude_history,
+        "users": n,
+        "candidates": len(creative),
+        "config": {
+            "training": settings.training.model_dump(),
+            "retrieval": rs.model_dump(),
+            "evaluation": es.model_dump(),
+        },
+        "figures": {"index_recall@10": index_meta.get("recall")},
+    }
+    seconds["total"] = round(time.perf_counter() - started, 3)
+    data = ReportData(
+        track=paths.track, headline=headline, slices=table, provenance=provenance,
+        training_curve=curves if any(curves.values()) else None, notes=notes,
+    )
+    files = write_report(paths.reports, data, name=REPORT_NAME)
+    logger.info(f"report written to {files.markdown} in {seconds['total']:.1f}s")
+    return Evaluation(files, headline, oracle_share(headline), n, seconds, provenance, notes)
+
+
+# --- Submission --------------------------------------------------------------------------
+def raw_user_ids(warehouse: Path, user_ids: np.ndarray) -> np.ndarray:
+    """Raw user ids (object array) of user re-ids, from the warehouse's users table; a user
+    the indexer does not name keeps its re-id."""
+    import duckdb
+
+    con = duckdb.connect(str(warehouse), read_only=True)
+    try:
+        table = con.execute("SELECT user_id, raw_user_id FROM users WHERE raw_user_id IS NOT NULL").fetchnumpy()
+    finally:
+        con.close()
+    ids = np.asarray(user_ids, dtype=np.int64)
+    out = ids.astype(object)
+    known = np.asarray(table["user_id"], dtype=np.int64)
+    if len(known):
+        order = np.argsort(known)
+        pos = np.minimum(np.searchsorted(known[order], ids), len(known) - 1)
+        found = known[order][pos] == ids
+        raw = np.asarray(table["raw_user_id"], dtype=object)[order]
+        out[found] = raw[pos[found]]
+    return out
+
+
+def fill_lists(top: np.ndarray, fallback: np.ndarray, exclude: np.ndarray | None, k: int = K) -> np.ndarray:
+    """Fill -1 slots of ``top`` (pool positions) from ``fallback`` (positions, best first),
+    skipping ids already listed or excluded; only rows with holes are touched."""
+    top = top.copy()
+    for r in np.flatnonzero((top < 0).any(axis=1)):
+        taken = set(top[r][top[r] >= 0].tolist()) | (set(exclude[r].tolist()) if exclude is not None else set())
+        extra = [p for p in fallback[: k + len(taken) + k].tolist() if p not in taken]
+        if len(extra) < int((top[r] < 0).sum()):  # the whole pool minus the history is too small
+            extra += [p for p in fallback.tolist() if p not in taken and p not in extra]
+        holes = np.flatnonzero(top[r] < 0)
+        top[r, holes] = extra[: len(holes)]
+    return top
+
+
+def submission_for_track(paths: Any, settings: Any, *, logger: Any = None, path: Path | None = None) -> dict[str, Any]:
+    """Top-10 creative ids per holdout user (histories before their targets) in the official
+    format, validated and written atomically to ``reports/submission.json``."""
+    logger = logger or log
+    es = settings.evaluation
+    setup = _scoring_setup(paths, settings, logger)
+    device, arrays, loaded, index = setup.device, setup.arrays, setup.loaded, setup.index
+    creative, position, n_hold = setup.creative, setup.position, setup.n_hold
+    popular = popularity_order(arrays, loaded.actions)
+    lists = np.empty((n_hold, K), np.int64)
+    for lo in range(0, n_hold, CHUNK_USERS):
+        chunk = np.arange(lo, min(n_hold, lo + CHUNK_USERS))
+        queries = holdout_query_vectors(loaded, arrays, chunk, device, es.query_batch_size)
+        history = history_positions(arrays, chunk, position) if es.exclude_history else None
+        top = search(index, queries, K, exclude=_as_ids(history, creative) if history is not None else None, return_rows=True)[0]
+        lists[lo : lo + len(chunk)] = fill_lists(top, popular, history)
+    users = raw_user_ids(paths.warehouse, np.asarray(arrays.hold_users).astype(np.int64))
+    target = path or Path(paths.reports) / SUBMISSION_FILE
+    summary = write_submission(target, creative[lists], users, creative)
+    summary.update({"source": "holdout", "checkpoint_version": loaded.checkpoint_version, "index": index.spec.describe(),
+                    "exclude_history": es.exclude_history})
+    logger.info(f"submission for {summary['users']:,} users written to {target}")
+    return summary
+
+
+__all__ = [
+    "CheckpointMismatchError",
+    "Evaluation",
+    "EvaluationError",
+    "IndexBuild",
+    "build_track_index",
+    "check_checkpoint_fits",
+    "evaluate_track",
+    "fill_lists",
+    "index_spec_from_settings",
+    "open_track_index",
+    "popularity_order",
+    "raw_user_ids",
+    "submission_for_track",
+]
