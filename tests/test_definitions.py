@@ -30,4 +30,5 @@ def test_quality_checks_are_blocking_where_they_guard_data():
             checks[spec.name] = spec
     assert checks["events_valid"].blocking and checks["sequences_valid"].blocking
     assert not checks["events_missing_action_types"].blocking
-    assert len(checks) == 8
+    assert checks["index_recall_at_10"].blocking
+    assert len(checks) == 9

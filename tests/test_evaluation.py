@@ -1,0 +1,259 @@
+"""Retrieval and reports end to end: faiss_index -> evaluation_report -> submission on a real
+temporary Dagster instance, with the bad-input refusals (checkpoint from other data, index from
+another checkpoint, empty pool) and the blocking recall check."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import pytest
+from dagster import AssetKey, DagsterInstance, materialize
+
+from assets.evaluation import evaluation_report, submission
+from assets.raw import raw_dataset
+from assets.retrieval import RECALL_CHECK, faiss_index
+from assets.semantic_ids import semantic_id_codebooks
+from assets.training import encoder_checkpoint
+from assets.warehouse import warehouse_tables
+from models.evaluation import (
+    CheckpointMismatchError,
+    EvaluationError,
+    build_track_index,
+    evaluate_track,
+    fill_lists,
+)
+from models.retrieval import IndexMismatchError
+from models.submission import read_submission
+from taac_dagster.paths import TrackPaths
+from taac_dagster.resources import TaacConfig
+from taac_dagster.settings import load_settings
+
+pytestmark = pytest.mark.slow
+
+CHAIN = [raw_dataset, warehouse_tables, semantic_id_codebooks, encoder_checkpoint, faiss_index, evaluation_report, submission]
+SCALE = {"synthetic_num_users": 600, "synthetic_num_items": 1500}
+ENV = {"TAAC_TRAINING__THREADS": "1", "TAAC_TRAINING__VAL_USERS": "0"}
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory):
+    """Both tracks materialized once through the whole chain (60 training steps each)."""
+    root = tmp_path_factory.mktemp("evaluation")
+    with pytest.MonkeyPatch.context() as mp:
+        for key in [k for k in os.environ if k.startswith("TAAC_")]:
+            mp.delenv(key)
+        for key, value in ENV.items():
+            mp.setenv(key, value)
+        config = TaacConfig(data_root=str(root / "data"), training_max_steps=60, **SCALE)
+        instance = DagsterInstance.ephemeral(tempdir=str(root / "home"))
+        results = {
+            track: materialize(CHAIN, partition_key=track, resources={"taac": config}, instance=instance)
+            for track in ("1M", "10M")
+        }
+        yield {"root": root, "config": config, "instance": instance, "results": results}
+        instance.dispose()
+
+
+def _env(mp: pytest.MonkeyPatch) -> None:
+    for key, value in ENV.items():
+        mp.setenv(key, value)
+
+
+def _with(config: TaacConfig, **update) -> TaacConfig:
+    """A copy of a resource with some fields changed (resources are immutable)."""
+    fields = {name: getattr(config, name) for name in TaacConfig.model_fields if getattr(config, name) is not None}
+    return TaacConfig(**{**fields, **update})
+
+
+def _metadata(result, name: str) -> dict:
+    events = [e for e in result.get_asset_materialization_events() if e.asset_key == AssetKey(name)]
+    assert len(events) == 1, name
+    return {key: value.value for key, value in events[0].materialization.metadata.items()}
+
+
+def _pool_creative_ids(paths: TrackPaths) -> np.ndarray:
+    con = duckdb.connect(str(paths.warehouse), read_only=True)
+    try:
+        return con.execute("SELECT creative_id FROM candidates").fetchnumpy()["creative_id"].astype(np.int64)
+    finally:
+        con.close()
+
+
+@pytest.mark.parametrize("track", ["1M", "10M"])
+def test_report_figures_are_consistent_and_between_popularity_and_oracle(chain, track):
+    result = chain["results"][track]
+    assert result.success
+    paths = TrackPaths(chain["root"] / "data", track)
+    figures = json.loads((paths.reports / "evaluation.json").read_text())
+    methods = figures["methods"]
+    assert set(methods) == {"model", "popularity", "oracle"}
+    for name, m in methods.items():
+        assert m["score"] == pytest.approx(0.31 * m["hr@10"] + 0.69 * m["ndcg@10"]), name
+        assert 0 <= m["ndcg@10"] <= m["hr@10"] <= 1
+        assert m["users"] == figures["provenance"]["users"]
+    model, popularity, oracle = methods["model"], methods["popularity"], methods["oracle"]
+    assert model["score"] > 2 * popularity["score"]
+    assert model["score"] <= oracle["score"] and model["hr@10"] <= oracle["hr@10"]
+    assert figures["oracle_share"]["score"] == pytest.approx(model["score"] / oracle["score"])
+    if track == "10M":  # weighted metrics with conversions at 2.5
+        for m in methods.values():
+            assert m["w_score"] == pytest.approx(0.31 * m["w_hr@10"] + 0.69 * m["w_ndcg@10"])
+        assert model["w_score"] > popularity["w_score"]
+    else:
+        assert "w_score" not in model
+    # Every holdout user was scored, with the history filter on by default.
+    con = duckdb.connect(str(paths.warehouse), read_only=True)
+    holdout_users = con.execute("SELECT count(*) FROM holdout").fetchall()[0][0]
+    con.close()
+    assert figures["provenance"]["users"] == holdout_users
+    assert figures["provenance"]["exclude_history"] is True
+    # Slices: every slice partitions the users.
+    slices = {(s["slice"], s["method"]): 0 for s in figures["slices"]}
+    for s in figures["slices"]:
+        slices[(s["slice"], s["method"])] += s["users"]
+    assert {name for name, _ in slices} == {"history_length", "target_popularity", "target_temperature", "target_action"}
+    assert set(slices.values()) == {holdout_users}
+    # The files: Markdown + HTML with both plots, the headline in the UI metadata.
+    markdown = (paths.reports / "evaluation.md").read_text()
+    assert "## Slices" in markdown and "model / oracle" in markdown
+    assert (paths.reports / "plots" / "evaluation_slices.png").stat().st_size > 1000
+    assert (paths.reports / "plots" / "evaluation_training.png").stat().st_size > 1000
+    assert "data:image/png;base64," in (paths.reports / "evaluation.html").read_text()
+    meta = _metadata(result, "evaluation_report")
+    assert "| model |" in meta["headline"] and meta["score"] == pytest.approx(model["score"], abs=1e-5)
+    assert meta["popularity_score"] == pytest.approx(popularity["score"], abs=1e-5)
+
+
+def test_index_records_recall_and_its_checkpoint(chain):
+    result = chain["results"]["1M"]
+    checks = {e.check_name: e for e in result.get_asset_check_evaluations()}
+    assert checks[RECALL_CHECK].passed
+    meta = _metadata(result, "faiss_index")
+    index_meta = json.loads((Path(meta["index_path"]) / "metadata.json").read_text())
+    ckpt_meta = _metadata(result, "encoder_checkpoint")
+    assert index_meta["checkpoint_version"] == ckpt_meta["checkpoint_version"] == meta["checkpoint_version"]
+    paths = TrackPaths(chain["root"] / "data", "1M")
+    pool = _pool_creative_ids(paths)
+    ids = np.load(Path(meta["index_path"]) / "ids.npy")
+    assert sorted(ids.tolist()) == sorted(pool.tolist())  # cold items included
+    assert meta["cold_items"] > 0 and meta["pool_size"] == len(pool)
+    assert meta["recall@10"] == 1.0 and meta["index"] == "flat (exact)"  # small pool: exact search
+
+
+def test_submission_is_valid_for_every_holdout_user(chain):
+    paths = TrackPaths(chain["root"] / "data", "1M")
+    data = read_submission(paths.reports / "submission.json")
+    top = np.asarray(data["top10s"])
+    con = duckdb.connect(str(paths.warehouse), read_only=True)
+    users = con.execute(
+        "SELECT u.raw_user_id FROM holdout h JOIN users u USING (user_id) ORDER BY h.user_id"
+    ).fetchnumpy()["raw_user_id"]
+    con.close()
+    assert data["user"] == [str(u) for u in users]
+    assert top.shape == (len(users), 10)
+    assert (np.sort(top, axis=1)[:, 1:] != np.sort(top, axis=1)[:, :-1]).all()
+    assert np.isin(top, _pool_creative_ids(paths)).all()
+
+
+def test_fill_lists_completes_short_lists_without_repeats():
+    top = np.array([[3, -1, -1], [0, 1, 2]])
+    filled = fill_lists(top, fallback=np.array([3, 4, 0, 5, 1]), exclude=np.array([[4, -1], [-1, -1]]), k=3)
+    assert filled.tolist() == [[3, 0, 5], [0, 1, 2]]
+
+
+def test_a_second_run_reports_what_moved_and_what_changed(chain):
+    with pytest.MonkeyPatch.context() as mp:
+        _env(mp)
+        config = _with(chain["config"], evaluation_exclude_history=False)
+        result = materialize([evaluation_report], partition_key="1M", resources={"taac": config}, instance=chain["instance"])
+    assert result.success
+    paths = TrackPaths(chain["root"] / "data", "1M")
+    figures = json.loads((paths.reports / "evaluation.json").read_text())
+    assert figures["provenance"]["exclude_history"] is False
+    changes = {c["what"] for c in figures["comparison"]["changes"]}
+    assert "config.evaluation.exclude_history" in changes
+    markdown = (paths.reports / "evaluation.md").read_text()
+    assert "## Compared with the previous report" in markdown and "History filter off" in markdown
+
+
+def test_baseline_preset_joins_the_report_and_a_foreign_index_is_refused(chain):
+    paths = TrackPaths(chain["root"] / "data", "1M")
+    with pytest.MonkeyPatch.context() as mp:
+        _env(mp)
+        baseline = _with(chain["config"], training_preset="baseline", training_max_steps=20)
+        trained = materialize([encoder_checkpoint, faiss_index], partition_key="1M",
+                              resources={"taac": baseline}, instance=chain["instance"])
+        assert trained.success and (paths.indexes / "baseline" / "index.faiss").is_file()
+        result = materialize([evaluation_report], partition_key="1M", resources={"taac": chain["config"]},
+                             instance=chain["instance"])
+        assert result.success
+        methods = json.loads((paths.reports / "evaluation.json").read_text())["methods"]
+        assert set(methods) == {"model", "popularity", "baseline", "oracle"}
+        assert methods["baseline"]["score"] == pytest.approx(
+            0.31 * methods["baseline"]["hr@10"] + 0.69 * methods["baseline"]["ndcg@10"])
+
+        # The default preset's index replaced by one built from the baseline checkpoint.
+        settings = load_settings("1M", chain["config"].overrides())
+        report_before = (paths.reports / "evaluation.json").read_bytes()
+        kept = paths.indexes / "default.kept"
+        shutil.move(paths.indexes / "default", kept)
+        shutil.copytree(paths.indexes / "baseline", paths.indexes / "default")
+        try:
+            with pytest.raises(IndexMismatchError, match="built from checkpoint"):
+                evaluate_track(paths, settings)
+            assert (paths.reports / "evaluation.json").read_bytes() == report_before
+        finally:
+            shutil.rmtree(paths.indexes / "default")
+            shutil.move(kept, paths.indexes / "default")
+
+
+def test_low_recall_fails_the_blocking_check_and_holds_back_the_report(chain):
+    paths = TrackPaths(chain["root"] / "data", "1M")
+    report_before = (paths.reports / "evaluation.json").read_bytes()
+    with pytest.MonkeyPatch.context() as mp:
+        _env(mp)
+        mp.setenv("TAAC_RETRIEVAL__TUNE", "false")
+        mp.setenv("TAAC_RETRIEVAL__NLIST", "16")
+        weak = _with(chain["config"], retrieval_index="ivf", retrieval_nprobe=1, retrieval_recall_floor=0.99)
+        result = materialize([faiss_index, evaluation_report], partition_key="1M", resources={"taac": weak},
+                             instance=chain["instance"], raise_on_error=False)
+        check = {e.check_name: e for e in result.get_asset_check_evaluations()}[RECALL_CHECK]
+        assert not check.passed and check.metadata["recall@10"].value < 0.99
+        materialized = {e.asset_key for e in result.get_asset_materialization_events()}
+        assert AssetKey("evaluation_report") not in materialized
+        assert (paths.reports / "evaluation.json").read_bytes() == report_before
+        mp.delenv("TAAC_RETRIEVAL__TUNE")
+        mp.delenv("TAAC_RETRIEVAL__NLIST")
+        restored = materialize([faiss_index], partition_key="1M", resources={"taac": chain["config"]}, instance=chain["instance"])
+        assert restored.success
+
+
+def test_checkpoint_from_other_data_and_an_empty_pool_are_refused(chain, tmp_path):
+    """A checkpoint trained on another dataset (other vocabularies) and a warehouse whose
+    candidate pool is empty: clear errors, and no index written."""
+    source = TrackPaths(chain["root"] / "data", "1M")
+    other_config = TaacConfig(data_root=str(tmp_path / "data"), synthetic_num_users=300, synthetic_num_items=700)
+    with pytest.MonkeyPatch.context() as mp:
+        _env(mp)
+        with DagsterInstance.ephemeral(tempdir=str(tmp_path / "home")) as instance:
+            assert materialize(CHAIN[:3], partition_key="1M", resources={"taac": other_config}, instance=instance).success
+    paths = TrackPaths(tmp_path / "data", "1M")
+    settings = load_settings("1M", other_config.overrides())
+    (paths.checkpoints / "default").mkdir(parents=True)
+    shutil.copy(source.checkpoints / "default" / "last.pt", paths.checkpoints / "default" / "last.pt")
+    with pytest.raises(CheckpointMismatchError, match="num_item_rows: checkpoint") as error:
+        build_track_index(paths, settings)
+    assert "last.pt" in str(error.value) and "Re-materialize encoder_checkpoint" in str(error.value)
+    assert not (paths.indexes / "default").exists()
+
+    con = duckdb.connect(str(paths.warehouse))
+    con.execute("DELETE FROM candidates")
+    con.close()
+    with pytest.raises(EvaluationError, match="candidate pool .* is empty"):
+        build_track_index(paths, settings)
+    assert not (paths.indexes / "default").exists()
