@@ -327,26 +327,11 @@ def _prepare(
     cols = ", ".join(["user_id"] + [f"f{c}" for c in sparse_names + multi_names])
     users = con.sql(f"SELECT {cols} FROM users").to_arrow_table()
     user_ids = users.column("user_id").to_numpy().astype(np.int64)
+    sparse_rows, multi_rows, user_vocab = encode_user_features(users, vocab, options.multi_len)
     user_sparse = np.zeros((max_user + 1, len(USER_SPARSE)), np.int32)
     user_multi = np.zeros((max_user + 1, len(USER_MULTI), options.multi_len), np.int32)
-    user_vocab = {}
-    for j, c in enumerate(USER_SPARSE):
-        size = int(vocab.get(c, 0))
-        if c in sparse_names:
-            values = users.column(f"f{c}").fill_null(0).to_numpy().astype(np.int64)
-            size = size or int(values.max(initial=0))
-            values[(values < 0) | (values > size)] = 0
-            user_sparse[user_ids, j] = values
-        user_vocab[c] = size
-    for j, c in enumerate(USER_MULTI):
-        size = int(vocab.get(c, 0))
-        if c in multi_names:
-            lengths, values = list_parts(users.column(f"f{c}"))
-            values = values.astype(np.int64)
-            size = size or int(values.max(initial=0))
-            values[(values < 0) | (values > size)] = 0
-            user_multi[user_ids, j] = pad_lists(lengths, values, options.multi_len, np.int32, left=False)
-        user_vocab[c] = size
+    user_sparse[user_ids], user_multi[user_ids] = sparse_rows, multi_rows
+    del sparse_rows, multi_rows
     _save(out, "user_sparse", user_sparse)
     _save(out, "user_multi", user_multi)
     del users, user_multi
@@ -454,6 +439,37 @@ def _prepare(
         "codebooks": codebook_info,
         "options": asdict(options),
     }
+
+
+def encode_user_features(
+    users: pa.Table, vocab: dict[str, int], multi_len: int
+) -> tuple[np.ndarray, np.ndarray, dict[str, int]]:
+    """User feature columns ``f<id>`` of ``users`` (one row per user) as model inputs:
+    sparse [n, 4] and multi-valued [n, 4, multi_len] (first values kept), 0 = missing. A value
+    outside ``vocab[id]`` (0 or absent: the column's max) becomes 0. Returns the sizes used."""
+    n = users.num_rows
+    names = set(users.column_names)
+    sparse = np.zeros((n, len(USER_SPARSE)), np.int32)
+    multi = np.zeros((n, len(USER_MULTI), multi_len), np.int32)
+    sizes: dict[str, int] = {}
+    for j, c in enumerate(USER_SPARSE):
+        size = int(vocab.get(c, 0))
+        if f"f{c}" in names:
+            values = users.column(f"f{c}").fill_null(0).to_numpy().astype(np.int64)
+            size = size or int(values.max(initial=0))
+            values[(values < 0) | (values > size)] = 0
+            sparse[:, j] = values
+        sizes[c] = size
+    for j, c in enumerate(USER_MULTI):
+        size = int(vocab.get(c, 0))
+        if f"f{c}" in names:
+            lengths, values = list_parts(users.column(f"f{c}"))
+            values = values.astype(np.int64)
+            size = size or int(values.max(initial=0))
+            values[(values < 0) | (values > size)] = 0
+            multi[:, j] = pad_lists(lengths, values, multi_len, np.int32, left=False)
+        sizes[c] = size
+    return sparse, multi, sizes
 
 
 def _relative_times(timestamps: np.ndarray, origin: int) -> np.ndarray:

@@ -26,6 +26,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -35,6 +36,7 @@ from models.baselines import oracle_topk, popularity_topk
 from models.data import Arrays, holdout_batch
 from models.encoder import Encoder, EncoderConfig
 from models.metrics import K, target_ranks
+from models.predict import PREDICT_FILE, find_predict_file, read_predict_inputs
 from models.report import ReportData, ReportFiles, headline_figures, oracle_share, slice_frame, slice_metrics, write_report
 from models.retrieval import (
     IndexSpec,
@@ -181,16 +183,24 @@ def pool_item_vectors(loaded: LoadedModel, arrays: Arrays, device: torch.device)
 
 
 @torch.no_grad()
+def query_vectors(
+    loaded: LoadedModel, make_batch: Callable[[int, int], dict[str, np.ndarray]], n: int, device: torch.device,
+    batch_size: int = 4096,
+) -> np.ndarray:
+    """User vectors [n, d]; ``make_batch(lo, hi)`` gives the model inputs of users lo..hi."""
+    out = []
+    for lo in range(0, n, batch_size):
+        batch = to_device(make_batch(lo, min(n, lo + batch_size)), device)
+        out.append(loaded.model.user_vectors(batch, loaded.actions).float().cpu().numpy())
+    d = loaded.model.cfg.d_model
+    return np.ascontiguousarray(np.concatenate(out), dtype=np.float32) if out else np.zeros((0, d), np.float32)
+
+
 def holdout_query_vectors(
     loaded: LoadedModel, arrays: Arrays, rows: np.ndarray, device: torch.device, batch_size: int = 4096
 ) -> np.ndarray:
     """User vectors [len(rows), d] after each holdout history (before its target)."""
-    out = []
-    for i in range(0, len(rows), batch_size):
-        batch = to_device(holdout_batch(arrays, rows[i : i + batch_size]), device)
-        out.append(loaded.model.user_vectors(batch, loaded.actions).float().cpu().numpy())
-    d = loaded.model.cfg.d_model
-    return np.ascontiguousarray(np.concatenate(out), dtype=np.float32) if out else np.zeros((0, d), np.float32)
+    return query_vectors(loaded, lambda lo, hi: holdout_batch(arrays, rows[lo:hi]), len(rows), device, batch_size)
 
 
 def pool_positions(arrays: Arrays) -> np.ndarray:
@@ -358,7 +368,7 @@ class ScoringSetup:
     n_hold: int
 
 
-def _scoring_setup(paths: Any, settings: Any, logger: Any) -> ScoringSetup:
+def _scoring_setup(paths: Any, settings: Any, logger: Any, *, require_holdout: bool = True) -> ScoringSetup:
     """The arrays, the configured checkpoint and the index built from it, checked together."""
     device = resolve_device(settings.training.device)
     torch.set_num_threads(cpu_threads(settings.training.threads))
@@ -367,7 +377,7 @@ def _scoring_setup(paths: Any, settings: Any, logger: Any) -> ScoringSetup:
     loaded = load_model(paths, settings.training.preset, arrays, device)
     index = open_track_index(paths, loaded, arrays, settings.retrieval.threads)
     n_hold = int(arrays.meta["num_holdout"])
-    if n_hold == 0:
+    if n_hold == 0 and require_holdout:
         raise EvaluationError(f"{paths.warehouse}: the holdout table is empty: no user to score")
     creative = np.asarray(arrays.cand_creative).astype(np.int64)
     return ScoringSetup(device, arrays, loaded, index, creative, pool_positions(arrays), n_hold)
@@ -600,26 +610,43 @@ def fill_lists(top: np.ndarray, fallback: np.ndarray, exclude: np.ndarray | None
     return top
 
 
-def submission_for_track(paths: Any, settings: Any, *, logger: Any = None, path: Path | None = None) -> dict[str, Any]:
-    """Top-10 creative ids per holdout user (histories before their targets) in the official
-    format, validated and written atomically to ``reports/submission.json``."""
+def submission_for_track(paths: Any, settings: Any, *, logger: Any = None, path: Path | None = None,
+                         predict_file: Path | None = None) -> dict[str, Any]:
+    """Top-10 creative ids per user in the official format, validated and written atomically
+    to ``reports/submission.json``. The users are those of ``predict_file`` (default: the local
+    source's ``predict_seq.jsonl`` when it has one, whole sequences as histories), else the
+    holdout users (histories before their targets)."""
     logger = logger or log
     es = settings.evaluation
-    setup = _scoring_setup(paths, settings, logger)
+    setup = _scoring_setup(paths, settings, logger, require_holdout=False)
     device, arrays, loaded, index = setup.device, setup.arrays, setup.loaded, setup.index
-    creative, position, n_hold = setup.creative, setup.position, setup.n_hold
+    creative, position = setup.creative, setup.position
+    if predict_file is None and settings.source == "local":
+        predict_file = find_predict_file(settings.local_path)
+    if predict_file is not None:
+        inputs = read_predict_inputs(predict_file, arrays)
+        source, n, users = f"predict_seq ({predict_file})", len(inputs), inputs.raw_user_ids
+        make_batch = inputs.slice
+        logger.info(f"recommending for the {n:,} users of {predict_file}")
+    else:
+        n = setup.n_hold
+        if n == 0:
+            raise EvaluationError(f"{paths.warehouse}: the holdout table is empty and there is no {PREDICT_FILE}: no user to recommend for")
+        source = "holdout"
+        users = raw_user_ids(paths.warehouse, np.asarray(arrays.hold_users).astype(np.int64))
+        make_batch = lambda lo, hi: holdout_batch(arrays, np.arange(lo, hi))  # noqa: E731
     popular = popularity_order(arrays, loaded.actions)
-    lists = np.empty((n_hold, K), np.int64)
-    for lo in range(0, n_hold, CHUNK_USERS):
-        chunk = np.arange(lo, min(n_hold, lo + CHUNK_USERS))
-        queries = holdout_query_vectors(loaded, arrays, chunk, device, es.query_batch_size)
-        history = history_positions(arrays, chunk, position) if es.exclude_history else None
+    lists = np.empty((n, K), np.int64)
+    for lo in range(0, n, CHUNK_USERS):
+        hi = min(n, lo + CHUNK_USERS)
+        batch_of = lambda a, b, lo=lo: make_batch(lo + a, lo + b)  # noqa: E731
+        queries = query_vectors(loaded, batch_of, hi - lo, device, es.query_batch_size)
+        history = position[make_batch(lo, hi)["items"]] if es.exclude_history else None
         top = search(index, queries, K, exclude=_as_ids(history, creative) if history is not None else None, return_rows=True)[0]
-        lists[lo : lo + len(chunk)] = fill_lists(top, popular, history)
-    users = raw_user_ids(paths.warehouse, np.asarray(arrays.hold_users).astype(np.int64))
+        lists[lo:hi] = fill_lists(top, popular, history)
     target = path or Path(paths.reports) / SUBMISSION_FILE
     summary = write_submission(target, creative[lists], users, creative)
-    summary.update({"source": "holdout", "checkpoint_version": loaded.checkpoint_version, "index": index.spec.describe(),
+    summary.update({"source": source, "checkpoint_version": loaded.checkpoint_version, "index": index.spec.describe(),
                     "exclude_history": es.exclude_history})
     logger.info(f"submission for {summary['users']:,} users written to {target}")
     return summary

@@ -26,9 +26,11 @@ from models.evaluation import (
     build_track_index,
     evaluate_track,
     fill_lists,
+    submission_for_track,
 )
 from models.retrieval import IndexMismatchError
 from models.submission import read_submission
+from taac_dagster.errors import DataFormatError
 from taac_dagster.paths import TrackPaths
 from taac_dagster.resources import TaacConfig
 from taac_dagster.settings import load_settings
@@ -257,3 +259,46 @@ def test_checkpoint_from_other_data_and_an_empty_pool_are_refused(chain, tmp_pat
     with pytest.raises(EvaluationError, match="candidate pool .* is empty"):
         build_track_index(paths, settings)
     assert not (paths.indexes / "default").exists()
+
+
+def test_submission_for_a_predict_seq_file_reads_it_like_the_training_data(chain, tmp_path):
+    """A predict_seq.jsonl (competition format) whose users repeat holdout users' histories and
+    profiles gets exactly their top-10; an unknown user with unknown items still gets 10."""
+    paths = TrackPaths(chain["root"] / "data", "1M")
+    con = duckdb.connect(str(paths.warehouse), read_only=True)
+    rows = con.execute(
+        """SELECT h.user_id, h.history_item_ids, h.history_action_types, h.history_timestamps,
+                  u.f103, u.f104, u.f105, u.f109, u.f106, u.f107, u.f108, u.f110
+           FROM holdout h JOIN users u USING (user_id) ORDER BY h.user_id LIMIT 5"""
+    ).fetchall()
+    con.close()
+    names = ["103", "104", "105", "109", "106", "107", "108", "110"]
+    lines = []
+    for user, items, actions, times, *features in rows:
+        profile = {name: value for name, value in zip(names, features) if value is not None}
+        records = [[user, item, None, {}, action, ts] for item, action, ts in zip(items, actions, times)]
+        lines.append(json.dumps([[user, None, profile, None, None, None], *records]))
+    lines.append(json.dumps([[10_000_000, 99_999_999, None, {}, 1, 1_700_000_000]]))
+    predict = tmp_path / "predict_seq.jsonl"
+    predict.write_text("\n".join(lines) + "\n")
+
+    settings = load_settings("1M", chain["config"].overrides())
+    summary = submission_for_track(paths, settings, predict_file=predict, path=tmp_path / "submission.json")
+    assert summary["users"] == 6 and summary["source"].startswith("predict_seq")
+    data = read_submission(tmp_path / "submission.json")
+    assert data["user"] == [r[0] for r in rows] + [10_000_000]
+    holdout = read_submission(paths.reports / "submission.json")
+    by_user = dict(zip(holdout["user"], holdout["top10s"]))
+    con = duckdb.connect(str(paths.warehouse), read_only=True)
+    raw = dict(con.execute("SELECT user_id, raw_user_id FROM users").fetchall())
+    con.close()
+    for user, top in zip(data["user"][:5], data["top10s"][:5]):
+        assert top == by_user[raw[user]]
+    assert len(set(data["top10s"][5])) == 10
+
+    broken = tmp_path / "broken" / "predict_seq.jsonl"
+    broken.parent.mkdir()
+    broken.write_text(lines[0] + "\n[[1, 2, null\n")
+    with pytest.raises(DataFormatError, match="line 2"):
+        submission_for_track(paths, settings, predict_file=broken, path=tmp_path / "never.json")
+    assert not (tmp_path / "never.json").exists()

@@ -1,0 +1,103 @@
+"""Model inputs for the users of a ``predict_seq.jsonl`` (the competition's inference file).
+
+The file has the format of ``seq.jsonl`` (one user per line, interaction and profile records);
+it is parsed by the same reader into a throwaway in-memory DuckDB, and each user's whole
+sequence becomes the history (its last ``max_len`` events), encoded exactly like the training
+arrays: item re-ids the model knows keep their row, others become 0 (unknown), null action
+types count as exposures, times are relative to the arrays' time origin (earlier ones clamped to it), user features are
+clipped to the training vocabularies. Raw user ids come from ``indexer.pkl`` beside it (the
+re-id when the indexer does not name the user).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import duckdb
+import numpy as np
+
+from models.data import USER_MULTI, USER_SPARSE, Arrays, encode_user_features, list_parts, pad_lists
+from taac_dagster.errors import DataFormatError
+from taac_dagster.readers.jsonl import stage_seq_jsonl
+from taac_dagster.readers.staging import stage_indexer
+
+PREDICT_FILE = "predict_seq.jsonl"
+
+
+@dataclass
+class PredictInputs:
+    path: Path
+    user_ids: np.ndarray  # re-ids [n]
+    raw_user_ids: np.ndarray  # object [n]
+    batch: dict[str, np.ndarray]  # holdout_batch's keys: items, actions, times, user_sparse, user_multi
+
+    def __len__(self) -> int:
+        return len(self.user_ids)
+
+    def slice(self, lo: int, hi: int) -> dict[str, np.ndarray]:
+        return {key: value[lo:hi] for key, value in self.batch.items()}
+
+
+def find_predict_file(local_path: Path | None) -> Path | None:
+    if local_path is None:
+        return None
+    path = Path(local_path) / PREDICT_FILE
+    return path if path.is_file() else None
+
+
+def read_predict_inputs(path: Path, arrays: Arrays) -> PredictInputs:
+    """Parse ``path`` and build model inputs for each of its users (ordered by re-id)."""
+    path = Path(path)
+    meta = arrays.meta
+    width, id_rows = int(meta["max_len"]), int(meta["id_rows"])
+    con = duckdb.connect()
+    try:
+        stage_seq_jsonl(con, path)
+        indexer = path.parent / "indexer.pkl"
+        if indexer.is_file():
+            stage_indexer(con, indexer)
+        else:
+            con.execute("CREATE TABLE stg_user_index (raw_user_id VARCHAR, user_id BIGINT)")
+        histories = con.sql(
+            """
+            WITH ids AS (SELECT user_id FROM stg_events UNION SELECT user_id FROM stg_user_features)
+            SELECT ids.user_id,
+                   coalesce(list(e.item_id ORDER BY e.position) FILTER (WHERE e.item_id IS NOT NULL), []) AS item_ids,
+                   coalesce(list(coalesce(e.action_type, 0) ORDER BY e.position) FILTER (WHERE e.item_id IS NOT NULL), []) AS actions,
+                   coalesce(list(e."timestamp" ORDER BY e.position) FILTER (WHERE e.item_id IS NOT NULL), []) AS times,
+                   (SELECT min(raw_user_id) FROM stg_user_index r WHERE r.user_id = ids.user_id) AS raw_user_id
+            FROM ids LEFT JOIN stg_events e USING (user_id)
+            GROUP BY ids.user_id ORDER BY ids.user_id
+            """
+        ).to_arrow_table()
+        features = con.sql(
+            "SELECT ids.user_id, f.* EXCLUDE (user_id) FROM (SELECT DISTINCT user_id FROM stg_events UNION "
+            "SELECT user_id FROM stg_user_features) ids LEFT JOIN stg_user_features f USING (user_id) ORDER BY ids.user_id"
+        ).to_arrow_table()
+    finally:
+        con.close()
+    if histories.num_rows == 0:
+        raise DataFormatError(path, "one JSON list of records per user", "no users")
+    users = histories.column("user_id").to_numpy().astype(np.int64)
+    lengths, items = list_parts(histories.column("item_ids"))
+    items = np.where((items > 0) & (items < id_rows), items, 0)
+    _, actions = list_parts(histories.column("actions"))
+    _, times = list_parts(histories.column("times"))
+    actions = np.clip(actions, 0, int(meta["n_actions"]) - 1)
+    vocab = {c: int(meta["user_vocab"][c]) for c in USER_SPARSE + USER_MULTI}
+    sparse, multi, _ = encode_user_features(features, vocab, int(meta["multi_len"]))
+    raw = histories.column("raw_user_id").to_numpy(zero_copy_only=False).astype(object)
+    missing = np.array([r is None for r in raw], dtype=bool)
+    raw[missing] = users[missing]
+    # Inference data may predate the training data's first event: clamp to the origin rather
+    # than refuse (the time features then read "as early as training saw").
+    relative = np.clip(times.astype(np.int64) - int(meta["time_origin"]), 0, 2**31 - 1)
+    batch = {
+        "items": pad_lists(lengths, items.astype(np.int64), width, np.int64, left=True),
+        "actions": pad_lists(lengths, actions.astype(np.int64), width, np.int64, left=True),
+        "times": pad_lists(lengths, relative, width, np.int64, left=True),
+        "user_sparse": sparse.astype(np.int64),
+        "user_multi": multi.astype(np.int64),
+    }
+    return PredictInputs(path, users, raw, batch)
