@@ -1,0 +1,92 @@
+"""The whole evaluation path on a generated track: encode every holdout history, search the
+index, score the model, popularity and the oracle (models/evaluation.py), and the submission.
+
+    .venv/bin/python benchmarks/bench_evaluation.py                         # 20K users, default preset
+    .venv/bin/python benchmarks/bench_evaluation.py --users 50000 --items 100000 --presets baseline,default
+
+Per preset: a few training steps (the weights do not change the cost), then ``faiss_index``'s
+work (item vectors, index, recall on sample queries) and ``evaluate_track`` with its phase
+times: ``encode`` (the encoder's forward pass over 100-event histories), ``search`` (Faiss
+top-10 with the history exclusion) and ``baselines`` (popularity + oracle lists). Users/s of
+each phase is extrapolated to 1M users; the retrieval part at the real 660K-item pool is
+measured separately by bench_retrieval.py (the generated pool here is smaller).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import tempfile
+import time
+from pathlib import Path
+
+from models.evaluation import build_track_index, evaluate_track, submission_for_track
+from models.semantic_ids import build_semantic_ids
+from models.train import train_track
+from taac_dagster.paths import TrackPaths
+from taac_dagster.raw import materialize_raw
+from taac_dagster.settings import load_settings
+from taac_dagster.warehouse import build_warehouse
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--users", type=int, default=20_000)
+    parser.add_argument("--items", type=int, default=50_000)
+    parser.add_argument("--track", default="1M")
+    parser.add_argument("--presets", default="default")
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: the idle cores)")
+    parser.add_argument("--work", default=None, help="scratch folder (default: a temp dir, removed)")
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory() as scratch:
+        root = Path(args.work or scratch)
+        base = {
+            "data_root": str(root),
+            "synthetic": {"num_users": args.users, "num_items": args.items},
+            "training": {"max_steps": args.steps, "val_users": 0, **({"threads": args.threads} if args.threads else {})},
+            "evaluation": {"baseline_preset": None},
+        }
+        paths = TrackPaths(root, args.track)
+        settings = load_settings(args.track, base)
+        t = time.perf_counter()
+        if not paths.warehouse.is_file():
+            manifest = materialize_raw(settings, paths)
+            build_warehouse(Path(manifest.root), paths, settings)
+            build_semantic_ids(paths, settings)
+        print(f"data: {args.users:,} users, {args.items:,} items ready in {time.perf_counter() - t:.1f}s")
+        for preset in args.presets.split(","):
+            settings = load_settings(args.track, {**base, "training": {**base["training"], "preset": preset}})
+            train_track(paths, settings)
+            t = time.perf_counter()
+            build = build_track_index(paths, settings)
+            index_s = time.perf_counter() - t
+            evaluation = evaluate_track(paths, settings)
+            t = time.perf_counter()
+            submission = submission_for_track(paths, settings)
+            submission_s = time.perf_counter() - t
+            n = evaluation.users
+            phases = {k: v for k, v in evaluation.seconds.items() if k != "total"}
+            row = {
+                "preset": preset,
+                "users": n,
+                "pool": build.pool_size,
+                "index": build.spec.describe(),
+                "recall@10": round(build.recall, 4),
+                "index_s": round(index_s, 2),
+                "evaluate_s": evaluation.seconds["total"],
+                **{f"{k}_s": v for k, v in phases.items()},
+                **{f"{k}_users_per_s": round(n / v) for k, v in phases.items() if v > 0},
+                "evaluate_1M_users_min": round(evaluation.seconds["total"] * 1_000_000 / n / 60, 1),
+                "submission_s": round(submission_s, 2),
+                "score": round(evaluation.headline["model"]["score"], 4),
+                "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+            }
+            print(json.dumps(row))
+            assert submission["users"] == n
+
+
+if __name__ == "__main__":
+    main()
