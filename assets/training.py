@@ -24,7 +24,7 @@ from dagster import (
     asset,
 )
 
-from models.train import checkpoint_version, train_track
+from models.train import checkpoint_version, prepare_track_arrays, train_track
 from taac_dagster.partitions import track_partitions
 from taac_dagster.resources import TaacConfig
 
@@ -100,17 +100,31 @@ def encoder_checkpoint(context: AssetExecutionContext, taac: TaacConfig) -> Mate
     )
 
 
-def _train_with_torchrun(context: AssetExecutionContext, taac: TaacConfig, track: str) -> MaterializeResult:
-    """The cluster path: torchrun runs models.train (DDP); its rank 0 reports through Pipes."""
-    settings = taac.settings(track)
+def torchrun_command(settings: Any, track: str, python: str = sys.executable) -> list[str]:
+    """``torchrun -m models.train`` for one node of ``nproc_per_node`` ranks, with the same
+    training overrides as the in-process path (batch_size is the global batch over all ranks)."""
     training = settings.training
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={training.nproc_per_node}",
+        python, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={training.nproc_per_node}",
         "-m", "models.train", "--config", training.preset, "--data-root", str(settings.data_root), "--track", track,
     ]
     if training.max_steps:
         command += ["--max-steps", str(training.max_steps)]
     elif training.epochs:
         command += ["--epochs", str(training.epochs)]
+    command += ["--set", f"train.val_users={training.val_users}", "--set", f"train.device={training.device}"]
+    for key in ("batch_size", "threads"):
+        if getattr(training, key) is not None:
+            command += ["--set", f"train.{key}={getattr(training, key)}"]
+    return command
+
+
+def _train_with_torchrun(context: AssetExecutionContext, taac: TaacConfig, track: str) -> MaterializeResult:
+    """The cluster path: torchrun runs models.train (DDP); its rank 0 reports through Pipes."""
+    settings = taac.settings(track)
+    # Prepared here, once, so that rank 0 does not build them while the other ranks wait at a
+    # barrier (NCCL's default timeout is 10 minutes; the 10M arrays take longer on few cores).
+    prepare_track_arrays(taac.paths(track), settings, logger=context.log)
+    command = torchrun_command(settings, track)
     context.log.info("launching " + " ".join(command))
     return PipesSubprocessClient(env=dict(os.environ)).run(command=command, context=context).get_materialize_result()

@@ -449,8 +449,11 @@ def test_pipes_k8s_sketch_builds_a_gpu_pod(k8s, monkeypatch):
             return mock.MagicMock()
 
     monkeypatch.setattr(training_asset, "PipesSubprocessClient", _Recorder)
+    # The asset prepares the arrays before launching torchrun; there is no warehouse here.
+    monkeypatch.setattr(training_asset, "prepare_track_arrays", lambda paths, settings, logger=None: launched.setdefault("prepared", paths.track))
     training_asset._train_with_torchrun(mock.MagicMock(), TaacConfig(), "10M")
     assert launched["command"][1:] == command[1:], "the sketch's torchrun command drifted from assets/training.py"
+    assert launched["prepared"] == "10M"
 
     pod = build_pod_body("taac-torchrun", IMAGE, command, sketch.taac_env(), None,
                          sketch.torchrun_pod_spec(settings.training.nproc_per_node))
@@ -474,3 +477,35 @@ def test_dockerfile_copies_what_the_code_reads_at_run_time():
     workdir = re.search(r"^WORKDIR (\S+)$", text, re.M).group(1)
     values = (DEPLOY / "helm" / "values.yaml").read_text()
     assert f'"-d", "{workdir}"' in values  # the k8s_definitions.py variant runs from the workdir
+
+
+def _doc_blocks(kind: str) -> list[str]:
+    text = (REPO_ROOT / "docs" / "scaling.md").read_text()
+    return [body for k, body in re.findall(r"```(yaml|toml|python|bash)\n(.*?)```", text, re.S) if k == kind]
+
+
+def test_configs_shown_in_docs_scaling_load(taac_defs):
+    """Every YAML/TOML block of docs/scaling.md parses; the local run config shown validates."""
+    import tomllib
+
+    from dagster import validate_run_config
+
+    yamls = [yaml.load(body, Loader=_UniqueKeyLoader) for body in _doc_blocks("yaml")]
+    [toml] = [tomllib.loads(body) for body in _doc_blocks("toml")]
+    assert toml["tool"]["dg"]["directory_type"] == "project"
+    assert toml["tool"]["dg"]["project"]["code_location_target_module"] == "taac_dagster.definitions"
+    [local_config] = [doc for doc in yamls if "resources" in doc]
+    validate_run_config(taac_defs.resolve_job_def("taac_main"), local_config)
+    assert local_config == _load("run_config.example.yaml")
+
+
+def test_k8s_run_config_shown_in_docs_scaling_validates(k8s_defs):
+    from dagster import validate_run_config
+
+    yamls = [yaml.load(body, Loader=_UniqueKeyLoader) for body in _doc_blocks("yaml")]
+    [shown] = [doc for doc in yamls if "per_step_k8s_config" in doc.get("execution", {}).get("config", {})]
+    validate_run_config(k8s_defs.resolve_job_def("taac_main"), shown)
+    # An excerpt of the file: same steps, same resources.
+    full = _load("run_config.k8s.yaml")["execution"]["config"]["per_step_k8s_config"]
+    for step, config in shown["execution"]["config"]["per_step_k8s_config"].items():
+        assert config["container_config"]["resources"] == full[step]["container_config"]["resources"], step
