@@ -7,6 +7,8 @@ and, on synthetic data, the oracle ceiling; its headline table is also this mate
 Markdown metadata, so it shows in the Dagster UI.
 """
 
+import time
+
 from dagster import AssetExecutionContext, AssetKey, MaterializeResult, MetadataValue, asset
 
 from models.evaluation import evaluate_track, submission_for_track
@@ -72,6 +74,7 @@ def evaluation_report(context: AssetExecutionContext, taac: TaacConfig) -> Mater
 )
 def submission(context: AssetExecutionContext, taac: TaacConfig) -> MaterializeResult:
     track = context.partition_key
+    started = time.perf_counter()
     summary = submission_for_track(taac.paths(track), taac.settings(track), logger=context.log)
     return MaterializeResult(
         metadata={
@@ -82,5 +85,6 @@ def submission(context: AssetExecutionContext, taac: TaacConfig) -> MaterializeR
             "index": summary["index"],
             "exclude_history": summary["exclude_history"],
             "checkpoint_version": summary["checkpoint_version"],
+            "seconds": round(time.perf_counter() - started, 2),
         }
     )
