@@ -249,9 +249,12 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
         self.out = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, last_only: bool = False) -> torch.Tensor:
+        """Self-attention of every position, or (``last_only``) of the last one: [B, 1, D]."""
         B, S, D = x.shape
         q, k, v = self.qkv(x).view(B, S, 3, self.n_heads, D // self.n_heads).permute(2, 0, 3, 1, 4)
+        if last_only:
+            q, mask, S = q[:, :, -1:], mask[..., -1:, :], 1
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0)
         return self.out(y.transpose(1, 2).reshape(B, S, D))
 
@@ -284,8 +287,9 @@ class Block(nn.Module):
         self.attn, self.mlp = Attention(cfg), MLP(cfg)
         self.drop = Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        x = x + self.drop(self.attn(self.norm1(x), mask))
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, last_only: bool = False) -> torch.Tensor:
+        """``last_only``: the output of the last position only, [B, 1, D] (retrieval queries)."""
+        x = (x[:, -1:] if last_only else x) + self.drop(self.attn(self.norm1(x), mask, last_only))
         return x + self.drop(self.mlp(self.norm2(x)))
 
 
@@ -412,9 +416,13 @@ class Encoder(nn.Module):
         weights = torch.cat([torch.ones_like(user_sparse, dtype=multi_w.dtype), multi_w], dim=1)
         return x + self.user(values, weights)
 
-    def encode(self, batch: dict[str, torch.Tensor], item_emb: torch.Tensor | None = None) -> torch.Tensor:
+    def encode(
+        self, batch: dict[str, torch.Tensor], item_emb: torch.Tensor | None = None, *, last_only: bool = False
+    ) -> torch.Tensor:
         """Backbone states [B, L + 1, d] (after the final norm); token c < L predicts items[:, c]
-        (left padding), token L is the state after the whole history."""
+        (left padding), token L is the state after the whole history. ``last_only``: token L
+        alone, [B, 1, d]; the last block then attends and runs its MLP for that position only
+        (the keys still come from every position), which is what retrieval queries need."""
         items, actions = batch["items"], batch["actions"]
         B, L = items.shape
         valid_items = items > 0
@@ -437,8 +445,8 @@ class Encoder(nn.Module):
         causal = col[None, :] <= col[:, None]  # [query, key]
         mask = (causal[None] & valid[:, None, :]) | torch.eye(L + 1, dtype=torch.bool, device=items.device)[None]
         mask = mask[:, None]  # [B, 1, L + 1, L + 1]; padded queries see themselves only (no NaN)
-        for block in self.blocks:
-            x = block(x, mask)
+        for i, block in enumerate(self.blocks):
+            x = block(x, mask, last_only and i == len(self.blocks) - 1)
         return self.norm(x)
 
     def head(self, h: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
@@ -499,7 +507,7 @@ class Encoder(nn.Module):
     def user_vectors(self, batch: dict[str, torch.Tensor], actions: Sequence[int]) -> torch.Tensor:
         """Retrieval queries [B, d] after each history, asking for ``actions`` (the mean of the
         per-action queries: e.g. (1,) click on 1M, (2, 1) conversion or click on 10M)."""
-        h = self.encode(batch)[:, -1]
+        h = self.encode(batch, last_only=True)[:, -1]
         out = 0
         for a in actions:
             act = torch.full((h.shape[0],), int(a), dtype=torch.long, device=h.device)

@@ -85,6 +85,16 @@ def test_shapes(arch):
     assert items.shape == (N_ITEMS + 1 + N_COLD, 16) and torch.isfinite(items).all()
 
 
+@pytest.mark.parametrize("n_layers", [1, 2])
+def test_last_only_encoding_equals_the_last_token_of_the_full_pass(n_layers):
+    model = model_for(n_layers=n_layers)
+    batch = make_batch(lengths=(8, 5, 0))  # an empty history too: the user token is last
+    full = model.encode(batch)[:, -1]
+    last = model.encode(batch, last_only=True)
+    assert last.shape == (3, 1, 16)
+    torch.testing.assert_close(last[:, -1], full, rtol=0, atol=1e-5)
+
+
 def test_no_position_attends_to_the_future():
     model = model_for()
     batch = make_batch(lengths=(8, 8, 8))

@@ -83,17 +83,32 @@ def test_failed_blocking_check_holds_back_the_next_stage(tmp_path, tiny_hub, bro
         assert (("next_stage", "1M") in requested) is (not broken)
 
 
-def test_new_raw_data_marks_exactly_that_track_stale(tmp_path):
+def test_new_raw_data_marks_exactly_that_track_stale(tmp_path, monkeypatch):
+    """The whole chain on both tracks; a new 1M dataset makes every asset below raw_dataset
+    stale on 1M and nothing on 10M; the same content again makes nothing stale."""
     from dagster import AssetKey
     from dagster._core.definitions.data_version import CachingStaleStatusResolver
     from dagster._core.loader import LoadingContextForTest
 
-    assets = _data_assets()
-    keys = [AssetKey(name) for name in ("raw_dataset", "events", "sequences", "item_embeddings")]
+    from assets.evaluation import evaluation_report, submission
+    from assets.raw import raw_dataset
+    from assets.retrieval import faiss_index
+    from assets.semantic_ids import semantic_id_codebooks
+    from assets.training import encoder_checkpoint
+    from assets.warehouse import warehouse_tables
+
+    monkeypatch.setenv("TAAC_TRAINING__MAX_STEPS", "5")
+    monkeypatch.setenv("TAAC_TRAINING__VAL_USERS", "0")
+    monkeypatch.setenv("TAAC_TRAINING__THREADS", "1")
+    chain = [raw_dataset, warehouse_tables, semantic_id_codebooks, encoder_checkpoint, faiss_index, evaluation_report, submission]
+    graph = defs.resolve_asset_graph()
+    keys = sorted(graph.get_all_asset_keys())
+    below_raw = {key.to_user_string() for key in keys} - {"raw_dataset"}
+    assert {"events", "encoder_checkpoint", "faiss_index", "evaluation_report", "submission"} <= below_raw
     with DagsterInstance.ephemeral(tempdir=str(tmp_path / "home")) as instance:
 
         def stale() -> set[tuple[str, str]]:
-            resolver = CachingStaleStatusResolver(instance, defs.resolve_asset_graph(), LoadingContextForTest(instance))
+            resolver = CachingStaleStatusResolver(instance, graph, LoadingContextForTest(instance))
             return {
                 (key.to_user_string(), track)
                 for key in keys
@@ -103,12 +118,12 @@ def test_new_raw_data_marks_exactly_that_track_stale(tmp_path):
 
         config = TaacConfig(data_root=str(tmp_path / "data"), synthetic_num_users=200, synthetic_num_items=600)
         for track in ("1M", "10M"):
-            assert materialize(assets, partition_key=track, resources={"taac": config}, instance=instance).success
+            assert materialize(chain, partition_key=track, resources={"taac": config}, instance=instance).success
         assert stale() == set()
-        raw = [a for a in assets if a.node_def.name == "raw_dataset"]
         # The same seed gives the same content: nothing becomes stale.
-        assert materialize(raw, partition_key="1M", resources={"taac": config}, instance=instance).success
+        assert materialize([raw_dataset], partition_key="1M", resources={"taac": config}, instance=instance).success
         assert stale() == set()
         reseeded = TaacConfig(data_root=str(tmp_path / "data"), synthetic_num_users=200, synthetic_num_items=600, synthetic_seed=99)
-        assert materialize(raw, partition_key="1M", resources={"taac": reseeded}, instance=instance).success
-        assert stale() == {("events", "1M"), ("sequences", "1M"), ("item_embeddings", "1M")}
+        assert materialize([raw_dataset], partition_key="1M", resources={"taac": reseeded}, instance=instance).success
+        assert stale() == {(name, "1M") for name in below_raw}
+        assert AssetKey("raw_dataset") in keys
