@@ -104,6 +104,10 @@ def step_figures(home: Path) -> dict:
         "run_s": round(run_end - run_start, 1),
         "launch_s": round(first - run_start, 1),
         "sum_step_wall_s": round(sum(r["wall_s"] for r in rows), 1),
+        # Run time outside any step: with the multiprocess executor, mostly starting one Python
+        # process per step (imports of Dagster, torch and the definitions) before its STEP_START.
+        "outside_steps_s": round(run_end - run_start - sum(r["wall_s"] for r in rows), 1),
+        "outside_steps_per_step_s": round((run_end - run_start - sum(r["wall_s"] for r in rows)) / max(1, len(rows)), 2),
         "steps": rows,
     }
 
