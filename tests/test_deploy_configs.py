@@ -256,6 +256,7 @@ def test_run_config_example_validates_and_overrides_the_settings(taac_defs):
     settings = TaacConfig(**{k: v for k, v in taac.items() if v is not None}).settings("1M")
     assert settings.data_root == Path("data/run-config-example")
     assert (settings.synthetic.num_users, settings.synthetic.num_items, settings.synthetic.seed) == (500, 1500, 7)
+    assert (settings.training.preset, settings.training.epochs, settings.retrieval.index) == ("default", 2, "flat")
 
     for wrong in ({"synthetic_users": 500}, {"synthetic_num_users": "many"}):
         with pytest.raises(DagsterInvalidConfigError):
@@ -509,3 +510,20 @@ def test_k8s_run_config_shown_in_docs_scaling_validates(k8s_defs):
     full = _load("run_config.k8s.yaml")["execution"]["config"]["per_step_k8s_config"]
     for step, config in shown["execution"]["config"]["per_step_k8s_config"].items():
         assert config["container_config"]["resources"] == full[step]["container_config"]["resources"], step
+
+
+def test_run_config_shown_in_the_readme_validates(taac_defs):
+    """The README's `-c run.yaml` example names real resource fields and sets what it says."""
+    from dagster import validate_run_config
+
+    from taac_dagster.resources import TaacConfig
+
+    readme = (DEPLOY.parent / "README.md").read_text()
+    blocks = [yaml.safe_load(b) for b in re.findall(r"```yaml\n(.*?)```", readme, flags=re.S)]
+    configs = [b for b in blocks if isinstance(b, dict) and "resources" in b]
+    assert configs, "the README shows no run config"
+    for run_config in configs:
+        resolved = validate_run_config(taac_defs.resolve_job_def("taac_retrain"), run_config)
+        taac = {k: v for k, v in resolved["resources"]["taac"]["config"].items() if v is not None}
+        settings = TaacConfig(**taac).settings("1M")
+        assert settings.training.preset == "baseline" and settings.retrieval.index == "ivf"
