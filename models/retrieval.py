@@ -169,8 +169,12 @@ def default_index_spec(pool_size: int) -> IndexSpec:
     if pool_size <= FLAT_MAX_POOL:
         return IndexSpec(kind="flat")
     nlist = auto_nlist(pool_size)
-    nprobe = int(min(nlist, max(16, round(nlist * 0.02))))
-    return IndexSpec(kind="ivf", nlist=nlist, nprobe=nprobe)
+    return IndexSpec(kind="ivf", nlist=nlist, nprobe=default_nprobe(nlist))
+
+
+def default_nprobe(nlist: int) -> int:
+    """2% of the lists, at least 16 (all of them for fewer than 16)."""
+    return int(min(nlist, max(16, round(nlist * 0.02))))
 
 
 # --- The index ---------------------------------------------------------------------------
@@ -724,6 +728,7 @@ __all__ = [
     "batch_exclusions",
     "build_index",
     "default_index_spec",
+    "default_nprobe",
     "filter_topk",
     "flat_like",
     "load_index",

@@ -335,3 +335,28 @@ def test_submission_validation_and_atomic_write(tmp_path):
     # Nothing was written by the failed attempts: the first file is intact, no temp files.
     assert read_submission(tmp_path / "sub.json") == data
     assert sorted(p.name for p in tmp_path.iterdir()) == ["sub.json"]
+
+
+def test_index_from_settings_tunes_to_the_cheapest_passing_nprobe(data, flat):
+    """The asset's rule (models.evaluation): without an nprobe asked for, climb from 1/256 of
+    the lists to the smallest nprobe reaching the target; with one, start there."""
+    from models.evaluation import index_spec_from_settings, measure_and_tune
+    from taac_dagster.settings import RetrievalSettings
+
+    items, ids, queries = data
+    auto = RetrievalSettings(index="ivf", nlist=64)
+    spec = index_spec_from_settings(auto, len(ids))
+    assert (spec.kind, spec.nlist, spec.nprobe) == ("ivf", 64, 16)  # 2% of 64 lists, at least 16
+    ivf = build_index(items, ids, spec, seed=0)
+    recall, tuned = measure_and_tune(ivf, queries, None, auto)
+    assert tuned and recall >= 0.99 and ivf.spec.nprobe < 16  # cheaper than the default
+    assert measure_recall(ivf.configure(nprobe=max(1, int(ivf.spec.nprobe / 1.5))), flat, queries) < 0.99
+    asked = RetrievalSettings(index="ivf", nlist=64, nprobe=20)
+    ivf = build_index(items, ids, index_spec_from_settings(asked, len(ids)), seed=0)
+    assert measure_and_tune(ivf, queries, None, asked)[0] >= 0.99 and ivf.spec.nprobe == 20
+    untuned = RetrievalSettings(index="ivf", nlist=64, nprobe=1, tune=False)
+    ivf = build_index(items, ids, index_spec_from_settings(untuned, len(ids)), seed=0)
+    recall, tuned = measure_and_tune(ivf, queries, None, untuned)
+    assert not tuned and recall < 0.9 and ivf.spec.nprobe == 1
+    assert index_spec_from_settings(RetrievalSettings(), 1000).kind == "flat"
+    assert measure_and_tune(flat, queries, None, auto) == (1.0, False)
