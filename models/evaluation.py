@@ -643,6 +643,7 @@ def submission_for_track(paths: Any, settings: Any, *, logger: Any = None, path:
         make_batch = lambda lo, hi: holdout_batch(arrays, np.arange(lo, hi))  # noqa: E731
     popular = popularity_order(arrays, loaded.actions)
     lists = np.empty((n, K), np.int64)
+    started = time.perf_counter()
     for lo in range(0, n, CHUNK_USERS):
         hi = min(n, lo + CHUNK_USERS)
         batch_of = lambda a, b, lo=lo: make_batch(lo + a, lo + b)  # noqa: E731
@@ -650,6 +651,8 @@ def submission_for_track(paths: Any, settings: Any, *, logger: Any = None, path:
         history = position[make_batch(lo, hi)["items"]] if es.exclude_history else None
         top = search(index, queries, K, exclude=_as_ids(history, creative) if history is not None else None, return_rows=True)[0]
         lists[lo:hi] = fill_lists(top, popular, history)
+        elapsed = time.perf_counter() - started
+        logger.info(f"recommended for {hi:,}/{n:,} users ({hi / max(elapsed, 1e-9):,.0f} users/s so far)")
     target = path or Path(paths.reports) / SUBMISSION_FILE
     summary = write_submission(target, creative[lists], users, creative)
     summary.update({"source": source, "checkpoint_version": loaded.checkpoint_version, "index": index.spec.describe(),
