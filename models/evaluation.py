@@ -49,6 +49,7 @@ from models.retrieval import (
     load_index,
     measure_recall,
     pool_fingerprint,
+    save_index,
     search,
     set_threads,
     tune_ef_search,
@@ -326,7 +327,10 @@ def build_track_index(paths: Any, settings: Any, *, logger: Any = None) -> Index
     logger.info(f"recall@10 {recall:.4f} on {len(sample)} holdout queries with {index.spec.describe()}")
 
     target = index_path(paths, loaded.preset)
-    save_index(target, index, loaded, arrays, recall=recall, recall_queries=len(sample), es=es, tuned=tuned)
+    save_index(target, index, index_metadata(
+        loaded, arrays, recall=recall, recall_queries=int(len(sample)), tuned=tuned,
+        exclude_history_in_recall=es.exclude_history,
+    ))
     seconds["total"] = time.perf_counter() - started
     return IndexBuild(
         path=target, spec=index.spec, recall=recall, recall_queries=int(len(sample)), tuned=tuned,
@@ -335,19 +339,16 @@ def build_track_index(paths: Any, settings: Any, *, logger: Any = None) -> Index
     )
 
 
-def save_index(path: Path, index: ItemIndex, loaded: LoadedModel, arrays: Arrays, **extra: Any) -> None:
-    from models.retrieval import save_index as _save
-
-    es = extra.pop("es")
-    _save(path, index, {
+def index_metadata(loaded: LoadedModel, arrays: Arrays, **figures: Any) -> dict[str, Any]:
+    """What ties a saved index to its checkpoint and data, plus its measured ``figures``."""
+    return {
         "checkpoint_version": loaded.checkpoint_version,
         "checkpoint": str(loaded.path),
         "preset": loaded.preset,
         "arrays_data_version": arrays.data_version,
         "id_space": "creative_id",
-        "exclude_history_in_recall": es.exclude_history,
-        **extra,
-    })
+        **figures,
+    }
 
 
 def open_track_index(paths: Any, loaded: LoadedModel, arrays: Arrays, threads: int | None = None) -> ItemIndex:
