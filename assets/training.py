@@ -12,6 +12,7 @@ figures next to the popularity baseline go to the materialization metadata.
 import json
 import os
 import sys
+import time
 from typing import Any
 
 from dagster import (
@@ -66,6 +67,7 @@ def encoder_checkpoint(context: AssetExecutionContext, taac: TaacConfig) -> Mate
     settings = taac.settings(track)
     if settings.training.launcher == "torchrun":
         return _train_with_torchrun(context, taac, track)
+    started = time.perf_counter()
     run = train_track(
         taac.paths(track), taac.settings(track), logger=context.log,
         on_log=lambda record: context.log.info(_log_line(record)),
@@ -85,6 +87,7 @@ def encoder_checkpoint(context: AssetExecutionContext, taac: TaacConfig) -> Mate
             "steps": result.steps,
             "resumed_from_step": result.resumed_from,
             "train_seconds": round(result.seconds, 2),
+            "total_seconds": round(time.perf_counter() - started, 2),  # with the arrays' preparation
             "samples_per_second": round(result.samples_per_second, 1),
             "tokens_per_second": round(result.tokens_per_second, 1),
             **({"final_loss": round(result.losses[-1], 5)} if result.losses else {}),
