@@ -26,7 +26,6 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -34,8 +33,9 @@ import torch
 
 from models.baselines import oracle_topk, popularity_topk
 from models.data import Arrays, holdout_batch
+from models.distributed import pick_device
 from models.encoder import Encoder, EncoderConfig
-from models.metrics import K, target_ranks
+from models.metrics import K, score, target_ranks
 from models.predict import PREDICT_FILE, find_predict_file, read_predict_inputs
 from models.report import ReportData, ReportFiles, headline_figures, oracle_share, slice_frame, slice_metrics, write_report
 from models.retrieval import (
@@ -90,14 +90,6 @@ def checkpoint_path(paths: Any, preset: str) -> Path:
 
 def index_path(paths: Any, preset: str) -> Path:
     return Path(paths.indexes) / Path(preset).stem
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise EvaluationError("TAAC_TRAINING__DEVICE=cuda but torch sees no CUDA device")
-    return torch.device(name)
 
 
 def _plain(value: Any) -> Any:
@@ -156,11 +148,19 @@ def load_model(paths: Any, preset: str, arrays: Arrays, device: torch.device) ->
             f"{path}: no checkpoint of preset {preset!r} for track {paths.track}; materialize encoder_checkpoint "
             f"(with TAAC_TRAINING__PRESET={preset}) first"
         )
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    warnings = check_checkpoint_fits(ckpt, arrays, path)
+    # The model is rebuilt from the checkpoint's own config, so it loads whatever the data;
+    # whether it fits these arrays is checked before anything is computed with it.
     model, ckpt = load_encoder(path, arrays, device)
+    warnings = check_checkpoint_fits(ckpt, arrays, path)
     actions = tuple(ckpt.get("retrieval_actions") or default_retrieval_actions(paths.track))
     return LoadedModel(Path(preset).stem, path, model, ckpt, actions, warnings)
+
+
+def compute_device(settings: Any) -> torch.device:
+    """The device for the encoder, with the torch and Faiss CPU threads the settings ask for."""
+    torch.set_num_threads(cpu_threads(settings.training.threads))
+    set_threads(settings.retrieval.threads)
+    return pick_device(settings.training.device)
 
 
 def track_arrays(paths: Any, settings: Any, logger: Any = None) -> Arrays:
@@ -187,23 +187,17 @@ def pool_item_vectors(loaded: LoadedModel, arrays: Arrays, device: torch.device)
 
 @torch.no_grad()
 def query_vectors(
-    loaded: LoadedModel, make_batch: Callable[[int, int], dict[str, np.ndarray]], n: int, device: torch.device,
-    batch_size: int = 4096,
+    loaded: LoadedModel, inputs: dict[str, np.ndarray], device: torch.device, batch_size: int = 4096
 ) -> np.ndarray:
-    """User vectors [n, d]; ``make_batch(lo, hi)`` gives the model inputs of users lo..hi."""
+    """User vectors [n, d] for model inputs of n users (``holdout_batch``'s keys), encoded
+    ``batch_size`` users at a time."""
+    n = len(inputs["items"])
     out = []
     for lo in range(0, n, batch_size):
-        batch = to_device(make_batch(lo, min(n, lo + batch_size)), device)
+        batch = to_device({key: value[lo : lo + batch_size] for key, value in inputs.items()}, device)
         out.append(loaded.model.user_vectors(batch, loaded.actions).float().cpu().numpy())
     d = loaded.model.cfg.d_model
     return np.ascontiguousarray(np.concatenate(out), dtype=np.float32) if out else np.zeros((0, d), np.float32)
-
-
-def holdout_query_vectors(
-    loaded: LoadedModel, arrays: Arrays, rows: np.ndarray, device: torch.device, batch_size: int = 4096
-) -> np.ndarray:
-    """User vectors [len(rows), d] after each holdout history (before its target)."""
-    return query_vectors(loaded, lambda lo, hi: holdout_batch(arrays, rows[lo:hi]), len(rows), device, batch_size)
 
 
 def pool_positions(arrays: Arrays) -> np.ndarray:
@@ -212,11 +206,6 @@ def pool_positions(arrays: Arrays) -> np.ndarray:
     position = np.full(int(arrays.meta["num_item_rows"]), -1, np.int64)
     position[cand_rows] = np.arange(len(cand_rows))
     return position
-
-
-def history_positions(arrays: Arrays, rows: np.ndarray, position: np.ndarray) -> np.ndarray:
-    """[users, L] pool positions of each user's history items (-1: padding or not in the pool)."""
-    return position[np.asarray(arrays.hold_items[rows]).astype(np.int64)]
 
 
 def _as_ids(positions: np.ndarray, ids: np.ndarray) -> np.ndarray:
@@ -293,48 +282,55 @@ class IndexBuild:
         }
 
 
+def index_model_pool(
+    loaded: LoadedModel, arrays: Arrays, settings: Any, device: torch.device, logger: Any, seconds: dict[str, float]
+) -> tuple[ItemIndex, float, bool, int]:
+    """Embed the pool with ``loaded``'s item tower, index it as ``settings.retrieval`` asks and
+    measure (and tune) recall@10 on a sample of real holdout queries. Returns (index, recall,
+    tuned, sample size); phase times go to ``seconds``."""
+    rs, es = settings.retrieval, settings.evaluation
+    t = time.perf_counter()
+    vectors = pool_item_vectors(loaded, arrays, device)
+    seconds["item_vectors"] = time.perf_counter() - t
+    creative = np.asarray(arrays.cand_creative).astype(np.int64)
+    spec = index_spec_from_settings(rs, len(creative), normalize=loaded.normalize)
+    logger.info(f"indexing {len(creative):,} candidates ({vectors.shape[1]}-d) for '{loaded.preset}' with {spec.describe()}")
+    t = time.perf_counter()
+    index = build_index(vectors, creative, spec, seed=rs.seed, threads=rs.threads)
+    seconds["build"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    sample = sample_rows(int(arrays.meta["num_holdout"]), rs.recall_sample, rs.seed)
+    inputs = holdout_batch(arrays, sample)
+    queries = query_vectors(loaded, inputs, device, es.query_batch_size)
+    exclude = _as_ids(pool_positions(arrays)[inputs["items"]], creative) if es.exclude_history else None
+    recall, tuned = measure_and_tune(index, queries, exclude, rs)
+    seconds["recall"] = time.perf_counter() - t
+    logger.info(f"recall@10 {recall:.4f} on {len(sample)} holdout queries with {index.spec.describe()}")
+    return index, recall, tuned, int(len(sample))
+
+
 def build_track_index(paths: Any, settings: Any, *, logger: Any = None) -> IndexBuild:
     """Index the whole candidate pool with the configured preset's checkpoint (see module doc)."""
     logger = logger or log
-    rs, es = settings.retrieval, settings.evaluation
-    device = resolve_device(settings.training.device)
-    torch.set_num_threads(cpu_threads(settings.training.threads))
-    set_threads(rs.threads)
+    es = settings.evaluation
+    device = compute_device(settings)
     seconds: dict[str, float] = {}
     started = time.perf_counter()
     arrays = track_arrays(paths, settings, logger)
     loaded = load_model(paths, settings.training.preset, arrays, device)
     for warning in loaded.warnings:
         logger.warning(warning)
-    vectors = pool_item_vectors(loaded, arrays, device)
-    seconds["item_vectors"] = time.perf_counter() - started
-    creative = np.asarray(arrays.cand_creative).astype(np.int64)
-    spec = index_spec_from_settings(rs, len(creative), normalize=loaded.normalize)
-    logger.info(f"indexing {len(creative):,} candidates ({vectors.shape[1]}-d) with {spec.describe()}")
-    t = time.perf_counter()
-    index = build_index(vectors, creative, spec, seed=rs.seed, threads=rs.threads)
-    seconds["build"] = time.perf_counter() - t
-
-    t = time.perf_counter()
-    n_hold = int(arrays.meta["num_holdout"])
-    sample = sample_rows(n_hold, rs.recall_sample, rs.seed)
-    queries = holdout_query_vectors(loaded, arrays, sample, device, es.query_batch_size)
-    exclude = None
-    if es.exclude_history:
-        exclude = _as_ids(history_positions(arrays, sample, pool_positions(arrays)), creative)
-    recall, tuned = measure_and_tune(index, queries, exclude, rs)
-    seconds["recall"] = time.perf_counter() - t
-    logger.info(f"recall@10 {recall:.4f} on {len(sample)} holdout queries with {index.spec.describe()}")
-
+    index, recall, tuned, queries = index_model_pool(loaded, arrays, settings, device, logger, seconds)
     target = index_path(paths, loaded.preset)
     save_index(target, index, index_metadata(
-        loaded, arrays, recall=recall, recall_queries=int(len(sample)), tuned=tuned,
+        loaded, arrays, recall=recall, recall_queries=queries, tuned=tuned,
         exclude_history_in_recall=es.exclude_history,
     ))
     seconds["total"] = time.perf_counter() - started
     return IndexBuild(
-        path=target, spec=index.spec, recall=recall, recall_queries=int(len(sample)), tuned=tuned,
-        pool_size=len(creative), cold_items=int(np.asarray(arrays.cand_cold).sum()), dim=index.dim,
+        path=target, spec=index.spec, recall=recall, recall_queries=queries, tuned=tuned,
+        pool_size=index.size, cold_items=int(np.asarray(arrays.cand_cold).sum()), dim=index.dim,
         checkpoint_version=loaded.checkpoint_version, seconds=seconds, warnings=loaded.warnings,
     )
 
@@ -377,9 +373,7 @@ class ScoringSetup:
 
 def _scoring_setup(paths: Any, settings: Any, logger: Any, *, require_holdout: bool = True) -> ScoringSetup:
     """The arrays, the configured checkpoint and the index built from it, checked together."""
-    device = resolve_device(settings.training.device)
-    torch.set_num_threads(cpu_threads(settings.training.threads))
-    set_threads(settings.retrieval.threads)
+    device = compute_device(settings)
     arrays = track_arrays(paths, settings, logger)
     loaded = load_model(paths, settings.training.preset, arrays, device)
     index = open_track_index(paths, loaded, arrays, settings.retrieval.threads)
@@ -434,14 +428,7 @@ def _baseline(paths: Any, settings: Any, arrays: Arrays, device: torch.device, m
         notes.append(f"The '{name}' preset was left out: {error}")
         logger.warning(str(error))
         return None
-    vectors = pool_item_vectors(loaded, arrays, device)
-    creative = np.asarray(arrays.cand_creative).astype(np.int64)
-    spec = index_spec_from_settings(settings.retrieval, len(creative), normalize=loaded.normalize)
-    index = build_index(vectors, creative, spec, seed=settings.retrieval.seed, threads=settings.retrieval.threads)
-    sample = sample_rows(int(arrays.meta["num_holdout"]), settings.retrieval.recall_sample, settings.retrieval.seed)
-    queries = holdout_query_vectors(loaded, arrays, sample, device, settings.evaluation.query_batch_size)
-    exclude = _as_ids(history_positions(arrays, sample, pool_positions(arrays)), creative) if settings.evaluation.exclude_history else None
-    recall, _ = measure_and_tune(index, queries, exclude, settings.retrieval)
+    index, recall, _, _ = index_model_pool(loaded, arrays, settings, device, logger, {})
     notes.append(f"The '{name}' preset ({loaded.checkpoint_version}) is searched with {index.spec.describe()}, recall@10 {recall:.4f}.")
     return loaded, index
 
@@ -476,7 +463,7 @@ def evaluate_track(paths: Any, settings: Any, *, code_version: str = "", logger:
     cand_rows = np.asarray(arrays.cand_rows).astype(np.int64)
     pool_item_ids = np.where(cand_rows < int(arrays.meta["id_rows"]), cand_rows, 0)
     pool_pos = np.arange(len(creative))
-    weighted = any(a != 1 for a in track.target_priority)  # 10M: conversions weigh 2.5
+    weighted = track.weighted  # 10M: conversions weigh 2.5
     relevance = dict(track.relevance)
 
     methods = ["model", "popularity"] + (["baseline"] if baseline else []) + (["oracle"] if truth is not None else [])
@@ -489,9 +476,10 @@ def evaluate_track(paths: Any, settings: Any, *, code_version: str = "", logger:
         chunk = rows[lo : lo + CHUNK_USERS]
         hi = lo + len(chunk)
         t = time.perf_counter()
-        queries = holdout_query_vectors(loaded, arrays, chunk, device, es.query_batch_size)
+        inputs = holdout_batch(arrays, chunk)
+        queries = query_vectors(loaded, inputs, device, es.query_batch_size)
         timer["encode"] += time.perf_counter() - t
-        history = history_positions(arrays, chunk, position) if es.exclude_history else None
+        history = position[inputs["items"]] if es.exclude_history else None
         exclude_ids = _as_ids(history, creative) if history is not None else None
         t = time.perf_counter()
         lists = {"model": search(index, queries, K, exclude=exclude_ids, return_rows=True)[0]}
@@ -500,12 +488,12 @@ def evaluate_track(paths: Any, settings: Any, *, code_version: str = "", logger:
         lists["popularity"] = popularity_topk(popular, pool_pos, len(chunk), K, exclude=history)
         if baseline:
             b_model, b_index = baseline
-            b_queries = holdout_query_vectors(b_model, arrays, chunk, device, es.query_batch_size)
+            b_queries = query_vectors(b_model, inputs, device, es.query_batch_size)
             lists["baseline"] = search(b_index, b_queries, K, exclude=exclude_ids, return_rows=True)[0]
         if truth is not None:
-            prev_rows = np.asarray(arrays.hold_items[chunk, -1]).astype(np.int64)
+            prev_rows = inputs["items"][:, -1]
             prev = np.where(prev_rows < int(arrays.meta["id_rows"]), prev_rows, 0)
-            users = np.asarray(arrays.hold_users[chunk]).astype(np.int64)
+            users = np.asarray(arrays.hold_users[chunk]).astype(np.int64)  # the user's id, not its feature rows
             lists["oracle"] = oracle_topk(truth, users, prev, pool_item_ids, K, pool_ids=pool_pos, exclude=history)
         timer["baselines"] += time.perf_counter() - t
         target = position[np.asarray(arrays.hold_target[chunk]).astype(np.int64)]
@@ -522,8 +510,6 @@ def evaluate_track(paths: Any, settings: Any, *, code_version: str = "", logger:
 
     weighted_means = {}
     if weighted:
-        from models.metrics import score
-
         for m in methods:
             whr, wnd = float(w_user[m]["w_hr@10"].mean()), float(w_user[m]["w_ndcg@10"].mean())
             weighted_means[m] = {"w_hr@10": whr, "w_ndcg@10": wnd, "w_score": float(score(whr, wnd))}
@@ -633,7 +619,7 @@ def submission_for_track(paths: Any, settings: Any, *, logger: Any = None, path:
     if predict_file is not None:
         inputs = read_predict_inputs(predict_file, arrays)
         source, n, users = f"predict_seq ({predict_file})", len(inputs), inputs.raw_user_ids
-        make_batch = inputs.slice
+        inputs_of = inputs.slice
         logger.info(f"recommending for the {n:,} users of {predict_file}")
     else:
         n = setup.n_hold
@@ -641,15 +627,15 @@ def submission_for_track(paths: Any, settings: Any, *, logger: Any = None, path:
             raise EvaluationError(f"{paths.warehouse}: the holdout table is empty and there is no {PREDICT_FILE}: no user to recommend for")
         source = "holdout"
         users = raw_user_ids(paths.warehouse, np.asarray(arrays.hold_users).astype(np.int64))
-        make_batch = lambda lo, hi: holdout_batch(arrays, np.arange(lo, hi))  # noqa: E731
+        inputs_of = lambda lo, hi: holdout_batch(arrays, np.arange(lo, hi))  # noqa: E731
     popular = popularity_order(arrays, loaded.actions)
     lists = np.empty((n, K), np.int64)
     started = time.perf_counter()
     for lo in range(0, n, CHUNK_USERS):
         hi = min(n, lo + CHUNK_USERS)
-        batch_of = lambda a, b, lo=lo: make_batch(lo + a, lo + b)  # noqa: E731
-        queries = query_vectors(loaded, batch_of, hi - lo, device, es.query_batch_size)
-        history = position[make_batch(lo, hi)["items"]] if es.exclude_history else None
+        chunk = inputs_of(lo, hi)
+        queries = query_vectors(loaded, chunk, device, es.query_batch_size)
+        history = position[chunk["items"]] if es.exclude_history else None
         top = search(index, queries, K, exclude=_as_ids(history, creative) if history is not None else None, return_rows=True)[0]
         lists[lo:hi] = fill_lists(top, popular, history)
         elapsed = time.perf_counter() - started

@@ -59,9 +59,9 @@ def read_predict_inputs(path: Path, arrays: Arrays) -> PredictInputs:
             stage_indexer(con, indexer)
         else:
             con.execute("CREATE TABLE stg_user_index (raw_user_id VARCHAR, user_id BIGINT)")
+        con.execute("CREATE TABLE ids AS SELECT user_id FROM stg_events UNION SELECT user_id FROM stg_user_features")
         histories = con.sql(
             """
-            WITH ids AS (SELECT user_id FROM stg_events UNION SELECT user_id FROM stg_user_features)
             SELECT ids.user_id,
                    coalesce(list(e.item_id ORDER BY e.position) FILTER (WHERE e.item_id IS NOT NULL), []) AS item_ids,
                    coalesce(list(coalesce(e.action_type, 0) ORDER BY e.position) FILTER (WHERE e.item_id IS NOT NULL), []) AS actions,
@@ -72,8 +72,7 @@ def read_predict_inputs(path: Path, arrays: Arrays) -> PredictInputs:
             """
         ).to_arrow_table()
         features = con.sql(
-            "SELECT ids.user_id, f.* EXCLUDE (user_id) FROM (SELECT DISTINCT user_id FROM stg_events UNION "
-            "SELECT user_id FROM stg_user_features) ids LEFT JOIN stg_user_features f USING (user_id) ORDER BY ids.user_id"
+            "SELECT ids.user_id, f.* EXCLUDE (user_id) FROM ids LEFT JOIN stg_user_features f USING (user_id) ORDER BY ids.user_id"
         ).to_arrow_table()
     finally:
         con.close()
