@@ -14,7 +14,9 @@ import pytest
 from taac_dagster.formats import CANDIDATE_FEATURE_STRUCT, HUB_SEQ_EVENT
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-DEMO_FIXTURE = REPO_ROOT.parent / "shared" / "fixtures" / "tencentgr_demo"
+# A byte-for-byte copy of the real demo sample (competition format), kept in the repository
+# so that no test depends on anything outside the checkout.
+DEMO_FIXTURE = REPO_ROOT / "tests" / "fixtures" / "tencentgr_demo"
 
 
 @pytest.fixture(autouse=True)
@@ -28,7 +30,7 @@ def _isolated_settings(monkeypatch):
 @pytest.fixture
 def demo_dir() -> Path:
     if not DEMO_FIXTURE.is_dir():
-        pytest.fail(f"the real-data fixture is missing: {DEMO_FIXTURE} (../shared beside the checkout)")
+        pytest.fail(f"the real-data fixture is missing: {DEMO_FIXTURE} (tests/fixtures/ in the repository)")
     return DEMO_FIXTURE
 
 
