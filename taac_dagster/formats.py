@@ -74,6 +74,37 @@ def jsonl_embedding_sources(root: Path) -> dict[int, tuple[int, Path]]:
 # named by feature id ("100", ...); whichever are present are read.
 import pyarrow as pa  # noqa: E402  (kept beside the schemas it defines)
 
+# Raw creative ids (candidates, multi-modal embeddings) come as integers or as strings of
+# digits: the Hub release stores mm_emb's anonymous_cid as a string. Both are read as BIGINT.
+RAW_ID_TYPE = "integer or string of digits"
+_RAW_ID_TEXT = re.compile(r"[0-9]+", re.ASCII)
+
+
+def is_raw_id_type(t: pa.DataType) -> bool:
+    """An Arrow type a raw id column may have (integer, or a string to be parsed)."""
+    return pa.types.is_integer(t) or pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t)
+
+
+def raw_id_sql(column: str) -> str:
+    """DuckDB expression: ``column`` as BIGINT, NULL when it is not an integer or digits.
+
+    Digits only: TRY_CAST alone would also take ' 12', '1.0', '1e3' and '1_000', none of which is
+    an id. An id too large for BIGINT is NULL too; callers report NULLs as bad input.
+    """
+    return f"CASE WHEN regexp_full_match(CAST({column} AS VARCHAR), '[0-9]+') THEN TRY_CAST({column} AS BIGINT) END"
+
+
+def parse_raw_id(value: object) -> int | None:
+    """A raw id from Python data (JSON, pickle): an int or a string of digits; None otherwise."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value if 0 <= value < 2**63 else None
+    if isinstance(value, str) and _RAW_ID_TEXT.fullmatch(value) and int(value) < 2**63:
+        return int(value)
+    return None
+
+
 HUB_SEQ_EVENT = pa.struct(
     [("item_id", pa.int64()), ("action_type", pa.int64()), ("timestamp", pa.int64())]
 )
@@ -82,7 +113,7 @@ HUB_REQUIRED_COLUMNS: dict[str, dict[str, str]] = {
     "seq": {"user_id": "integer", "seq": "list<struct<item_id, action_type, timestamp>>"},
     "user_feat": {"user_id": "integer"},
     "item_feat": {"item_id": "integer"},
-    "candidate": {"item_id": "integer", "retrieval_id": "integer"},
+    "candidate": {"item_id": RAW_ID_TYPE, "retrieval_id": "integer"},
 }
-HUB_EMBEDDING_COLUMNS = {"anonymous_cid": "integer", "emb": "list<float>"}
+HUB_EMBEDDING_COLUMNS = {"anonymous_cid": RAW_ID_TYPE, "emb": "list<float>"}
 CANDIDATE_FEATURE_STRUCT = pa.struct([("feature_value", pa.int64()), ("cold_start", pa.bool_())])

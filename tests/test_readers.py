@@ -221,3 +221,83 @@ def test_not_a_parquet_file(tiny_hub):
     (tiny_hub / "user_feat" / "part-0.parquet").write_bytes(b"not parquet at all")
     with pytest.raises(DataFormatError, match="readable parquet file"):
         stage_hub_dataset(duckdb.connect(), tiny_hub)
+
+
+# --- raw ids as strings of digits (the Hub release's mm_emb.anonymous_cid) --------------------
+def _hub_ids_as_strings(tiny_hub, folder: str, column: str, bad: dict[int, str] | None = None):
+    [path] = (tiny_hub / folder).rglob("*.parquet")
+    table = pq.read_table(path)
+    values = [str(v) for v in table.column(column).to_pylist()]
+    for row, value in (bad or {}).items():
+        values[row] = value
+    pq.write_table(table.set_column(table.column_names.index(column), column, pa.array(values, pa.string())), path)
+    return path
+
+
+def test_hub_string_raw_ids_read_as_integers(tiny_hub, tmp_path):
+    from tests.conftest import TINY_CREATIVE
+
+    _hub_ids_as_strings(tiny_hub, "mm_emb", "anonymous_cid")
+    _hub_ids_as_strings(tiny_hub, "candidate", "item_id")
+    summary = _build(tiny_hub, tmp_path)
+    assert summary.embeddings[81]["rows"] == 6 and summary.embeddings[81]["indexed_items"] == 5
+    creative, items, _ = read_embedding_matrix(tmp_path / "data" / "10M" / "embeddings" / "emb_81.parquet")
+    assert creative.dtype == "int64" and sorted(creative.tolist()) == sorted(TINY_CREATIVE.values())
+    con = duckdb.connect(str(summary.path), read_only=True)
+    pool = con.execute("SELECT creative_id FROM candidates WHERE in_published_pool ORDER BY retrieval_id").fetchall()
+    assert pool == [(TINY_CREATIVE[3],), (TINY_CREATIVE[6],)]
+
+
+@pytest.mark.parametrize("value", ["cid-17", "1.5", " 12", ""])
+def test_hub_non_numeric_embedding_id_names_file_row_and_value(tiny_hub, tmp_path, value):
+    path = _hub_ids_as_strings(tiny_hub, "mm_emb", "anonymous_cid", bad={3: value})
+    with pytest.raises(DataFormatError) as err:
+        _build(tiny_hub, tmp_path)
+    message = str(err.value)
+    assert err.value.row == 3 and str(path) in message and repr(value) in message
+    assert "integer or string of digits" in message
+    assert not (tmp_path / "data" / "10M" / "warehouse.duckdb").exists()
+
+
+def test_hub_non_numeric_candidate_id_is_named(tiny_hub, tmp_path):
+    path = _hub_ids_as_strings(tiny_hub, "candidate", "item_id", bad={1: "x20000000006"})
+    with pytest.raises(DataFormatError) as err:
+        stage_hub_dataset(duckdb.connect(), tiny_hub)
+    assert err.value.row == 1 and str(path) in str(err.value) and "'x20000000006'" in str(err.value)
+
+
+def test_jsonl_embedding_ids_as_strings_and_a_bad_one(demo_copy, tmp_path):
+    part = demo_copy / "creative_emb" / "emb_81_32" / "part-0000"
+    rows = [json.loads(line) for line in part.read_text().splitlines()]
+    for row in rows:
+        row["anonymous_cid"] = str(row["anonymous_cid"])
+    part.write_text("\n".join(json.dumps(row) for row in rows) + "\n")
+    con = duckdb.connect()
+    stage_indexer(con, demo_copy / "indexer.pkl")
+    source = find_embedding_source(demo_copy, JSONL_FORMAT, 81)
+    counts = write_family_embeddings(con, source, tmp_path / "strings.parquet")
+    assert counts == {"rows": 479, "indexed_items": 479, "duplicate_ids": 0}
+
+    rows[6]["anonymous_cid"] = "12ab"
+    part.write_text("\n".join(json.dumps(row) for row in rows) + "\n")
+    with pytest.raises(DataFormatError) as err:
+        write_family_embeddings(con, source, tmp_path / "bad.parquet")
+    assert err.value.line == 7 and str(part) in str(err.value) and "anonymous_cid '12ab'" in str(err.value)
+    assert not (tmp_path / "bad.parquet").exists()
+
+
+def test_pickle_embedding_keys_as_strings_and_a_bad_one(tmp_path):
+    import pickle
+
+    from taac_dagster.readers.embeddings import EmbeddingSource
+
+    con = duckdb.connect()
+    con.execute("CREATE TABLE stg_item_index AS SELECT 1001::BIGINT AS creative_id, 1::BIGINT AS item_id")
+    path = tmp_path / "emb_81_2.pkl"
+    path.write_bytes(pickle.dumps({"1001": [0.1, 0.2], 1002: [0.3, 0.4]}))
+    source = EmbeddingSource(81, 2, path, "pickle")
+    assert write_family_embeddings(con, source, tmp_path / "ok.parquet") == {"rows": 2, "indexed_items": 1, "duplicate_ids": 0}
+    path.write_bytes(pickle.dumps({"1001": [0.1, 0.2], "cid_2": [0.3, 0.4]}))
+    with pytest.raises(DataFormatError) as err:
+        write_family_embeddings(con, source, tmp_path / "bad.parquet")
+    assert err.value.row == 1 and str(path) in str(err.value) and "'cid_2'" in str(err.value)

@@ -168,7 +168,8 @@ def test_hub_layout_and_schemas(hub_1m):
 
     for family, dim in summary.families.items():
         emb = pq.read_table(root / "mm_emb" / f"emb_{family}_{dim}_parquet" / "part-00000.parquet")
-        assert emb.schema.field("anonymous_cid").type == pa.int64()
+        assert emb.schema.field("anonymous_cid").type == pa.string()  # digits, like the real release
+        assert emb.column("anonymous_cid").to_pylist()[0].isdigit()
         assert emb.schema.field("emb").type == pa.list_(pa.float32())
         lengths = np.diff(emb.column("emb").combine_chunks().offsets.to_numpy())
         assert (lengths == dim).all()
@@ -310,7 +311,7 @@ def test_cold_items_are_new_to_the_indexer_and_never_in_sequences(hub_1m):
     # Cold items have embeddings of their own in every family.
     for family, dim in summary.families.items():
         emb = pq.read_table(root / "mm_emb" / f"emb_{family}_{dim}_parquet" / "part-00000.parquet")
-        assert set(cids[cold].tolist()) <= set(emb.column("anonymous_cid").to_pylist())
+        assert set(cids[cold].tolist()) <= {int(c) for c in emb.column("anonymous_cid").to_pylist()}
 
 
 # --- planted structure -------------------------------------------------------------------------
@@ -319,7 +320,7 @@ def test_embeddings_carry_the_topic_signal(hub_1m):
     truth = pq.read_table(root / "ground_truth" / "items.parquet").to_pandas()
     topic_of = dict(zip(truth["creative_id"], truth["topic"]))
     emb = pq.read_table(root / "mm_emb" / "emb_81_16_parquet" / "part-00000.parquet")
-    cids = emb.column("anonymous_cid").to_numpy()
+    cids = emb.column("anonymous_cid").to_numpy(zero_copy_only=False).astype(np.int64)
     vectors = emb.column("emb").combine_chunks().flatten().to_numpy().reshape(len(cids), 16)
     assert np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
     topics = np.array([topic_of[c] for c in cids.tolist()])

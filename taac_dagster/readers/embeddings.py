@@ -1,6 +1,7 @@
 """Multi-modal embeddings of one family -> ``emb_<family>.parquet`` beside the DuckDB file.
 
-Output columns: ``creative_id`` (raw id, as in the source), ``item_id`` (re-id, NULL for items
+Output columns: ``creative_id`` (raw id as BIGINT; the source may hold it as an integer or as a
+string of digits, as the Hub release's ``anonymous_cid`` does), ``item_id`` (re-id, NULL for items
 the indexer does not know: cold candidates), ``emb`` (FLOAT[dim], fixed size). Sorted by
 creative id, so the file is the same for the same input.
 """
@@ -8,7 +9,9 @@ creative id, so the file is the same for the same input.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import duckdb
@@ -17,8 +20,8 @@ import pyarrow as pa
 
 from taac_dagster.atomic import atomic_file
 from taac_dagster.errors import DataFormatError
-from taac_dagster.formats import hub_embedding_dirs, jsonl_embedding_sources
-from taac_dagster.readers.hub_parquet import check_schema, files_sql, parquet_files
+from taac_dagster.formats import RAW_ID_TYPE, hub_embedding_dirs, jsonl_embedding_sources, parse_raw_id, raw_id_sql
+from taac_dagster.readers.hub_parquet import RAW_ID, check_schema, files_sql, locate_bad_raw_id, parquet_files
 from taac_dagster.safe_pickle import load_plain_pickle
 
 
@@ -66,7 +69,8 @@ def _jsonl_parts(folder: Path) -> list[Path]:
 
 
 def _diagnose_jsonl(parts: list[Path], dim: int) -> None:
-    expected = f'a JSON object {{"anonymous_cid": int, "emb": [{dim} floats]}}'
+    """Raise a DataFormatError naming the first bad line of the part files; return if none."""
+    expected = f'a JSON object {{"anonymous_cid": <{RAW_ID_TYPE}>, "emb": [{dim} floats]}}'
     for part in parts:
         with open(part, "rb") as handle:
             for number, raw in enumerate(handle, start=1):
@@ -74,12 +78,32 @@ def _diagnose_jsonl(parts: list[Path], dim: int) -> None:
                     row = json.loads(raw)
                 except (json.JSONDecodeError, UnicodeDecodeError) as exc:
                     raise DataFormatError(part, expected, f"invalid JSON: {exc}", line=number) from None
-                if not isinstance(row, dict) or not isinstance(row.get("anonymous_cid"), int):
+                if not isinstance(row, dict):
                     raise DataFormatError(part, expected, str(raw[:120]), line=number)
+                if parse_raw_id(row.get("anonymous_cid")) is None:
+                    raise DataFormatError(part, expected, f"anonymous_cid {row.get('anonymous_cid')!r:.60}", line=number)
                 emb = row.get("emb")
                 if not isinstance(emb, list) or len(emb) != dim:
                     found = f"an embedding of length {len(emb)}" if isinstance(emb, list) else f"emb = {emb!r:.60}"
                     raise DataFormatError(part, expected, found, line=number)
+
+
+def _diagnose_parquet(con: duckdb.DuckDBPyConnection, files: list[Path], source: EmbeddingSource) -> None:
+    """Raise a DataFormatError naming the first bad row (file, row, value); return if none."""
+    locate_bad_raw_id(con, files, "anonymous_cid")
+    rows = con.execute(
+        f"""SELECT filename, file_row_number, anonymous_cid IS NULL, len(emb)
+            FROM read_parquet({files_sql(files)}, filename=true, file_row_number=true, union_by_name=true)
+            WHERE emb IS NULL OR len(emb) <> {source.dim} OR anonymous_cid IS NULL
+            ORDER BY filename, file_row_number LIMIT 1"""
+    ).fetchall()
+    if rows:
+        filename, row, null_id, length = rows[0]
+        if null_id:
+            raise DataFormatError(filename, f"a non-null anonymous_cid ({RAW_ID_TYPE})", "null", row=int(row))
+        raise DataFormatError(
+            filename, f"an embedding of length {source.dim} (family {source.family})", f"length {length}", row=int(row)
+        )
 
 
 def _copy_sql(select_source: str, dim: int, out: Path) -> str:
@@ -92,51 +116,49 @@ def _copy_sql(select_source: str, dim: int, out: Path) -> str:
     """
 
 
+def _family_select(con: duckdb.DuckDBPyConnection, source: EmbeddingSource) -> tuple[str, Callable[[], None]]:
+    """The SELECT reading a parquet or JSON-lines family as (creative_id BIGINT, emb), and the
+    diagnosis that names its first bad row or line (it returns when it finds none)."""
+    if source.kind == "parquet":
+        files = parquet_files(source.path)
+        check_schema(files, {"anonymous_cid": RAW_ID, "emb": (_is_float_list, "list<float>")})
+        select = (
+            f"SELECT {raw_id_sql('anonymous_cid')} AS creative_id, emb "
+            f"FROM read_parquet({files_sql(files)}, union_by_name=true)"
+        )
+        return select, partial(_diagnose_parquet, con, files, source)
+    parts = _jsonl_parts(source.path)
+    # VARCHAR takes a JSON number and a JSON string alike; raw_id_sql keeps digits only.
+    select = (
+        f"SELECT {raw_id_sql('anonymous_cid')} AS creative_id, emb FROM read_json({files_sql(parts)}, "
+        "format='newline_delimited', columns={anonymous_cid: 'VARCHAR', emb: 'FLOAT[]'})"
+    )
+    return select, partial(_diagnose_jsonl, parts, source.dim)
+
+
 def write_family_embeddings(
     con: duckdb.DuckDBPyConnection, source: EmbeddingSource, out_path: Path
 ) -> dict[str, int]:
     """Validate and write one family; needs ``stg_item_index`` staged. Returns counts."""
     with atomic_file(out_path) as tmp:
-        if source.kind == "parquet":
-            files = parquet_files(source.path)
-            check_schema(files, {"anonymous_cid": (pa.types.is_integer, "integer"), "emb": (_is_float_list, "list<float>")})
-            select = (
-                f"SELECT anonymous_cid AS creative_id, emb FROM read_parquet({files_sql(files)}, union_by_name=true)"
-            )
-            try:
-                con.execute(_copy_sql(select, source.dim, tmp))
-            except duckdb.Error as exc:
-                rows = con.execute(
-                    f"""SELECT filename, file_row_number, len(emb) FROM read_parquet({files_sql(files)},
-                        filename=true, file_row_number=true, union_by_name=true)
-                        WHERE emb IS NULL OR len(emb) <> {source.dim} OR anonymous_cid IS NULL
-                        ORDER BY filename, file_row_number LIMIT 1"""
-                ).fetchall()
-                if rows:
-                    filename, row, length = rows[0]
-                    raise DataFormatError(
-                        filename,
-                        f"an embedding of length {source.dim} (family {source.family}) and a non-null anonymous_cid",
-                        f"length {length}",
-                        row=int(row),
-                    ) from exc
-                raise DataFormatError(source.path, f"family {source.family} embeddings", str(exc)) from exc
-        elif source.kind == "jsonl":
-            parts = _jsonl_parts(source.path)
-            select = (
-                f"SELECT anonymous_cid AS creative_id, emb FROM read_json({files_sql(parts)}, "
-                "format='newline_delimited', columns={anonymous_cid: 'BIGINT', emb: 'FLOAT[]'})"
-            )
-            try:
-                con.execute(_copy_sql(select, source.dim, tmp))
-            except duckdb.Error as exc:
-                _diagnose_jsonl(parts, source.dim)
-                raise DataFormatError(source.path, f"family {source.family} embeddings", str(exc)) from exc
-            bad = con.execute(f"SELECT count(*) FROM read_parquet('{tmp}') WHERE creative_id IS NULL OR emb IS NULL").fetchall()[0][0]
-            if bad:
-                _diagnose_jsonl(parts, source.dim)
-        else:
+        if source.kind == "pickle":
             _write_pickle_embeddings(con, source, tmp)
+        else:
+            select, diagnose = _family_select(con, source)
+            try:
+                con.execute(_copy_sql(select, source.dim, tmp))
+            except duckdb.Error as exc:
+                diagnose()
+                raise DataFormatError(source.path, f"family {source.family} embeddings", str(exc)) from exc
+            # An id that is not digits is NULL after raw_id_sql: find it and name it.
+            bad = con.execute(
+                f"SELECT count(*) FROM read_parquet('{tmp}') WHERE creative_id IS NULL OR emb IS NULL"
+            ).fetchall()[0][0]
+            if bad:
+                diagnose()
+                raise DataFormatError(
+                    source.path, f"family {source.family} embeddings, each with an id and a vector", f"{bad} rows without"
+                )
         counts = con.execute(
             f"""SELECT count(*), count(item_id), count(*) - count(DISTINCT creative_id)
                 FROM read_parquet('{tmp}')"""
@@ -148,8 +170,12 @@ def _write_pickle_embeddings(con: duckdb.DuckDBPyConnection, source: EmbeddingSo
     data = load_plain_pickle(source.path)
     if not isinstance(data, dict):
         raise DataFormatError(source.path, "a dict {creative id: list of floats}", type(data).__name__)
-    ids = np.fromiter((int(k) for k in data), dtype=np.int64, count=len(data))
+    ids = np.empty(len(data), np.int64)
     for position, (cid, emb) in enumerate(data.items()):
+        parsed = parse_raw_id(cid)
+        if parsed is None:
+            raise DataFormatError(source.path, f"creative id keys ({RAW_ID_TYPE})", f"key {cid!r:.60}", row=position)
+        ids[position] = parsed
         if not isinstance(emb, list) or len(emb) != source.dim:
             found = f"length {len(emb)}" if isinstance(emb, list) else type(emb).__name__
             raise DataFormatError(

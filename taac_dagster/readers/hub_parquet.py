@@ -17,9 +17,12 @@ import pyarrow.parquet as pq
 from taac_dagster.errors import DataFormatError
 from taac_dagster.formats import (
     ITEM_SPARSE_FEATURES,
+    RAW_ID_TYPE,
     USER_ARRAY_FEATURES,
     USER_SPARSE_FEATURES,
     feature_column,
+    is_raw_id_type,
+    raw_id_sql,
 )
 from taac_dagster.readers.staging import create_empty_candidates, stage_indexer
 
@@ -108,8 +111,23 @@ def locate_first(
         raise DataFormatError(filename, expected, f"a row where {condition}", row=int(row))
 
 
+def locate_bad_raw_id(con: duckdb.DuckDBPyConnection, files: list[Path], column: str) -> None:
+    """Raise a DataFormatError at the first row whose raw id ``column`` is neither an integer
+    nor a string of digits, naming the file, the row and the value found."""
+    rows = con.execute(
+        f"""SELECT filename, file_row_number, CAST("{column}" AS VARCHAR)
+            FROM read_parquet({files_sql(files)}, filename=true, file_row_number=true, union_by_name=true)
+            WHERE "{column}" IS NOT NULL AND {raw_id_sql(f'"{column}"')} IS NULL
+            ORDER BY filename, file_row_number LIMIT 1"""
+    ).fetchall()
+    if rows:
+        filename, row, value = rows[0]
+        raise DataFormatError(filename, f"column {column!r} holding a raw id ({RAW_ID_TYPE})", repr(value), row=int(row))
+
+
 _INT: tuple[TypeCheck, str] = (pa.types.is_integer, "integer")
 _INT_LIST: tuple[TypeCheck, str] = (_is_int_list, "list<integer>")
+RAW_ID: tuple[TypeCheck, str] = (is_raw_id_type, RAW_ID_TYPE)
 
 
 def stage_seq(con: duckdb.DuckDBPyConnection, folder: Path) -> None:
@@ -178,7 +196,7 @@ def stage_candidates(con: duckdb.DuckDBPyConnection, folder: Path) -> None:
     files = parquet_files(folder)
     struct = (_is_feature_struct, "struct<feature_value: int64, cold_start: bool> or integer")
     present = check_schema(
-        files, {"item_id": _INT, "retrieval_id": _INT}, {f: struct for f in ITEM_SPARSE_FEATURES}
+        files, {"item_id": RAW_ID, "retrieval_id": _INT}, {f: struct for f in ITEM_SPARSE_FEATURES}
     )
     schema = pq.read_schema(files[0])
     values, colds = [], []
@@ -198,9 +216,10 @@ def stage_candidates(con: duckdb.DuckDBPyConnection, folder: Path) -> None:
             values.append(f'"{f}"::BIGINT AS {feature_column(f)}')
     cold_sum = " + ".join(colds) if colds else "0"
     locate_first(con, files, "item_id IS NULL OR retrieval_id IS NULL", "non-null item_id and retrieval_id")
+    locate_bad_raw_id(con, files, "item_id")
     con.execute(
         f"""CREATE OR REPLACE TABLE stg_candidates AS
-            SELECT item_id AS creative_id, retrieval_id, {", ".join(values)},
+            SELECT {raw_id_sql("item_id")} AS creative_id, retrieval_id, {", ".join(values)},
                    ({cold_sum})::INTEGER AS cold_features
             FROM read_parquet({files_sql(files)}, union_by_name=true)"""
     )

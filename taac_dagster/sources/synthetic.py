@@ -807,7 +807,9 @@ def _hub_embedding_tables(catalogue: _Catalogue, family: int, dim: int, seed: in
     for items, vectors in _embedding_blocks(catalogue, family, dim, seed):
         offsets = np.arange(0, len(items) * dim + 1, dim, dtype=np.int32)
         emb = pa.ListArray.from_arrays(pa.array(offsets), pa.array(vectors.ravel()))
-        yield pa.table({"anonymous_cid": pa.array(catalogue.creative_id[items]), "emb": emb})
+        # The real release stores the raw creative id of mm_emb as a string of digits.
+        cids = pa.array(catalogue.creative_id[items]).cast(pa.string())
+        yield pa.table({"anonymous_cid": cids, "emb": emb})
 
 
 def _write_hub_layout(
