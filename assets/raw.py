@@ -5,9 +5,10 @@ from dagster import AssetExecutionContext, DataVersion, MaterializeResult, Metad
 
 from taac_dagster.partitions import track_partitions
 from taac_dagster.raw import materialize_raw
+from taac_dagster.readers.embeddings import families_text
 from taac_dagster.resources import TaacConfig
 
-RAW_CODE_VERSION = "raw-v1"
+RAW_CODE_VERSION = "raw-v2"
 
 
 @asset(
@@ -32,6 +33,7 @@ def raw_dataset(context: AssetExecutionContext, taac: TaacConfig) -> Materialize
             "bytes": manifest.total_bytes,
             "sampled_files": manifest.sampled_files,
             "families": MetadataValue.json(manifest.families),
+            "families_requested": families_text(manifest.families_requested),
             "details": MetadataValue.json(manifest.details),
             "seconds": manifest.seconds,
         },

@@ -23,12 +23,13 @@ from assets.raw import raw_dataset
 from taac_dagster.partitions import track_partitions
 from taac_dagster.quality import CHECKS, ERROR, run_checks
 from taac_dagster.raw import RawManifest
+from taac_dagster.readers.embeddings import families_text
 from taac_dagster.resources import TaacConfig
 from taac_dagster.sql import sql_fingerprint
 from taac_dagster.warehouse import WAREHOUSE_TABLES, build_warehouse
 
 # The code version follows the SQL: editing a table's SQL file marks the tables stale.
-WAREHOUSE_CODE_VERSION = "warehouse-v1-" + sql_fingerprint(*WAREHOUSE_TABLES)
+WAREHOUSE_CODE_VERSION = "warehouse-v2-" + sql_fingerprint(*WAREHOUSE_TABLES)
 
 TABLE_DESCRIPTIONS = {
     "feature_vocab": "Vocabulary size of every feature (re-ids run 1..size).",
@@ -85,6 +86,8 @@ def warehouse_tables(context: AssetExecutionContext, taac: TaacConfig) -> Iterat
         metadata={
             **shared,
             "families": MetadataValue.json({str(k): v for k, v in summary.embeddings.items()}),
+            "families_selected": MetadataValue.json(summary.families),
+            "families_requested": families_text(summary.families_requested),
             "folder": MetadataValue.path(str(paths.embeddings)),
         },
     )

@@ -578,9 +578,16 @@ def _read_inputs(paths: Any, settings: Any) -> tuple[list[tuple], dict[str, np.n
     return families, universe
 
 
-def _choose_family(families: list[tuple], wanted: int | None, configured: list[int], track: str) -> tuple:
+def _choose_family(families: list[tuple], wanted: int | None, configured: list[int] | None, track: str) -> tuple:
+    """The warehouse row of the family to quantize: ``wanted``, else the first configured family,
+    else (families on auto) the lowest family the warehouse holds."""
     built = {int(f[0]): f for f in families}
-    family = wanted if wanted is not None else (configured[0] if configured else None)
+    if wanted is not None:
+        family = wanted
+    elif configured:
+        family = configured[0]
+    else:
+        family = min(built, default=None)
     if family is None or family not in built:
         have = ", ".join(str(f) for f in sorted(built)) or "none"
         raise SemanticIdInputError(

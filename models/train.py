@@ -543,7 +543,8 @@ def prepare_track_arrays(paths: Any, settings: Any, *, logger: Any = None) -> Ar
     """The track's arrays under ``<root>/<track>/checkpoints/arrays`` (built or reused)."""
     options = PrepareOptions(
         max_len=settings.max_history,
-        families=tuple(settings.embedding_families),
+        # Families on auto (None): every family the warehouse selected, possibly none.
+        families=None if settings.embedding_families is None else tuple(settings.embedding_families),
         val_users=max(1000, settings.training.val_users),
     )
     return prepare_arrays(

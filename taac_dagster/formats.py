@@ -21,6 +21,10 @@ USER_FEATURES: tuple[str, ...] = USER_SPARSE_FEATURES + USER_ARRAY_FEATURES
 # Multi-modal embedding families and their dimension in the 1M release. In the 10M release
 # family 84 is 32-d; the dimension is always read from the folder name, these are defaults.
 EMBEDDING_FAMILY_DIMS: dict[int, int] = {81: 32, 82: 1024, 83: 3584, 84: 4096, 85: 3584, 86: 3584}
+# What the synthetic source writes and the Hub source downloads while embedding families are
+# on auto: family 81 alone (0.9 GB of the 1M release's 128 GB of embeddings). Readers on auto
+# then take every family the dataset holds.
+DEFAULT_FETCH_FAMILIES: tuple[int, ...] = (81,)
 
 HUB_FORMAT = "hub_parquet"
 JSONL_FORMAT = "competition_jsonl"

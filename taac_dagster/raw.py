@@ -21,9 +21,10 @@ from typing import Any
 from taac_dagster.atomic import atomic_dir, remove_stale_temps, write_text_atomic
 from taac_dagster.errors import SourceUnavailableError
 from taac_dagster.fingerprint import fingerprint_tree
-from taac_dagster.formats import HUB_FORMAT, hub_embedding_dirs, jsonl_embedding_sources
+from taac_dagster.formats import DEFAULT_FETCH_FAMILIES, HUB_FORMAT, hub_embedding_dirs, jsonl_embedding_sources
 from taac_dagster.paths import TrackPaths
 from taac_dagster.readers.detect import detect_format
+from taac_dagster.readers.embeddings import select_embedding_families
 from taac_dagster.settings import TaacSettings
 
 log = logging.getLogger(__name__)
@@ -39,9 +40,10 @@ class RawManifest:
     files: int
     total_bytes: int
     sampled_files: int
-    families: list[int]
+    families: list[int]  # the embedding families selected (read by the warehouse)
     seconds: float
     details: dict[str, Any] = field(default_factory=dict)
+    families_requested: list[int] | None = None  # the setting; None: auto (every family found)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)
@@ -74,6 +76,8 @@ def materialize_raw(settings: TaacSettings, paths: TrackPaths, *, logger: Any = 
     logger = logger or log
     started = time.perf_counter()
     details: dict[str, Any] = {}
+    requested = settings.embedding_families
+    fetch = list(DEFAULT_FETCH_FAMILIES) if requested is None else list(requested)
     paths.root.mkdir(parents=True, exist_ok=True)
     if remove_stale_temps(paths.root):
         logger.warning(f"removed leftovers of an interrupted run in {paths.root}")
@@ -81,7 +85,7 @@ def materialize_raw(settings: TaacSettings, paths: TrackPaths, *, logger: Any = 
         from taac_dagster.sources.synthetic import generate_dataset
 
         with atomic_dir(paths.raw) as tmp:
-            summary = generate_dataset(tmp, paths.track, settings.synthetic, settings.embedding_families)
+            summary = generate_dataset(tmp, paths.track, settings.synthetic, fetch)
         details = {"synthetic": settings.synthetic.model_dump(), "generated": summary.to_metadata()}
         logger.info(f"generated a synthetic {paths.track} dataset: {summary.events} events, {summary.users} users")
         root = paths.raw
@@ -98,7 +102,7 @@ def materialize_raw(settings: TaacSettings, paths: TrackPaths, *, logger: Any = 
             settings.hub_repo_id,
             settings.hub_revision,
             paths.raw,
-            settings.embedding_families,
+            fetch,
             token=settings.hub_token,
             log=logger,
         )
@@ -113,8 +117,13 @@ def materialize_raw(settings: TaacSettings, paths: TrackPaths, *, logger: Any = 
         raise ValueError(f"unknown source {settings.source!r}")
 
     dataset_format = detect_format(root)
+    families = select_embedding_families(root, dataset_format, requested)
+    logger.info(
+        f"embedding families {families or 'none'} "
+        + ("(auto: every family found)" if requested is None else f"(requested {requested})")
+    )
     print_progress = settings.source != "synthetic"
-    fingerprint = fingerprint_tree(root, dataset_files(root, dataset_format, settings.embedding_families), progress=print_progress)
+    fingerprint = fingerprint_tree(root, dataset_files(root, dataset_format, families), progress=print_progress)
     manifest = RawManifest(
         track=paths.track,
         source=settings.source,
@@ -124,9 +133,10 @@ def materialize_raw(settings: TaacSettings, paths: TrackPaths, *, logger: Any = 
         files=len(fingerprint.files),
         total_bytes=fingerprint.total_bytes,
         sampled_files=fingerprint.sampled_files,
-        families=list(settings.embedding_families),
+        families=families,
         seconds=round(time.perf_counter() - started, 2),
         details=details,
+        families_requested=None if requested is None else list(requested),
     )
     write_text_atomic(paths.raw_manifest, manifest.to_json())
     return manifest

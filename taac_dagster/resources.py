@@ -25,7 +25,9 @@ class TaacConfig(ConfigurableResource):
     source: str | None = Field(default=None, description="synthetic | local | hub")
     local_path: str | None = Field(default=None, description="Existing dataset copy (local source)")
     hub_revision: str | None = Field(default=None, description="Hub revision to download")
-    embedding_families: list[int] | None = Field(default=None, description="Multi-modal families to use")
+    embedding_families: list[int] | None = Field(
+        default=None, description="Multi-modal families to use ([] for none; unset: the setting, auto by default)"
+    )
     synthetic_seed: int | None = Field(default=None, description="Seed of the generated dataset")
     synthetic_num_users: int | None = None
     synthetic_num_items: int | None = None

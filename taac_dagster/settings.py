@@ -117,8 +117,12 @@ class TaacSettings(BaseSettings):
     # A commit sha pins the download; a branch name is resolved and the sha recorded.
     hub_revision: str = "main"
     hub_token: str | None = None
-    # "81", "81,82", "81 82" or "[81, 82]" in the environment.
-    embedding_families: Annotated[list[int], NoDecode] = Field(default_factory=lambda: [81])
+    # Multi-modal families to read. None (the default; "auto" or "" in the environment): every
+    # family the dataset holds, possibly none. A list reads exactly those ("81", "81,82",
+    # "81 82" or "[81, 82]"; "none" for no family), and one the dataset lacks is an error. The
+    # synthetic source writes, and the Hub source downloads, family 81 alone unless families
+    # are listed (the Hub's six families are 137 GB).
+    embedding_families: Annotated[list[int] | None, NoDecode] = None
     synthetic: SyntheticSettings = Field(default_factory=SyntheticSettings)
     semantic_ids: SemanticIdSettings = Field(default_factory=SemanticIdSettings)
     training: TrainingSettings = Field(default_factory=TrainingSettings)
@@ -138,7 +142,12 @@ class TaacSettings(BaseSettings):
     @classmethod
     def _split_families(cls, value: Any) -> Any:
         if isinstance(value, str):
-            return [int(part) for part in value.strip("[]").replace(",", " ").split()]
+            text = value.strip().lower()
+            if text in ("", "auto"):
+                return None
+            if text == "none":
+                return []
+            return [int(part) for part in text.strip("[]").replace(",", " ").split()]
         if isinstance(value, int):
             return [value]
         return value

@@ -18,7 +18,12 @@ from taac_dagster.errors import DataFormatError
 from taac_dagster.formats import HUB_FORMAT, JSONL_FORMAT
 from taac_dagster.paths import TrackPaths
 from taac_dagster.readers.detect import detect_format
-from taac_dagster.readers.embeddings import find_embedding_source, write_family_embeddings
+from taac_dagster.readers.embeddings import (
+    families_text,
+    find_embedding_source,
+    select_embedding_families,
+    write_family_embeddings,
+)
 from taac_dagster.readers.hub_parquet import diagnose_seq, stage_hub_dataset
 from taac_dagster.readers.jsonl import diagnose_seq_jsonl, stage_jsonl_dataset
 from taac_dagster.readers.staging import drop_staging
@@ -42,6 +47,12 @@ class WarehouseSummary:
     embeddings: dict[int, dict[str, Any]]
     seconds: dict[str, float] = field(default_factory=dict)
     missing_action_types: int = 0
+    families_requested: list[int] | None = None  # the setting; None: auto (every family found)
+
+    @property
+    def families(self) -> list[int]:
+        """The embedding families selected and written (possibly none)."""
+        return sorted(self.embeddings)
 
     def to_metadata(self) -> dict[str, Any]:
         return {
@@ -50,6 +61,7 @@ class WarehouseSummary:
             **{f"rows_{name}": count for name, count in self.row_counts.items()},
             "missing_action_types": self.missing_action_types,
             "embedding_families": {str(f): info for f, info in self.embeddings.items()},
+            "embedding_families_requested": families_text(self.families_requested),
             "seconds": {k: round(v, 2) for k, v in self.seconds.items()},
         }
 
@@ -124,7 +136,7 @@ def _build(
                     _validate_events(con, source_root, dataset_format)
             embeddings = _write_embeddings(con, source_root, dataset_format, settings, paths, tmp_emb, logger)
             missing = con.execute("SELECT count(*) FROM events WHERE action_type_missing").fetchall()[0][0]
-            _write_info(con, paths.track, dataset_format, source_root)
+            _write_info(con, paths.track, dataset_format, source_root, sorted(embeddings), settings.embedding_families)
             drop_staging(con)
             counts = {
                 name: con.execute(f"SELECT count(*) FROM {name}").fetchall()[0][0] for name in WAREHOUSE_TABLES
@@ -134,7 +146,9 @@ def _build(
             con.close()
         # A write-ahead log left by a crashed writer of the old file must not replay onto the new one.
         Path(str(paths.warehouse) + ".wal").unlink(missing_ok=True)
-    return WarehouseSummary(paths.warehouse, dataset_format, counts, embeddings, seconds, int(missing))
+    return WarehouseSummary(
+        paths.warehouse, dataset_format, counts, embeddings, seconds, int(missing), settings.embedding_families
+    )
 
 
 def _validate_events(con: duckdb.DuckDBPyConnection, source_root: Path, dataset_format: str) -> None:
@@ -165,7 +179,10 @@ def _write_embeddings(
     )
     n_items = con.execute("SELECT count(*) FROM items").fetchall()[0][0]
     result: dict[int, dict[str, Any]] = {}
-    for family in settings.embedding_families:
+    families = select_embedding_families(source_root, dataset_format, settings.embedding_families)
+    if not families:
+        logger.info("no multi-modal embedding family selected: ids, features and actions only")
+    for family in families:
         started = time.perf_counter()
         source = find_embedding_source(source_root, dataset_format, family)
         final_path = paths.embedding_file(family)
@@ -187,7 +204,14 @@ def _write_embeddings(
     return result
 
 
-def _write_info(con: duckdb.DuckDBPyConnection, track: str, dataset_format: str, source_root: Path) -> None:
+def _write_info(
+    con: duckdb.DuckDBPyConnection,
+    track: str,
+    dataset_format: str,
+    source_root: Path,
+    families: list[int],
+    requested: list[int] | None,
+) -> None:
     con.execute("CREATE OR REPLACE TABLE warehouse_info (key VARCHAR, value VARCHAR)")
     con.executemany(
         "INSERT INTO warehouse_info VALUES (?, ?)",
@@ -195,6 +219,8 @@ def _write_info(con: duckdb.DuckDBPyConnection, track: str, dataset_format: str,
             ["track", track],
             ["dataset_format", dataset_format],
             ["source_root", str(source_root)],
+            ["embedding_families", families_text(families)],
+            ["embedding_families_requested", families_text(requested)],
             ["built_at", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())],
             ["pid", str(os.getpid())],
         ],

@@ -722,3 +722,25 @@ def test_fingerprint_of_chosen_files_and_progress(tmp_path, capsys):
         fingerprint_tree(tmp_path / "seq", [tmp_path / "user_feat/part-0.parquet"])
     with pytest.raises(FileNotFoundError):
         fingerprint_tree(tmp_path / "missing")
+
+
+def test_hub_source_with_families_on_auto_fetches_family_81_alone(tmp_path, fake_hub, monkeypatch):
+    """Auto (the default) must not start a 137 GB download: the Hub source fetches family 81
+    alone, and the raw manifest records what was selected and that the setting was auto."""
+    from functools import partial
+
+    import taac_dagster.sources.hub as hub
+    from taac_dagster.paths import TrackPaths
+    from taac_dagster.raw import materialize_raw
+    from taac_dagster.settings import load_settings
+
+    fake_hub.publish(REPO, release_files())
+    monkeypatch.setattr(hub, "download_hub_dataset", partial(hub.download_hub_dataset, endpoint=fake_hub.url, max_workers=2))
+    settings = load_settings("1M", {"data_root": str(tmp_path / "data"), "source": "hub"})
+    assert settings.embedding_families is None
+    paths = TrackPaths(settings.data_root, "1M")
+    manifest = materialize_raw(settings, paths)
+    assert manifest.families == [81] and manifest.families_requested is None
+    assert [p.name for p in (paths.raw / "mm_emb").iterdir()] == ["emb_81_32_parquet"]
+    recorded = json.loads(paths.raw_manifest.read_text())
+    assert recorded["families"] == [81] and recorded["families_requested"] is None

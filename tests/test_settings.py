@@ -34,3 +34,15 @@ def test_invalid_source_is_refused(monkeypatch):
     monkeypatch.setenv("TAAC_SOURCE", "ftp")
     with pytest.raises(ValueError, match="synthetic"):
         load_settings("1M")
+
+
+@pytest.mark.parametrize(
+    ("env", "families"),
+    [(None, None), ("auto", None), ("", None), ("AUTO", None), ("none", []), ("81", [81]), ("[81, 83]", [81, 83])],
+)
+def test_embedding_families_default_to_auto(monkeypatch, env, families):
+    """Unset, "auto" or empty: every family the dataset holds (None); "none": no family."""
+    if env is not None:
+        monkeypatch.setenv("TAAC_EMBEDDING_FAMILIES", env)
+    for track in ("1M", "10M"):  # no track preset pins a family
+        assert load_settings(track).embedding_families == families

@@ -134,3 +134,42 @@ def test_leftovers_of_a_crashed_build_are_cleared(demo_dir, tmp_path):
     summary, _ = build(demo_dir, tmp_path, "1M")
     assert sorted(p.name for p in root.iterdir()) == ["embeddings", "warehouse.duckdb"]
     assert summary.path == root / "warehouse.duckdb"
+
+
+def _info(con) -> dict[str, str]:
+    return dict(rows(con, "SELECT key, value FROM warehouse_info"))
+
+
+def test_families_on_auto_are_the_ones_the_dataset_holds(demo_copy, tmp_path):
+    """Auto reads every family found and records the choice; without an embedding folder it
+    reads none, and the tables are built from ids, features and actions alone."""
+    summary, con = build(demo_copy, tmp_path / "with", "1M", embedding_families=None)
+    assert summary.families == [81] and summary.families_requested is None
+    assert rows(con, "SELECT family, dim FROM embedding_families") == [(81, 32)]
+    assert _info(con)["embedding_families"] == "81" and _info(con)["embedding_families_requested"] == "auto"
+    assert summary.to_metadata()["embedding_families_requested"] == "auto"
+
+    import shutil
+
+    shutil.rmtree(demo_copy / "creative_emb")
+    summary, con = build(demo_copy, tmp_path / "without", "1M", embedding_families=None)
+    assert summary.families == [] and summary.embeddings == {}
+    assert rows(con, "SELECT count(*) FROM embedding_families") == [(0,)]
+    assert _info(con)["embedding_families"] == "none"
+    assert summary.row_counts["events"] == 7956 and summary.row_counts["sequences"] == 88
+    assert not list((tmp_path / "without" / "data" / "1M" / "embeddings").iterdir())
+
+
+@pytest.mark.parametrize(("remove_folder", "found"), [(False, "families 81"), (True, "families none")])
+def test_a_requested_family_the_dataset_lacks_is_a_clear_error(demo_copy, tmp_path, remove_folder, found):
+    import shutil
+
+    if remove_folder:
+        shutil.rmtree(demo_copy / "creative_emb")
+    with pytest.raises(DataFormatError) as err:
+        build(demo_copy, tmp_path, "1M", embedding_families=[81, 82] if not remove_folder else [81])
+    message = str(err.value)
+    family = 82 if not remove_folder else 81
+    assert str(demo_copy / "creative_emb") in message and f"embeddings of family {family}" in message
+    assert found in message and "TAAC_EMBEDDING_FAMILIES" in message
+    assert not (tmp_path / "data" / "1M" / "warehouse.duckdb").exists()

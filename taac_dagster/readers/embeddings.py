@@ -33,19 +33,51 @@ class EmbeddingSource:
     kind: str  # "parquet", "jsonl" or "pickle"
 
 
+def embedding_folder(root: Path, dataset_format: str) -> Path:
+    """Where a dataset keeps its multi-modal embeddings (``mm_emb/`` or ``creative_emb/``)."""
+    from taac_dagster.formats import HUB_FORMAT
+
+    return root / ("mm_emb" if dataset_format == HUB_FORMAT else "creative_emb")
+
+
+def _family_sources(root: Path, dataset_format: str) -> dict[int, tuple[int, Path]]:
+    from taac_dagster.formats import HUB_FORMAT
+
+    return hub_embedding_dirs(root) if dataset_format == HUB_FORMAT else jsonl_embedding_sources(root)
+
+
+def select_embedding_families(root: Path, dataset_format: str, requested: list[int] | None) -> list[int]:
+    """The families to read: every family the dataset holds when ``requested`` is None (auto;
+    possibly none), else ``requested``, each of which must be there (an error names the folder
+    searched, the family and the families found)."""
+    found = _family_sources(root, dataset_format)
+    if requested is None:
+        return sorted(found)
+    for family in requested:
+        find_embedding_source(root, dataset_format, family)
+    return list(dict.fromkeys(int(f) for f in requested))
+
+
+def families_text(families: list[int] | None) -> str:
+    """A family setting or selection as recorded in metadata: "auto", "none" or "81,82"."""
+    if families is None:
+        return "auto"
+    return ",".join(str(f) for f in families) or "none"
+
+
 def find_embedding_source(root: Path, dataset_format: str, family: int) -> EmbeddingSource:
     from taac_dagster.formats import HUB_FORMAT
 
-    found = hub_embedding_dirs(root) if dataset_format == HUB_FORMAT else jsonl_embedding_sources(root)
+    found = _family_sources(root, dataset_format)
     if family not in found:
-        where = root / ("mm_emb" if dataset_format == HUB_FORMAT else "creative_emb")
         have = ", ".join(str(f) for f in sorted(found)) or "none"
         raise DataFormatError(
-            where,
+            embedding_folder(root, dataset_format),
             f"embeddings of family {family} (a folder emb_{family}_<dim>"
             + ("_parquet" if dataset_format == HUB_FORMAT else "")
             + ")",
-            f"families {have}; choose from these with TAAC_EMBEDDING_FAMILIES",
+            f"families {have}; choose from these with TAAC_EMBEDDING_FAMILIES, or set it to auto (every "
+            "family found, possibly none)",
         )
     dim, path = found[family]
     if dataset_format == HUB_FORMAT:

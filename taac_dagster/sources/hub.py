@@ -1,7 +1,9 @@
 """Fetch the TencentGR release from the Hugging Face Hub (DESIGN.md section 2, layout A).
 
 Only the files the run needs are fetched: the ~2 GB core (sequences, features, candidates,
-indexer) plus the embedding families asked for, not the 137 GB of all six families.
+indexer) plus the embedding families asked for, not the 137 GB of all six families. With the
+families on auto (``TAAC_EMBEDDING_FAMILIES`` unset) that is family 81 alone
+(``formats.DEFAULT_FETCH_FAMILIES``); the warehouse then reads every family the copy holds.
 
 Downloads go straight into ``local_dir`` through ``huggingface_hub.snapshot_download``, which
 draws its own tqdm bars. Re-running after an interruption keeps every finished file (checked
