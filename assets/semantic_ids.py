@@ -2,12 +2,22 @@
 
 Thin: the work is ``models.semantic_ids.build_semantic_ids``. It writes the codebooks to
 ``<root>/<track>/codebooks/`` (atomically) and the ``item_semantic_ids`` table to the track's
-warehouse (one transaction).
+warehouse (one transaction). Low content coverage is a WARN check, not a failure: the codes
+then come from collaborative vectors and the chain goes on.
 """
 
 import time
 
-from dagster import AssetExecutionContext, AssetKey, MaterializeResult, MetadataValue, asset
+from dagster import (
+    AssetCheckResult,
+    AssetCheckSeverity,
+    AssetCheckSpec,
+    AssetExecutionContext,
+    AssetKey,
+    MaterializeResult,
+    MetadataValue,
+    asset,
+)
 
 from models.semantic_ids import TABLE, build_semantic_ids
 from taac_dagster.partitions import track_partitions
@@ -16,17 +26,28 @@ from taac_dagster.resources import TaacConfig
 # Bump when the same inputs and settings would give different codes or a different table or
 # codebook layout (algorithm, defaults, collision or fallback rule, schema); not for logging,
 # metadata or refactors that leave the outputs byte-for-byte the same.
-SEMANTIC_IDS_CODE_VERSION = "semantic-ids-v1"
+SEMANTIC_IDS_CODE_VERSION = "semantic-ids-v2"  # v2: source auto (collaborative fallback), families on auto
+
+COVERAGE_CHECK = "semantic_ids_content_coverage"
 
 
 @asset(
     partitions_def=track_partitions,
     code_version=SEMANTIC_IDS_CODE_VERSION,
     group_name="semantic_ids",
-    deps=[AssetKey("item_embeddings"), AssetKey("items"), AssetKey("candidates")],
+    deps=[AssetKey("item_embeddings"), AssetKey("items"), AssetKey("candidates"), AssetKey("sequences")],
     kinds={"python", "duckdb"},
-    description="RQ-KMeans codebooks over one embedding family and a unique Semantic ID (code "
-    f"tuple + disambiguation code) per item and candidate, in the table {TABLE}.",
+    check_specs=[
+        AssetCheckSpec(
+            COVERAGE_CHECK,
+            asset="semantic_id_codebooks",
+            description="The content embedding family covers enough items for content Semantic IDs "
+            "(WARN: otherwise the codes come from collaborative vectors of the training sequences).",
+        )
+    ],
+    description="RQ-KMeans codebooks over item vectors (an embedding family, or collaborative vectors "
+    f"from the training sequences) and a unique Semantic ID (code tuple + disambiguation code) per "
+    f"item and candidate, in the table {TABLE}.",
 )
 def semantic_id_codebooks(context: AssetExecutionContext, taac: TaacConfig) -> MaterializeResult:
     track = context.partition_key
@@ -34,9 +55,11 @@ def semantic_id_codebooks(context: AssetExecutionContext, taac: TaacConfig) -> M
     result = build_semantic_ids(taac.paths(track), taac.settings(track), logger=context.log)
     metadata = result.to_metadata()
     recovery = metadata.pop("topic_recovery", None)
+    collaborative = metadata.pop("collaborative", None)
+    coverage = result.coverage
     return MaterializeResult(
         metadata={
-            **{k: v for k, v in metadata.items() if not isinstance(v, (list, dict))},
+            **{k: v for k, v in metadata.items() if v is not None and not isinstance(v, (list, dict))},
             "utilization": MetadataValue.json(metadata["utilization"]),
             "reconstruction_error": MetadataValue.json(metadata["reconstruction_error"]),
             "seconds": MetadataValue.json(metadata["seconds"]),
@@ -44,5 +67,26 @@ def semantic_id_codebooks(context: AssetExecutionContext, taac: TaacConfig) -> M
             "codebooks_dir": MetadataValue.path(metadata["codebooks_dir"]),
             "warehouse": MetadataValue.path(metadata["warehouse"]),
             **({"topic_recovery": MetadataValue.json(recovery)} if recovery is not None else {}),
-        }
+            **({"collaborative": MetadataValue.json(collaborative)} if collaborative is not None else {}),
+        },
+        check_results=[
+            AssetCheckResult(
+                check_name=COVERAGE_CHECK,
+                passed=coverage.sufficient,
+                severity=AssetCheckSeverity.WARN,
+                description=(
+                    f"family {coverage.family if coverage.family is not None else '(none)'} covers "
+                    f"{coverage.items_with_content:,} of {coverage.items:,} items ({coverage.share:.1%}; "
+                    f"content codes need {coverage.min_items:,}); codes from {result.source}"
+                ),
+                metadata={
+                    "coverage": round(coverage.share, 4),
+                    "items_with_content": coverage.items_with_content,
+                    "items": coverage.items,
+                    "min_items": coverage.min_items,
+                    "family": coverage.family if coverage.family is not None else "none",
+                    "source": result.source,
+                },
+            )
+        ],
     )

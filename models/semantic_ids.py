@@ -1,4 +1,5 @@
-"""Semantic IDs: residual k-means (RQ-KMeans) codebooks over one multi-modal embedding family.
+"""Semantic IDs: residual k-means (RQ-KMeans) codebooks over item vectors: one multi-modal
+embedding family (content), or collaborative vectors learned from the training sequences.
 
 An item's Semantic ID is a short tuple of codes. Level 1 is the nearest of K centroids to the
 item's (normalized, optionally whitened) embedding; level l + 1 quantizes what level l left
@@ -23,6 +24,13 @@ Decisions (the README's "Semantic IDs" section says the same):
   through the same normalization, whitening and codebooks, so they land near their
   advertiser's items. Items without such an advertiser get the reserved *unknown* code K at
   every level. Both then go through the disambiguation level, so tuples stay unique.
+* **Which vectors** (setting ``source``): ``content`` quantizes a family's embeddings;
+  ``collaborative`` quantizes vectors learned from the ``sequences`` table
+  (``models/collaborative.py``: SVD of the PPMI of item co-occurrence), for data with no family
+  or too little coverage; ``auto`` (the default) takes content when the family covers at least
+  ``min_items`` items and collaborative otherwise, so a real dataset whatever its families
+  never stops here. The choice is recorded as ``source`` (``content:81`` or ``collaborative``)
+  with the content coverage in ``codebooks.json``. The fallback below is the same for both.
 * Determinism: the training subsample and faiss's k-means initialisation depend on ``seed``
   only; assignment is exact (``IndexFlatL2``). Same input and config, same codes.
 
@@ -40,12 +48,14 @@ import math
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
 import faiss
 import numpy as np
 
+from models.collaborative import CollaborativeConfig, collaborative_vectors
 from taac_dagster.errors import TaacError
 
 log = logging.getLogger(__name__)
@@ -507,21 +517,52 @@ def auto_codebook_size(n_items: int, cap: int = 256) -> int:
 
 # --- One track: warehouse in, codebooks + item_semantic_ids out -------------------------------
 @dataclass
+class ContentCoverage:
+    """How many items the content family covers, and whether that is enough for Semantic IDs."""
+
+    family: int | None  # None: the warehouse holds no family
+    items: int  # items and candidates to code
+    items_with_content: int  # of them, those with the family's embedding
+    min_items: int  # the least that supports content codes
+
+    @property
+    def share(self) -> float:
+        return self.items_with_content / self.items if self.items else 0.0
+
+    @property
+    def sufficient(self) -> bool:
+        return self.family is not None and self.items_with_content >= max(self.min_items, 1)
+
+    def to_metadata(self) -> dict[str, Any]:
+        return {
+            "family": self.family,
+            "items": self.items,
+            "items_with_content": self.items_with_content,
+            "share": round(self.share, 4),
+            "min_items": self.min_items,
+            "sufficient": self.sufficient,
+        }
+
+
+@dataclass
 class SemanticIdResult:
-    family: int
+    source: str  # what was quantized: "content:<family>" or "collaborative"
+    family: int | None  # the family quantized (None: collaborative vectors)
     dim: int
     codebooks: RQCodebooks
     codes: np.ndarray  # int32 [n, levels + 1] (last column: disambiguation)
     creative_ids: np.ndarray
-    has_embedding: np.ndarray
+    has_embedding: np.ndarray  # a vector of the source used (else the advertiser / unknown fallback)
     metrics: dict[str, Any]
     codebooks_dir: Path
     warehouse: Path
     seconds: dict[str, float]
+    coverage: ContentCoverage
 
     def to_metadata(self) -> dict[str, Any]:
         return {
             **self.metrics,
+            "source": self.source,
             "family": self.family,
             "dim": self.dim,
             "codebooks_dir": str(self.codebooks_dir),
@@ -578,17 +619,15 @@ def _read_inputs(paths: Any, settings: Any) -> tuple[list[tuple], dict[str, np.n
     return families, universe
 
 
-def _choose_family(families: list[tuple], wanted: int | None, configured: list[int] | None, track: str) -> tuple:
+def _choose_family(families: list[tuple], wanted: int | None, configured: list[int] | None, track: str) -> tuple | None:
     """The warehouse row of the family to quantize: ``wanted``, else the first configured family,
-    else (families on auto) the lowest family the warehouse holds."""
+    else (families on auto) the lowest family the warehouse holds; None when it holds none and
+    none was asked for. A family asked for but not built is an error."""
     built = {int(f[0]): f for f in families}
-    if wanted is not None:
-        family = wanted
-    elif configured:
-        family = configured[0]
-    else:
-        family = min(built, default=None)
-    if family is None or family not in built:
+    if wanted is None and not configured:
+        return built[min(built)] if built else None
+    family = wanted if wanted is not None else configured[0]
+    if family not in built:
         have = ", ".join(str(f) for f in sorted(built)) or "none"
         raise SemanticIdInputError(
             f"embedding family {family} is not in the warehouse of track {track} (families built: {have}). "
@@ -596,6 +635,43 @@ def _choose_family(families: list[tuple], wanted: int | None, configured: list[i
             "and re-materialize raw_dataset and the warehouse tables."
         )
     return built[family]
+
+
+def choose_source(setting: str, coverage: ContentCoverage, track: str) -> str:
+    """"content" or "collaborative" for the ``source`` setting (auto | content | collaborative):
+    auto takes content when its coverage suffices; content without it is an error."""
+    if setting == "collaborative":
+        return "collaborative"
+    if coverage.sufficient:
+        return "content"
+    if setting == "auto":
+        return "collaborative"
+    if coverage.family is None:
+        raise SemanticIdInputError(
+            f"the warehouse of track {track} holds no embedding family, and TAAC_SEMANTIC_IDS__SOURCE is "
+            "'content'. Set it to auto or collaborative (codes from the training sequences), or add a "
+            "family (TAAC_EMBEDDING_FAMILIES) and re-materialize raw_dataset and the warehouse tables."
+        )
+    raise SemanticIdInputError(
+        f"embedding family {coverage.family} covers only {coverage.items_with_content} of the {coverage.items} "
+        f"items and candidates of track {track}; Semantic IDs need at least {coverage.min_items}. Choose a "
+        "family with more coverage (TAAC_SEMANTIC_IDS__FAMILY), lower TAAC_SEMANTIC_IDS__MIN_ITEMS / "
+        "TAAC_SEMANTIC_IDS__CODEBOOK_SIZE, set TAAC_SEMANTIC_IDS__SOURCE=auto to fall back to collaborative "
+        "vectors, or check the family's source files."
+    )
+
+
+def sequence_batches(warehouse: Path, settings: Any, users_per_batch: int = 20_000):
+    """The ``sequences`` table's item lists as (flat item ids, lengths) batches of users."""
+    from taac_dagster.warehouse import connect
+
+    con = connect(warehouse, settings, read_only=True)
+    try:
+        for batch in con.sql("SELECT item_ids FROM sequences ORDER BY user_id").to_arrow_reader(users_per_batch):
+            items = batch.column(0)
+            yield items.flatten().to_numpy(), items.value_lengths().fill_null(0).to_numpy()
+    finally:
+        con.close()
 
 
 def _connect_for_write(path: Path, settings: Any, attempts: int = 20, wait: float = 1.0):
@@ -736,9 +812,35 @@ class FamilyReader:
         return out if out is not None else np.empty((0, 0), np.float32)
 
 
-def build_semantic_ids(paths: Any, settings: Any, *, logger: Any = None) -> SemanticIdResult:
-    """Fit codebooks on the track's chosen family, code every item and candidate, write both.
+class MatrixReader:
+    """In-memory vectors keyed by item id, read like a ``FamilyReader`` (collaborative vectors).
 
+    ``item_ids`` (sorted) and ``vectors`` row-aligned; ``wanted_item_ids`` in the order of the
+    items to code (-1: no re-id, so no vector).
+    """
+
+    def __init__(self, item_ids: np.ndarray, vectors: np.ndarray, wanted_item_ids: np.ndarray) -> None:
+        position, self.has_embedding = _lookup(np.asarray(item_ids, np.int64), np.asarray(wanted_item_ids, np.int64))
+        self.matrix = np.asarray(vectors, np.float32)[position[self.has_embedding]]
+        self.n_embedded = len(self.matrix)
+
+    def batches(self, wanted: np.ndarray | None = None):
+        index = np.arange(self.n_embedded) if wanted is None else np.asarray(wanted)
+        chunk = max(1, _CHUNK_VALUES // max(self.matrix.shape[1], 1))
+        for lo in range(0, len(index), chunk):
+            part = index[lo : lo + chunk]
+            yield part, self.matrix[part]
+
+    def read(self, wanted: np.ndarray) -> np.ndarray:
+        return self.matrix[np.asarray(wanted)]
+
+
+def build_semantic_ids(paths: Any, settings: Any, *, logger: Any = None) -> SemanticIdResult:
+    """Fit codebooks on the track's item vectors, code every item and candidate, write both.
+
+    The vectors are the chosen content family's embeddings, or collaborative vectors learned
+    from the ``sequences`` table (``models.collaborative``) when the source is collaborative, or
+    auto and the family covers too few items (or there is none).
     ``paths``: ``TrackPaths``; ``settings``: ``TaacSettings`` (uses ``settings.semantic_ids``).
     """
     from taac_dagster.atomic import atomic_dir
@@ -748,25 +850,50 @@ def build_semantic_ids(paths: Any, settings: Any, *, logger: Any = None) -> Sema
     seconds: dict[str, float] = {}
     started = time.perf_counter()
     families, universe = _read_inputs(paths, settings)
-    family, dim, emb_path, _, _ = _choose_family(families, sid.family, settings.embedding_families, paths.track)
+    family_row = _choose_family(families, sid.family, settings.embedding_families, paths.track)
     creative_ids = universe["creative_id"]
     n = len(creative_ids)
-    reader = FamilyReader(Path(emb_path), creative_ids)
+    content = FamilyReader(Path(family_row[2]), creative_ids) if family_row is not None else None
+    n_content = content.n_embedded if content is not None else 0
+    k_content = sid.codebook_size or auto_codebook_size(n_content)
+    coverage = ContentCoverage(
+        family=int(family_row[0]) if family_row is not None else None,
+        items=n,
+        items_with_content=n_content,
+        min_items=sid.min_items if sid.min_items is not None else max(k_content, math.ceil(0.02 * n)),
+    )
+    kind = choose_source(sid.source, coverage, paths.track)
+    collaborative_stats: dict[str, Any] | None = None
+    if kind == "content":
+        reader, family, dim, source = content, coverage.family, int(family_row[1]), f"content:{coverage.family}"
+    else:
+        if sid.source == "auto":
+            logger.warning(
+                f"content coverage too low for Semantic IDs ({coverage.to_metadata()}): "
+                "using collaborative vectors from the training sequences"
+            )
+        vectors = collaborative_vectors(
+            partial(sequence_batches, paths.warehouse, settings),
+            CollaborativeConfig(
+                dim=sid.collaborative_dim, window=sid.collaborative_window, max_items=sid.collaborative_max_items,
+                seed=sid.seed,
+            ),
+        )
+        collaborative_stats = vectors.stats
+        if len(vectors.item_ids) == 0:
+            raise SemanticIdInputError(
+                f"no item of track {paths.track} has a collaborative vector (no two items share a training "
+                "sequence) and content coverage is too low: Semantic IDs need one or the other"
+            )
+        reader = MatrixReader(vectors.item_ids, vectors.vectors, universe["item_id"])
+        family, dim, source = None, vectors.vectors.shape[1], "collaborative"
     has_embedding = reader.has_embedding
     embedded = np.flatnonzero(has_embedding)
     n_embedded = len(embedded)
     k = sid.codebook_size or auto_codebook_size(n_embedded)
-    min_items = sid.min_items if sid.min_items is not None else max(k, math.ceil(0.02 * n))
-    if n_embedded < max(min_items, 1):
-        raise SemanticIdInputError(
-            f"embedding family {family} covers only {n_embedded} of the {n} items and candidates of track "
-            f"{paths.track}; Semantic IDs need at least {min_items} (K = {k}). Choose a family with more "
-            "coverage (TAAC_SEMANTIC_IDS__FAMILY), lower TAAC_SEMANTIC_IDS__MIN_ITEMS / "
-            "TAAC_SEMANTIC_IDS__CODEBOOK_SIZE, or check the family's source files."
-        )
     seconds["read"] = time.perf_counter() - started
     logger.info(
-        f"family {family} ({dim}-d): {n_embedded} of {n} items have an embedding; "
+        f"source {source} ({dim}-d): {n_embedded} of {n} items have a vector; "
         f"{sid.levels} levels x K={k}, whiten={sid.whiten}"
     )
 
@@ -828,7 +955,10 @@ def build_semantic_ids(paths: Any, settings: Any, *, logger: Any = None) -> Sema
         "collision_rate_before_embedded": round(collision_rate(encoded.codes), 4),
         "collision_rate_after": after,
         "max_disambiguation": int(disamb.max(initial=0)),
+        "content_coverage": round(coverage.share, 4),
     }
+    if collaborative_stats is not None:
+        metrics["collaborative"] = collaborative_stats
     logger.info(
         f"utilization {metrics['utilization']}, reconstruction error {metrics['reconstruction_error']}, "
         f"collisions {metrics['collision_rate_before']:.1%} -> 0 (max disambiguation {metrics['max_disambiguation']})"
@@ -851,10 +981,21 @@ def build_semantic_ids(paths: Any, settings: Any, *, logger: Any = None) -> Sema
 
     started = time.perf_counter()
     with atomic_dir(paths.codebooks) as tmp:
-        codebooks.save(tmp, {"family": family, "family_dim": dim, "track": paths.track, "metrics": metrics})
+        codebooks.save(
+            tmp,
+            {
+                "source": source,
+                "family": family,
+                "family_dim": dim if family is not None else None,
+                "track": paths.track,
+                "content_coverage": coverage.to_metadata(),
+                "metrics": metrics,
+            },
+        )
         write_item_semantic_ids(paths.warehouse, settings, creative_ids, universe["item_id"], codes, has_embedding)
     seconds["write"] = time.perf_counter() - started
     logger.info(f"wrote {n} rows to {TABLE} and the codebooks to {paths.codebooks}")
     return SemanticIdResult(
-        family, dim, codebooks, codes, creative_ids, has_embedding, metrics, paths.codebooks, paths.warehouse, seconds
+        source, family, dim, codebooks, codes, creative_ids, has_embedding, metrics, paths.codebooks, paths.warehouse,
+        seconds, coverage,
     )

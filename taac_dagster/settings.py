@@ -38,7 +38,13 @@ class SyntheticSettings(BaseModel):
 class SemanticIdSettings(BaseModel):
     """RQ-KMeans Semantic IDs (models/semantic_ids.py); None picks the documented default."""
 
-    family: int | None = None  # None: the first of embedding_families
+    # What the codes quantize. "content": a multi-modal family (too little coverage is an
+    # error); "collaborative": item vectors learned from the training sequences; "auto":
+    # content when the family covers at least min_items items, else collaborative.
+    source: Literal["auto", "content", "collaborative"] = "auto"
+    # None: the first of embedding_families when they are listed, else the lowest family in
+    # the warehouse.
+    family: int | None = None
     levels: int = Field(3, ge=1, le=8)
     # K per level. None: min(256, max(8, round(sqrt(items with an embedding)))).
     codebook_size: int | None = Field(None, ge=2)
@@ -48,8 +54,15 @@ class SemanticIdSettings(BaseModel):
     niter: int = Field(20, ge=1)
     seed: int = 0
     max_train_points: int = Field(100_000, ge=100)
-    # Fewer items with the family's embedding is an error. None: max(K, 2% of the items).
+    # Fewer items with the family's embedding: collaborative codes (source auto) or an error
+    # (source content). None: max(K, 2% of the items).
     min_items: int | None = Field(None, ge=1)
+    # Collaborative item vectors (source collaborative, or auto on low coverage): a truncated
+    # SVD of the PPMI of item co-occurrence within `collaborative_window` positions, over the
+    # `collaborative_max_items` most frequent items (rarer items: the mean of their neighbours).
+    collaborative_dim: int = Field(32, ge=2, le=256)
+    collaborative_window: int = Field(3, ge=1, le=20)
+    collaborative_max_items: int = Field(100_000, ge=2)
 
 
 class TrainingSettings(BaseModel):

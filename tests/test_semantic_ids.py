@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 
 import duckdb
 import numpy as np
@@ -9,7 +10,7 @@ import pytest
 from dagster import AssetKey, DagsterInstance, materialize
 
 from assets.raw import raw_dataset
-from assets.semantic_ids import semantic_id_codebooks
+from assets.semantic_ids import COVERAGE_CHECK, semantic_id_codebooks
 from assets.warehouse import warehouse_tables
 from models.semantic_ids import (
     FamilyReader,
@@ -185,11 +186,43 @@ def test_missing_family_is_a_clear_error(tiny_warehouse):
         build_semantic_ids(tiny_warehouse, settings)
 
 
-def test_too_few_items_is_a_clear_error(tiny_warehouse):
-    settings = load_settings("10M", {"data_root": str(tiny_warehouse.data_root)})
-    with pytest.raises(SemanticIdInputError, match=r"family 81 covers only 6 of the 6 items.*at least 8"):
+def test_too_few_items_is_a_clear_error_when_content_is_asked_for(tiny_warehouse):
+    settings = load_settings("10M", {"data_root": str(tiny_warehouse.data_root), "semantic_ids": {"source": "content"}})
+    with pytest.raises(SemanticIdInputError, match=r"family 81 covers only 6 of the 6 items.*at least 8.*SOURCE=auto"):
         build_semantic_ids(tiny_warehouse, settings)
     assert not tiny_warehouse.codebooks.exists()
+
+
+def test_too_few_items_on_auto_falls_back_to_collaborative_vectors(tiny_warehouse):
+    """The same coverage on auto: codes from the training sequences, the choice recorded."""
+    settings = load_settings("10M", {"data_root": str(tiny_warehouse.data_root)})
+    result = build_semantic_ids(tiny_warehouse, settings)
+    assert result.source == "collaborative" and result.family is None
+    assert result.coverage.to_metadata() == {
+        "family": 81, "items": 6, "items_with_content": 6, "share": 1.0, "min_items": 8, "sufficient": False,
+    }
+    # Items 1-5 are in training sequences; the cold candidate (no re-id) is not.
+    assert result.has_embedding.tolist() == [True] * 5 + [False]
+    assert result.metrics["collaborative"]["items_in_sequences"] == 5
+    assert len({tuple(c) for c in result.codes.tolist()}) == 6
+    info = json.loads((tiny_warehouse.codebooks / "codebooks.json").read_text())
+    assert info["source"] == "collaborative" and info["family"] is None
+    assert info["content_coverage"]["sufficient"] is False
+
+
+def test_no_family_at_all(tmp_path, tiny_hub):
+    """A warehouse without embeddings: collaborative codes on auto, a clear error on content."""
+    import shutil
+
+    shutil.rmtree(tiny_hub / "mm_emb")
+    settings = load_settings("10M", {"data_root": str(tmp_path / "data")})
+    paths = TrackPaths(settings.data_root, "10M")
+    build_warehouse(tiny_hub, paths, settings)
+    result = build_semantic_ids(paths, settings)
+    assert result.source == "collaborative" and result.coverage.family is None and result.coverage.share == 0.0
+    content = load_settings("10M", {"data_root": str(tmp_path / "data"), "semantic_ids": {"source": "content"}})
+    with pytest.raises(SemanticIdInputError, match=r"holds no embedding family.*SOURCE is 'content'"):
+        build_semantic_ids(paths, content)
 
 
 def test_tiny_warehouse_with_small_codebooks(tiny_warehouse, monkeypatch):
@@ -243,6 +276,10 @@ def test_asset_writes_unique_ids_for_every_item_and_candidate(tmp_path):
     assert result.success
     events = [m for m in result.get_asset_materialization_events() if m.asset_key == AssetKey("semantic_id_codebooks")]
     metadata = events[0].materialization.metadata
+    assert metadata["source"].value == "content:81" and metadata["family"].value == 81
+    [coverage] = [e for e in result.get_asset_check_evaluations() if e.check_name == COVERAGE_CHECK]
+    assert coverage.passed and coverage.metadata["source"].value == "content:81"
+    assert 0.85 < coverage.metadata["coverage"].value < 0.95  # the synthetic family covers ~90%
     assert metadata["collision_rate_after"].value == 0.0
     assert len(metadata["utilization"].value) == 3
     recovery = metadata["topic_recovery"].value
