@@ -31,7 +31,7 @@ from taac_dagster.resources import TaacConfig
 
 # Bump when the same inputs and settings would train a different model or write a different
 # checkpoint layout (model code, loss, batching, optimizer, array preparation).
-TRAINING_CODE_VERSION = "training-v1"
+TRAINING_CODE_VERSION = "training-v2"
 
 INPUT_TABLES = ("sequences", "holdout", "items", "users", "candidates", "item_embeddings")
 
@@ -43,11 +43,11 @@ def _log_line(record: dict[str, Any]) -> str:
             f"step {record['step']}/{record['of']} (epoch {record['epoch']}): loss {record['loss']:.4f}, "
             f"{record['samples_per_s']:.0f} sequences/s, {record['tokens_per_s']:.0f} tokens/s, lr {record['lr']:.2e}"
         )
-    if event == "validation":
+    if event == "validation" and "hr@10" in record:
         return (
-            f"validation at step {record['step']} ({record['users']} users): HR@10 {record['hr@10']:.4f}, "
+            f"validation at step {record['step']} ({record['users']} users, previous targets): HR@10 {record['hr@10']:.4f}, "
             f"NDCG@10 {record['ndcg@10']:.4f}, score {record['score']:.4f}; popularity HR@10 "
-            f"{record['popularity_hr@10']:.4f}, score {record['popularity_score']:.4f}"
+            f"{record['popularity_hr@10']:.4f}, score {record['popularity_score']:.4f}; best so far: step {record['best_step']}"
         )
     return json.dumps(record, default=str)
 
@@ -58,9 +58,11 @@ def _log_line(record: dict[str, Any]) -> str:
     group_name="training",
     deps=[AssetKey("semantic_id_codebooks"), *(AssetKey(name) for name in INPUT_TABLES)],
     kinds={"pytorch"},
-    description="The retrieval encoder (causal Transformer over user histories, InfoNCE with "
-    "logQ) trained on the track; checkpoint with model, optimizer, step, config and data version "
-    "(its data version names config, data and step).",
+    description="The retrieval encoder (causal Transformer over user histories; full softmax over "
+    "the catalogue, or sampled negatives with logQ on huge ones) trained on the track with early "
+    "stopping on validation targets (each validation user's target before its test target); the "
+    "checkpoint holds the best validated weights, the optimizer, config and data version (its "
+    "data version names config, data and the kept step).",
 )
 def encoder_checkpoint(context: AssetExecutionContext, taac: TaacConfig) -> MaterializeResult:
     track = context.partition_key
@@ -74,7 +76,7 @@ def encoder_checkpoint(context: AssetExecutionContext, taac: TaacConfig) -> Mate
     )
     result, metrics = run.result, run.result.metrics
     figures = {k: round(float(metrics[k]), 5) for k in metrics if k != "users"}
-    version = checkpoint_version(result.config_hash, run.arrays.data_version, result.steps)
+    version = checkpoint_version(result.config_hash, run.arrays.data_version, result.best_step)
     return MaterializeResult(
         data_version=DataVersion(version),
         metadata={
@@ -85,6 +87,9 @@ def encoder_checkpoint(context: AssetExecutionContext, taac: TaacConfig) -> Mate
             "config_hash": result.config_hash,
             "data_version": run.arrays.data_version,
             "steps": result.steps,
+            "planned_steps": result.planned_steps,
+            "best_step": result.best_step,
+            "stopped_early": result.stopped_early,
             "resumed_from_step": result.resumed_from,
             "train_seconds": round(result.seconds, 2),
             "total_seconds": round(time.perf_counter() - started, 2),  # with the arrays' preparation

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -122,6 +123,15 @@ def popularity_ranking(
     plain = np.where(items > 0, counts[safe], 0.0)
     order = np.lexsort((np.arange(len(items)), -plain, -score))
     return order, score[order]
+
+
+def popularity_order(arrays: Any, actions: tuple[int, ...]) -> np.ndarray:
+    """Pool positions of prepared ``arrays`` (models.data) by training popularity for the
+    target ``actions`` (ties: all events, then pool order); cold items (never seen) last."""
+    counts = np.asarray(arrays.item_counts)[np.asarray(arrays.cand_rows).astype(np.int64)]
+    target = counts[:, list(actions)].sum(axis=1)
+    plain = counts.sum(axis=1)
+    return np.lexsort((np.arange(len(counts)), -plain, -target))
 
 
 def popularity_topk(

@@ -19,9 +19,12 @@ Files (``<root>/<track>/checkpoints/arrays/``):
     seq_actions [S, L] int8    action type per position
     seq_times [S, L] int32     seconds since meta["time_origin"]
     seq_users [S] int32        user id per sequence
-    hold_* [H, L], hold_users, hold_target, hold_target_action   the holdout (validation and test)
+    hold_* [H, L], hold_users, hold_target, hold_target_action   the holdout (test targets)
     hold_targets [H, T] int32, hold_target_actions [H, T] int8   every positive from the target on
-    val_index [V] int32        a deterministic subset of holdout rows used for validation
+    val_* [V, L], val_users, val_target, val_target_action, val_hold_row   validation: for a
+                               sample of holdout users the target before their test target
+                               (history strictly before it); their training sequence ends
+                               there too, so no validation or test target is ever trained on
     item_feats [N, F] int32    sparse item features (0 = missing), columns = meta["item_features"]
     item_mm_<family> [N, D] float32, item_mm_mask [N, families] bool
     item_sids [N, levels + 1] int32   Semantic ID codes + 1 (0 = none)
@@ -53,7 +56,7 @@ from taac_dagster.tracks import get_track
 
 log = logging.getLogger(__name__)
 
-ARRAYS_VERSION = 1
+ARRAYS_VERSION = 2
 ITEM_FEATURES = ("100", "101", "102", "112", "114", "115", "116", "117", "118", "119", "120", "121", "122")
 USER_SPARSE = ("103", "104", "105", "109")
 USER_MULTI = ("106", "107", "108", "110")
@@ -66,7 +69,7 @@ class PrepareOptions:
     max_len: int = 100  # history positions kept (the latest ones)
     families: tuple[int, ...] | None = None  # multi-modal families to use (None: all in the warehouse)
     multi_len: int = 8  # values kept per multi-valued user feature
-    val_users: int = 1000  # holdout rows used for validation
+    val_users: int = 4096  # holdout users validated on the target before their test target
     val_seed: int = 0
     use_semantic_ids: bool = True
     # A family whose [item rows, dim] float32 matrix would exceed this is left out of training
@@ -213,6 +216,39 @@ def _save(folder: Path, name: str, array: np.ndarray) -> None:
     np.save(folder / f"{name}.npy", np.ascontiguousarray(array))
 
 
+@dataclass
+class RowSpace:
+    """The item row space (see the module doc): re-ids, then cold candidates by creative id."""
+
+    id_rows: int  # rows 0 .. id_rows - 1 are padding and re-ids
+    extra_creative: np.ndarray  # sorted creative ids of the cold rows id_rows ..
+
+    @property
+    def n_rows(self) -> int:
+        return self.id_rows + len(self.extra_creative)
+
+    @classmethod
+    def read(cls, con: duckdb.DuckDBPyConnection) -> RowSpace:
+        max_item = int(_scalar(
+            con, "SELECT greatest((SELECT coalesce(max(item_id), 0) FROM items), (SELECT coalesce(max(item_id), 0) FROM candidates))"
+        ))
+        extra = con.execute(
+            "SELECT DISTINCT creative_id FROM candidates WHERE item_id IS NULL ORDER BY creative_id"
+        ).fetchnumpy()["creative_id"].astype(np.int64)
+        return cls(max_item + 1, extra)
+
+    def rows_of(self, item_ids: np.ndarray, creative_ids: np.ndarray) -> np.ndarray:
+        """Row of each (item id or -1, creative id); -1 where the item is in neither space."""
+        rows = np.where(item_ids > 0, item_ids, -1).astype(np.int64)
+        unknown = rows < 0
+        if unknown.any() and len(self.extra_creative):
+            pos = np.searchsorted(self.extra_creative, creative_ids[unknown])
+            pos = np.minimum(pos, len(self.extra_creative) - 1)
+            found = self.extra_creative[pos] == creative_ids[unknown]
+            rows[np.flatnonzero(unknown)[found]] = self.id_rows + pos[found]
+        return rows
+
+
 def _prepare(
     con: duckdb.DuckDBPyConnection,
     out: Path,
@@ -221,50 +257,67 @@ def _prepare(
     codebooks_json: Path | None,
     logger: Any,
 ) -> dict[str, Any]:
-    n_actions = len(get_track(track).allowed_actions)
+    spec = get_track(track)
+    n_actions = len(spec.allowed_actions)
     time_origin = int(_scalar(con, 'SELECT coalesce(min("timestamp"), 0) FROM events'))
-
-    # Item row space: re-ids, then candidates without one (by creative id).
-    max_item = int(
-        _scalar(con, "SELECT greatest((SELECT coalesce(max(item_id), 0) FROM items), (SELECT coalesce(max(item_id), 0) FROM candidates))")
-    )
-    extra_creative = con.execute(
-        "SELECT DISTINCT creative_id FROM candidates WHERE item_id IS NULL ORDER BY creative_id"
-    ).fetchnumpy()["creative_id"].astype(np.int64)
-    id_rows = max_item + 1
-    n_rows = id_rows + len(extra_creative)
-
-    def rows_of(item_ids: np.ndarray, creative_ids: np.ndarray) -> np.ndarray:
-        """Row of each (item id or -1, creative id); -1 where the item is in neither space."""
-        rows = np.where(item_ids > 0, item_ids, -1).astype(np.int64)
-        unknown = rows < 0
-        if unknown.any() and len(extra_creative):
-            pos = np.searchsorted(extra_creative, creative_ids[unknown])
-            pos = np.minimum(pos, len(extra_creative) - 1)
-            found = extra_creative[pos] == creative_ids[unknown]
-            rows[np.flatnonzero(unknown)[found]] = id_rows + pos[found]
-        return rows
-
-    # Item features, clipped to their vocabulary (an unknown value becomes 0 = missing).
+    space = RowSpace.read(con)
     vocab = dict(con.execute("SELECT feature_id, vocab_size FROM feature_vocab").fetchall())
+    meta: dict[str, Any] = {
+        "version": ARRAYS_VERSION,
+        "track": track,
+        "max_len": options.max_len,
+        "n_actions": n_actions,
+        "time_origin": time_origin,
+        "num_item_rows": space.n_rows,
+        "id_rows": space.id_rows,
+        "num_cold_rows": int(len(space.extra_creative)),
+        "user_sparse": list(USER_SPARSE),
+        "user_multi": list(USER_MULTI),
+        "multi_len": options.multi_len,
+        "options": asdict(options),
+    }
+    meta.update(_write_item_features(con, out, space, vocab))
+    meta.update(_write_multimodal(con, out, space, options, logger))
+    meta.update(_write_semantic_ids(con, out, space, options, codebooks_json, logger))
+    meta.update(_write_users(con, out, vocab, options))
+    holdout = _write_holdout(con, out, options.max_len, time_origin)
+    validation = _write_validation(out, holdout, spec.target_priority, options)
+    meta.update(_write_sequences(con, out, options.max_len, time_origin, space.n_rows, n_actions, validation))
+    meta.update(_write_candidates(con, out, space))
+    meta.update(num_holdout=len(holdout["hold_users"]), num_val=len(validation["val_users"]),
+                num_val_eligible=int(validation["eligible"]))
+    logger.info(
+        f"arrays: {meta['num_sequences']} sequences ({meta['num_events']} events), {meta['num_holdout']} holdout users "
+        f"({meta['num_val']} validated on their previous target), {space.n_rows} item rows "
+        f"({meta['num_cold_rows']} cold without id), {meta['num_candidates']} candidates, families {meta['families']}, "
+        f"Semantic IDs {'yes' if meta['sid_levels'] else 'no'}"
+    )
+    return meta
+
+
+def _write_item_features(
+    con: duckdb.DuckDBPyConnection, out: Path, space: RowSpace, vocab: dict[str, int]
+) -> dict[str, Any]:
+    """Sparse item features per row, clipped to their vocabulary (an unknown value becomes 0 =
+    missing), and the raw creative id per row."""
     item_cols = [c[1:] for c in _columns(con, "items") if c.startswith("f") and c[1:] in ITEM_FEATURES]
     cand_cols = set(_columns(con, "candidates"))
-    item_feats = np.zeros((n_rows, len(item_cols)), np.int32)
-    creative = np.zeros(n_rows, np.int64)
+    item_feats = np.zeros((space.n_rows, len(item_cols)), np.int32)
+    creative = np.zeros(space.n_rows, np.int64)
     select = ", ".join(f"coalesce(f{c}, 0) AS f{c}" for c in item_cols)
     items = con.execute(f"SELECT item_id, coalesce(creative_id, 0) AS creative_id{', ' + select if select else ''} FROM items").fetchnumpy()
     item_rows = items["item_id"].astype(np.int64)
     creative[item_rows] = items["creative_id"]
     for j, c in enumerate(item_cols):
         item_feats[item_rows, j] = items[f"f{c}"]
-    if len(extra_creative):
-        creative[id_rows:] = extra_creative
+    if len(space.extra_creative):
+        creative[space.id_rows:] = space.extra_creative
         select = ", ".join(f"any_value(coalesce(f{c}, 0)) AS f{c}" if f"f{c}" in cand_cols else f"0 AS f{c}" for c in item_cols)
         cold = con.execute(
             f"SELECT creative_id{', ' + select if select else ''} FROM candidates WHERE item_id IS NULL GROUP BY creative_id ORDER BY creative_id"
         ).fetchnumpy()
         for j, c in enumerate(item_cols):
-            item_feats[id_rows:, j] = cold[f"f{c}"]
+            item_feats[space.id_rows:, j] = cold[f"f{c}"]
     item_vocab = []
     for j, c in enumerate(item_cols):
         size = int(vocab.get(c, item_feats[:, j].max(initial=0)))
@@ -272,54 +325,73 @@ def _prepare(
         item_vocab.append(size)
     _save(out, "item_feats", item_feats)
     _save(out, "item_creative", creative)
-    del item_feats, items
+    return {"item_features": list(item_cols), "item_vocab": item_vocab}
 
-    # Multi-modal embeddings: one matrix per family present, zeros + mask where missing.
+
+def _write_multimodal(
+    con: duckdb.DuckDBPyConnection, out: Path, space: RowSpace, options: PrepareOptions, logger: Any
+) -> dict[str, Any]:
+    """One matrix per family present (zeros where an item has none) and the presence mask."""
     present = {row[0]: (row[1], row[2]) for row in con.execute("SELECT family, dim, path FROM embedding_families").fetchall()}
     families = sorted(present) if options.families is None else [f for f in options.families if f in present]
     for family in list(families):
-        size = n_rows * int(present[family][0]) * 4
+        size = space.n_rows * int(present[family][0]) * 4
         if size > options.max_mm_bytes:
             logger.warning(
                 f"embedding family {family} ({present[family][0]}-d) left out of training: {size / 2**30:.1f} GiB "
-                f"for {n_rows} item rows exceeds max_mm_bytes ({options.max_mm_bytes / 2**30:.1f} GiB)"
+                f"for {space.n_rows} item rows exceeds max_mm_bytes ({options.max_mm_bytes / 2**30:.1f} GiB)"
             )
             families.remove(family)
-    mm_mask = np.zeros((n_rows, len(families)), bool)
+    mm_mask = np.zeros((space.n_rows, len(families)), bool)
     mm_dims = []
     for j, family in enumerate(families):
         dim, path = present[family]
         cids, iids, matrix = read_embedding_matrix(Path(path))
-        rows = rows_of(iids.astype(np.int64), cids.astype(np.int64))
+        rows = space.rows_of(iids.astype(np.int64), cids.astype(np.int64))
         ok = rows >= 0
-        table = np.zeros((n_rows, dim), np.float32)
+        table = np.zeros((space.n_rows, dim), np.float32)
         table[rows[ok]] = matrix[ok]
         mm_mask[rows[ok], j] = True
         _save(out, f"item_mm_{family}", table)
         mm_dims.append(int(dim))
         del table, matrix
     _save(out, "item_mm_mask", mm_mask)
+    return {"families": families, "mm_dims": mm_dims}
 
-    # Semantic IDs (another asset's table), codes shifted by one so that 0 is padding.
-    sid_levels, sid_vocab, codebook_info = 0, [], {}
-    if options.use_semantic_ids and _has_table(con, SID_TABLE):
-        sid = con.sql(f"SELECT coalesce(item_id, -1) AS item_id, creative_id, codes FROM {SID_TABLE}").to_arrow_table()
-        lengths, flat = list_parts(sid.column("codes"))
-        if len(lengths) and lengths.min() == lengths.max() and lengths[0] > 0:
-            width = int(lengths[0])
-            codes = flat.reshape(-1, width).astype(np.int32) + 1
-            rows = rows_of(sid.column("item_id").to_numpy().astype(np.int64), sid.column("creative_id").to_numpy().astype(np.int64))
-            sids = np.zeros((n_rows, width), np.int32)
-            sids[rows[rows >= 0]] = codes[rows >= 0]
-            sid_levels, sid_vocab = width, [int(v) + 1 for v in sids.max(axis=0)]
-            _save(out, "item_sids", sids)
-            if codebooks_json is not None and codebooks_json.is_file():
-                info = json.loads(codebooks_json.read_text())
-                codebook_info = {k: info[k] for k in ("levels", "codebook_size", "family") if k in info}
-        else:
-            logger.warning(f"{SID_TABLE}: codes of unequal or zero length; training without Semantic IDs")
 
-    # Users: sparse features and multi-valued ones (first multi_len values each).
+def _write_semantic_ids(
+    con: duckdb.DuckDBPyConnection, out: Path, space: RowSpace, options: PrepareOptions,
+    codebooks_json: Path | None, logger: Any,
+) -> dict[str, Any]:
+    """Semantic ID codes per row (another asset's table), shifted by one so that 0 is padding.
+
+    Only the RQ levels reach the model: the table's last code disambiguates items that share
+    a tuple by their rank inside the group, which carries no meaning another item could share."""
+    none = {"sid_levels": 0, "sid_vocab": [], "codebooks": {}}
+    if not (options.use_semantic_ids and _has_table(con, SID_TABLE)):
+        return none
+    info = json.loads(codebooks_json.read_text()) if codebooks_json is not None and codebooks_json.is_file() else {}
+    sid = con.sql(f"SELECT coalesce(item_id, -1) AS item_id, creative_id, codes FROM {SID_TABLE}").to_arrow_table()
+    lengths, flat = list_parts(sid.column("codes"))
+    if not (len(lengths) and lengths.min() == lengths.max() and lengths[0] > 0):
+        logger.warning(f"{SID_TABLE}: codes of unequal or zero length; training without Semantic IDs")
+        return none
+    width = int(lengths[0])
+    levels = min(width, int(info.get("levels") or max(1, width - 1)))
+    codes = flat.reshape(-1, width)[:, :levels].astype(np.int32) + 1
+    rows = space.rows_of(sid.column("item_id").to_numpy().astype(np.int64), sid.column("creative_id").to_numpy().astype(np.int64))
+    sids = np.zeros((space.n_rows, levels), np.int32)
+    sids[rows[rows >= 0]] = codes[rows >= 0]
+    _save(out, "item_sids", sids)
+    return {
+        "sid_levels": levels,
+        "sid_vocab": [int(v) + 1 for v in sids.max(axis=0)],
+        "codebooks": {k: info[k] for k in ("levels", "codebook_size", "family", "source") if k in info},
+    }
+
+
+def _write_users(con: duckdb.DuckDBPyConnection, out: Path, vocab: dict[str, int], options: PrepareOptions) -> dict[str, Any]:
+    """Sparse user features and multi-valued ones (first multi_len values each), by user id."""
     user_cols = set(_columns(con, "users"))
     max_user = int(_scalar(con, "SELECT greatest((SELECT coalesce(max(user_id), 0) FROM users), (SELECT coalesce(max(user_id), 0) FROM sequences))"))
     sparse_names = [c for c in USER_SPARSE if f"f{c}" in user_cols]
@@ -331,19 +403,98 @@ def _prepare(
     user_sparse = np.zeros((max_user + 1, len(USER_SPARSE)), np.int32)
     user_multi = np.zeros((max_user + 1, len(USER_MULTI), options.multi_len), np.int32)
     user_sparse[user_ids], user_multi[user_ids] = sparse_rows, multi_rows
-    del sparse_rows, multi_rows
     _save(out, "user_sparse", user_sparse)
     _save(out, "user_multi", user_multi)
-    del users, user_multi
+    return {"num_user_rows": max_user + 1, "user_vocab": user_vocab}
 
-    # Training sequences: streamed in record batches straight into memory-mapped matrices.
-    L = options.max_len
+
+def _write_holdout(con: duckdb.DuckDBPyConnection, out: Path, L: int, time_origin: int) -> dict[str, np.ndarray]:
+    """The test targets: the history before each target, the target, every positive from it on."""
+    hold = con.sql(
+        """SELECT user_id, target_item_id, target_action_type, history_item_ids, history_action_types,
+                  history_timestamps, target_item_ids, target_action_types FROM holdout ORDER BY user_id"""
+    ).to_arrow_table()
+    lengths, flat = list_parts(hold.column("history_item_ids"))
+    arrays = {"hold_items": pad_lists(lengths, flat.astype(np.int32), L, np.int32, left=True)}
+    _, flat = list_parts(hold.column("history_action_types"))
+    arrays["hold_actions"] = pad_lists(lengths, flat.astype(np.int8), L, np.int8, left=True)
+    _, flat = list_parts(hold.column("history_timestamps"))
+    arrays["hold_times"] = pad_lists(lengths, _relative_times(flat, time_origin), L, np.int32, left=True)
+    arrays["hold_users"] = hold.column("user_id").to_numpy().astype(np.int32)
+    arrays["hold_target"] = hold.column("target_item_id").to_numpy().astype(np.int32)
+    arrays["hold_target_action"] = hold.column("target_action_type").to_numpy().astype(np.int8)
+    t_lengths, flat = list_parts(hold.column("target_item_ids"))
+    width = int(max(1, min(L, t_lengths.max(initial=1))))
+    arrays["hold_targets"] = pad_lists(t_lengths, flat.astype(np.int32), width, np.int32, left=False)
+    _, flat = list_parts(hold.column("target_action_types"))
+    arrays["hold_target_actions"] = pad_lists(t_lengths, flat.astype(np.int8), width, np.int8, left=False)
+    for name, array in arrays.items():
+        _save(out, name, array)
+    return arrays
+
+
+def previous_target_columns(items: np.ndarray, actions: np.ndarray, target_priority: tuple[int, ...]) -> np.ndarray:
+    """Column of each history's own last target by the holdout's rule (the last event of the
+    first action type of ``target_priority`` present), -1 where the history has none."""
+    n, L = items.shape
+    column = np.full(n, -1, np.int64)
+    for action in target_priority:
+        hit = (actions == action) & (items > 0)
+        last = L - 1 - np.argmax(hit[:, ::-1], axis=1)
+        pick = (column < 0) & hit.any(axis=1)
+        column[pick] = last[pick]
+    return column
+
+
+def cut_before(matrix: np.ndarray, column: np.ndarray) -> np.ndarray:
+    """Each left-padded row's values strictly before ``column``, right-aligned again."""
+    n, L = matrix.shape
+    source = np.arange(L)[None, :] - (L - column[:, None])
+    return np.where(source >= 0, np.take_along_axis(matrix, np.maximum(source, 0), axis=1), 0).astype(matrix.dtype)
+
+
+def _write_validation(
+    out: Path, holdout: dict[str, np.ndarray], target_priority: tuple[int, ...], options: PrepareOptions
+) -> dict[str, Any]:
+    """Validation that never sees a test target: for a deterministic sample of ``val_users``
+    holdout users, the target *before* their test target (chosen by the holdout's own rule)
+    with the history strictly before it. Those users' training sequences are cut at the same
+    point (``_write_sequences``), so the validation target is never trained on; the test
+    history still holds it, as input."""
+    column = previous_target_columns(holdout["hold_items"], holdout["hold_actions"], target_priority)
+    eligible = np.flatnonzero(column >= 0)
+    rng = np.random.default_rng(options.val_seed)
+    rows = np.sort(rng.permutation(eligible)[: options.val_users]) if len(eligible) else eligible
+    col = column[rows]
+    take = lambda name: np.asarray(holdout[name][rows])  # noqa: E731
+    val = {
+        "val_hold_row": rows.astype(np.int32),
+        "val_users": take("hold_users"),
+        "val_items": cut_before(take("hold_items"), col),
+        "val_actions": cut_before(take("hold_actions"), col),
+        "val_times": cut_before(take("hold_times"), col),
+        "val_target": np.take_along_axis(take("hold_items"), col[:, None], axis=1)[:, 0].astype(np.int32),
+        "val_target_action": np.take_along_axis(take("hold_actions"), col[:, None], axis=1)[:, 0].astype(np.int8),
+    }
+    for name, array in val.items():
+        _save(out, name, array)
+    return {**val, "eligible": len(eligible)}
+
+
+def _write_sequences(
+    con: duckdb.DuckDBPyConnection, out: Path, L: int, time_origin: int, n_rows: int, n_actions: int,
+    validation: dict[str, Any],
+) -> dict[str, Any]:
+    """Training sequences, streamed in record batches straight into memory-mapped matrices; a
+    validation user's sequence is its validation history (it ends before the validation target).
+    Item popularity per action type counts what training sees."""
     n_seq = int(_scalar(con, "SELECT count(*) FROM sequences"))
     seq_items = np.lib.format.open_memmap(out / "seq_items.npy", "w+", np.int32, (n_seq, L))
     seq_actions = np.lib.format.open_memmap(out / "seq_actions.npy", "w+", np.int8, (n_seq, L))
     seq_times = np.lib.format.open_memmap(out / "seq_times.npy", "w+", np.int32, (n_seq, L))
     seq_users = np.zeros(n_seq, np.int32)
     counts = np.zeros(n_rows * n_actions, np.int64)
+    val_users = validation["val_users"].astype(np.int64)  # sorted: the holdout is ordered by user
     reader = con.sql(
         "SELECT user_id, item_ids, action_types, timestamps FROM sequences ORDER BY user_id"
     ).to_arrow_reader(CHUNK_ROWS)
@@ -351,94 +502,45 @@ def _prepare(
     events = 0
     for batch in reader:
         hi = lo + batch.num_rows
-        seq_users[lo:hi] = batch.column("user_id").to_numpy()
+        users = batch.column("user_id").to_numpy().astype(np.int64)
+        seq_users[lo:hi] = users
         lengths, items_flat = list_parts(batch.column("item_ids"))
         _, actions_flat = list_parts(batch.column("action_types"))
         _, times_flat = list_parts(batch.column("timestamps"))
-        seq_items[lo:hi] = pad_lists(lengths, items_flat.astype(np.int32), L, np.int32, left=True)
-        seq_actions[lo:hi] = pad_lists(lengths, actions_flat.astype(np.int8), L, np.int8, left=True)
-        seq_times[lo:hi] = pad_lists(lengths, _relative_times(times_flat, time_origin), L, np.int32, left=True)
-        # Popularity per action type over what training sees (the kept positions only).
-        kept = seq_items[lo:hi] > 0
-        counts += np.bincount(
-            seq_items[lo:hi][kept].astype(np.int64) * n_actions + seq_actions[lo:hi][kept], minlength=n_rows * n_actions
-        )
+        items = pad_lists(lengths, items_flat.astype(np.int32), L, np.int32, left=True)
+        actions = pad_lists(lengths, actions_flat.astype(np.int8), L, np.int8, left=True)
+        times = pad_lists(lengths, _relative_times(times_flat, time_origin), L, np.int32, left=True)
+        if len(val_users):
+            pos = np.minimum(np.searchsorted(val_users, users), len(val_users) - 1)
+            hit = np.flatnonzero(val_users[pos] == users)
+            items[hit] = validation["val_items"][pos[hit]]
+            actions[hit] = validation["val_actions"][pos[hit]]
+            times[hit] = validation["val_times"][pos[hit]]
+        seq_items[lo:hi], seq_actions[lo:hi], seq_times[lo:hi] = items, actions, times
+        kept = items > 0
+        counts += np.bincount(items[kept].astype(np.int64) * n_actions + actions[kept], minlength=n_rows * n_actions)
         events += int(kept.sum())
         lo = hi
     seq_items.flush(), seq_actions.flush(), seq_times.flush()
     del seq_items, seq_actions, seq_times
     _save(out, "seq_users", seq_users)
     _save(out, "item_counts", counts.reshape(n_rows, n_actions))
+    return {"num_sequences": n_seq, "num_events": events}
 
-    # Holdout: the history before each target, the target, and every positive from it on.
-    hold = con.sql(
-        """SELECT user_id, target_item_id, target_action_type, history_item_ids, history_action_types,
-                  history_timestamps, target_item_ids, target_action_types FROM holdout ORDER BY user_id"""
-    ).to_arrow_table()
-    lengths, flat = list_parts(hold.column("history_item_ids"))
-    _save(out, "hold_items", pad_lists(lengths, flat.astype(np.int32), L, np.int32, left=True))
-    _, flat = list_parts(hold.column("history_action_types"))
-    _save(out, "hold_actions", pad_lists(lengths, flat.astype(np.int8), L, np.int8, left=True))
-    _, flat = list_parts(hold.column("history_timestamps"))
-    _save(out, "hold_times", pad_lists(lengths, _relative_times(flat, time_origin), L, np.int32, left=True))
-    _save(out, "hold_users", hold.column("user_id").to_numpy().astype(np.int32))
-    _save(out, "hold_target", hold.column("target_item_id").to_numpy().astype(np.int32))
-    _save(out, "hold_target_action", hold.column("target_action_type").to_numpy().astype(np.int8))
-    t_lengths, flat = list_parts(hold.column("target_item_ids"))
-    width = int(max(1, min(L, t_lengths.max(initial=1))))
-    _save(out, "hold_targets", pad_lists(t_lengths, flat.astype(np.int32), width, np.int32, left=False))
-    _, flat = list_parts(hold.column("target_action_types"))
-    _save(out, "hold_target_actions", pad_lists(t_lengths, flat.astype(np.int8), width, np.int8, left=False))
-    n_hold = hold.num_rows
-    val = np.sort(np.random.default_rng(options.val_seed).permutation(n_hold)[: options.val_users]).astype(np.int32)
-    _save(out, "val_index", val)
-    del hold
 
-    # The candidate pool, in retrieval-id order.
+def _write_candidates(con: duckdb.DuckDBPyConnection, out: Path, space: RowSpace) -> dict[str, Any]:
+    """The candidate pool, in retrieval-id order."""
     cand = con.execute(
         "SELECT coalesce(item_id, -1) AS item_id, creative_id, retrieval_id, is_cold FROM candidates ORDER BY retrieval_id"
     ).fetchnumpy()
-    cand_rows = rows_of(cand["item_id"].astype(np.int64), cand["creative_id"].astype(np.int64))
+    cand_rows = space.rows_of(cand["item_id"].astype(np.int64), cand["creative_id"].astype(np.int64))
     if (cand_rows < 0).any():
         raise ValueError(f"{int((cand_rows < 0).sum())} candidates have no item row")
     _save(out, "cand_rows", cand_rows.astype(np.int32))
     _save(out, "cand_creative", cand["creative_id"].astype(np.int64))
     _save(out, "cand_retrieval", cand["retrieval_id"].astype(np.int64))
     _save(out, "cand_cold", np.asarray(cand["is_cold"], bool))
-
-    logger.info(
-        f"arrays: {n_seq} sequences ({events} events), {n_hold} holdout users, {n_rows} item rows "
-        f"({len(extra_creative)} cold without id), {len(cand_rows)} candidates, families {families}, "
-        f"Semantic IDs {'yes' if sid_levels else 'no'}"
-    )
-    return {
-        "version": ARRAYS_VERSION,
-        "track": track,
-        "max_len": L,
-        "n_actions": n_actions,
-        "time_origin": time_origin,
-        "num_sequences": n_seq,
-        "num_events": events,
-        "num_holdout": n_hold,
-        "num_val": int(len(val)),
-        "num_item_rows": n_rows,
-        "id_rows": id_rows,
-        "num_cold_rows": int(len(extra_creative)),
-        "num_candidates": int(len(cand_rows)),
-        "num_user_rows": max_user + 1,
-        "item_features": list(item_cols),
-        "item_vocab": item_vocab,
-        "user_sparse": list(USER_SPARSE),
-        "user_multi": list(USER_MULTI),
-        "user_vocab": user_vocab,
-        "multi_len": options.multi_len,
-        "families": families,
-        "mm_dims": mm_dims,
-        "sid_levels": sid_levels,
-        "sid_vocab": sid_vocab,
-        "codebooks": codebook_info,
-        "options": asdict(options),
-    }
+    return {"num_candidates": int(len(cand_rows))}
 
 
 def encode_user_features(
@@ -487,6 +589,9 @@ class NegativeSpec:
     """Which negatives a batch carries (the loss decides how to use them)."""
 
     in_batch: int = 0  # target items drawn from other positions of the global batch
+    # Every distinct item of the global batch's sequences is a negative (the item tower embeds
+    # them anyway); log Q is then the probability that an item is among them.
+    batch_items: bool = False
     sampled: int = 0  # items drawn from the sampler, shared by the whole batch
     per_position: int = 0  # one sampled item per position (the official baseline's BCE), 0 or 1
     # Per-position negatives are drawn from a shared pool of this many sampled items (each
@@ -496,6 +601,7 @@ class NegativeSpec:
     sampler: str = "popularity"  # "popularity" (counts ** alpha) or "uniform" (over trained items)
     alpha: float = 1.0
     logq: bool = True
+    logq_positive: bool = True  # also subtract log Q from the positive's logit (Yi et al.)
 
 
 class ItemSampler:
@@ -540,8 +646,11 @@ class BatchMaker:
         negatives: NegativeSpec | None = None,
         rank: int = 0,
         world: int = 1,
+        length_buckets: int = 0,
     ) -> None:
         n = arrays.num_sequences
+        self.length_buckets = length_buckets
+        self.lengths = (np.asarray(arrays.seq_items) > 0).sum(axis=1) if length_buckets else None
         self.arrays = arrays
         self.global_batch = max(world, min(batch_size, n) // world * world)
         if n < world:
@@ -561,6 +670,8 @@ class BatchMaker:
         self.sampler = None
         if self.neg.sampled or self.neg.per_position:
             self.sampler = ItemSampler(counts.sum(axis=1), self.neg.sampler, self.neg.alpha)
+        # Share of training positions per item: the chance that one position holds it.
+        self.position_p = counts.sum(axis=1) / max(counts.sum(), 1)
         # logQ: log of the expected number of times an item shows up among the negatives.
         expected = self.neg.in_batch * self.target_q
         if self.neg.sampled:
@@ -569,8 +680,25 @@ class BatchMaker:
         self._order: tuple[int, np.ndarray] | None = None
 
     def order(self, epoch: int) -> np.ndarray:
+        """Epoch ``epoch``'s sequence order; batch i is its i-th slice of ``global_batch`` rows.
+
+        With ``length_buckets`` > 0, the shuffled sequences are cut into chunks of that many
+        batches, each chunk is sorted by history length and cut into batches, and the batches
+        are shuffled: a batch then holds histories of similar length, so trimming it to its
+        longest history leaves little padding, while every batch is still a random draw."""
         if self._order is None or self._order[0] != epoch:
-            self._order = (epoch, np.random.default_rng([self.seed, epoch]).permutation(self.arrays.num_sequences))
+            rng = np.random.default_rng([self.seed, epoch])
+            order = rng.permutation(self.arrays.num_sequences)
+            if self.length_buckets:
+                B = self.global_batch
+                used = self.steps_per_epoch * B
+                chunk = self.length_buckets * B
+                for lo in range(0, used, chunk):
+                    part = order[lo : min(lo + chunk, used)]
+                    order[lo : lo + len(part)] = part[np.argsort(self.lengths[part], kind="stable")]
+                batches = order[:used].reshape(self.steps_per_epoch, B)[rng.permutation(self.steps_per_epoch)]
+                order[:used] = batches.reshape(-1)
+            self._order = (epoch, order)
         return self._order[1]
 
     def batch(self, step: int) -> dict[str, np.ndarray]:
@@ -583,7 +711,11 @@ class BatchMaker:
         """Global batch of the training sequences ``rows``; this rank's slice is returned."""
         a = self.arrays
         items = np.asarray(a.seq_items[rows])
-        actions = np.asarray(a.seq_actions[rows]).astype(np.int64)
+        # No compute on padding: the batch keeps only as many (right-aligned) columns as its
+        # longest history.
+        width = history_width(items)
+        items = np.ascontiguousarray(items[:, -width:])
+        actions = np.asarray(a.seq_actions[rows, -width:]).astype(np.int64)
         weights = self.action_weight[actions] * (items > 0)
         total = float(weights.sum())
         out: dict[str, np.ndarray] = {}
@@ -597,7 +729,19 @@ class BatchMaker:
             in_batch = np.zeros(0, np.int64)
         sampled = self.sampler.sample(rng, self.neg.sampled) if self.neg.sampled else np.zeros(0, np.int64)
         neg = np.concatenate([in_batch, sampled])
-        if len(neg):
+        log_q = self.log_q
+        if self.neg.batch_items:
+            # Each distinct item once: log Q is the log-probability that the item is in the set,
+            # 1 - P(no position holds it) * P(no sampler draw gives it).
+            neg = np.unique(np.concatenate([items[items > 0].astype(np.int64), sampled]))
+            absent = int((items > 0).sum()) * np.log1p(-np.minimum(self.position_p[neg], 1 - 1e-9))
+            if self.neg.sampled:
+                absent = absent + self.neg.sampled * np.log1p(-np.minimum(self.sampler.p[neg], 1 - 1e-9))
+            log_q = np.zeros(len(self.position_p), np.float32)
+            log_q[neg] = np.log(-np.expm1(np.minimum(absent, -1e-12)))
+            out["neg_items"] = neg
+            out["neg_logq"] = log_q[neg] if self.neg.logq else np.zeros(len(neg), np.float32)
+        elif len(neg):
             # Each distinct negative once (sorted), its multiplicity folded into log Q: a
             # negative drawn k times weighs k in the softmax denominator, i.e. logit + log k.
             neg, counts = np.unique(neg, return_counts=True)
@@ -620,11 +764,12 @@ class BatchMaker:
         out.update(
             items=items.astype(np.int64),
             actions=actions,
-            times=np.asarray(a.seq_times[rows]).astype(np.int64),
+            times=np.asarray(a.seq_times[rows, -width:]).astype(np.int64),
             user_sparse=np.asarray(a.user_sparse[users]).astype(np.int64),
             user_multi=np.asarray(a.user_multi[users]).astype(np.int64),
             weights=weights.astype(np.float32),
-            pos_logq=self.log_q[items] if (self.neg.logq and len(neg)) else np.zeros(items.shape, np.float32),
+            pos_logq=(log_q[items] if (self.neg.logq and self.neg.logq_positive and len(neg))
+                      else np.zeros(items.shape, np.float32)),
             # The loss is summed over this rank and divided by the global weight total; DDP
             # averages gradients over ranks, so the world size comes back in here.
             loss_scale=np.float32(self.world / max(total, 1e-12)),
@@ -632,13 +777,36 @@ class BatchMaker:
         return out
 
 
-def holdout_batch(arrays: Arrays, index: np.ndarray) -> dict[str, np.ndarray]:
-    """Model inputs for holdout rows ``index`` (histories before each target)."""
-    users = np.asarray(arrays.hold_users[index]).astype(np.int64)
+def history_width(items: np.ndarray) -> int:
+    """Columns that right-aligned histories need: the longest one (at least 1)."""
+    return max(1, int((np.asarray(items) > 0).sum(axis=1).max(initial=0)))
+
+
+POSITION_KEYS = ("items", "actions", "times")
+
+
+def trim_padding(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The batch with its per-position arrays cut to the longest history (same vectors: the
+    encoder masks padding; this only stops paying for it)."""
+    width = history_width(batch["items"])
+    if width == batch["items"].shape[1]:
+        return batch
+    return {k: (v[:, -width:] if k in POSITION_KEYS else v) for k, v in batch.items()}
+
+
+def history_batch(arrays: Arrays, split: str, index: np.ndarray) -> dict[str, np.ndarray]:
+    """Model inputs for rows ``index`` of a split's histories: ``"hold"`` (before each test
+    target) or ``"val"`` (before each validation target)."""
+    users = np.asarray(arrays.a[f"{split}_users"][index]).astype(np.int64)
     return {
-        "items": np.asarray(arrays.hold_items[index]).astype(np.int64),
-        "actions": np.asarray(arrays.hold_actions[index]).astype(np.int64),
-        "times": np.asarray(arrays.hold_times[index]).astype(np.int64),
+        "items": np.asarray(arrays.a[f"{split}_items"][index]).astype(np.int64),
+        "actions": np.asarray(arrays.a[f"{split}_actions"][index]).astype(np.int64),
+        "times": np.asarray(arrays.a[f"{split}_times"][index]).astype(np.int64),
         "user_sparse": np.asarray(arrays.user_sparse[users]).astype(np.int64),
         "user_multi": np.asarray(arrays.user_multi[users]).astype(np.int64),
     }
+
+
+def holdout_batch(arrays: Arrays, index: np.ndarray) -> dict[str, np.ndarray]:
+    """Model inputs for holdout rows ``index`` (histories before each test target)."""
+    return history_batch(arrays, "hold", index)

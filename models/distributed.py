@@ -67,6 +67,15 @@ def mean_over_ranks(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
     return value / info.world
 
 
+def broadcast_float(value: float, info: DistInfo) -> float:
+    """Rank 0's ``value`` on every rank."""
+    if not info.distributed:
+        return value
+    tensor = torch.tensor([value], dtype=torch.float64, device=info.device)
+    dist.broadcast(tensor, src=0)
+    return float(tensor.item())
+
+
 def cleanup(info: DistInfo) -> None:
     if info.distributed and dist.is_initialized():
         dist.destroy_process_group()

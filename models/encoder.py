@@ -35,7 +35,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models.losses import info_nce, sampled_bce
+from models.losses import full_softmax, info_nce, sampled_bce
 
 GAP_BUCKETS = 32  # log2 buckets of the gap to the previous event, in seconds
 HOUR_ROWS, WEEKDAY_ROWS = 24, 7
@@ -80,7 +80,9 @@ class EncoderConfig:
     action_conditioning: bool = True  # FiLM of the output by the action asked for
     out_proj: bool = True  # a linear map from the backbone to the query space
     # --- objective --------------------------------------------------------------------------------
-    loss: str = "infonce"  # infonce | bce
+    # softmax: over every item row (catalogues that fit); infonce: sampled negatives with logQ
+    # correction (huge catalogues); bce: the official baseline's one negative per position.
+    loss: str = "infonce"
     similarity: str = "cosine"  # cosine | dot (used by the loss and by retrieval)
     temperature: float = 0.05
     learn_temperature: bool = False
@@ -469,23 +471,32 @@ class Encoder(nn.Module):
         cfg = self.cfg
         items = batch["items"]
         B, L = items.shape
-        extra = [batch[k].reshape(-1) for k in ("neg_items", "pos_neg_items") if k in batch]
-        all_emb = self.item_tower(torch.cat([items.reshape(-1), *extra]))
-        item_emb = all_emb[: B * L].view(B, L, -1)
+        if cfg.loss == "softmax":
+            # Every item row is a class: embed the whole row space once and look positions up in it.
+            table = self._item_tower_rows(torch.arange(cfg.num_item_rows, device=items.device))
+            item_emb = F.embedding(items, table)
+        else:
+            extra = [batch[k].reshape(-1) for k in ("neg_items", "pos_neg_items") if k in batch]
+            all_emb = self.item_tower(torch.cat([items.reshape(-1), *extra]))
+            item_emb = all_emb[: B * L].view(B, L, -1)
         h = self.encode(batch, item_emb)[:, :L]
         # The positions with a target (weight > 0), gathered once with index_select (its
         # backward is a plain index_add; boolean-mask indexing costs several times more).
         idx = (batch["weights"].reshape(-1) > 0).nonzero().squeeze(1)
         pick = lambda t: t.reshape(B * L, *t.shape[2:]).index_select(0, idx)  # noqa: E731
         query = self.head(pick(h), pick(batch["actions"]))
-        pos = pick(item_emb)
         weights = pick(batch["weights"])
         cosine = cfg.similarity == "cosine"
-        if cfg.loss == "infonce":
+        if cfg.loss == "softmax":
+            loss = full_softmax(
+                query, table[1:], pick(items) - 1,
+                temperature=self.temperature if cosine else 1.0, weights=weights, scale=batch["loss_scale"], cosine=cosine,
+            )
+        elif cfg.loss == "infonce":
             neg_ids = batch["neg_items"]
             neg = all_emb[B * L : B * L + len(neg_ids)]
             loss = info_nce(
-                query, pos, neg,
+                query, pick(item_emb), neg,
                 temperature=self.temperature,
                 pos_log_q=pick(batch["pos_logq"]), neg_log_q=batch["neg_logq"],
                 pos_ids=pick(items), neg_ids=neg_ids,
@@ -493,9 +504,9 @@ class Encoder(nn.Module):
             )
         elif cfg.loss == "bce":
             neg = pick(all_emb[all_emb.shape[0] - B * L :].view(B, L, -1))
-            loss = sampled_bce(query, pos, neg, weights=weights, scale=batch["loss_scale"], cosine=cosine, temperature=self.temperature if cosine else 1.0)
+            loss = sampled_bce(query, pick(item_emb), neg, weights=weights, scale=batch["loss_scale"], cosine=cosine, temperature=self.temperature if cosine else 1.0)
         else:
-            raise ValueError(f"unknown loss {cfg.loss!r}: infonce or bce")
+            raise ValueError(f"unknown loss {cfg.loss!r}: softmax, infonce or bce")
         return loss, {"positions": idx.numel()}
 
     # -- retrieval --------------------------------------------------------------------------------

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from models.baselines import oracle_topk, popularity_topk
+from models.baselines import oracle_topk, popularity_order, popularity_topk
 from models.data import Arrays, holdout_batch
 from models.distributed import pick_device
 from models.encoder import Encoder, EncoderConfig
@@ -393,15 +393,6 @@ class Evaluation:
     seconds: dict[str, float]
     provenance: dict[str, Any]
     notes: list[str]
-
-
-def popularity_order(arrays: Arrays, actions: tuple[int, ...]) -> np.ndarray:
-    """Pool positions by training popularity for the target actions (ties: all events, then
-    pool order); cold items (never seen) last."""
-    counts = np.asarray(arrays.item_counts)[np.asarray(arrays.cand_rows).astype(np.int64)]
-    target = counts[:, list(actions)].sum(axis=1)
-    plain = counts.sum(axis=1)
-    return np.lexsort((np.arange(len(counts)), -plain, -target))
 
 
 def _oracle_truth(paths: Any, settings: Any) -> Any:

@@ -1,5 +1,6 @@
-"""Retrieval losses: InfoNCE with sampled negatives and logQ correction, and the official
-baseline's binary cross-entropy with one sampled negative per position.
+"""Retrieval losses: the full softmax over every item, InfoNCE with sampled negatives and logQ
+correction, and the official baseline's binary cross-entropy with one sampled negative per
+position.
 
 Notation: P positions to predict, M shared negatives, d the embedding width.
 
@@ -23,6 +24,17 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+
+def weighted_sum(
+    per_position: torch.Tensor, weights: torch.Tensor | None, scale: float | torch.Tensor | None
+) -> torch.Tensor:
+    """sum_p w_p loss_p * scale; ``scale`` defaults to 1 / sum(w) (the weighted mean)."""
+    if weights is None:
+        weights = torch.ones_like(per_position)
+    if scale is None:
+        scale = 1.0 / weights.sum().clamp_min(1e-12)
+    return (per_position * weights).sum() * scale
 
 
 def info_nce(
@@ -64,11 +76,26 @@ def info_nce(
         else:
             neg_logit = neg_logit.masked_fill_(neg_ids[None, :] == pos_ids[:, None], float("-inf"))
     per_position = torch.logaddexp(pos_logit, torch.logsumexp(neg_logit, dim=1)) - pos_logit
-    if weights is None:
-        weights = torch.ones_like(per_position)
-    if scale is None:
-        scale = 1.0 / weights.sum().clamp_min(1e-12)
-    return (per_position * weights).sum() * scale
+    return weighted_sum(per_position, weights, scale)
+
+
+def full_softmax(
+    user: torch.Tensor,
+    items: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    temperature: float | torch.Tensor = 1.0,
+    weights: torch.Tensor | None = None,
+    scale: float | torch.Tensor | None = None,
+    cosine: bool = True,
+) -> torch.Tensor:
+    """Weighted cross-entropy of P positions (user [P, d]) over every item (items [N, d]);
+    ``targets`` [P] are row numbers into ``items``. No sampling, so no logQ correction."""
+    if cosine:
+        user, items = F.normalize(user, dim=-1), F.normalize(items, dim=-1)
+    logits = (user.float() / temperature) @ items.float().T
+    per_position = F.cross_entropy(logits, targets, reduction="none")
+    return weighted_sum(per_position, weights, scale)
 
 
 def sampled_bce(
@@ -88,8 +115,4 @@ def sampled_bce(
     pos_logit = (user * pos).sum(-1).float() / temperature
     neg_logit = (user * neg).sum(-1).float() / temperature
     per_position = F.softplus(-pos_logit) + F.softplus(neg_logit)  # BCE(pos, 1) + BCE(neg, 0)
-    if weights is None:
-        weights = torch.ones_like(per_position)
-    if scale is None:
-        scale = 1.0 / weights.sum().clamp_min(1e-12)
-    return (per_position * weights).sum() * scale
+    return weighted_sum(per_position, weights, scale)

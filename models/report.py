@@ -53,6 +53,11 @@ HISTORY_LABELS = ("0-9", "10-29", "30-59", "60-89", "90-100")
 POPULARITY_EDGES = (0, 1, 10, 100, 1000, math.inf)
 POPULARITY_LABELS = ("0", "1-9", "10-99", "100-999", "1000+")
 ACTION_LABELS = {0: "exposure", 1: "click", 2: "conversion"}
+VALIDATION_NOTE = (
+    "Validation scores each validation user's target before its test target (history strictly before it; "
+    "training never saw it); training kept the checkpoint with the best validation score. Test is this "
+    "report's holdout (the last target), which neither training nor model selection touched."
+)
 SLICE_TITLES = {
     "history_length": "history length",
     "target_popularity": "target popularity (training events)",
@@ -345,6 +350,22 @@ def headline_rows(headline: Mapping[str, Mapping[str, float]], k: int = K) -> tu
     return headers, rows
 
 
+def split_rows(headline: Mapping[str, Mapping[str, float]], validation: Mapping[str, Any] | None,
+               users: int, k: int = K) -> tuple[list[str], list[list[Any]]]:
+    """Validation (model selection) next to test (this report), for the model and popularity."""
+    headers = ["split", "users", "method", f"HR@{k}", f"NDCG@{k}", "Score"]
+    rows: list[list[Any]] = []
+    if validation:
+        for method, prefix in (("model", ""), ("popularity", "popularity_")):
+            rows.append([f"validation (step {validation.get('step')})", validation.get("users"), method,
+                         validation.get(f"{prefix}hr@{k}"), validation.get(f"{prefix}ndcg@{k}"), validation.get(f"{prefix}score")])
+    for method in ("model", "popularity"):
+        if method in headline:
+            f = headline[method]
+            rows.append(["test", users, method, f.get(f"hr@{k}"), f.get(f"ndcg@{k}"), f.get("score")])
+    return headers, rows
+
+
 def headline_markdown(headline: Mapping[str, Mapping[str, float]], k: int = K) -> str:
     """The headline table as Markdown (also the asset's Markdown metadata)."""
     return _md_table(*headline_rows(headline, k))
@@ -401,6 +422,9 @@ class ReportData:
     notes: list[str] = field(default_factory=list)
     title: str | None = None
     k: int = K
+    # The training run's model selection: the kept checkpoint's figures on the validation
+    # split (each validation user's target before its test target), model and popularity.
+    validation: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -413,6 +437,7 @@ class ReportData:
             "provenance": self.provenance,
             "slices": [] if self.slices is None else self.slices.to_dict(orient="records"),
             "notes": self.notes,
+            "validation": self.validation,
         }
 
 
@@ -476,6 +501,9 @@ def write_report(
 
     md = [f"# {title}", "", f"Created {figures['created_at']}.", "", "## Headline", "", headline_md, ""]
     md += [f"- {note}" for note in data.notes] + ([""] if data.notes else [])
+    splits = split_rows(data.headline, data.validation, int(data.provenance.get("users") or 0), k)
+    if data.validation:
+        md += ["## Validation and test", "", VALIDATION_NOTE, "", _md_table(*splits), ""]
     if prov_rows:
         md += ["## Run", "", _md_table(["setting", "value"], prov_rows), ""]
     if slice_tables:
@@ -505,6 +533,8 @@ def write_report(
     body = [f"<h1>{html.escape(title)}</h1>", f"<p>Created {html.escape(figures['created_at'])}.</p>",
             "<h2>Headline</h2>", _html_table(*headline_rows(data.headline, k))]
     body += ["<ul>" + "".join(f"<li>{html.escape(n)}</li>" for n in data.notes) + "</ul>"] if data.notes else []
+    if data.validation:
+        body += ["<h2>Validation and test</h2>", f"<p>{html.escape(VALIDATION_NOTE)}</p>", _html_table(*splits)]
     if prov_rows:
         body += ["<h2>Run</h2>", _html_table(["setting", "value"], prov_rows)]
     if slice_tables:

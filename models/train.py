@@ -39,7 +39,8 @@ import torch
 import torch.nn as nn
 
 from models import distributed
-from models.data import Arrays, BatchMaker, NegativeSpec, PrepareOptions, holdout_batch, load_arrays, prepare_arrays
+from models.baselines import popularity_order, popularity_topk
+from models.data import Arrays, BatchMaker, NegativeSpec, PrepareOptions, history_batch, load_arrays, prepare_arrays, trim_padding
 from models.encoder import Encoder, EncoderConfig, ItemTables, count_parameters
 from models.metrics import retrieval_metrics
 from taac_dagster.atomic import atomic_file
@@ -51,34 +52,54 @@ PRESET_DIR = Path(__file__).resolve().parents[1] / "configs" / "models"
 CHECKPOINT_FORMAT = 1
 LAST = "last.pt"
 # Fields that change how a run is watched, not what it computes: not part of the config hash.
-_NOT_HASHED = {"epochs", "max_steps", "log_every", "eval_every", "eval_batch", "checkpoint_every", "device", "compile", "threads"}
+_NOT_HASHED = {"log_every", "eval_batch", "checkpoint_every", "device", "compile", "threads"}
 
 
 @dataclass
 class TrainConfig:
     batch_size: int = 256  # global batch (sequences per step, over all ranks)
-    epochs: int = 1
+    # Batches of similar history lengths (see BatchMaker.order): chunks of this many batches
+    # are sorted by length. 0: plain shuffling (every batch padded to its longest history).
+    length_buckets: int = 0
+    # The most epochs. None: as many as it takes to show the model ``budget_sequences``
+    # training sequences, between 1 and ``max_auto_epochs`` (a small dataset needs many
+    # passes, a large one few); early stopping usually ends the run before.
+    epochs: int | None = None
+    budget_sequences: int = 4_000_000
+    max_auto_epochs: int = 200
     max_steps: int | None = None  # overrides epochs
+    # Early stopping: stop after ``patience`` validations without a better validation score
+    # (0: never early); the best weights are what the run returns and saves.
+    patience: int = 10
     lr: float = 1e-3
     sparse_lr: float | None = None  # SparseAdam's learning rate (None: lr)
     weight_decay: float = 0.0  # AdamW, matrices only
     betas: tuple[float, float] = (0.9, 0.98)
-    warmup_steps: int = 0
+    warmup_steps: int | None = None  # None: warmup_fraction of the planned steps
+    warmup_fraction: float = 0.0
     schedule: str = "constant"  # constant | cosine (to 10% of lr)
     grad_clip: float = 0.0  # max norm of the dense gradients (0: off)
     # Loss weight per target action type; an action of weight 0 is never a training target.
     action_weights: dict[int, float] = field(default_factory=lambda: {0: 1.0, 1: 1.0, 2: 2.5})
     in_batch_negatives: int = 0
+    batch_negatives: bool = False  # every distinct item of the batch is a negative (sampled losses)
     sampled_negatives: int = 0
     per_position_negatives: int = 0  # the official baseline's BCE: one sampled item per position
     per_position_pool: int = 4096  # ... drawn from a shared pool of this many samples (0: independent)
     sampler: str = "popularity"  # popularity | uniform
     sampler_alpha: float = 1.0
     logq: bool = True
+    logq_positive: bool = True
     retrieval_actions: tuple[int, ...] | None = None  # None: the track's target actions
+    # A catalogue of at most this many item rows is trained with the full softmax (every item a
+    # negative) when the model's loss is "auto"; a larger one with sampled negatives (InfoNCE).
+    full_softmax_items: int = 100_000
     seed: int = 0
-    val_users: int = 1000  # validation users (a fixed subset of the holdout)
-    eval_every: int = 0  # 0: at the end only
+    val_users: int = 4096  # validation users (at most the arrays' validation split)
+    # Steps between validations. None: once per epoch, and at least every ``eval_every_max``
+    # steps; 0: at the end only.
+    eval_every: int | None = None
+    eval_every_max: int = 2000
     eval_batch: int = 512
     log_every: int = 10
     checkpoint_every: int = 0  # 0: at the end (and when stopped) only
@@ -156,17 +177,45 @@ def cpu_threads(requested: int | None) -> int:
     return max(1, min(cores, int(cores - busy + 0.5)))
 
 
+def planned_epochs(tc: TrainConfig, num_sequences: int) -> int:
+    """The epoch bound: ``tc.epochs``, or enough passes to show ``budget_sequences`` sequences."""
+    if tc.epochs is not None:
+        return int(tc.epochs)
+    return int(min(tc.max_auto_epochs, max(1, math.ceil(tc.budget_sequences / max(1, num_sequences)))))
+
+
 def total_steps(tc: TrainConfig, maker: BatchMaker) -> int:
-    return int(tc.max_steps) if tc.max_steps is not None else int(tc.epochs * maker.steps_per_epoch)
+    if tc.max_steps is not None:
+        return int(tc.max_steps)
+    return int(planned_epochs(tc, maker.arrays.num_sequences) * maker.steps_per_epoch)
+
+
+def validation_interval(tc: TrainConfig, maker: BatchMaker) -> int:
+    """Steps between validations (0: at the end only)."""
+    if tc.eval_every is not None:
+        return int(tc.eval_every)
+    return int(max(1, min(maker.steps_per_epoch, tc.eval_every_max)))
+
+
+def warmup_steps(tc: TrainConfig, steps: int) -> int:
+    return int(tc.warmup_steps) if tc.warmup_steps is not None else int(round(tc.warmup_fraction * steps))
 
 
 def lr_at(step: int, tc: TrainConfig, steps: int) -> float:
-    if tc.warmup_steps and step < tc.warmup_steps:
-        return tc.lr * (step + 1) / tc.warmup_steps
+    warmup = warmup_steps(tc, steps)
+    if warmup and step < warmup:
+        return tc.lr * (step + 1) / warmup
     if tc.schedule == "cosine":
-        progress = (step - tc.warmup_steps) / max(1, steps - tc.warmup_steps)
+        progress = (step - warmup) / max(1, steps - warmup)
         return tc.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
     return tc.lr
+
+
+def resolve_loss(model: dict[str, Any], tc: TrainConfig, meta: dict[str, Any]) -> dict[str, Any]:
+    """The preset's model settings with ``loss: auto`` decided by the catalogue's size."""
+    if model.get("loss", "auto") != "auto":
+        return model
+    return {**model, "loss": "softmax" if int(meta["num_item_rows"]) <= tc.full_softmax_items else "infonce"}
 
 
 def make_optimizers(model: Encoder, tc: TrainConfig) -> dict[str, torch.optim.Optimizer]:
@@ -230,12 +279,14 @@ def batches(maker: BatchMaker, start: int, stop: int, ahead: int) -> Iterator[tu
 def negative_spec(tc: TrainConfig) -> NegativeSpec:
     return NegativeSpec(
         in_batch=tc.in_batch_negatives,
+        batch_items=tc.batch_negatives,
         sampled=tc.sampled_negatives,
         per_position=tc.per_position_negatives,
         per_position_pool=tc.per_position_pool,
         sampler=tc.sampler,
         alpha=tc.sampler_alpha,
         logq=tc.logq,
+        logq_positive=tc.logq_positive,
     )
 
 
@@ -251,32 +302,41 @@ def evaluate(
     actions: tuple[int, ...],
     *,
     device: torch.device,
+    split: str = "val",
+    exclude_history: bool = True,
     k: int = 10,
     batch_size: int = 512,
 ) -> dict[str, float]:
-    """HR@k / NDCG@k / score of the model on holdout rows ``index`` against the candidate pool,
-    next to the popularity baseline (the k candidates most often a target in training)."""
+    """HR@k / NDCG@k / score of the model on rows ``index`` of a split (``val``: validation
+    targets, ``hold``: test targets) against the whole candidate pool, with the report's
+    history filter, next to the report's popularity ranking under the same filter."""
     was_training = model.training
     model.eval()
     cand_rows = np.asarray(arrays.cand_rows).astype(np.int64)
     position = np.full(arrays.meta["num_item_rows"], -1, np.int64)
     position[cand_rows] = np.arange(len(cand_rows))
-    targets = position[np.asarray(arrays.hold_target[index]).astype(np.int64)]
+    targets = position[np.asarray(arrays.a[f"{split}_target"][index]).astype(np.int64)]
     keys = torch.cat([
         model.item_vectors(torch.from_numpy(cand_rows[i : i + 65_536]).to(device))
         for i in range(0, len(cand_rows), 65_536)
     ])
     chunk = max(1, min(batch_size, (1 << 26) // max(1, len(cand_rows))))
-    topk = []
+    topk, histories = [], []
     for i in range(0, len(index), chunk):
-        batch = to_device(holdout_batch(arrays, index[i : i + chunk]), device)
-        scores = model.user_vectors(batch, actions) @ keys.T
+        batch = trim_padding(history_batch(arrays, split, index[i : i + chunk]))
+        scores = model.user_vectors(to_device(batch, device), actions) @ keys.T
+        history = position[batch["items"]]
+        histories.append(np.pad(history, ((0, 0), (arrays.meta["max_len"] - history.shape[1], 0)), constant_values=-1))
+        if exclude_history:
+            rows, cols = np.nonzero(history >= 0)
+            scores[torch.from_numpy(rows).to(device), torch.from_numpy(history[rows, cols]).to(device)] = -torch.inf
         topk.append(scores.topk(min(k, scores.shape[1]), dim=1).indices.cpu().numpy())
     model.train(was_training)
     result = retrieval_metrics(np.concatenate(topk), targets, k)
-    counts = np.asarray(arrays.item_counts)[:, list(actions)].sum(axis=1)[cand_rows]
-    popular = np.argsort(-counts, kind="stable")[:k]
-    baseline = retrieval_metrics(np.broadcast_to(popular, (len(targets), len(popular))), targets, k)
+    popular = popularity_order(arrays, actions)
+    exclude = np.concatenate(histories) if exclude_history else None
+    pool = np.arange(len(cand_rows))
+    baseline = retrieval_metrics(popularity_topk(popular, pool, len(targets), k, exclude=exclude), targets, k)
     result.update({f"popularity_{key}": value for key, value in baseline.items()})
     result["users"] = int(len(index))
     return result
@@ -319,6 +379,9 @@ class TrainResult:
     params: dict[str, int]
     config_hash: str
     model_config: dict[str, Any]
+    best_step: int = 0  # the step whose weights were kept (the best validation)
+    stopped_early: bool = False
+    planned_steps: int = 0
 
     def loss_curve(self, points: int = 200) -> list[dict[str, float]]:
         return loss_curve(self.losses, points)
@@ -364,6 +427,232 @@ def train(
         torch.set_num_threads(threads_before)
 
 
+@dataclass
+class EarlyStopping:
+    """Keeps the best validation score, the step and the weights that reached it, and counts
+    validations without improvement. Its state travels in checkpoints, so a resumed run stops
+    where an uninterrupted one would."""
+
+    patience: int
+    best_score: float = -math.inf
+    best_step: int = 0
+    bad: int = 0
+    best_model: dict[str, torch.Tensor] | None = None
+
+    def update(self, step: int, score: float, model: nn.Module) -> bool:
+        if score > self.best_score:
+            self.best_score, self.best_step, self.bad = score, step, 0
+            self.best_model = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+            return True
+        self.bad += 1
+        return False
+
+    @property
+    def stop(self) -> bool:
+        return self.patience > 0 and self.bad >= self.patience
+
+    def state(self) -> dict[str, Any]:
+        return {"best_score": self.best_score, "best_step": self.best_step, "bad": self.bad, "best_model": self.best_model}
+
+    def load(self, state: dict[str, Any] | None) -> None:
+        if state:
+            self.best_score, self.best_step, self.bad = state["best_score"], state["best_step"], state["bad"]
+            self.best_model = state.get("best_model")
+
+
+class Trainer:
+    """One training run: model, optimizers, batches, validation, early stopping, checkpoints."""
+
+    def __init__(
+        self, arrays: Arrays, preset: Preset, track: str, checkpoint_dir: Path | None,
+        emit: Callable[[dict[str, Any]], None], info: distributed.DistInfo,
+    ) -> None:
+        tc = self.tc = preset.train
+        self.arrays, self.preset, self.track, self.emit, self.info = arrays, preset, track, emit, info
+        self.device = info.device
+        self.cfg = EncoderConfig.from_meta(arrays.meta, **resolve_loss(preset.model, tc, arrays.meta))
+        self.digest = config_hash(self.cfg, tc)
+        self.actions = tc.retrieval_actions or default_retrieval_actions(track)
+        negatives = negative_spec(tc) if self.cfg.loss != "softmax" else NegativeSpec(logq=False)
+        self.maker = BatchMaker(
+            arrays, tc.batch_size, seed=tc.seed, action_weights=tc.action_weights,
+            negatives=negatives, rank=info.rank, world=info.world, length_buckets=tc.length_buckets,
+        )
+        self.steps = total_steps(tc, self.maker)
+        self.interval = validation_interval(tc, self.maker)
+        torch.manual_seed(tc.seed)
+        model = self.model = Encoder(self.cfg).to(self.device)
+        model.attach(ItemTables.from_arrays(arrays).to(self.device))
+        if info.distributed and self.device.type == "cuda":
+            # NCCL has no sparse all-reduce for DDP: the big tables take dense gradients there.
+            for module in model.modules():
+                if isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
+                    module.sparse = False
+        self.optimizers = make_optimizers(model, tc)
+        dense = self.optimizers["dense"].param_groups
+        self.dense_params = dense[0]["params"] + dense[1]["params"]
+        self.params = count_parameters(model)
+        self.val_index = np.arange(min(int(arrays.meta.get("num_val", 0)), tc.val_users))
+        self.early = EarlyStopping(tc.patience if len(self.val_index) else 0)
+        self.last = checkpoint_dir / LAST if checkpoint_dir is not None else None
+        self.start, self.step, self.finished = 0, 0, False
+        self.losses: list[float] = []
+        self.evals: list[dict[str, Any]] = []
+
+    # -- checkpoints -------------------------------------------------------------------------
+    def resume(self) -> None:
+        """Continue from the last checkpoint of the same config, data and planned length."""
+        if self.last is None or not self.last.is_file():
+            return
+        ckpt = torch.load(self.last, map_location="cpu", weights_only=False)
+        same = ckpt.get("config_hash") == self.digest and ckpt.get("data_version") == self.arrays.data_version
+        same = same and ckpt["step"] <= self.steps and ckpt.get("total_steps") == self.steps
+        if not same:
+            self.emit({"event": "fresh_start", "reason": "the last checkpoint has another config, data or length"})
+            return
+        self.model.load_state_dict(ckpt["model"])
+        for name, opt in self.optimizers.items():
+            opt.load_state_dict(ckpt["optim"][name])
+        self.start = self.step = ckpt["step"]
+        self.losses, self.evals = list(ckpt["losses"]), list(ckpt["evals"])
+        self.early.load(ckpt.get("early_stopping"))
+        self.finished = bool(ckpt.get("finished"))
+        self.emit({"event": "resume", "step": self.start, "finished": self.finished, "checkpoint": str(self.last)})
+
+    @property
+    def weights_step(self) -> int:
+        """The step whose weights the model holds once finished: the best validation's."""
+        return self.early.best_step if (self.finished and self.early.best_step > 0) else self.step
+
+    def state(self) -> dict[str, Any]:
+        arrays = self.arrays
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "step": self.step,
+            "weights_step": self.weights_step,
+            "finished": self.finished,
+            "total_steps": self.steps,
+            "track": self.track,
+            "preset": self.preset.name,
+            "model_config": self.cfg.to_dict(),
+            "train_config": asdict(self.tc),
+            "config_hash": self.digest,
+            "data_version": arrays.data_version,
+            "arrays_dir": str(arrays.folder),
+            # What the item and user tables meant at training time: checked before scoring.
+            "data_shape": {key: arrays.meta[key] for key in ("families", "item_features", "user_sparse", "user_multi")},
+            "model": self.model.state_dict(),
+            "optim": {name: opt.state_dict() for name, opt in self.optimizers.items()},
+            # A finished checkpoint holds the best weights as "model": no second copy.
+            "early_stopping": {**self.early.state(), **({"best_model": None} if self.finished else {})},
+            "losses": self.losses,
+            "evals": self.evals,
+            "retrieval_actions": list(self.actions),
+            "params": self.params,
+            "checkpoint_version": checkpoint_version(self.digest, arrays.data_version, self.weights_step),
+        }
+
+    def checkpoint(self) -> None:
+        if self.info.is_main and self.last is not None:
+            save_checkpoint(self.last, self.state())
+
+    # -- steps -------------------------------------------------------------------------------
+    def validate(self) -> None:
+        """Score the validation split (rank 0) and update early stopping on every rank."""
+        score = -math.inf
+        if self.info.is_main and len(self.val_index):
+            figures = evaluate(self.model, self.arrays, self.val_index, self.actions, device=self.device,
+                               batch_size=self.tc.eval_batch)
+            record = {"step": self.step, **{k: round(v, 5) if isinstance(v, float) else v for k, v in figures.items()}}
+            self.evals.append(record)
+            score = figures["score"]
+        score = distributed.broadcast_float(score, self.info)
+        if math.isfinite(score):
+            improved = self.early.update(self.step, score, self.model)
+            self.emit({"event": "validation", **(self.evals[-1] if self.evals else {}), "best_step": self.early.best_step,
+                       "improved": improved})
+
+    def set_lr(self, step: int) -> float:
+        tc = self.tc
+        lr = lr_at(step, tc, self.steps)
+        for opt in self.optimizers.values():
+            for group in opt.param_groups:
+                group["lr"] = lr if opt is self.optimizers["dense"] else (tc.sparse_lr or tc.lr) * lr / tc.lr
+        return lr
+
+    def run(self, net: nn.Module, stop_after: int | None) -> tuple[float, int]:
+        """Train from ``self.step`` until the planned steps, early stopping or ``stop_after``;
+        returns (seconds, tokens seen)."""
+        tc, device, info = self.tc, self.device, self.info
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda" and tc.bf16)
+        self.emit({"event": "start", "steps": self.steps, "start": self.start, "batch": self.maker.global_batch,
+                   "world": info.world, "device": str(device), "validate_every": self.interval,
+                   "patience": self.early.patience, "threads": torch.get_num_threads() if device.type == "cpu" else None,
+                   "params": self.params, "sequences": self.arrays.num_sequences})
+        self.model.train()
+        started = time.perf_counter()
+        window = {"start": started, "steps": 0, "tokens": 0}
+        seen_tokens = 0
+        stop = self.steps if stop_after is None else min(self.steps, stop_after)
+        pending: list[torch.Tensor] = []  # losses still on the device (no sync per step on a GPU)
+
+        def flush_losses() -> None:
+            if pending:
+                self.losses.extend(torch.stack(pending).float().cpu().tolist())
+                pending.clear()
+                if not math.isfinite(self.losses[-1]):
+                    raise FloatingPointError(f"the loss is {self.losses[-1]} at step {len(self.losses)}: lower the learning rate")
+
+        for index, raw in batches(self.maker, self.start, stop, ahead=2 if device.type == "cuda" else 0):
+            batch = to_device(raw, device)
+            torch.manual_seed(tc.seed * 1_000_003 + index)  # dropout: a function of the step
+            lr = self.set_lr(index)
+            with autocast:
+                loss, _ = net(batch)
+            loss.backward()
+            if tc.grad_clip:
+                torch.nn.utils.clip_grad_norm_([p for p in self.dense_params if p.grad is not None], tc.grad_clip)
+            for opt in self.optimizers.values():
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            pending.append(distributed.mean_over_ranks(loss.detach(), info))
+            if device.type != "cuda":
+                flush_losses()
+            self.step = index + 1
+            tokens = int((raw["items"] > 0).sum()) + len(raw["items"])
+            window["steps"] += 1
+            window["tokens"] += tokens
+            seen_tokens += tokens
+            if tc.log_every and (self.step % tc.log_every == 0 or self.step == stop):
+                flush_losses()
+                now = time.perf_counter()
+                self.emit({
+                    "event": "progress", "step": self.step, "of": self.steps,
+                    "epoch": round(self.step / self.maker.steps_per_epoch, 3),
+                    "loss": round(float(np.mean(self.losses[-window["steps"]:])), 5), "lr": lr,
+                    "samples_per_s": round(window["steps"] * self.maker.global_batch / (now - window["start"]), 1),
+                    "tokens_per_s": round(window["tokens"] * info.world / (now - window["start"]), 1),
+                })
+                window = {"start": now, "steps": 0, "tokens": 0}
+            if (self.interval and self.step % self.interval == 0) or self.step == self.steps:
+                self.validate()
+                if self.early.stop or self.step == self.steps:
+                    self.finished = True
+                    break
+            if tc.checkpoint_every and self.step % tc.checkpoint_every == 0:
+                flush_losses()
+                self.checkpoint()
+        flush_losses()
+        return time.perf_counter() - started, seen_tokens
+
+    def finish(self) -> None:
+        """The finished model holds the best validated weights; write the final checkpoint."""
+        if self.finished and self.early.best_model is not None:
+            self.model.load_state_dict(self.early.best_model)
+            self.emit({"event": "best", "step": self.early.best_step, "score": self.early.best_score,
+                       "stopped_at": self.step, "early": self.step < self.steps})
+
+
 def _train(
     arrays: Arrays,
     preset: Preset,
@@ -374,165 +663,43 @@ def _train(
     stop_after: int | None,
     info: distributed.DistInfo,
 ) -> TrainResult:
-    tc, device = preset.train, info.device
-    cfg = EncoderConfig.from_meta(arrays.meta, **preset.model)
-    digest = config_hash(cfg, tc)
-    actions = tc.retrieval_actions or default_retrieval_actions(track)
-    maker = BatchMaker(
-        arrays, tc.batch_size, seed=tc.seed, action_weights=tc.action_weights,
-        negatives=negative_spec(tc), rank=info.rank, world=info.world,
-    )
-    steps = total_steps(tc, maker)
-    torch.manual_seed(tc.seed)
-    model = Encoder(cfg).to(device)
-    model.attach(ItemTables.from_arrays(arrays).to(device))
-    if info.distributed and device.type == "cuda":
-        # NCCL has no sparse all-reduce for DDP: the big tables take dense gradients there.
-        for module in model.modules():
-            if isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
-                module.sparse = False
-    optimizers = make_optimizers(model, tc)
-    params = count_parameters(model)
-
-    # Resume from the last checkpoint of the same config and data.
-    start, losses, evals = 0, [], []
-    last = checkpoint_dir / LAST if checkpoint_dir is not None else None
-    if resume and last is not None and last.is_file():
-        ckpt = torch.load(last, map_location="cpu", weights_only=False)
-        same = ckpt.get("config_hash") == digest and ckpt.get("data_version") == arrays.data_version
-        same = same and ckpt["step"] <= steps and (tc.schedule == "constant" or ckpt.get("total_steps") == steps)
-        if same:
-            model.load_state_dict(ckpt["model"])
-            for name, opt in optimizers.items():
-                opt.load_state_dict(ckpt["optim"][name])
-            start, losses, evals = ckpt["step"], list(ckpt["losses"]), list(ckpt["evals"])
-            emit({"event": "resume", "step": start, "checkpoint": str(last)})
-        else:
-            emit({"event": "fresh_start", "reason": "the last checkpoint has another config, data or length"})
-
-    net: nn.Module = model
+    trainer = Trainer(arrays, preset, track, checkpoint_dir, emit, info)
+    if resume:
+        trainer.resume()
+    net: nn.Module = trainer.model
     if info.distributed:
+        device = info.device
         net = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False
+            net, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False
         )
-    if tc.compile and device.type == "cuda":
+    if trainer.tc.compile and info.device.type == "cuda":
         net = torch.compile(net)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda" and tc.bf16)
-    val_index = np.asarray(arrays.val_index)[: tc.val_users]
-    dense_params = optimizers["dense"].param_groups[0]["params"] + optimizers["dense"].param_groups[1]["params"]
-
-    def state(step: int) -> dict[str, Any]:
-        return {
-            "format": CHECKPOINT_FORMAT,
-            "step": step,
-            "total_steps": steps,
-            "track": track,
-            "preset": preset.name,
-            "model_config": cfg.to_dict(),
-            "train_config": asdict(tc),
-            "config_hash": digest,
-            "data_version": arrays.data_version,
-            "arrays_dir": str(arrays.folder),
-            # What the item and user tables meant at training time: checked before scoring.
-            "data_shape": {key: arrays.meta[key] for key in ("families", "item_features", "user_sparse", "user_multi")},
-            "model": model.state_dict(),
-            "optim": {name: opt.state_dict() for name, opt in optimizers.items()},
-            "losses": losses,
-            "evals": evals,
-            "retrieval_actions": list(actions),
-            "params": params,
-            "checkpoint_version": checkpoint_version(digest, arrays.data_version, step),
-        }
-
-    def checkpoint(step: int) -> None:
-        if info.is_main and last is not None:
-            save_checkpoint(last, state(step))
-
-    def validate(step: int) -> None:
-        if info.is_main and len(val_index):
-            figures = evaluate(model, arrays, val_index, actions, device=device, batch_size=tc.eval_batch)
-            evals.append({"step": step, **{k: round(v, 5) if isinstance(v, float) else v for k, v in figures.items()}})
-            emit({"event": "validation", **evals[-1]})
-
-    evals_before = len(evals)
-    emit({"event": "start", "steps": steps, "start": start, "batch": maker.global_batch, "world": info.world,
-          "device": str(device), "threads": torch.get_num_threads() if device.type == "cpu" else None,
-          "params": params, "sequences": arrays.num_sequences})
-    model.train()
-    started = time.perf_counter()
-    window_start, window_steps, window_tokens = started, 0, 0
-    seen_tokens = 0
-    stop = steps if stop_after is None else min(steps, stop_after)
-    step = start
-    pending: list[torch.Tensor] = []  # losses still on the device (no sync per step on a GPU)
-
-    def flush_losses() -> None:
-        if pending:
-            losses.extend(torch.stack(pending).float().cpu().tolist())
-            pending.clear()
-            if not math.isfinite(losses[-1]):
-                raise FloatingPointError(f"the loss is {losses[-1]} at step {len(losses)}: lower the learning rate")
-
-    for index, raw in batches(maker, start, stop, ahead=2 if device.type == "cuda" else 0):
-        batch = to_device(raw, device)
-        torch.manual_seed(tc.seed * 1_000_003 + index)  # dropout: a function of the step
-        lr = lr_at(index, tc, steps)
-        for opt in optimizers.values():
-            for group in opt.param_groups:
-                group["lr"] = lr if opt is optimizers["dense"] else (tc.sparse_lr or tc.lr) * lr / tc.lr
-        with autocast:
-            loss, _ = net(batch)
-        loss.backward()
-        if tc.grad_clip:
-            torch.nn.utils.clip_grad_norm_([p for p in dense_params if p.grad is not None], tc.grad_clip)
-        for opt in optimizers.values():
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        pending.append(distributed.mean_over_ranks(loss.detach(), info))
-        if device.type != "cuda":
-            flush_losses()
-        step = index + 1
-        tokens = int((raw["items"] > 0).sum()) + len(raw["items"])
-        window_steps += 1
-        window_tokens += tokens
-        seen_tokens += tokens
-        if tc.log_every and (step % tc.log_every == 0 or step == stop):
-            flush_losses()
-            now = time.perf_counter()
-            emit({
-                "event": "progress", "step": step, "of": steps, "epoch": round(step / maker.steps_per_epoch, 3),
-                "loss": round(float(np.mean(losses[-window_steps:])), 5), "lr": lr,
-                "samples_per_s": round(window_steps * maker.global_batch / (now - window_start), 1),
-                "tokens_per_s": round(window_tokens * info.world / (now - window_start), 1),
-            })
-            window_start, window_steps, window_tokens = now, 0, 0
-        if tc.eval_every and step % tc.eval_every == 0 and step < steps:
-            validate(step)
-        if tc.checkpoint_every and step % tc.checkpoint_every == 0:
-            flush_losses()
-            checkpoint(step)
-    flush_losses()
-    seconds = time.perf_counter() - started
-    done = step - start
-    if step == steps and (not evals or evals[-1]["step"] != step):
-        validate(step)
-    if done or not (last is not None and last.is_file()) or len(evals) != evals_before:
-        checkpoint(step)
+    was_finished = trainer.finished
+    seconds, seen_tokens = (0.0, 0) if was_finished else trainer.run(net, stop_after)
+    done = trainer.step - trainer.start
+    if not was_finished:
+        trainer.finish()
+        if done or trainer.finished or trainer.last is None or not trainer.last.is_file():
+            trainer.checkpoint()
     distributed.barrier(info)
-    final = {k: v for k, v in (evals[-1] if evals else {}).items() if k != "step"}
+    best = next((e for e in reversed(trainer.evals) if e["step"] == trainer.weights_step), None)
+    final = {k: v for k, v in (best or (trainer.evals[-1] if trainer.evals else {})).items() if k != "step"}
     return TrainResult(
-        steps=step,
-        resumed_from=start,
-        losses=losses,
-        evals=evals,
+        steps=trainer.step,
+        resumed_from=trainer.start,
+        losses=trainer.losses,
+        evals=trainer.evals,
         metrics=final,
-        samples_per_second=done * maker.global_batch / seconds if done and seconds > 0 else 0.0,
+        samples_per_second=done * trainer.maker.global_batch / seconds if done and seconds > 0 else 0.0,
         tokens_per_second=seen_tokens * info.world / seconds if done and seconds > 0 else 0.0,
         seconds=seconds,
-        checkpoint=last if (last is not None and info.is_main) else None,
-        params=params,
-        config_hash=digest,
-        model_config=cfg.to_dict(),
+        checkpoint=trainer.last if (trainer.last is not None and info.is_main) else None,
+        params=trainer.params,
+        config_hash=trainer.digest,
+        model_config=trainer.cfg.to_dict(),
+        best_step=trainer.weights_step,
+        stopped_early=trainer.finished and trainer.step < trainer.steps,
+        planned_steps=trainer.steps,
     )
 
 
@@ -545,7 +712,7 @@ def prepare_track_arrays(paths: Any, settings: Any, *, logger: Any = None) -> Ar
         max_len=settings.max_history,
         # Families on auto (None): every family the warehouse selected, possibly none.
         families=None if settings.embedding_families is None else tuple(settings.embedding_families),
-        val_users=max(1000, settings.training.val_users),
+        val_users=settings.training.val_users,
     )
     return prepare_arrays(
         paths.warehouse, paths.checkpoints / "arrays", paths.track, options,
@@ -584,7 +751,10 @@ def train_track(paths: Any, settings: Any, *, logger: Any = None, on_log: Callab
         "config_hash": result.config_hash,
         "data_version": arrays.data_version,
         "steps": result.steps,
-        "checkpoint_version": checkpoint_version(result.config_hash, arrays.data_version, result.steps),
+        "planned_steps": result.planned_steps,
+        "best_step": result.best_step,
+        "stopped_early": result.stopped_early,
+        "checkpoint_version": checkpoint_version(result.config_hash, arrays.data_version, result.best_step),
         "resumed_from": result.resumed_from,
         "metrics": result.metrics,
         "evals": result.evals,
@@ -625,7 +795,7 @@ def _report_through_pipes(result: TrainResult, data_version: str) -> None:
                 "final_loss": round(result.losses[-1], 5) if result.losses else None,
                 **{f"val_{k}": round(float(v), 5) for k, v in result.metrics.items()},
             },
-            data_version=checkpoint_version(result.config_hash, data_version, result.steps),
+            data_version=checkpoint_version(result.config_hash, data_version, result.best_step),
         )
 
 

@@ -74,7 +74,9 @@ class TrainingSettings(BaseModel):
     batch_size: int | None = Field(None, ge=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: int | None = Field(None, ge=1)  # torch CPU threads (None: the cores not busy, >= 1)
-    val_users: int = Field(1000, ge=0)  # holdout users scored during training
+    # Users validated during training on the target before their test target (their training
+    # sequences end before it); early stopping and the kept checkpoint follow this score.
+    val_users: int = Field(4096, ge=0)
     # "in_process": train inside the asset's step. "torchrun": launch `torchrun -m models.train`
     # through Dagster Pipes (DDP over nproc_per_node processes; rank 0 reports back).
     launcher: Literal["in_process", "torchrun"] = "in_process"

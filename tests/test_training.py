@@ -64,14 +64,20 @@ def test_arrays_match_the_warehouse(track_1m, arrays_1m):
     cands = con.execute("SELECT creative_id, item_id FROM candidates ORDER BY retrieval_id").fetchall()
     con.close()
     assert a.seq_items.shape == (len(seqs), 100) and a.seq_items.dtype == np.int32
-    for i in (0, 7, len(seqs) - 1):
+    validated = set(a.val_users.tolist())
+    plain = [i for i, row in enumerate(seqs) if row[0] not in validated]
+    for i in (plain[0], plain[7], plain[-1]):
         user, items, actions, times = seqs[i]
         n = len(items)
         assert a.seq_users[i] == user
         assert a.seq_items[i, -n:].tolist() == items and not a.seq_items[i, :-n].any()
         assert a.seq_actions[i, -n:].tolist() == actions
         assert (a.seq_times[i, -n:].astype(np.int64) + a.meta["time_origin"]).tolist() == times
-    assert int(a.item_counts.sum()) == n_events == a.meta["num_events"]
+    # Popularity counts what training sees: the validation users' sequences stop at their
+    # validation target (test_validation_never_sees_a_test_target).
+    cut = sum(len(row[1]) for row in seqs if row[0] in validated) - int((a.val_items > 0).sum())
+    assert cut > 0
+    assert int(a.item_counts.sum()) == int((a.seq_items > 0).sum()) == n_events - cut == a.meta["num_events"]
     # Every candidate has a row: its re-id, or a row past id_rows for a cold one without.
     assert a.cand_creative.tolist() == [c for c, _ in cands]
     for row, (creative, item) in zip(a.cand_rows.tolist(), cands):
@@ -79,7 +85,45 @@ def test_arrays_match_the_warehouse(track_1m, arrays_1m):
         assert (row == item) if item is not None else (row >= a.meta["id_rows"])
     cold = a.cand_rows[a.cand_rows >= a.meta["id_rows"]]
     assert len(cold) == a.meta["num_cold_rows"] > 0 and a.item_feats[cold].any()
-    assert len(a.val_index) == 300 and np.all(np.diff(a.val_index) > 0)
+    assert len(a.val_users) == a.meta["num_val"] == 300 and np.all(np.diff(a.val_hold_row) > 0)
+
+
+def test_validation_never_sees_a_test_target(track_1m, arrays_1m):
+    """Validation targets are each user's click before its test target; the user's training
+    sequence ends strictly before it; the test history keeps it as input."""
+    a = arrays_1m
+    con = duckdb.connect(str(track_1m.warehouse), read_only=True)
+    rows = con.execute(
+        """SELECT h.user_id, h.target_position,
+                  (SELECT max(e.position) FROM events e WHERE e.user_id = h.user_id AND e.action_type = 1
+                      AND NOT e.action_type_missing AND e.position < h.target_position) AS previous_click
+           FROM holdout h ORDER BY h.user_id"""
+    ).fetchall()
+    events = {
+        (u, p): (i, act) for u, p, i, act in con.execute("SELECT user_id, position, item_id, action_type FROM events").fetchall()
+    }
+    con.close()
+    previous = {u: (tp, pc) for u, tp, pc in rows}
+    assert a.meta["num_val_eligible"] == sum(pc is not None for _, pc in previous.values()) > 300
+    seq_row = {int(u): i for i, u in enumerate(a.seq_users)}
+    hold_row = {int(u): i for i, u in enumerate(a.hold_users)}
+    for v, user in enumerate(a.val_users.tolist()):
+        test_position, val_position = previous[user]
+        assert val_position is not None and val_position < test_position
+        assert a.val_target[v] == events[(user, val_position)][0] and a.val_target_action[v] == 1
+        # The holdout's window (the 100 events before the test target), cut at the validation target.
+        history = [events[(user, p)][0] for p in range(max(0, test_position - 100), val_position)]
+        n = len(history)
+        assert a.val_items[v, a.val_items.shape[1] - n:].tolist() == history and not a.val_items[v, : a.val_items.shape[1] - n].any()
+        # Training stops where validation starts: the validation target and everything after it
+        # (the test target included) never reach a training sequence.
+        np.testing.assert_array_equal(a.seq_items[seq_row[user]], a.val_items[v])
+        # The test history still has the validation target as its input.
+        assert events[(user, val_position)][0] in a.hold_items[hold_row[user]].tolist()
+    # Users outside the validation sample train on everything before their test target.
+    others = [u for u in hold_row if u not in set(a.val_users.tolist())][:20]
+    for user in others:
+        np.testing.assert_array_equal(a.seq_items[seq_row[user]], a.hold_items[hold_row[user]])
 
 
 def test_arrays_are_reused_and_rebuilt_when_the_warehouse_changes(track_1m, arrays_1m, tmp_path):
@@ -93,7 +137,8 @@ def test_batches_are_vectorized_slices_and_ranks_split_the_global_batch(arrays_1
     spec = NegativeSpec(in_batch=16, sampled=16)
     single = BatchMaker(arrays_1m, 64, seed=3, negatives=spec).batch(5)
     halves = [BatchMaker(arrays_1m, 64, seed=3, negatives=spec, rank=r, world=2).batch(5) for r in (0, 1)]
-    assert single["items"].shape == (64, 100)
+    # Trimmed to the longest history of the global batch: no column is all padding.
+    assert single["items"].shape[0] == 64 and (single["items"][:, 0] > 0).any()
     np.testing.assert_array_equal(np.concatenate([h["items"] for h in halves]), single["items"])
     np.testing.assert_array_equal(halves[0]["neg_items"], single["neg_items"])
     # scale = world / global weight total, so the rank losses average to the global loss
