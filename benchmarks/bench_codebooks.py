@@ -9,6 +9,16 @@ Default cases (each in its own process, so the peak RSS is that case's):
 
 Vectors are random but clustered, with a low intrinsic dimension like real embeddings (see
 ``clustered``).
+
+The collaborative path (codes from the training sequences, when content coverage is too low):
+
+    .venv/bin/python benchmarks/bench_codebooks.py --collaborative --users 1000000 --items 1000000
+
+generates a synthetic dataset of that shape and builds its warehouse (in a child process, not
+timed; ``--data-root`` keeps and reuses it), then times ``build_semantic_ids`` with
+``TAAC_SEMANTIC_IDS__SOURCE=collaborative`` end to end (sequences read from DuckDB,
+co-occurrence, PPMI + SVD, fold-in, RQ-KMeans, table write) and prints its phases, the peak
+RSS and how well the level-1 codes recover the generator's planted topics.
 Prints the time to fit (PCA + k-means per level), encode every item, and resolve collisions
 (the disambiguation level), the figures the asset reports, and the peak RSS. Data generation
 is not timed.
@@ -22,6 +32,7 @@ import resource
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -110,6 +121,85 @@ def run_case(args: argparse.Namespace) -> dict:
     }
 
 
+def _collaborative_settings(args: argparse.Namespace, data_root: str):
+    from taac_dagster.settings import load_settings
+
+    return load_settings(
+        "1M",
+        {
+            "data_root": data_root,
+            "synthetic": {"num_users": args.users, "num_items": args.items, "mean_history": args.mean_history},
+            "semantic_ids": {
+                "source": "collaborative", "seed": args.seed, "collaborative_max_items": args.max_items,
+                "collaborative_window": args.window, "collaborative_dim": args.collaborative_dim,
+            },
+        },
+    )
+
+
+def build_dataset(args: argparse.Namespace, data_root: str) -> dict:
+    """Synthetic raw data and its warehouse (the benchmark's input, not timed with it)."""
+    from taac_dagster.paths import TrackPaths
+    from taac_dagster.raw import materialize_raw
+    from taac_dagster.warehouse import build_warehouse
+
+    settings = _collaborative_settings(args, data_root)
+    paths = TrackPaths(settings.data_root, "1M")
+    started = time.perf_counter()
+    manifest = materialize_raw(settings, paths)
+    summary = build_warehouse(Path(manifest.root), paths, settings)
+    return {"seconds": round(time.perf_counter() - started, 1), "events": summary.row_counts["events"]}
+
+
+def run_collaborative(args: argparse.Namespace, data_root: str) -> dict:
+    from models.semantic_ids import build_semantic_ids
+    from taac_dagster.paths import TrackPaths
+
+    settings = _collaborative_settings(args, data_root)
+    started = time.perf_counter()
+    result = build_semantic_ids(TrackPaths(settings.data_root, "1M"), settings)
+    total = time.perf_counter() - started
+    metrics = result.metrics
+    return {
+        "users": args.users,
+        "items": args.items,
+        "source": result.source,
+        "seconds_total": round(total, 1),
+        "seconds": {k: round(v, 1) for k, v in result.seconds.items()},
+        "collaborative": metrics["collaborative"],
+        "items_coded": metrics["items"],
+        "items_with_vector": metrics["items_with_embedding"],
+        "K": metrics["codebook_size"],
+        "collision_rate_before": metrics["collision_rate_before"],
+        "topic_recovery": metrics.get("topic_recovery"),
+        "peak_rss_mb": round(peak_rss_mb()),
+    }
+
+
+def collaborative_main(args: argparse.Namespace) -> int:
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="bench_codebooks_") as scratch:
+        data_root = args.data_root or scratch
+        warehouse = Path(data_root) / "1M" / "warehouse.duckdb"
+        if not warehouse.is_file():
+            print(f"building a {args.users:,}-user dataset under {data_root} (not timed)", flush=True)
+            built = subprocess.run(
+                [sys.executable, __file__, "--build-dataset", "--data-root", data_root, *_scale_flags(args)],
+                check=False, capture_output=True, text=True,
+            )
+            if built.returncode:
+                print(built.stdout + built.stderr, flush=True)
+                return built.returncode
+            print(built.stdout.strip().splitlines()[-1], flush=True)
+        print(json.dumps(run_collaborative(args, data_root)), flush=True)
+    return 0
+
+
+def _scale_flags(args: argparse.Namespace) -> list[str]:
+    return ["--users", str(args.users), "--items", str(args.items), "--mean-history", str(args.mean_history)]
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--items", type=int, default=None, help="one case: this many items (with --dim)")
@@ -122,11 +212,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-train-points", type=int, default=100_000)
     parser.add_argument("--topics", type=int, default=1_000)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--collaborative", action="store_true", help="time the collaborative path (see above)")
+    parser.add_argument("--users", type=int, default=1_000_000, help="collaborative: synthetic users")
+    parser.add_argument("--mean-history", type=float, default=91.0, help="collaborative: events per user (real 1M: 91)")
+    parser.add_argument("--data-root", default=None, help="collaborative: keep / reuse the dataset here")
+    parser.add_argument("--max-items", type=int, default=100_000, help="collaborative: items in the SVD")
+    parser.add_argument("--window", type=int, default=3)
+    parser.add_argument("--collaborative-dim", type=int, default=32)
+    parser.add_argument("--build-dataset", action="store_true", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.build_dataset or args.collaborative:
+        args.items = args.items or 1_000_000
+        if args.build_dataset:
+            print(json.dumps(build_dataset(args, args.data_root)), flush=True)
+            return 0
+        return collaborative_main(args)
     if args.items is not None or args.dim is not None:
         args.items = args.items or 1_000_000
         args.dim = args.dim or 32

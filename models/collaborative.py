@@ -48,7 +48,7 @@ class CollaborativeConfig:
     window: int = 3  # pairs of items at most this many positions apart, weighted 1/distance
     max_items: int = 100_000  # the most frequent items get SVD vectors; rarer ones a fold-in
     smoothing: float = 0.75  # context distribution smoothing of the PMI
-    power_iterations: int = 4  # of the randomized SVD
+    power_iterations: int = 2  # of the randomized SVD (4 gave the same top 32 singular values at 200K users)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -110,41 +110,68 @@ def _mapped(values: np.ndarray, table: np.ndarray) -> np.ndarray:
     return out
 
 
+class _SparseSum:
+    """A sum of sparse matrices added one at a time. Partial sums of similar size are merged
+    (a binary counter), so an entry is copied O(log batches) times, not once per batch."""
+
+    def __init__(self, shape: tuple[int, int]) -> None:
+        self.shape = shape
+        self.parts: list[sp.csr_matrix] = []
+
+    def add(self, matrix: sp.csr_matrix) -> None:
+        self.parts.append(matrix)
+        while len(self.parts) > 1 and self.parts[-2].nnz <= 2 * self.parts[-1].nnz:
+            top = self.parts.pop()
+            self.parts[-1] = self.parts[-1] + top
+
+    def total(self) -> sp.csr_matrix:
+        out = sp.csr_matrix(self.shape, dtype=np.float32)
+        for part in self.parts:
+            out = out + part
+        return out
+
+
 def cooccurrence(batches: SequenceBatches, index_of: np.ndarray, n: int, window: int) -> sp.csr_matrix:
-    """Symmetric [n, n] float32 counts, weighted 1/distance, of the indexed items (no diagonal)."""
-    total = sp.csr_matrix((n, n), dtype=np.float32)
+    """Symmetric [n, n] float32 counts, weighted 1/distance, of the indexed items (no diagonal).
+
+    Accumulated as the upper triangle (half the memory) and mirrored at the end."""
+    upper = _SparseSum((n, n))
     for values, lengths in batches():
         rows = _mapped(values, index_of)
-        lefts, rights, weights = [], [], []
+        lows, highs, weights = [], [], []
         for left, right, weight in window_positions(lengths, window):
             left, right = rows[left], rows[right]
             keep = (left >= 0) & (right >= 0) & (left != right)
-            lefts.append(left[keep])
-            rights.append(right[keep])
-            weights.append(np.full(int(keep.sum()), weight, np.float32))
-        if not lefts:
-            continue
-        left, right, weight = np.concatenate(lefts), np.concatenate(rights), np.concatenate(weights)
-        batch = sp.coo_matrix(
-            (np.r_[weight, weight], (np.r_[left, right], np.r_[right, left])), shape=(n, n)
-        ).tocsr()  # sums the duplicates
-        total = total + batch
-    return total
+            left, right = left[keep], right[keep]
+            lows.append(np.minimum(left, right))
+            highs.append(np.maximum(left, right))
+            weights.append(np.full(len(left), weight, np.float32))
+        if lows:
+            batch = (np.concatenate(weights), (np.concatenate(lows), np.concatenate(highs)))
+            upper.add(sp.coo_matrix(batch, shape=(n, n)).tocsr())  # tocsr sums the duplicates
+    total = upper.total()
+    return (total + total.T).tocsr()
 
 
 def ppmi(counts: sp.csr_matrix, smoothing: float) -> sp.csr_matrix:
-    """Positive PMI of a co-occurrence matrix, the context marginal raised to ``smoothing``."""
-    counts = sp.csr_matrix(counts, dtype=np.float64)
-    marginal = np.asarray(counts.sum(axis=1)).ravel()
-    total = marginal.sum()
-    if total <= 0:
+    """Positive PMI of a co-occurrence matrix, the context marginal raised to ``smoothing``
+    (float32, computed in place on a copy of the counts' values)."""
+    counts = sp.csr_matrix(counts, dtype=np.float32)
+    marginal = np.asarray(counts.sum(axis=1, dtype=np.float64)).ravel()
+    if marginal.sum() <= 0:
         return sp.csr_matrix(counts.shape, dtype=np.float32)
     context = marginal**smoothing
     context /= context.sum()
-    rows = np.repeat(np.arange(counts.shape[0]), np.diff(counts.indptr))
+    with np.errstate(divide="ignore"):  # items without any pair: no entry reads them
+        log_marginal, log_context = np.log(marginal).astype(np.float32), np.log(context).astype(np.float32)
+    rows = np.repeat(np.arange(counts.shape[0], dtype=np.int32), np.diff(counts.indptr))
     # log(P(i, j) / (P(i) Pc(j))) with P(i, j) = C[i, j] / total and P(i) = marginal[i] / total.
-    pmi = np.log(counts.data) - np.log(marginal[rows]) - np.log(context[counts.indices])
-    out = sp.csr_matrix((np.maximum(pmi, 0.0).astype(np.float32), counts.indices, counts.indptr), shape=counts.shape)
+    pmi = np.log(counts.data)
+    pmi -= log_marginal[rows]
+    del rows
+    pmi -= log_context[counts.indices]
+    np.maximum(pmi, 0.0, out=pmi)
+    out = sp.csr_matrix((pmi, counts.indices, counts.indptr), shape=counts.shape)
     out.eliminate_zeros()
     return out
 
@@ -166,16 +193,17 @@ def _truncated_svd(matrix: sp.csr_matrix, k: int, power_iterations: int, seed: i
     if n <= 4 * (k + _OVERSAMPLE):
         u, s, _ = np.linalg.svd(matrix.toarray().astype(np.float64), full_matrices=False)
         return u[:, :k], s[:k]
-    matrix = matrix.astype(np.float64)
-    transposed = matrix.T.tocsr()
+    # float32 throughout: the sparse products dominate and are memory bound. matrix.T is a
+    # CSC view of the same arrays (no copy).
+    matrix = sp.csr_matrix(matrix, dtype=np.float32)
     rng = np.random.default_rng(np.random.SeedSequence([seed, 2]))
-    basis = np.linalg.qr(matrix @ rng.standard_normal((n, k + _OVERSAMPLE)))[0]
+    basis = np.linalg.qr(matrix @ rng.standard_normal((n, k + _OVERSAMPLE), dtype=np.float32))[0]
     for _ in range(power_iterations):
-        basis = np.linalg.qr(transposed @ basis)[0]
+        basis = np.linalg.qr(matrix.T @ basis)[0]
         basis = np.linalg.qr(matrix @ basis)[0]
-    small = (transposed @ basis).T  # basis^T A: [k + oversample, n]
+    small = (matrix.T @ basis).T.astype(np.float64)  # basis^T A: [k + oversample, n]
     u_small, s, _ = np.linalg.svd(small, full_matrices=False)
-    return basis @ u_small[:, :k], s[:k]
+    return basis @ u_small[:, :k].astype(np.float32), s[:k]
 
 
 def _unit_rows(vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

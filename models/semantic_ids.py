@@ -863,6 +863,7 @@ def build_semantic_ids(paths: Any, settings: Any, *, logger: Any = None) -> Sema
         min_items=sid.min_items if sid.min_items is not None else max(k_content, math.ceil(0.02 * n)),
     )
     kind = choose_source(sid.source, coverage, paths.track)
+    seconds["read"] = time.perf_counter() - started
     collaborative_stats: dict[str, Any] | None = None
     if kind == "content":
         reader, family, dim, source = content, coverage.family, int(family_row[1]), f"content:{coverage.family}"
@@ -872,6 +873,7 @@ def build_semantic_ids(paths: Any, settings: Any, *, logger: Any = None) -> Sema
                 f"content coverage too low for Semantic IDs ({coverage.to_metadata()}): "
                 "using collaborative vectors from the training sequences"
             )
+        started = time.perf_counter()
         vectors = collaborative_vectors(
             partial(sequence_batches, paths.warehouse, settings),
             CollaborativeConfig(
@@ -880,10 +882,12 @@ def build_semantic_ids(paths: Any, settings: Any, *, logger: Any = None) -> Sema
             ),
         )
         collaborative_stats = vectors.stats
+        seconds["collaborative"] = time.perf_counter() - started
         if len(vectors.item_ids) == 0:
             raise SemanticIdInputError(
                 f"no item of track {paths.track} has a collaborative vector (no two items share a training "
-                "sequence) and content coverage is too low: Semantic IDs need one or the other"
+                f"sequence), and content vectors were not used ({coverage.to_metadata()}): Semantic IDs need "
+                "one or the other"
             )
         reader = MatrixReader(vectors.item_ids, vectors.vectors, universe["item_id"])
         family, dim, source = None, vectors.vectors.shape[1], "collaborative"
@@ -891,7 +895,6 @@ def build_semantic_ids(paths: Any, settings: Any, *, logger: Any = None) -> Sema
     embedded = np.flatnonzero(has_embedding)
     n_embedded = len(embedded)
     k = sid.codebook_size or auto_codebook_size(n_embedded)
-    seconds["read"] = time.perf_counter() - started
     logger.info(
         f"source {source} ({dim}-d): {n_embedded} of {n} items have a vector; "
         f"{sid.levels} levels x K={k}, whiten={sid.whiten}"
