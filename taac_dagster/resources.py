@@ -11,7 +11,7 @@ from taac_dagster.paths import TrackPaths
 from taac_dagster.settings import TaacSettings, load_settings
 
 
-_SECTIONS = ("synthetic", "training", "retrieval", "evaluation")
+_SECTIONS = ("synthetic", "semantic_ids", "training", "retrieval", "evaluation")
 
 
 class TaacConfig(ConfigurableResource):
@@ -31,6 +31,9 @@ class TaacConfig(ConfigurableResource):
     synthetic_seed: int | None = Field(default=None, description="Seed of the generated dataset")
     synthetic_num_users: int | None = None
     synthetic_num_items: int | None = None
+    semantic_ids_source: str | None = Field(
+        default=None, description="Semantic ID vectors: auto | content | collaborative"
+    )
     training_preset: str | None = Field(default=None, description="Model preset: default | baseline | a YAML path")
     training_epochs: int | None = None
     training_max_steps: int | None = None

@@ -46,3 +46,14 @@ def test_embedding_families_default_to_auto(monkeypatch, env, families):
         monkeypatch.setenv("TAAC_EMBEDDING_FAMILIES", env)
     for track in ("1M", "10M"):  # no track preset pins a family
         assert load_settings(track).embedding_families == families
+
+
+def test_semantic_id_source_from_the_environment_and_the_run_config(monkeypatch):
+    from taac_dagster.resources import TaacConfig
+
+    assert load_settings("1M").semantic_ids.source == "auto"
+    monkeypatch.setenv("TAAC_SEMANTIC_IDS__SOURCE", "content")
+    assert load_settings("1M").semantic_ids.source == "content"
+    assert TaacConfig(semantic_ids_source="collaborative").settings("1M").semantic_ids.source == "collaborative"
+    with pytest.raises(ValueError, match="collaborative"):
+        TaacConfig(semantic_ids_source="text").settings("1M")
