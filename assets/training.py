@@ -120,7 +120,8 @@ def torchrun_command(settings: Any, track: str, python: str = sys.executable) ->
         command += ["--max-steps", str(training.max_steps)]
     elif training.epochs:
         command += ["--epochs", str(training.epochs)]
-    command += ["--set", f"train.val_users={training.val_users}", "--set", f"train.device={training.device}"]
+    command += ["--set", f"train.val_users={training.val_users}", "--set", f"train.device={training.device}",
+                "--set", f"train.exclude_history={settings.evaluation.exclude_history}"]
     for key in ("batch_size", "threads"):
         if getattr(training, key) is not None:
             command += ["--set", f"train.{key}={getattr(training, key)}"]

@@ -395,6 +395,12 @@ class Evaluation:
     notes: list[str]
 
 
+def kept_validation(ckpt: dict[str, Any]) -> dict[str, Any] | None:
+    """The validation figures of the weights a checkpoint holds (its best validation)."""
+    step = ckpt.get("weights_step", ckpt.get("step"))
+    return next((e for e in reversed(ckpt.get("evals") or []) if e.get("step") == step), None)
+
+
 def _oracle_truth(paths: Any, settings: Any) -> Any:
     if settings.source != "synthetic":
         return None
@@ -551,6 +557,7 @@ def evaluate_track(paths: Any, settings: Any, *, code_version: str = "", logger:
     data = ReportData(
         track=paths.track, headline=headline, slices=table, provenance=provenance,
         training_curve=curves if any(curves.values()) else None, notes=notes,
+        validation=kept_validation(loaded.ckpt),
     )
     files = write_report(paths.reports, data, name=REPORT_NAME)
     logger.info(f"report written to {files.markdown} in {seconds['total']:.1f}s")

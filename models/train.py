@@ -94,8 +94,14 @@ class TrainConfig:
     # A catalogue of at most this many item rows is trained with the full softmax (every item a
     # negative) when the model's loss is "auto"; a larger one with sampled negatives (InfoNCE).
     full_softmax_items: int = 100_000
+    # Memory for the item id table with its Adam moments (weights + 2 moments, float32) when
+    # the model's id_buckets is "auto"; a larger vocabulary is hashed into what fits.
+    max_id_table_bytes: int = 6 << 30
     seed: int = 0
     val_users: int = 4096  # validation users (at most the arrays' validation split)
+    # Validation ranks like the report: the user's history items excluded (the report's
+    # TAAC_EVALUATION__EXCLUDE_HISTORY is passed in by train_track), so the figures compare.
+    exclude_history: bool = True
     # Steps between validations. None: once per epoch, and at least every ``eval_every_max``
     # steps; 0: at the end only.
     eval_every: int | None = None
@@ -211,11 +217,23 @@ def lr_at(step: int, tc: TrainConfig, steps: int) -> float:
     return tc.lr
 
 
-def resolve_loss(model: dict[str, Any], tc: TrainConfig, meta: dict[str, Any]) -> dict[str, Any]:
-    """The preset's model settings with ``loss: auto`` decided by the catalogue's size."""
-    if model.get("loss", "auto") != "auto":
-        return model
-    return {**model, "loss": "softmax" if int(meta["num_item_rows"]) <= tc.full_softmax_items else "infonce"}
+def resolve_model_settings(model: dict[str, Any], tc: TrainConfig, meta: dict[str, Any]) -> dict[str, Any]:
+    """The preset's model settings with the data-dependent ``auto`` values decided:
+
+    * ``loss: auto``: the full softmax when the catalogue has at most ``full_softmax_items``
+      rows, else InfoNCE over the batch's items plus sampled negatives;
+    * ``id_buckets: auto``: one id row per item while the id table and its two Adam moments fit
+      in ``max_id_table_bytes``, else hashed into as many rows as fit (the 10M track's 17.5M
+      items at width 64 would take 13 GB)."""
+    out = dict(model)
+    rows = int(meta["num_item_rows"])
+    if out.get("loss", "auto") == "auto":
+        out["loss"] = "softmax" if rows <= tc.full_softmax_items else "infonce"
+    if out.get("id_buckets", "auto") == "auto":
+        width = int(out.get("d_model", EncoderConfig.d_model))
+        fits = tc.max_id_table_bytes // (3 * 4 * width)
+        out["id_buckets"] = 0 if int(meta["id_rows"]) <= fits else int(fits)
+    return out
 
 
 def make_optimizers(model: Encoder, tc: TrainConfig) -> dict[str, torch.optim.Optimizer]:
@@ -470,7 +488,7 @@ class Trainer:
         tc = self.tc = preset.train
         self.arrays, self.preset, self.track, self.emit, self.info = arrays, preset, track, emit, info
         self.device = info.device
-        self.cfg = EncoderConfig.from_meta(arrays.meta, **resolve_loss(preset.model, tc, arrays.meta))
+        self.cfg = EncoderConfig.from_meta(arrays.meta, **resolve_model_settings(preset.model, tc, arrays.meta))
         self.digest = config_hash(self.cfg, tc)
         self.actions = tc.retrieval_actions or default_retrieval_actions(track)
         negatives = negative_spec(tc) if self.cfg.loss != "softmax" else NegativeSpec(logq=False)
@@ -562,7 +580,7 @@ class Trainer:
         score = -math.inf
         if self.info.is_main and len(self.val_index):
             figures = evaluate(self.model, self.arrays, self.val_index, self.actions, device=self.device,
-                               batch_size=self.tc.eval_batch)
+                               exclude_history=self.tc.exclude_history, batch_size=self.tc.eval_batch)
             record = {"step": self.step, **{k: round(v, 5) if isinstance(v, float) else v for k, v in figures.items()}}
             self.evals.append(record)
             score = figures["score"]
@@ -738,7 +756,9 @@ def train_track(paths: Any, settings: Any, *, logger: Any = None, on_log: Callab
     logger = logger or log
     ts = settings.training
     arrays = prepare_track_arrays(paths, settings, logger=logger)
-    train_overrides: dict[str, Any] = {"device": ts.device, "val_users": ts.val_users}
+    train_overrides: dict[str, Any] = {
+        "device": ts.device, "val_users": ts.val_users, "exclude_history": settings.evaluation.exclude_history,
+    }
     for key in ("epochs", "max_steps", "batch_size", "threads"):
         if getattr(ts, key) is not None:
             train_overrides[key] = getattr(ts, key)

@@ -269,3 +269,27 @@ def test_sampler_follows_popularity_and_skips_unseen_items():
     assert (draws == 3).mean() == pytest.approx(0.75, abs=0.01)
     uniform = ItemSampler(counts, "uniform").sample(np.random.default_rng(0), 40_000)
     assert (uniform == 3).mean() == pytest.approx(0.5, abs=0.01)
+
+
+def test_chunked_full_softmax_equals_autograd_cross_entropy():
+    from models.losses import full_softmax
+
+    torch.manual_seed(0)
+    user = torch.randn(37, 8, requires_grad=True)
+    items = torch.randn(50, 8, requires_grad=True)
+    targets = torch.randint(0, 50, (37,))
+    weights = torch.rand(37)
+    temperature = torch.tensor(0.3, requires_grad=True)
+    # Chunks of 16 rows (the smallest) over 37 positions: three chunks, the last one short.
+    loss = full_softmax(user, items, targets, temperature=temperature, weights=weights, cosine=True, chunk_bytes=1)
+    loss.backward()
+    grads = [t.grad.clone() for t in (user, items, temperature)]
+    for t in (user, items, temperature):
+        t.grad = None
+    u, v = torch.nn.functional.normalize(user, dim=-1), torch.nn.functional.normalize(items, dim=-1)
+    per_position = torch.nn.functional.cross_entropy(u @ v.T / temperature, targets, reduction="none")
+    reference = (per_position * weights).sum() / weights.sum()
+    reference.backward()
+    assert loss.item() == pytest.approx(reference.item(), rel=1e-5)
+    for got, t in zip(grads, (user, items, temperature)):
+        torch.testing.assert_close(got, t.grad, rtol=1e-4, atol=1e-6)
