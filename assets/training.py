@@ -122,7 +122,7 @@ def torchrun_command(settings: Any, track: str, python: str = sys.executable) ->
         command += ["--epochs", str(training.epochs)]
     command += ["--set", f"train.val_users={training.val_users}", "--set", f"train.device={training.device}",
                 "--set", f"train.exclude_history={settings.evaluation.exclude_history}"]
-    for key in ("batch_size", "threads"):
+    for key in ("batch_size", "threads", "patience"):
         if getattr(training, key) is not None:
             command += ["--set", f"train.{key}={getattr(training, key)}"]
     return command

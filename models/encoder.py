@@ -65,6 +65,7 @@ class EncoderConfig:
     dropout: float = 0.1  # on embeddings and residual branches
     attn_dropout: float = 0.0  # on attention weights (forces SDPA's slower math path on CPU)
     id_buckets: int = 0  # 0: one id row per item; n: ids hashed into n rows (huge vocabularies)
+    id_init_std: float = 0.0  # initial spread of the id embeddings (0: zeros)
     feature_buckets: int = 1_000_000  # a feature with a larger vocabulary is hashed into this many rows
     # Embedding tables with more rows get sparse gradients and row-wise SparseAdam updates. Below
     # it a dense gradient is cheaper than coalescing a sparse one of batch x features rows.
@@ -78,6 +79,9 @@ class EncoderConfig:
     use_actions: bool = True
     n_fourier: int = 8  # Fourier frequencies of absolute time (periods from 1 hour to 1 year)
     action_conditioning: bool = True  # FiLM of the output by the action asked for
+    # Also tell every token, inside the Transformer, which action its next item is asked for
+    # (training: the target's own action; retrieval: the action asked for).
+    next_action_input: bool = False
     out_proj: bool = True  # a linear map from the backbone to the query space
     # --- objective --------------------------------------------------------------------------------
     # softmax: over every item row (catalogues that fit); infonce: sampled negatives with logQ
@@ -308,9 +312,13 @@ class Encoder(nn.Module):
         id_table_rows = (cfg.id_buckets + 1) if cfg.id_buckets else cfg.id_rows
         self.item_id = nn.Embedding(id_table_rows, d, padding_idx=0, sparse=id_table_rows > cfg.sparse_threshold) if cfg.use_ids else None
         if self.item_id is not None:
-            # Zero: an item never seen in training adds nothing through its id, and is embedded
-            # by its features, multi-modal vectors and Semantic ID alone (cold items).
-            nn.init.zeros_(self.item_id.weight)
+            # id_init_std 0: an item never seen in training adds nothing through its id and is
+            # embedded by its features, multi-modal vectors and Semantic ID alone; but then an
+            # item without features starts at the zero vector, where cosine similarity has no
+            # direction to learn from. Candidates past id_rows never use the table either way.
+            nn.init.normal_(self.item_id.weight, std=cfg.id_init_std)
+            with torch.no_grad():
+                self.item_id.weight[0].zero_()
         use_feats = cfg.use_item_features and len(cfg.item_vocab) > 0
         self.item_feats = FeatureBag(cfg.item_vocab, d, cfg.feature_buckets, cfg.sparse_threshold) if use_feats else None
         mm_dims = cfg.mm_dims if cfg.use_mm else ()
@@ -327,6 +335,7 @@ class Encoder(nn.Module):
         self.user_type = nn.Parameter(torch.zeros(d))  # marks the user token (and embeds users without features)
         # Per position: action type, time, position.
         self.action = nn.Embedding(cfg.n_actions, d) if cfg.use_actions else None
+        self.next_action = nn.Embedding(cfg.n_actions, d) if cfg.next_action_input else None
         self.time = TimeFeatures(d, cfg.time_origin, cfg.n_fourier) if cfg.use_time else None
         self.pos = nn.Embedding(cfg.max_len + 1, d)
         self.drop = Dropout(cfg.dropout)
@@ -344,8 +353,9 @@ class Encoder(nn.Module):
             elif name.endswith("bias"):
                 nn.init.zeros_(p)
         nn.init.normal_(self.pos.weight, std=0.02)
-        if self.action is not None:
-            nn.init.normal_(self.action.weight, std=0.02)
+        for table in (self.action, self.next_action):
+            if table is not None:
+                nn.init.normal_(table.weight, std=0.02)
 
     # -- item side ----------------------------------------------------------------------------
 
@@ -419,12 +429,14 @@ class Encoder(nn.Module):
         return x + self.user(values, weights)
 
     def encode(
-        self, batch: dict[str, torch.Tensor], item_emb: torch.Tensor | None = None, *, last_only: bool = False
+        self, batch: dict[str, torch.Tensor], item_emb: torch.Tensor | None = None, *, last_only: bool = False,
+        next_action: int = 0,
     ) -> torch.Tensor:
         """Backbone states [B, L + 1, d] (after the final norm); token c < L predicts items[:, c]
         (left padding), token L is the state after the whole history. ``last_only``: token L
         alone, [B, 1, d]; the last block then attends and runs its MLP for that position only
-        (the keys still come from every position), which is what retrieval queries need."""
+        (the keys still come from every position), which is what retrieval queries need.
+        ``next_action``: the action token L is asked for (``next_action_input`` models)."""
         items, actions = batch["items"], batch["actions"]
         B, L = items.shape
         valid_items = items > 0
@@ -443,7 +455,11 @@ class Encoder(nn.Module):
         user = self.user_token(batch["user_sparse"], batch["user_multi"])
         tokens[torch.arange(B, device=items.device), L - n] = user  # the user token, right before item_1
         pos = (valid.cumsum(1) - 1).clamp_min(0)
-        x = self.drop(tokens + self.pos(pos))
+        tokens = tokens + self.pos(pos)
+        if self.next_action is not None:
+            last = torch.full((B, 1), int(next_action), dtype=actions.dtype, device=items.device)
+            tokens = tokens + self.next_action(torch.cat([actions, last], 1).clamp(0, self.cfg.n_actions - 1))
+        x = self.drop(tokens)
         causal = col[None, :] <= col[:, None]  # [query, key]
         mask = (causal[None] & valid[:, None, :]) | torch.eye(L + 1, dtype=torch.bool, device=items.device)[None]
         mask = mask[:, None]  # [B, 1, L + 1, L + 1]; padded queries see themselves only (no NaN)
@@ -518,9 +534,11 @@ class Encoder(nn.Module):
     def user_vectors(self, batch: dict[str, torch.Tensor], actions: Sequence[int]) -> torch.Tensor:
         """Retrieval queries [B, d] after each history, asking for ``actions`` (the mean of the
         per-action queries: e.g. (1,) click on 1M, (2, 1) conversion or click on 10M)."""
-        h = self.encode(batch, last_only=True)[:, -1]
+        h = None
         out = 0
         for a in actions:
+            if h is None or self.next_action is not None:
+                h = self.encode(batch, last_only=True, next_action=int(a))[:, -1]
             act = torch.full((h.shape[0],), int(a), dtype=torch.long, device=h.device)
             out = out + self._finish(self.head(h, act))
         return self._finish(out / len(actions))

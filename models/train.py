@@ -759,7 +759,7 @@ def train_track(paths: Any, settings: Any, *, logger: Any = None, on_log: Callab
     train_overrides: dict[str, Any] = {
         "device": ts.device, "val_users": ts.val_users, "exclude_history": settings.evaluation.exclude_history,
     }
-    for key in ("epochs", "max_steps", "batch_size", "threads"):
+    for key in ("epochs", "max_steps", "batch_size", "threads", "patience"):
         if getattr(ts, key) is not None:
             train_overrides[key] = getattr(ts, key)
     preset = load_preset(ts.preset, {"train": train_overrides})

@@ -71,6 +71,9 @@ class TrainingSettings(BaseModel):
     preset: str = "default"  # configs/models/<preset>.yaml (baseline | default)
     epochs: int | None = Field(None, ge=1)  # None: the preset's
     max_steps: int | None = Field(None, ge=1)  # overrides epochs
+    # Validations without a better validation score before training stops (None: the preset's;
+    # 0: never early). The best validated weights are kept either way.
+    patience: int | None = Field(None, ge=0)
     batch_size: int | None = Field(None, ge=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: int | None = Field(None, ge=1)  # torch CPU threads (None: the cores not busy, >= 1)

@@ -293,3 +293,30 @@ def test_chunked_full_softmax_equals_autograd_cross_entropy():
     assert loss.item() == pytest.approx(reference.item(), rel=1e-5)
     for got, t in zip(grads, (user, items, temperature)):
         torch.testing.assert_close(got, t.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_trimmed_batches_give_the_same_user_vectors():
+    from models.data import trim_padding
+
+    model = model_for()
+    batch = left_pad(make_batch(lengths=(6, 3, 1)), 7)
+    trimmed = {k: torch.from_numpy(v) for k, v in trim_padding({k: v.numpy() for k, v in batch.items()}).items()}
+    assert trimmed["items"].shape[1] == 6 < batch["items"].shape[1]
+    torch.testing.assert_close(model.user_vectors(trimmed, (1,)), model.user_vectors(batch, (1,)), rtol=0, atol=1e-5)
+
+
+def test_next_action_input_tells_a_token_the_action_of_its_target_only():
+    model = model_for(next_action_input=True)
+    batch = make_batch(lengths=(8, 8, 8))
+    before = model.encode(batch)
+    j = 4  # token j predicts item column j; it may know that item's action, never the item
+    item_changed = {k: v.clone() for k, v in batch.items()}
+    item_changed["items"][:, j] = (item_changed["items"][:, j] % N_ITEMS) + 1
+    torch.testing.assert_close(model.encode(item_changed)[:, : j + 1], before[:, : j + 1], rtol=0, atol=1e-6)
+    action_changed = {k: v.clone() for k, v in batch.items()}
+    action_changed["actions"][:, j] = (action_changed["actions"][:, j] + 1) % 3
+    after = model.encode(action_changed)
+    torch.testing.assert_close(after[:, :j], before[:, :j], rtol=0, atol=1e-6)
+    assert not torch.allclose(after[:, j], before[:, j])
+    # Retrieval asks the last token for the action wanted.
+    assert not torch.allclose(model.user_vectors(batch, (1,)), model.user_vectors(batch, (2,)))

@@ -145,6 +145,38 @@ def test_batches_are_vectorized_slices_and_ranks_split_the_global_batch(arrays_1
     assert halves[0]["loss_scale"] == pytest.approx(2 * single["loss_scale"])
 
 
+def test_batch_item_negatives_are_every_item_of_the_batch_with_inclusion_log_q(arrays_1m):
+    spec = NegativeSpec(batch_items=True, sampled=64, sampler="popularity", alpha=0.75)
+    maker = BatchMaker(arrays_1m, 64, seed=2, negatives=spec)
+    batch = maker.batch(1)
+    items = batch["items"]
+    neg = batch["neg_items"]
+    # Sorted, distinct, and every item of the batch's sequences is among them.
+    assert np.all(np.diff(neg) > 0) and set(items[items > 0].tolist()) <= set(neg.tolist())
+    log_q = batch["neg_logq"]
+    assert np.isfinite(log_q).all() and (log_q <= 0).all()
+    # The inclusion probability grows with an item's share of training positions.
+    share = maker.position_p[neg]
+    order = np.argsort(share)
+    assert log_q[order[-1]] > log_q[order[0]]
+    # The positive's correction is the same log Q (Yi et al.), or none when switched off.
+    pos = items > 0
+    lookup = dict(zip(neg.tolist(), log_q.tolist()))
+    np.testing.assert_allclose(batch["pos_logq"][pos], [lookup[i] for i in items[pos].tolist()], rtol=1e-6)
+    off = BatchMaker(arrays_1m, 64, seed=2, negatives=NegativeSpec(batch_items=True, logq_positive=False)).batch(1)
+    assert not off["pos_logq"].any()
+
+
+def test_length_buckets_group_similar_histories_and_keep_every_sequence(arrays_1m):
+    plain = BatchMaker(arrays_1m, 32, seed=4)
+    bucketed = BatchMaker(arrays_1m, 32, seed=4, length_buckets=8)
+    used = plain.steps_per_epoch * 32
+    # Same sequences in the epoch, another order.
+    assert sorted(bucketed.order(0)[:used].tolist()) == sorted(plain.order(0)[:used].tolist())
+    width = lambda maker: np.mean([maker.batch(s)["items"].shape[1] for s in range(plain.steps_per_epoch)])  # noqa: E731
+    assert width(bucketed) < 0.8 * width(plain)
+
+
 def test_prefetched_batches_equal_inline_ones(arrays_1m):
     from models.train import batches
 
