@@ -589,9 +589,10 @@ class NegativeSpec:
     """Which negatives a batch carries (the loss decides how to use them)."""
 
     in_batch: int = 0  # target items drawn from other positions of the global batch
-    # Every distinct item of the global batch's sequences is a negative (the item tower embeds
-    # them anyway); log Q is then the probability that an item is among them.
-    batch_items: bool = False
+    # Distinct items of the global batch's sequences used as negatives (the item tower embeds
+    # them anyway): all of them up to this many, else a uniform subset of this size; log Q is
+    # then the probability that an item is among them. 0: none.
+    batch_items: int = 0
     sampled: int = 0  # items drawn from the sampler, shared by the whole batch
     per_position: int = 0  # one sampled item per position (the official baseline's BCE), 0 or 1
     # Per-position negatives are drawn from a shared pool of this many sampled items (each
@@ -733,8 +734,14 @@ class BatchMaker:
         if self.neg.batch_items:
             # Each distinct item once: log Q is the log-probability that the item is in the set,
             # 1 - P(no position holds it) * P(no sampler draw gives it).
-            neg = np.unique(np.concatenate([items[items > 0].astype(np.int64), sampled]))
+            distinct = np.unique(items[items > 0].astype(np.int64))
+            keep = min(1.0, self.neg.batch_items / max(1, len(distinct)))
+            if keep < 1.0:
+                distinct = np.sort(rng.choice(distinct, self.neg.batch_items, replace=False))
+            neg = np.unique(np.concatenate([distinct, sampled]))
             absent = int((items > 0).sum()) * np.log1p(-np.minimum(self.position_p[neg], 1 - 1e-9))
+            in_batch_q = -np.expm1(np.minimum(absent, -1e-12)) * keep
+            absent = np.log1p(-in_batch_q)
             if self.neg.sampled:
                 absent = absent + self.neg.sampled * np.log1p(-np.minimum(self.sampler.p[neg], 1 - 1e-9))
             log_q = np.zeros(len(self.position_p), np.float32)

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from models.baselines import oracle_topk, popularity_order, popularity_topk
-from models.data import Arrays, holdout_batch
+from models.data import Arrays, holdout_batch, trim_padding
 from models.distributed import pick_device
 from models.encoder import Encoder, EncoderConfig
 from models.metrics import K, score, target_ranks
@@ -190,14 +190,17 @@ def query_vectors(
     loaded: LoadedModel, inputs: dict[str, np.ndarray], device: torch.device, batch_size: int = 4096
 ) -> np.ndarray:
     """User vectors [n, d] for model inputs of n users (``holdout_batch``'s keys), encoded
-    ``batch_size`` users at a time."""
+    ``batch_size`` users at a time. Users are encoded in order of history length and each
+    batch is trimmed to its longest history (the same vectors: the encoder masks padding),
+    so short histories do not pay for 100 positions."""
     n = len(inputs["items"])
-    out = []
+    out = np.zeros((n, loaded.model.cfg.d_model), np.float32)
+    order = np.argsort((inputs["items"] > 0).sum(axis=1), kind="stable")
     for lo in range(0, n, batch_size):
-        batch = to_device({key: value[lo : lo + batch_size] for key, value in inputs.items()}, device)
-        out.append(loaded.model.user_vectors(batch, loaded.actions).float().cpu().numpy())
-    d = loaded.model.cfg.d_model
-    return np.ascontiguousarray(np.concatenate(out), dtype=np.float32) if out else np.zeros((0, d), np.float32)
+        rows = order[lo : lo + batch_size]
+        batch = to_device(trim_padding({key: value[rows] for key, value in inputs.items()}), device)
+        out[rows] = loaded.model.user_vectors(batch, loaded.actions).float().cpu().numpy()
+    return out
 
 
 def pool_positions(arrays: Arrays) -> np.ndarray:

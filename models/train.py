@@ -82,7 +82,9 @@ class TrainConfig:
     # Loss weight per target action type; an action of weight 0 is never a training target.
     action_weights: dict[int, float] = field(default_factory=lambda: {0: 1.0, 1: 1.0, 2: 2.5})
     in_batch_negatives: int = 0
-    batch_negatives: bool = False  # every distinct item of the batch is a negative (sampled losses)
+    # Sampled losses: distinct items of the batch used as negatives (all up to this many, else a
+    # uniform subset of this size); 0: none.
+    batch_negatives: int = 0
     sampled_negatives: int = 0
     per_position_negatives: int = 0  # the official baseline's BCE: one sampled item per position
     per_position_pool: int = 4096  # ... drawn from a shared pool of this many samples (0: independent)

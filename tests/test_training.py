@@ -146,7 +146,7 @@ def test_batches_are_vectorized_slices_and_ranks_split_the_global_batch(arrays_1
 
 
 def test_batch_item_negatives_are_every_item_of_the_batch_with_inclusion_log_q(arrays_1m):
-    spec = NegativeSpec(batch_items=True, sampled=64, sampler="popularity", alpha=0.75)
+    spec = NegativeSpec(batch_items=100_000, sampled=64, sampler="popularity", alpha=0.75)
     maker = BatchMaker(arrays_1m, 64, seed=2, negatives=spec)
     batch = maker.batch(1)
     items = batch["items"]
@@ -163,8 +163,13 @@ def test_batch_item_negatives_are_every_item_of_the_batch_with_inclusion_log_q(a
     pos = items > 0
     lookup = dict(zip(neg.tolist(), log_q.tolist()))
     np.testing.assert_allclose(batch["pos_logq"][pos], [lookup[i] for i in items[pos].tolist()], rtol=1e-6)
-    off = BatchMaker(arrays_1m, 64, seed=2, negatives=NegativeSpec(batch_items=True, logq_positive=False)).batch(1)
+    off = BatchMaker(arrays_1m, 64, seed=2, negatives=NegativeSpec(batch_items=100_000, logq_positive=False)).batch(1)
     assert not off["pos_logq"].any()
+    # Capped: a uniform subset of the batch's items, each less likely to be included.
+    capped = BatchMaker(arrays_1m, 64, seed=2, negatives=NegativeSpec(batch_items=50)).batch(1)
+    assert len(capped["neg_items"]) == 50 and set(capped["neg_items"].tolist()) <= set(neg.tolist())
+    full_q = dict(zip(neg.tolist(), BatchMaker(arrays_1m, 64, seed=2, negatives=NegativeSpec(batch_items=100_000)).batch(1)["neg_logq"].tolist()))
+    assert all(q < full_q[i] for i, q in zip(capped["neg_items"].tolist(), capped["neg_logq"].tolist()))
 
 
 def test_length_buckets_group_similar_histories_and_keep_every_sequence(arrays_1m):
