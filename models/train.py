@@ -224,6 +224,8 @@ def resolve_model_settings(model: dict[str, Any], tc: TrainConfig, meta: dict[st
 
     * ``loss: auto``: the full softmax when the catalogue has at most ``full_softmax_items``
       rows, else InfoNCE over the batch's items plus sampled negatives;
+    * ``id_init_std: auto``: zeros when items have features, multi-modal vectors or Semantic
+      IDs, else a spread of 0.02;
     * ``id_buckets: auto``: one id row per item while the id table and its two Adam moments fit
       in ``max_id_table_bytes``, else hashed into as many rows as fit (the 10M track's 17.5M
       items at width 64 would take 13 GB)."""
@@ -231,6 +233,13 @@ def resolve_model_settings(model: dict[str, Any], tc: TrainConfig, meta: dict[st
     rows = int(meta["num_item_rows"])
     if out.get("loss", "auto") == "auto":
         out["loss"] = "softmax" if rows <= tc.full_softmax_items else "infonce"
+    if out.get("id_init_std", "auto") == "auto":
+        # Ids start at zero when the item has other inputs (an id never trained then adds
+        # nothing; measured better on Toys), with a small spread when the id is all there is
+        # (at zero, cosine similarity gives every item the same direction to learn from).
+        uses = lambda flag, key: out.get(flag, True) and bool(meta.get(key))  # noqa: E731
+        content = uses("use_item_features", "item_vocab") or uses("use_mm", "mm_dims") or uses("use_sids", "sid_vocab")
+        out["id_init_std"] = 0.0 if content else 0.02
     if out.get("id_buckets", "auto") == "auto":
         width = int(out.get("d_model", EncoderConfig.d_model))
         fits = tc.max_id_table_bytes // (3 * 4 * width)

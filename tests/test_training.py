@@ -356,3 +356,24 @@ def test_encoder_checkpoint_through_torchrun_and_pipes(tmp_path, monkeypatch):
         assert checkpoint.is_file()
         _, ckpt = load_encoder(checkpoint)
         assert events[0].materialization.tags["dagster/data_version"] == ckpt["checkpoint_version"]
+
+
+def test_model_settings_adapt_to_the_catalogue():
+    from models.train import resolve_model_settings
+
+    tc = TrainConfig(full_softmax_items=1000, max_id_table_bytes=3 * 4 * 64 * 500)
+    small = {"num_item_rows": 800, "id_rows": 400, "item_vocab": [10], "mm_dims": [], "sid_vocab": []}
+    large = {**small, "num_item_rows": 5000, "id_rows": 4000}
+    assert resolve_model_settings({"d_model": 64}, tc, small) == {
+        "d_model": 64, "loss": "softmax", "id_init_std": 0.0, "id_buckets": 0,
+    }
+    # Past the thresholds: sampled negatives, and the id table hashed into the rows that fit.
+    resolved = resolve_model_settings({"d_model": 64, "loss": "auto", "id_buckets": "auto"}, tc, large)
+    assert resolved["loss"] == "infonce" and resolved["id_buckets"] == 500
+    # Ids get a spread only when they are all an item has; explicit values are kept.
+    bare = {**small, "item_vocab": []}
+    assert resolve_model_settings({}, tc, bare)["id_init_std"] == 0.02
+    assert resolve_model_settings({"use_item_features": False}, tc, small)["id_init_std"] == 0.02
+    assert resolve_model_settings({"loss": "bce", "id_buckets": 7, "id_init_std": 0.1}, tc, large) == {
+        "loss": "bce", "id_buckets": 7, "id_init_std": 0.1,
+    }
