@@ -50,6 +50,9 @@ def evaluation_report(context: AssetExecutionContext, taac: TaacConfig) -> Mater
             "headline": MetadataValue.md(result.files.headline_markdown),
             **_figure_metadata(result.headline, result.oracle_share),
             "users": result.users,
+            # The kept checkpoint's validation (targets before the test targets), beside test.
+            **{f"validation_{key}": round(float(result.validation[key]), 5)
+               for key in ("hr@10", "ndcg@10", "score") if result.validation and key in result.validation},
             "report": MetadataValue.path(str(result.files.markdown)),
             "report_html": MetadataValue.path(str(result.files.html)),
             "figures_json": MetadataValue.path(str(result.files.json)),

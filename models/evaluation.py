@@ -396,6 +396,7 @@ class Evaluation:
     seconds: dict[str, float]
     provenance: dict[str, Any]
     notes: list[str]
+    validation: dict[str, Any] | None = None  # the kept checkpoint's validation figures
 
 
 def kept_validation(ckpt: dict[str, Any]) -> dict[str, Any] | None:
@@ -557,14 +558,15 @@ def evaluate_track(paths: Any, settings: Any, *, code_version: str = "", logger:
         "figures": {"index_recall@10": index_meta.get("recall")},
     }
     seconds["total"] = round(time.perf_counter() - started, 3)
+    validation = kept_validation(loaded.ckpt)
     data = ReportData(
         track=paths.track, headline=headline, slices=table, provenance=provenance,
         training_curve=curves if any(curves.values()) else None, notes=notes,
-        validation=kept_validation(loaded.ckpt),
+        validation=validation,
     )
     files = write_report(paths.reports, data, name=REPORT_NAME)
     logger.info(f"report written to {files.markdown} in {seconds['total']:.1f}s")
-    return Evaluation(files, headline, oracle_share(headline), n, seconds, provenance, notes)
+    return Evaluation(files, headline, oracle_share(headline), n, seconds, provenance, notes, validation)
 
 
 # --- Submission --------------------------------------------------------------------------

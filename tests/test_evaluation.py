@@ -11,6 +11,7 @@ from pathlib import Path
 
 import duckdb
 import numpy as np
+import torch
 import pytest
 from dagster import AssetKey, DagsterInstance, materialize
 
@@ -39,7 +40,7 @@ pytestmark = pytest.mark.slow
 
 CHAIN = [raw_dataset, warehouse_tables, semantic_id_codebooks, encoder_checkpoint, faiss_index, evaluation_report, submission]
 SCALE = {"synthetic_num_users": 600, "synthetic_num_items": 1500}
-ENV = {"TAAC_TRAINING__THREADS": "1", "TAAC_TRAINING__VAL_USERS": "0"}
+ENV = {"TAAC_TRAINING__THREADS": "1", "TAAC_TRAINING__VAL_USERS": "100", "TAAC_TRAINING__PATIENCE": "0"}
 
 
 @pytest.fixture(scope="module")
@@ -128,6 +129,12 @@ def test_report_figures_are_consistent_and_between_popularity_and_oracle(chain, 
     assert "data:image/png;base64," in (paths.reports / "evaluation.html").read_text()
     meta = _metadata(result, "evaluation_report")
     assert "| model |" in meta["headline"] and meta["score"] == pytest.approx(model["score"], abs=1e-5)
+    # Validation (the kept checkpoint's, on the targets before the test targets) beside test.
+    validation = figures["validation"]
+    checkpoint = torch.load(paths.checkpoints / "default" / "last.pt", weights_only=False)
+    assert validation["users"] == 100 and validation["step"] == checkpoint["weights_step"]
+    assert validation["score"] == max(e["score"] for e in checkpoint["evals"])
+    assert "## Validation and test" in markdown and meta["validation_score"] == pytest.approx(validation["score"], abs=1e-5)
     assert meta["popularity_score"] == pytest.approx(popularity["score"], abs=1e-5)
 
 
