@@ -13,7 +13,8 @@ class DataFormatError(TaacError):
     """Input data is not in the expected shape.
 
     The message always names the file, the line (JSONL, 1-based) or row (parquet, 0-based
-    within the file) when known, what was expected, and what was found.
+    within the file) when known, the record within the line and the field when known, what
+    was expected, and what was found.
     """
 
     def __init__(
@@ -24,10 +25,14 @@ class DataFormatError(TaacError):
         *,
         line: int | None = None,
         row: int | None = None,
+        record: int | None = None,
+        field: str | None = None,
     ) -> None:
         self.path = Path(path)
         self.line = line
         self.row = row
+        self.record = record
+        self.field = field
         self.expected = expected
         self.found = found
         where = str(self.path)
@@ -35,6 +40,10 @@ class DataFormatError(TaacError):
             where += f", line {line}"
         if row is not None:
             where += f", row {row}"
+        if record is not None:
+            where += f", record {record}"
+        if field is not None:
+            where += f", field {field}"
         message = f"{where}: expected {expected}"
         if found is not None:
             message += f"; found {found}"

@@ -80,13 +80,22 @@ import pyarrow as pa  # noqa: E402  (kept beside the schemas it defines)
 
 # Raw creative ids (candidates, multi-modal embeddings) come as integers or as strings of
 # digits: the Hub release stores mm_emb's anonymous_cid as a string. Both are read as BIGINT.
-RAW_ID_TYPE = "integer or string of digits"
+RAW_ID_TYPE = "integer or string of digits"  # integer: not uint64, see is_int64_compatible
 _RAW_ID_TEXT = re.compile(r"[0-9]+", re.ASCII)
+
+
+def is_int64_compatible(t: pa.DataType) -> bool:
+    """An Arrow integer type whose every value fits BIGINT: any signed width, unsigned up to
+    32 bits. uint64 is refused at the schema: its values above 2^63-1 have no BIGINT."""
+    return pa.types.is_integer(t) and not pa.types.is_uint64(t)
+
+
+INTEGER_TYPE = "integer (int8 to int64, or uint8 to uint32; not uint64)"
 
 
 def is_raw_id_type(t: pa.DataType) -> bool:
     """An Arrow type a raw id column may have (integer, or a string to be parsed)."""
-    return pa.types.is_integer(t) or pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t)
+    return is_int64_compatible(t) or pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t)
 
 
 def raw_id_sql(column: str) -> str:

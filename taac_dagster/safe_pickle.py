@@ -11,10 +11,12 @@ from typing import Any
 from taac_dagster.errors import DataFormatError
 
 # (module, name) pairs a plain-data pickle may reference. Builtin containers and scalars need
-# no global; defaultdict does, and its default factory is one of the plain types.
+# no global; defaultdict does, and its default factory is one of the plain types. OrderedDict
+# loads as a plain dict (ordered too): none of these types has a __dict__, so an opcode that
+# would set attributes on an object (BUILD) fails and is reported instead of obeyed.
 _ALLOWED_GLOBALS: dict[tuple[str, str], Any] = {
     ("collections", "defaultdict"): collections.defaultdict,
-    ("collections", "OrderedDict"): collections.OrderedDict,
+    ("collections", "OrderedDict"): dict,
     ("builtins", "dict"): dict,
     ("builtins", "list"): list,
     ("builtins", "int"): int,
@@ -38,22 +40,32 @@ class RestrictedUnpickler(pickle.Unpickler):
             return _ALLOWED_GLOBALS[(module, name)]
         except KeyError:
             raise DataFormatError(
-                self._source,
-                "a pickle of plain containers (dict, list, defaultdict) of ints, strings "
-                "and floats",
-                f"a reference to {module}.{name}, which is refused for safety",
+                self._source, _PLAIN, f"a reference to {module}.{name}, which is refused for safety"
             ) from None
+
+
+_PLAIN = "a pickle of plain containers (dict, list, defaultdict) of ints, strings and floats"
 
 
 def load_plain_pickle(path: str | Path) -> Any:
     path = Path(path)
+    if not path.is_file():
+        raise DataFormatError(path, _PLAIN, "no such file")
+    if path.stat().st_size == 0:
+        raise DataFormatError(path, _PLAIN, "an empty file (0 bytes)")
     with open(path, "rb") as handle:
         try:
             return RestrictedUnpickler(handle, path).load()
         except DataFormatError:
             raise
-        except (pickle.UnpicklingError, EOFError, ValueError, TypeError) as exc:
-            raise DataFormatError(path, "a valid pickle file", f"unreadable data ({exc})") from exc
+        except (pickle.UnpicklingError, EOFError) as exc:
+            raise DataFormatError(path, "a valid pickle file", f"unreadable data ({exc})") from None
+        except (AttributeError, TypeError) as exc:
+            raise DataFormatError(
+                path, _PLAIN, f"opcodes that build objects plain data does not have ({type(exc).__name__}: {exc})"
+            ) from None
+        except Exception as exc:  # anything an allowed constructor raises on crafted arguments
+            raise DataFormatError(path, "a valid pickle file", f"unreadable data ({type(exc).__name__}: {exc})") from None
 
 
 def load_indexer(path: str | Path) -> dict[str, Any]:

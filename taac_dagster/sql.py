@@ -37,3 +37,14 @@ def sql_fingerprint(*names: str) -> str:
     for name in names:
         digest.update(sql_path(name).read_bytes())
     return digest.hexdigest()[:12]
+
+
+def sql_literal(value: object) -> str:
+    """``value`` as a SQL string literal (quotes doubled): for paths in statements that take no
+    parameters (COPY ... TO, table functions built into a larger query)."""
+    return "'" + str(value).replace("'", "''") + "'"
+
+
+def sql_literal_list(values: list) -> str:
+    """A DuckDB list literal of string literals: ``['a', 'b''s']``."""
+    return "[" + ", ".join(sql_literal(v) for v in values) + "]"

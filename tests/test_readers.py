@@ -88,8 +88,8 @@ def _rewrite_line(path, number, text):
         ("truncate_last", 88, "truncated"),
         ("garble", 5, "invalid JSON"),
         ("five_fields", 7, "5 fields instead of 6"),
-        ("string_item", 9, "item_id 'abc'"),
-        ("object_line", 3, "a JSON dict"),
+        ("string_item", 9, 'field item_id: expected an integer re-id from 1 to 2^63-1 in an interaction record; found "abc"'),
+        ("object_line", 3, "found a JSON object"),
     ],
 )
 def test_bad_jsonl_lines_are_named(demo_copy, damage, line, phrase):
@@ -282,7 +282,8 @@ def test_jsonl_embedding_ids_as_strings_and_a_bad_one(demo_copy, tmp_path):
     part.write_text("\n".join(json.dumps(row) for row in rows) + "\n")
     with pytest.raises(DataFormatError) as err:
         write_family_embeddings(con, source, tmp_path / "bad.parquet")
-    assert err.value.line == 7 and str(part) in str(err.value) and "anonymous_cid '12ab'" in str(err.value)
+    assert err.value.line == 7 and str(part) in str(err.value)
+    assert err.value.field == "anonymous_cid" and 'found "12ab"' in str(err.value)
     assert not (tmp_path / "bad.parquet").exists()
 
 

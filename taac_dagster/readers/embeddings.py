@@ -21,8 +21,10 @@ import pyarrow as pa
 from taac_dagster.atomic import atomic_file
 from taac_dagster.errors import DataFormatError
 from taac_dagster.formats import RAW_ID_TYPE, hub_embedding_dirs, jsonl_embedding_sources, parse_raw_id, raw_id_sql
+from taac_dagster.readers import json_lines
 from taac_dagster.readers.hub_parquet import RAW_ID, check_schema, files_sql, locate_bad_raw_id, parquet_files
 from taac_dagster.safe_pickle import load_plain_pickle
+from taac_dagster.sql import sql_literal
 
 
 @dataclass(frozen=True)
@@ -93,58 +95,109 @@ def _is_float_list(t: pa.DataType) -> bool:
     )
 
 
-def _jsonl_parts(folder: Path) -> list[Path]:
+def _jsonl_parts(folder: Path, dim: int) -> list[Path]:
     parts = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith((".", "_")))
     if not parts:
         raise DataFormatError(folder, "JSON-lines part files {anonymous_cid, emb}", "an empty folder")
+    for part in parts:
+        json_lines.require_content(part, _jsonl_expected(dim))
     return parts
 
 
-def _diagnose_jsonl(parts: list[Path], dim: int) -> None:
+def _jsonl_expected(dim: int) -> str:
+    return f'a JSON object {{"anonymous_cid": <{RAW_ID_TYPE}>, "emb": [{dim} numbers]}} per line'
+
+
+# A JSON number as DuckDB writes it back (NaN and infinities included: the embeddings_valid
+# check names those); a string, a boolean, null or a nested list is not one.
+_NUMBER = r"-?(?:[0-9]+(?:\.[0-9]*)?(?:[eE][-+]?[0-9]+)?|NaN|Infinity)"
+_NUMBERS_RE = rf"\[\s*(?:{_NUMBER}(?:\s*,\s*{_NUMBER})*)?\s*\]"
+
+
+def _jsonl_columns_sql(dim: int) -> str:
+    """creative_id and emb of a JSON-lines object ``json``: NULL unless they have the format's
+    types (a raw id; ``dim`` numbers that fit FLOAT), so a bad value is never converted."""
+    cid_ok = "json_type(json, '$.anonymous_cid') IN ('BIGINT', 'UBIGINT', 'VARCHAR')"
+    emb = "TRY_CAST(json->'$.emb' AS FLOAT[])"
+    return f"""CASE WHEN {cid_ok} THEN {raw_id_sql("json->>'$.anonymous_cid'")} END AS creative_id,
+               CASE WHEN regexp_full_match((json->'$.emb')::VARCHAR, '{_NUMBERS_RE}')
+                         AND len({emb}) = {dim} AND list_count({emb}) = {dim} THEN {emb} END AS emb"""
+
+
+def _jsonl_problem(row: object, dim: int) -> tuple[str | None, str]:
+    """(field, found) for a line the SQL above could not convert."""
+    if not isinstance(row, dict):
+        return None, f"a JSON {type(row).__name__}"
+    if parse_raw_id(row.get("anonymous_cid")) is None:
+        return "anonymous_cid", json.dumps(row.get("anonymous_cid"))[:80]
+    emb = row.get("emb")
+    if not isinstance(emb, list):
+        return "emb", json.dumps(emb)[:80]
+    if len(emb) != dim:
+        return "emb", f"an embedding of length {len(emb)}"
+    bad = next((i for i, x in enumerate(emb) if isinstance(x, bool) or not isinstance(x, (int, float))), None)
+    if bad is not None:
+        return "emb", f"element {bad} = {json.dumps(emb[bad])}"
+    return "emb", "a value outside the range of a 32-bit float"
+
+
+def _diagnose_jsonl(con: duckdb.DuckDBPyConnection, parts: list[Path], dim: int) -> None:
     """Raise a DataFormatError naming the first bad line of the part files; return if none."""
-    expected = f'a JSON object {{"anonymous_cid": <{RAW_ID_TYPE}>, "emb": [{dim} floats]}}'
+    expected = _jsonl_expected(dim)
     for part in parts:
-        with open(part, "rb") as handle:
-            for number, raw in enumerate(handle, start=1):
-                try:
-                    row = json.loads(raw)
-                except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-                    raise DataFormatError(part, expected, f"invalid JSON: {exc}", line=number) from None
-                if not isinstance(row, dict):
-                    raise DataFormatError(part, expected, str(raw[:120]), line=number)
-                if parse_raw_id(row.get("anonymous_cid")) is None:
-                    raise DataFormatError(part, expected, f"anonymous_cid {row.get('anonymous_cid')!r:.60}", line=number)
-                emb = row.get("emb")
-                if not isinstance(emb, list) or len(emb) != dim:
-                    found = f"an embedding of length {len(emb)}" if isinstance(emb, list) else f"emb = {emb!r:.60}"
-                    raise DataFormatError(part, expected, found, line=number)
+        try:
+            rows = con.execute(
+                f"""SELECT ordinality FROM (
+                        SELECT ordinality, {_jsonl_columns_sql(dim)}
+                        FROM read_ndjson_objects(?, maximum_object_size={json_lines.MAX_LINE_BYTES}) WITH ORDINALITY)
+                    WHERE creative_id IS NULL OR emb IS NULL ORDER BY ordinality LIMIT 1""",
+                [str(part)],
+            ).fetchall()
+        except duckdb.Error:
+            json_lines.diagnose_lines(part, expected)
+            raise
+        if rows:
+            number, raw = json_lines.physical_line(part, int(rows[0][0]))
+            field, found = _jsonl_problem(json.loads(raw), dim)
+            raise DataFormatError(part, expected, found, line=number, field=field)
 
 
 def _diagnose_parquet(con: duckdb.DuckDBPyConnection, files: list[Path], source: EmbeddingSource) -> None:
     """Raise a DataFormatError naming the first bad row (file, row, value); return if none."""
     locate_bad_raw_id(con, files, "anonymous_cid")
     rows = con.execute(
-        f"""SELECT filename, file_row_number, anonymous_cid IS NULL, len(emb)
+        f"""SELECT filename, file_row_number, anonymous_cid IS NULL, len(emb), list_count(emb)
             FROM read_parquet({files_sql(files)}, filename=true, file_row_number=true, union_by_name=true)
-            WHERE emb IS NULL OR len(emb) <> {source.dim} OR anonymous_cid IS NULL
+            WHERE emb IS NULL OR len(emb) <> {source.dim} OR list_count(emb) <> len(emb) OR anonymous_cid IS NULL
             ORDER BY filename, file_row_number LIMIT 1"""
     ).fetchall()
     if rows:
-        filename, row, null_id, length = rows[0]
+        filename, row, null_id, length, non_null = rows[0]
         if null_id:
-            raise DataFormatError(filename, f"a non-null anonymous_cid ({RAW_ID_TYPE})", "null", row=int(row))
+            raise DataFormatError(
+                filename, f"a non-null anonymous_cid ({RAW_ID_TYPE})", "null", row=int(row), field="anonymous_cid"
+            )
+        if length == source.dim and non_null != length:
+            raise DataFormatError(
+                filename, f"an embedding of {source.dim} numbers (family {source.family})",
+                f"{length - non_null} null element(s)", row=int(row), field="emb",
+            )
         raise DataFormatError(
-            filename, f"an embedding of length {source.dim} (family {source.family})", f"length {length}", row=int(row)
+            filename, f"an embedding of length {source.dim} (family {source.family})",
+            "null" if length is None else f"length {length}", row=int(row), field="emb",
         )
 
 
 def _copy_sql(select_source: str, dim: int, out: Path) -> str:
+    # A vector of the wrong length or with null elements stays NULL (not an error here): the
+    # count after the copy finds it and the diagnosis names its file and row or line.
     return f"""
         COPY (
-            SELECT e.creative_id, ix.item_id, CAST(e.emb AS FLOAT[{dim}]) AS emb
+            SELECT e.creative_id, ix.item_id,
+                   CASE WHEN len(e.emb) = {dim} AND list_count(e.emb) = {dim} THEN CAST(e.emb AS FLOAT[{dim}]) END AS emb
             FROM ({select_source}) e LEFT JOIN stg_item_index ix USING (creative_id)
             ORDER BY e.creative_id
-        ) TO '{out}' (FORMAT parquet, COMPRESSION zstd)
+        ) TO {sql_literal(out)} (FORMAT parquet, COMPRESSION zstd)
     """
 
 
@@ -159,13 +212,12 @@ def _family_select(con: duckdb.DuckDBPyConnection, source: EmbeddingSource) -> t
             f"FROM read_parquet({files_sql(files)}, union_by_name=true)"
         )
         return select, partial(_diagnose_parquet, con, files, source)
-    parts = _jsonl_parts(source.path)
-    # VARCHAR takes a JSON number and a JSON string alike; raw_id_sql keeps digits only.
+    parts = _jsonl_parts(source.path, source.dim)
     select = (
-        f"SELECT {raw_id_sql('anonymous_cid')} AS creative_id, emb FROM read_json({files_sql(parts)}, "
-        "format='newline_delimited', columns={anonymous_cid: 'VARCHAR', emb: 'FLOAT[]'})"
+        f"SELECT {_jsonl_columns_sql(source.dim)} "
+        f"FROM read_ndjson_objects({files_sql(parts)}, maximum_object_size={json_lines.MAX_LINE_BYTES})"
     )
-    return select, partial(_diagnose_jsonl, parts, source.dim)
+    return select, partial(_diagnose_jsonl, con, parts, source.dim)
 
 
 def write_family_embeddings(
@@ -181,10 +233,12 @@ def write_family_embeddings(
                 con.execute(_copy_sql(select, source.dim, tmp))
             except duckdb.Error as exc:
                 diagnose()
-                raise DataFormatError(source.path, f"family {source.family} embeddings", str(exc)) from exc
-            # An id that is not digits is NULL after raw_id_sql: find it and name it.
+                raise DataFormatError(
+                    source.path, f"family {source.family} embeddings", f"data DuckDB cannot read ({json_lines.short(exc)})"
+                ) from None
+            # A value of the wrong type or range is NULL after the conversion: find it and name it.
             bad = con.execute(
-                f"SELECT count(*) FROM read_parquet('{tmp}') WHERE creative_id IS NULL OR emb IS NULL"
+                "SELECT count(*) FROM read_parquet(?) WHERE creative_id IS NULL OR emb IS NULL", [str(tmp)]
             ).fetchall()[0][0]
             if bad:
                 diagnose()
@@ -192,8 +246,7 @@ def write_family_embeddings(
                     source.path, f"family {source.family} embeddings, each with an id and a vector", f"{bad} rows without"
                 )
         counts = con.execute(
-            f"""SELECT count(*), count(item_id), count(*) - count(DISTINCT creative_id)
-                FROM read_parquet('{tmp}')"""
+            "SELECT count(*), count(item_id), count(*) - count(DISTINCT creative_id) FROM read_parquet(?)", [str(tmp)]
         ).fetchall()[0]
     return {"rows": int(counts[0]), "indexed_items": int(counts[1]), "duplicate_ids": int(counts[2])}
 
@@ -213,7 +266,12 @@ def _write_pickle_embeddings(con: duckdb.DuckDBPyConnection, source: EmbeddingSo
             raise DataFormatError(
                 source.path, f"an embedding of length {source.dim} for creative id {cid}", found, row=position
             )
-    matrix = np.asarray(list(data.values()), dtype=np.float32).reshape(len(data), source.dim)
+    # Inferred, not forced: a string such as "0.5" must be an error, not a float.
+    values = list(data.values())
+    inferred = np.array(values) if values else np.zeros((0, source.dim))
+    if inferred.dtype.kind not in "fiu" or inferred.ndim != 2:
+        _raise_pickle_element(source, data)
+    matrix = inferred.astype(np.float32, copy=False).reshape(len(data), source.dim)
     table = pa.table(
         {"creative_id": ids, "emb": pa.FixedSizeListArray.from_arrays(matrix.reshape(-1), source.dim)}
     )
@@ -222,6 +280,18 @@ def _write_pickle_embeddings(con: duckdb.DuckDBPyConnection, source: EmbeddingSo
         con.execute(_copy_sql("SELECT creative_id, emb FROM _pickle_emb", source.dim, tmp))
     finally:
         con.unregister("_pickle_emb")
+
+
+def _raise_pickle_element(source: EmbeddingSource, data: dict) -> None:
+    """Name the first embedding of a pickled family holding something other than numbers."""
+    for position, (cid, emb) in enumerate(data.items()):
+        bad = next((i for i, x in enumerate(emb) if isinstance(x, bool) or not isinstance(x, (int, float))), None)
+        if bad is not None:
+            raise DataFormatError(
+                source.path, f"an embedding of {source.dim} numbers for creative id {cid}",
+                f"element {bad} = {emb[bad]!r:.60}", row=position, field="emb",
+            )
+    raise DataFormatError(source.path, f"embeddings of {source.dim} numbers", "values numpy cannot read as numbers")
 
 
 def read_embedding_matrix(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

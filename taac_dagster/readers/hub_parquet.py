@@ -16,15 +16,18 @@ import pyarrow.parquet as pq
 
 from taac_dagster.errors import DataFormatError
 from taac_dagster.formats import (
+    INTEGER_TYPE,
     ITEM_SPARSE_FEATURES,
     RAW_ID_TYPE,
     USER_ARRAY_FEATURES,
     USER_SPARSE_FEATURES,
     feature_column,
+    is_int64_compatible,
     is_raw_id_type,
     raw_id_sql,
 )
 from taac_dagster.readers.staging import create_empty_candidates, stage_indexer
+from taac_dagster.sql import sql_literal_list
 
 log = logging.getLogger(__name__)
 
@@ -32,26 +35,26 @@ TypeCheck = Callable[[pa.DataType], bool]
 
 
 def _is_int_list(t: pa.DataType) -> bool:
-    return (pa.types.is_list(t) or pa.types.is_large_list(t)) and pa.types.is_integer(t.value_type)
+    return (pa.types.is_list(t) or pa.types.is_large_list(t)) and is_int64_compatible(t.value_type)
 
 
 def _is_seq(t: pa.DataType) -> bool:
     if not (pa.types.is_list(t) or pa.types.is_large_list(t)) or not pa.types.is_struct(t.value_type):
         return False
     fields = {f.name: f.type for f in t.value_type}
-    return all(name in fields and pa.types.is_integer(fields[name]) for name in ("item_id", "action_type", "timestamp"))
+    return all(name in fields and is_int64_compatible(fields[name]) for name in ("item_id", "action_type", "timestamp"))
 
 
 def _is_feature_struct(t: pa.DataType) -> bool:
-    if pa.types.is_integer(t):
+    if is_int64_compatible(t):
         return True
     if not pa.types.is_struct(t):
         return False
     fields = {f.name: f.type for f in t}
-    return "feature_value" in fields and pa.types.is_integer(fields["feature_value"])
+    return "feature_value" in fields and is_int64_compatible(fields["feature_value"])
 
 
-SEQ_TYPE = "list<struct<item_id: int64, action_type: int64, timestamp: int64>>"
+SEQ_TYPE = "list<struct<item_id: int64, action_type: int64, timestamp: int64>> (integers, not uint64)"
 
 
 def parquet_files(folder: Path) -> list[Path]:
@@ -70,9 +73,12 @@ def check_schema(
     present: set[str] | None = None
     for path in files:
         try:
-            schema = pq.read_schema(path)
-        except (pa.ArrowInvalid, OSError) as exc:
+            metadata = pq.read_metadata(path)
+            schema = metadata.schema.to_arrow_schema()
+        except (pa.ArrowException, OSError, ValueError) as exc:
             raise DataFormatError(path, "a readable parquet file", f"an unreadable file ({exc})") from exc
+        if metadata.num_rows == 0:
+            raise DataFormatError(path, "a parquet file with at least one row", "an empty file (0 rows)")
         names = set(schema.names)
         for column, (check, described) in required.items():
             if column not in names:
@@ -94,7 +100,8 @@ def check_schema(
 
 
 def files_sql(files: list[Path]) -> str:
-    return "[" + ", ".join("'" + str(f).replace("'", "''") + "'" for f in files) + "]"
+    """The files as a DuckDB list literal, quotes in their paths escaped."""
+    return sql_literal_list(files)
 
 
 def locate_first(
@@ -125,8 +132,8 @@ def locate_bad_raw_id(con: duckdb.DuckDBPyConnection, files: list[Path], column:
         raise DataFormatError(filename, f"column {column!r} holding a raw id ({RAW_ID_TYPE})", repr(value), row=int(row))
 
 
-_INT: tuple[TypeCheck, str] = (pa.types.is_integer, "integer")
-_INT_LIST: tuple[TypeCheck, str] = (_is_int_list, "list<integer>")
+_INT: tuple[TypeCheck, str] = (is_int64_compatible, INTEGER_TYPE)
+_INT_LIST: tuple[TypeCheck, str] = (_is_int_list, f"list<{INTEGER_TYPE}>")
 RAW_ID: tuple[TypeCheck, str] = (is_raw_id_type, RAW_ID_TYPE)
 
 
@@ -137,8 +144,8 @@ def stage_seq(con: duckdb.DuckDBPyConnection, folder: Path) -> None:
     con.execute(
         f"""
         CREATE OR REPLACE VIEW stg_events AS
-        SELECT user_id, (idx - 1)::INTEGER AS position, ev.item_id AS item_id,
-               ev.action_type::INTEGER AS action_type, ev.timestamp AS "timestamp"
+        SELECT user_id::BIGINT AS user_id, (idx - 1)::INTEGER AS position, ev.item_id::BIGINT AS item_id,
+               ev.action_type::BIGINT AS action_type, ev.timestamp::BIGINT AS "timestamp"
         FROM (
             SELECT user_id, unnest(seq) AS ev, generate_subscripts(seq, 1) AS idx
             FROM read_parquet({files_sql(files)}, union_by_name=true)
@@ -159,6 +166,31 @@ def diagnose_seq(con: duckdb.DuckDBPyConnection, folder: Path) -> None:
     )
 
 
+def locate_event(con: duckdb.DuckDBPyConnection, folder: Path, user_id: int, position: int) -> tuple[str, int] | None:
+    """(file, row) of the ``seq/`` row holding ``user_id``'s event at ``position``."""
+    rows = con.execute(
+        f"""SELECT filename, file_row_number FROM read_parquet({files_sql(parquet_files(folder))},
+                filename=true, file_row_number=true, union_by_name=true)
+            WHERE user_id = ? AND len(seq) > ? ORDER BY filename, file_row_number LIMIT 1""",
+        [user_id, position],
+    ).fetchall()
+    return (str(rows[0][0]), int(rows[0][1])) if rows else None
+
+
+def locate_users(con: duckdb.DuckDBPyConnection, folder: Path, user_ids: list[int]) -> dict[int, list[str]]:
+    """Where each of ``user_ids`` comes from: ``<file> row <n>`` for every ``seq/`` row of it."""
+    rows = con.execute(
+        f"""SELECT user_id, filename, file_row_number FROM read_parquet({files_sql(parquet_files(folder))},
+                filename=true, file_row_number=true, union_by_name=true)
+            WHERE list_contains(?, user_id) ORDER BY filename, file_row_number""",
+        [list(user_ids)],
+    ).fetchall()
+    found: dict[int, list[str]] = {}
+    for user, filename, row in rows:
+        found.setdefault(int(user), []).append(f"{filename} row {row}")
+    return found
+
+
 def stage_user_features(con: duckdb.DuckDBPyConnection, folder: Path) -> None:
     files = parquet_files(folder)
     optional = {f: _INT for f in USER_SPARSE_FEATURES} | {f: _INT_LIST for f in USER_ARRAY_FEATURES}
@@ -172,7 +204,7 @@ def stage_user_features(con: duckdb.DuckDBPyConnection, folder: Path) -> None:
     ]
     con.execute(
         f"""CREATE OR REPLACE TABLE stg_user_features AS
-            SELECT user_id, {", ".join(cols)}
+            SELECT user_id::BIGINT AS user_id, {", ".join(cols)}
             FROM read_parquet({files_sql(files)}, union_by_name=true) WHERE user_id IS NOT NULL"""
     )
 
@@ -187,7 +219,7 @@ def stage_item_features(con: duckdb.DuckDBPyConnection, folder: Path) -> None:
     locate_first(con, files, "item_id IS NULL", "a non-null item_id")
     con.execute(
         f"""CREATE OR REPLACE TABLE stg_item_features AS
-            SELECT item_id, {", ".join(cols)}
+            SELECT item_id::BIGINT AS item_id, {", ".join(cols)}
             FROM read_parquet({files_sql(files)}, union_by_name=true)"""
     )
 
@@ -219,7 +251,7 @@ def stage_candidates(con: duckdb.DuckDBPyConnection, folder: Path) -> None:
     locate_bad_raw_id(con, files, "item_id")
     con.execute(
         f"""CREATE OR REPLACE TABLE stg_candidates AS
-            SELECT {raw_id_sql("item_id")} AS creative_id, retrieval_id, {", ".join(values)},
+            SELECT {raw_id_sql("item_id")} AS creative_id, retrieval_id::BIGINT AS retrieval_id, {", ".join(values)},
                    ({cold_sum})::INTEGER AS cold_features
             FROM read_parquet({files_sql(files)}, union_by_name=true)"""
     )

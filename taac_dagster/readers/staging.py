@@ -25,9 +25,11 @@ import pyarrow as pa
 from taac_dagster.errors import DataFormatError
 from taac_dagster.formats import (
     ITEM_SPARSE_FEATURES,
+    RAW_ID_TYPE,
     USER_ARRAY_FEATURES,
     USER_SPARSE_FEATURES,
     feature_column,
+    parse_raw_id,
 )
 from taac_dagster.safe_pickle import load_indexer
 
@@ -66,35 +68,58 @@ def create_empty_candidates(con: duckdb.DuckDBPyConnection) -> None:
     )
 
 
-def _int_keys(mapping: dict[Any, Any], path: Path, what: str) -> np.ndarray:
+def _reids(mapping: dict[Any, Any], path: Path, what: str) -> np.ndarray:
+    """The values of ``mapping`` (re-ids: integers from 1) as int64; the first that is not one
+    is an error naming the map, its key and the value."""
+    values = mapping.values()
+    if all(type(v) is int for v in values):  # type(), not isinstance: True is not a re-id
+        try:
+            array = np.fromiter(values, dtype=np.int64, count=len(mapping))
+        except OverflowError:
+            array = None
+        if array is not None and (not len(array) or int(array.min()) >= 1):
+            return array
+    for key, value in mapping.items():
+        if type(value) is not int or not 1 <= value < 2**63:
+            raise DataFormatError(
+                path, f"{what} to map raw ids to re-ids (integers from 1 to 2^63-1)", f"{key!r:.60}: {value!r:.60}"
+            )
+    raise AssertionError("unreachable")
+
+
+def _raw_creative_ids(mapping: dict[Any, Any], path: Path) -> np.ndarray:
+    """The keys of ``indexer['i']`` (raw creative ids: integers or strings of digits) as int64."""
     try:
-        return np.fromiter((int(k) for k in mapping), dtype=np.int64, count=len(mapping))
-    except (TypeError, ValueError) as exc:
-        raise DataFormatError(path, f"integer keys in {what}", f"a non-integer key ({exc})") from None
+        return np.fromiter((parse_raw_id(k) for k in mapping), dtype=np.int64, count=len(mapping))
+    except TypeError:  # parse_raw_id gave None for a key
+        bad = next(k for k in mapping if parse_raw_id(k) is None)
+        raise DataFormatError(path, f"raw creative ids ({RAW_ID_TYPE}) as the keys of indexer['i']", f"{bad!r:.60}") from None
 
 
 def stage_indexer(con: duckdb.DuckDBPyConnection, path: Path) -> dict[str, int]:
-    """Load ``indexer.pkl`` safely and stage its maps; returns vocabulary sizes."""
+    """Load ``indexer.pkl`` safely, check its ids and stage its maps; returns vocabulary sizes."""
     indexer = load_indexer(path)
     items, users, features = indexer["i"], indexer["u"], indexer["f"]
     item_index = pa.table(
         {
-            "creative_id": _int_keys(items, path, "indexer['i']"),
-            "item_id": np.fromiter(items.values(), dtype=np.int64, count=len(items)),
+            "creative_id": _raw_creative_ids(items, path),
+            "item_id": _reids(items, path, "indexer['i']"),
         }
     )
     user_index = pa.table(
         {
             "raw_user_id": pa.array([str(k) for k in users], pa.string()),
-            "user_id": np.fromiter(users.values(), dtype=np.int64, count=len(users)),
+            "user_id": _reids(users, path, "indexer['u']"),
         }
     )
+    sizes = []
+    for fid, vocab in features.items():
+        reids = _reids(vocab, path, f"indexer['f'][{fid!r}]")
+        sizes.append(int(reids.max()) if len(reids) else 0)
     vocab = pa.table(
         {
             "feature_id": pa.array([str(fid) for fid in features], pa.string()),
-            "vocab_size": pa.array(
-                [max(v.values(), default=0) for v in features.values()], pa.int64()
-            ),
+            "vocab_size": pa.array(sizes, pa.int64()),
         }
     )
     con.register("_item_index", item_index)
