@@ -1,7 +1,10 @@
 """The DuckDB warehouse of a track: one asset per table, built together, checked inline.
 
-The quality checks run in the same step as the build (they need the track's partition and a
-finished file) and are blocking: a failed ERROR check stops every downstream asset of the run.
+Write, audit, publish (``taac_dagster.warehouse.build_checked_warehouse``): the warehouse is
+built under a temporary name, the quality checks run on that staged copy, and it replaces the
+published ``warehouse.duckdb`` only when every blocking check passes. Otherwise the step fails
+naming the checks and the rejected copy (kept under ``rejected/``); no table is materialized,
+so nothing downstream runs, and the previous warehouse stays what the chain reads.
 """
 
 
@@ -14,6 +17,7 @@ from dagster import (
     AssetCheckSpec,
     AssetExecutionContext,
     AssetSpec,
+    Failure,
     MaterializeResult,
     MetadataValue,
     multi_asset,
@@ -21,12 +25,12 @@ from dagster import (
 
 from assets.raw import raw_dataset
 from taac_dagster.partitions import track_partitions
-from taac_dagster.quality import CHECKS, ERROR, run_checks
+from taac_dagster.quality import CHECKS, ERROR, CheckOutcome
 from taac_dagster.raw import RawManifest
 from taac_dagster.readers.embeddings import families_text
 from taac_dagster.resources import TaacConfig
 from taac_dagster.sql import sql_fingerprint
-from taac_dagster.warehouse import WAREHOUSE_TABLES, build_warehouse
+from taac_dagster.warehouse import WAREHOUSE_TABLES, BlockingChecksFailed, build_checked_warehouse
 
 # The code version follows the SQL: editing a table's SQL file marks the tables stale.
 WAREHOUSE_CODE_VERSION = "warehouse-v2-" + sql_fingerprint(*WAREHOUSE_TABLES)
@@ -74,7 +78,16 @@ def warehouse_tables(context: AssetExecutionContext, taac: TaacConfig) -> Iterat
     settings = taac.settings(track)
     paths = taac.paths(track)
     manifest = RawManifest.read(paths.raw_manifest)
-    summary = build_warehouse(Path(manifest.root), paths, settings, logger=context.log)
+    try:
+        summary, outcomes = build_checked_warehouse(Path(manifest.root), paths, settings, logger=context.log)
+    except BlockingChecksFailed as failed:
+        # The checks' verdicts are recorded (UI, automation) though nothing is published.
+        yield from _check_results(failed.outcomes, rejected=str(failed.rejected))
+        raise Failure(
+            description=str(failed),
+            metadata={"rejected_warehouse": MetadataValue.path(str(failed.rejected)),
+                      "failed_checks": MetadataValue.json([o.name for o in failed.failed])},
+        ) from None
     shared = {"warehouse": MetadataValue.path(str(summary.path)), "raw_fingerprint": manifest.digest}
     for name in WAREHOUSE_TABLES:
         yield MaterializeResult(
@@ -91,15 +104,22 @@ def warehouse_tables(context: AssetExecutionContext, taac: TaacConfig) -> Iterat
             "folder": MetadataValue.path(str(paths.embeddings)),
         },
     )
-    context.log.info("running data-quality checks")
-    for outcome in run_checks(
-        summary.path, track, max_history=settings.max_history, sample_users=settings.check_sample_users
-    ):
+    yield from _check_results(outcomes)
+
+
+def _check_results(outcomes: list[CheckOutcome], rejected: str | None = None) -> Iterator[AssetCheckResult]:
+    for outcome in outcomes:
+        metadata = {
+            key: MetadataValue.json(value) if isinstance(value, (dict, list)) else value
+            for key, value in outcome.metadata.items()
+        }
+        if rejected:
+            metadata["rejected_warehouse"] = MetadataValue.path(rejected)
         yield AssetCheckResult(
             asset_key=outcome.table,
             check_name=outcome.name,
             passed=outcome.passed,
             severity=AssetCheckSeverity.ERROR if outcome.severity == ERROR else AssetCheckSeverity.WARN,
             description=outcome.description,
-            metadata={key: MetadataValue.json(value) if isinstance(value, (dict, list)) else value for key, value in outcome.metadata.items()},
+            metadata=metadata,
         )

@@ -1,9 +1,19 @@
-"""Build one track's DuckDB warehouse from a raw dataset in either real format."""
+"""Build one track's DuckDB warehouse from a raw dataset in either real format.
+
+Write, audit, publish: the database and its embedding files are built under temporary names
+beside their targets (``stage_warehouse``), the blocking data-quality checks run on that staged
+copy, and only a copy that passes them is renamed into place (``publish_warehouse``). A copy
+that fails is moved to ``<root>/<track>/rejected/`` for inspection (``set_aside_warehouse``),
+and the warehouse the chain reads stays the last one that passed. ``build_checked_warehouse``
+does all three; ``build_warehouse`` stages and publishes without checks (tests, benchmarks).
+"""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,10 +21,9 @@ from typing import Any
 
 import duckdb
 
-import shutil
-
-from taac_dagster.atomic import atomic_dir, atomic_file, remove_stale_temps
-from taac_dagster.errors import DataFormatError
+from taac_dagster.atomic import remove_stale_temps, replace_durably, temp_sibling
+from taac_dagster.db import connect as connect_duckdb
+from taac_dagster.errors import DataFormatError, TaacError
 from taac_dagster.formats import HUB_FORMAT, JSONL_FORMAT
 from taac_dagster.paths import TrackPaths
 from taac_dagster.readers.detect import detect_format
@@ -24,16 +33,17 @@ from taac_dagster.readers.embeddings import (
     select_embedding_families,
     write_family_embeddings,
 )
-from taac_dagster.readers.hub_parquet import diagnose_seq, stage_hub_dataset
-from taac_dagster.readers.jsonl import diagnose_seq_jsonl, stage_jsonl_dataset
+from taac_dagster.readers.hub_parquet import diagnose_seq, locate_event, stage_hub_dataset
+from taac_dagster.readers.jsonl import stage_jsonl_dataset
 from taac_dagster.readers.staging import drop_staging
 from taac_dagster.settings import TaacSettings
-from taac_dagster.sql import load_sql
+from taac_dagster.sql import load_sql, sql_literal
 from taac_dagster.tracks import get_track
 
 log = logging.getLogger(__name__)
 
 SPILL_DIR = ".duckdb_spill"  # DuckDB's out-of-core scratch space, removed after each build
+REJECTED_DIR = "rejected"  # staged warehouses that failed a blocking check, kept for inspection
 
 # Built in this order; each reads the staging tables and the tables before it.
 WAREHOUSE_TABLES = ("feature_vocab", "events", "items", "users", "holdout", "sequences", "candidates")
@@ -66,17 +76,37 @@ class WarehouseSummary:
         }
 
 
+@dataclass
+class StagedWarehouse:
+    """A built warehouse not yet published: its database and embedding folder sit under
+    temporary names beside their targets; the database records the staged embedding paths."""
+
+    database: Path
+    embeddings: Path
+    summary: WarehouseSummary
+
+
+class BlockingChecksFailed(TaacError):
+    """The staged warehouse failed a blocking check: it was set aside, nothing was published."""
+
+    def __init__(self, outcomes: list[Any], rejected: Path, published: Path) -> None:
+        self.outcomes = outcomes
+        self.rejected = rejected
+        failed = [o for o in outcomes if not o.passed and o.severity == "ERROR"]
+        self.failed = failed
+        lines = "\n".join(f"- {o.name}: {o.description}" for o in failed)
+        kept = f"{published} was left as it was" if published.exists() else f"nothing was published at {published}"
+        super().__init__(
+            f"{len(failed)} blocking data-quality check(s) failed, so the new warehouse was not published ({kept}); "
+            f"the rejected build is kept for inspection at {rejected}:\n{lines}"
+        )
+
+
 def connect(path: Path, settings: TaacSettings, *, read_only: bool = False) -> duckdb.DuckDBPyConnection:
-    con = duckdb.connect(str(path), read_only=read_only)
-    con.execute(f"SET memory_limit = '{settings.duckdb_memory_limit}'")
-    if settings.duckdb_threads:
-        con.execute(f"SET threads = {int(settings.duckdb_threads)}")
-    if not read_only:
-        spill = path.parent / SPILL_DIR
-        spill.mkdir(parents=True, exist_ok=True)
-        con.execute(f"SET temp_directory = '{spill}'")
-        con.execute("SET preserve_insertion_order = false")
-    return con
+    """A connection to a warehouse file with the settings' memory and threads; a writer spills
+    to ``.duckdb_spill`` beside it."""
+    spill = None if read_only else path.parent / SPILL_DIR
+    return connect_duckdb(path, settings, read_only=read_only, spill_dir=spill)
 
 
 def table_params(track: str, settings: TaacSettings) -> dict[str, Any]:
@@ -85,16 +115,17 @@ def table_params(track: str, settings: TaacSettings) -> dict[str, Any]:
         f"max(position) FILTER (WHERE action_type = {action})" for action in spec.target_priority
     )
     return {
-        "max_history": settings.max_history,
+        "max_history": int(settings.max_history),
         "target_position": f"coalesce({priority}, NULL)",
         "target_actions": "(" + ", ".join(str(a) for a in spec.target_priority) + ")",
     }
 
 
-def build_warehouse(
+def stage_warehouse(
     source_root: Path, paths: TrackPaths, settings: TaacSettings, *, logger: Any = None
-) -> WarehouseSummary:
-    """Stage ``source_root`` (format detected), run ``sql/``, write embeddings; all atomically."""
+) -> StagedWarehouse:
+    """Stage ``source_root`` (format detected), run ``sql/``, write the embeddings, all under
+    temporary names; nothing the chain reads changes. A failure removes what was written."""
     logger = logger or log
     dataset_format = detect_format(source_root)
     params = table_params(paths.track, settings)
@@ -102,10 +133,105 @@ def build_warehouse(
     removed = remove_stale_temps(paths.root)
     if removed:
         logger.warning(f"removed {removed} leftovers of interrupted builds in {paths.root}")
+    database = temp_sibling(paths.warehouse, paths.warehouse.suffix)
+    embeddings = temp_sibling(paths.embeddings)
+    embeddings.mkdir()
     try:
-        return _build(source_root, dataset_format, paths, settings, params, logger)
+        summary = _build(source_root, dataset_format, paths, settings, params, database, embeddings, logger)
+    except BaseException:
+        discard_staged(StagedWarehouse(database, embeddings, None))  # type: ignore[arg-type]
+        raise
     finally:
         shutil.rmtree(paths.root / SPILL_DIR, ignore_errors=True)
+    return StagedWarehouse(database, embeddings, summary)
+
+
+def discard_staged(staged: StagedWarehouse) -> None:
+    Path(str(staged.database) + ".wal").unlink(missing_ok=True)
+    staged.database.unlink(missing_ok=True)
+    shutil.rmtree(staged.embeddings, ignore_errors=True)
+
+
+def _point_embeddings_at(database: Path, settings: TaacSettings, folder: Path) -> None:
+    """Record ``folder`` as the place of the database's embedding files."""
+    con = connect_duckdb(database, settings)
+    try:
+        con.execute(
+            "UPDATE embedding_families SET path = ? || '/' || parse_filename(path)", [str(folder)]
+        )
+        con.execute("CHECKPOINT")
+    finally:
+        con.close()
+
+
+def publish_warehouse(staged: StagedWarehouse, paths: TrackPaths, settings: TaacSettings) -> WarehouseSummary:
+    """Rename a staged warehouse into place: the embedding folder, then the database."""
+    _point_embeddings_at(staged.database, settings, paths.embeddings)
+    # A write-ahead log left by a crashed writer of the old file must not replay onto the new one.
+    Path(str(paths.warehouse) + ".wal").unlink(missing_ok=True)
+    old = None
+    if paths.embeddings.exists():
+        old = temp_sibling(paths.embeddings, ".old")
+        os.replace(paths.embeddings, old)
+    replace_durably(staged.embeddings, paths.embeddings)
+    replace_durably(staged.database, paths.warehouse)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    staged.summary.path = paths.warehouse
+    return staged.summary
+
+
+def set_aside_warehouse(staged: StagedWarehouse, paths: TrackPaths, settings: TaacSettings) -> Path:
+    """Move a staged warehouse that failed its checks to ``<root>/rejected/warehouse-<time>.duckdb``
+    (its embeddings beside it); returns the database's new path."""
+    folder = paths.root / REJECTED_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + f"-{os.getpid()}"
+    database = folder / f"warehouse-{stamp}.duckdb"
+    embeddings = folder / f"embeddings-{stamp}"
+    _point_embeddings_at(staged.database, settings, embeddings)
+    os.replace(staged.embeddings, embeddings)
+    os.replace(staged.database, database)
+    staged.summary.path = database
+    return database
+
+
+def build_warehouse(
+    source_root: Path, paths: TrackPaths, settings: TaacSettings, *, logger: Any = None
+) -> WarehouseSummary:
+    """Stage and publish without running the data-quality checks (tests, benchmarks); the
+    pipeline publishes through ``build_checked_warehouse``."""
+    staged = stage_warehouse(source_root, paths, settings, logger=logger)
+    try:
+        return publish_warehouse(staged, paths, settings)
+    except BaseException:
+        discard_staged(staged)
+        raise
+
+
+def build_checked_warehouse(
+    source_root: Path, paths: TrackPaths, settings: TaacSettings, *, logger: Any = None
+) -> tuple[WarehouseSummary, list[Any]]:
+    """Write, audit, publish: stage the warehouse, run every data-quality check on the staged
+    copy, and publish it only when every blocking (ERROR) check passes. Returns the summary and
+    the check outcomes; raises ``BlockingChecksFailed`` (the copy set aside) otherwise."""
+    from taac_dagster.quality import ERROR, run_checks
+
+    logger = logger or log
+    staged = stage_warehouse(source_root, paths, settings, logger=logger)
+    try:
+        logger.info(f"running data-quality checks on the staged warehouse {staged.database}")
+        outcomes = run_checks(
+            staged.database, paths.track, max_history=settings.max_history,
+            sample_users=settings.check_sample_users, settings=settings,
+        )
+    except BaseException:
+        discard_staged(staged)
+        raise
+    if any(not o.passed and o.severity == ERROR for o in outcomes):
+        rejected = set_aside_warehouse(staged, paths, settings)
+        raise BlockingChecksFailed(outcomes, rejected, paths.warehouse)
+    return publish_warehouse(staged, paths, settings), outcomes
 
 
 def _build(
@@ -114,53 +240,82 @@ def _build(
     paths: TrackPaths,
     settings: TaacSettings,
     params: dict[str, Any],
+    database: Path,
+    embeddings_dir: Path,
     logger: Any,
 ) -> WarehouseSummary:
     seconds: dict[str, float] = {}
-    with atomic_file(paths.warehouse) as tmp_db, atomic_dir(paths.embeddings) as tmp_emb:
-        con = connect(tmp_db, settings)
-        try:
+    actions = get_track(paths.track).allowed_actions
+    con = connect(database, settings)
+    try:
+        started = time.perf_counter()
+        logger.info(f"staging {dataset_format} dataset from {source_root}")
+        if dataset_format == HUB_FORMAT:
+            stage_hub_dataset(con, source_root)
+        elif dataset_format == JSONL_FORMAT:
+            stage_jsonl_dataset(con, source_root, actions=actions)
+        seconds["stage"] = time.perf_counter() - started
+        for name in WAREHOUSE_TABLES:
             started = time.perf_counter()
-            logger.info(f"staging {dataset_format} dataset from {source_root}")
-            if dataset_format == HUB_FORMAT:
-                stage_hub_dataset(con, source_root)
-            elif dataset_format == JSONL_FORMAT:
-                stage_jsonl_dataset(con, source_root)
-            seconds["stage"] = time.perf_counter() - started
-            for name in WAREHOUSE_TABLES:
-                started = time.perf_counter()
-                con.execute(load_sql(name, **params))
-                seconds[name] = time.perf_counter() - started
-                logger.info(f"built table {name} in {seconds[name]:.1f}s")
-                if name == "events":
-                    _validate_events(con, source_root, dataset_format)
-            embeddings = _write_embeddings(con, source_root, dataset_format, settings, paths, tmp_emb, logger)
-            missing = con.execute("SELECT count(*) FROM events WHERE action_type_missing").fetchall()[0][0]
-            _write_info(con, paths.track, dataset_format, source_root, sorted(embeddings), settings.embedding_families)
-            drop_staging(con)
-            counts = {
-                name: con.execute(f"SELECT count(*) FROM {name}").fetchall()[0][0] for name in WAREHOUSE_TABLES
-            }
-            con.execute("CHECKPOINT")
-        finally:
-            con.close()
-        # A write-ahead log left by a crashed writer of the old file must not replay onto the new one.
-        Path(str(paths.warehouse) + ".wal").unlink(missing_ok=True)
+            con.execute(load_sql(name, **params))
+            seconds[name] = time.perf_counter() - started
+            logger.info(f"built table {name} in {seconds[name]:.1f}s")
+            if name == "events":
+                validate_events(con, source_root, dataset_format, actions)
+        embeddings = _write_embeddings(con, source_root, dataset_format, settings, embeddings_dir, logger)
+        missing = con.execute("SELECT count(*) FROM events WHERE action_type_missing").fetchall()[0][0]
+        _write_info(con, paths.track, dataset_format, source_root, sorted(embeddings), settings.embedding_families)
+        drop_staging(con)
+        counts = {
+            name: con.execute(f"SELECT count(*) FROM {name}").fetchall()[0][0] for name in WAREHOUSE_TABLES
+        }
+        con.execute("CHECKPOINT")
+    finally:
+        con.close()
     return WarehouseSummary(
-        paths.warehouse, dataset_format, counts, embeddings, seconds, int(missing), settings.embedding_families
+        database, dataset_format, counts, embeddings, seconds, int(missing), settings.embedding_families
     )
 
 
-def _validate_events(con: duckdb.DuckDBPyConnection, source_root: Path, dataset_format: str) -> None:
-    nulls = con.execute(
-        'SELECT count(*) FROM events WHERE user_id IS NULL OR item_id IS NULL OR "timestamp" IS NULL'
-    ).fetchall()[0][0]
-    if nulls:
-        if dataset_format == HUB_FORMAT:
-            diagnose_seq(con, source_root / "seq")
-        else:
-            diagnose_seq_jsonl(source_root / "seq.jsonl")
-        raise DataFormatError(source_root, "events with non-null user, item and timestamp", f"{nulls} events with nulls")
+def validate_events(
+    con: duckdb.DuckDBPyConnection, source_root: Path, dataset_format: str, actions: tuple[int, ...]
+) -> None:
+    """Every event's ids, action type and timestamp in the track's domain, checked over the whole
+    ``events`` table in one pass; the first offender is named with its file and row or line."""
+    allowed = ", ".join(str(a) for a in actions)
+    rules = (
+        ("user_id", "user_id IS NULL OR user_id < 1", "a user re-id from 1"),
+        ("item_id", "item_id IS NULL OR item_id < 1", "an item re-id from 1"),
+        ("action_type", f"action_type IS NULL OR action_type NOT IN ({allowed})", f"null or one of {allowed}"),
+        ("timestamp", '"timestamp" IS NULL OR "timestamp" < 0', "integer Unix seconds (>= 0)"),
+    )
+    problem = " ".join(f"WHEN {condition} THEN {code}" for code, (_, condition, _) in enumerate(rules))
+    rows = con.execute(
+        f"""SELECT user_id, position, code FROM (
+                SELECT user_id, position, CASE {problem} END AS code FROM events)
+            WHERE code IS NOT NULL ORDER BY user_id NULLS FIRST, position LIMIT 1"""
+    ).fetchall()
+    if not rows:
+        return
+    user_id, position, code = rows[0]
+    name, _, expected = rules[int(code)]
+    if dataset_format == HUB_FORMAT:
+        diagnose_seq(con, source_root / "seq")  # null ids and timestamps, by file and row
+        where = locate_event(con, source_root / "seq", int(user_id), int(position)) if user_id is not None else None
+        if where is not None:
+            filename, row = where
+            event_field = "action_type" if name == "action_type" else name
+            value = con.execute(
+                f"""SELECT CAST(seq[?].{'"timestamp"' if event_field == 'timestamp' else event_field} AS VARCHAR)
+                    FROM read_parquet({sql_literal(filename)}, file_row_number=true) WHERE file_row_number = ?""",
+                [int(position) + 1, row],
+            ).fetchall()
+            found = value[0][0] if value and name != "user_id" else str(user_id)
+            field_name = "user_id" if name == "user_id" else f"seq[{position}].{event_field}"
+            raise DataFormatError(filename, expected, "null" if found is None else found, row=row, field=field_name)
+    raise DataFormatError(
+        source_root, f"events whose {name} is {expected}", f"user {user_id}, event {position} breaks it", field=name
+    )
 
 
 def _write_embeddings(
@@ -168,8 +323,7 @@ def _write_embeddings(
     source_root: Path,
     dataset_format: str,
     settings: TaacSettings,
-    paths: TrackPaths,
-    tmp_dir: Path,
+    embeddings_dir: Path,
     logger: Any,
 ) -> dict[int, dict[str, Any]]:
     con.execute(
@@ -185,16 +339,15 @@ def _write_embeddings(
     for family in families:
         started = time.perf_counter()
         source = find_embedding_source(source_root, dataset_format, family)
-        final_path = paths.embedding_file(family)
-        counts = write_family_embeddings(con, source, tmp_dir / final_path.name)
+        out = embeddings_dir / f"emb_{family}.parquet"
+        counts = write_family_embeddings(con, source, out)
         covered = con.execute(
-            f"""SELECT count(*) FROM items WHERE item_id IN (
-                    SELECT item_id FROM read_parquet('{tmp_dir / final_path.name}'))"""
+            "SELECT count(*) FROM items WHERE item_id IN (SELECT item_id FROM read_parquet(?))", [str(out)]
         ).fetchall()[0][0]
         coverage = covered / n_items if n_items else 0.0
         con.execute(
             "INSERT INTO embedding_families VALUES (?, ?, ?, ?, ?, ?, ?)",
-            [family, source.dim, str(final_path), counts["rows"], counts["indexed_items"], counts["duplicate_ids"], coverage],
+            [family, source.dim, str(out), counts["rows"], counts["indexed_items"], counts["duplicate_ids"], coverage],
         )
         result[family] = {"dim": source.dim, **counts, "item_coverage": round(coverage, 4)}
         logger.info(
@@ -225,3 +378,12 @@ def _write_info(
             ["pid", str(os.getpid())],
         ],
     )
+
+
+def warehouse_source(con: duckdb.DuckDBPyConnection) -> tuple[Path | None, str | None]:
+    """(source folder, format) a warehouse was built from, as ``warehouse_info`` records them."""
+    with contextlib.suppress(duckdb.Error):
+        info = dict(con.execute("SELECT key, value FROM warehouse_info").fetchall())
+        root = info.get("source_root")
+        return (Path(root) if root else None), info.get("dataset_format")
+    return None, None

@@ -124,3 +124,77 @@ def write_tiny_hub(root: Path, *, emb_dim: int = 4, track: str = "10M") -> Path:
 @pytest.fixture
 def tiny_hub(tmp_path) -> Path:
     return write_tiny_hub(tmp_path / "tiny_hub")
+
+
+# --- the real demo sample in the Hub-parquet layout -------------------------------------------
+def write_demo_as_hub(source: Path, target: Path) -> Path:
+    """The real demo sample (competition JSONL) rewritten in the Hub release's parquet layout:
+    the same users, events, features, embeddings and indexer, so both readers can be given
+    the same real data (and the same defects)."""
+    import json
+    import shutil as _shutil
+
+    from taac_dagster.formats import ITEM_SPARSE_FEATURES, USER_ARRAY_FEATURES, USER_SPARSE_FEATURES
+
+    users, seqs, profiles, item_features = [], [], {}, {}
+    for text in (source / "seq.jsonl").read_text().splitlines():
+        records = json.loads(text)
+        user = records[0][0]
+        users.append(user)
+        events = []
+        for user_id, item_id, user_feature, item_feature, action_type, timestamp in records:
+            if user_feature is not None:
+                profiles[user] = user_feature
+                continue
+            events.append({"item_id": item_id, "action_type": action_type, "timestamp": timestamp})
+            if item_feature is not None:
+                item_features.setdefault(item_id, item_feature)
+        seqs.append(events)
+    (target / "seq").mkdir(parents=True)
+    pq.write_table(
+        pa.table({"user_id": pa.array(users, pa.int64()), "seq": pa.array(seqs, pa.list_(HUB_SEQ_EVENT))}),
+        target / "seq" / "part-0.parquet",
+    )
+    profile_users = sorted(profiles)
+    columns = {"user_id": pa.array(profile_users, pa.int64())}
+    for fid in USER_SPARSE_FEATURES:
+        columns[fid] = pa.array([profiles[u].get(fid) for u in profile_users], pa.int64())
+    for fid in USER_ARRAY_FEATURES:
+        values = [profiles[u].get(fid) for u in profile_users]
+        columns[fid] = pa.array([[v] if isinstance(v, int) else v for v in values], pa.list_(pa.int64()))
+    (target / "user_feat").mkdir()
+    pq.write_table(pa.table(columns), target / "user_feat" / "part-0.parquet")
+    items = sorted(item_features)
+    columns = {"item_id": pa.array(items, pa.int64())}
+    for fid in ITEM_SPARSE_FEATURES:
+        columns[fid] = pa.array([item_features[i].get(fid) for i in items], pa.int64())
+    (target / "item_feat").mkdir()
+    pq.write_table(pa.table(columns), target / "item_feat" / "part-0.parquet")
+    rows = [json.loads(line) for line in (source / "creative_emb" / "emb_81_32" / "part-0000").read_text().splitlines()]
+    (target / "mm_emb" / "emb_81_32_parquet").mkdir(parents=True)
+    pq.write_table(
+        pa.table(
+            {
+                # As in the real release: raw creative ids as strings of digits.
+                "anonymous_cid": pa.array([str(r["anonymous_cid"]) for r in rows], pa.string()),
+                "emb": pa.array([r["emb"] for r in rows], pa.list_(pa.float32())),
+            }
+        ),
+        target / "mm_emb" / "emb_81_32_parquet" / "part-0.parquet",
+    )
+    _shutil.copy(source / "indexer.pkl", target / "indexer.pkl")
+    (target / "indexer.pkl").chmod(0o644)
+    return target
+
+
+@pytest.fixture(scope="session")
+def demo_hub_dir(tmp_path_factory) -> Path:
+    return write_demo_as_hub(DEMO_FIXTURE, tmp_path_factory.mktemp("demo_hub") / "demo_hub")
+
+
+@pytest.fixture
+def demo_hub_copy(tmp_path, demo_hub_dir) -> Path:
+    """A writable copy of the demo sample in the Hub layout, for tests that damage it."""
+    target = tmp_path / "demo_hub"
+    shutil.copytree(demo_hub_dir, target)
+    return target

@@ -59,9 +59,62 @@ def test_rematerializing_one_partition_leaves_the_other_alone(tmp_path, instance
     assert before == after
 
 
-def test_blocking_check_stops_downstream(tmp_path, instance, tiny_hub):
-    """Conversions in a 1M-track dataset fail events_valid; the next stage does not run."""
+def failure_text(result) -> str:
+    """The messages of the run's step failure and its causes, as the UI shows them."""
+    error = next(e for e in result.all_events if e.event_type_value == "STEP_FAILURE").event_specific_data.error
+    parts = []
+    while error is not None:
+        parts.append(error.message)
+        error = error.cause
+    return "\n".join(parts)
 
+
+def _digest(path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_failed_blocking_check_publishes_nothing(tmp_path, instance, demo_hub_copy):
+    """Write, audit, publish: a dataset that fails a blocking check (a user on two rows) is built
+    aside, checked there, and never replaces the good warehouse; the next stage does not run,
+    and the error names the failed checks and where the rejected copy is kept."""
+    from tests.broken_inputs import hub_duplicate_row
+
+    ran = []
+
+    @asset(deps=["sequences"], partitions_def=raw_dataset.partitions_def, code_version="test")
+    def next_stage() -> None:
+        ran.append(True)
+
+    good = small_config(tmp_path)
+    assert materialize([raw_dataset, warehouse_tables], partition_key="1M", resources={"taac": good}, instance=instance).success
+    paths = TrackPaths(tmp_path / "data", "1M")
+    published = {p: _digest(p) for p in [paths.warehouse, *paths.embeddings.iterdir()]}
+
+    hub_duplicate_row(9)(demo_hub_copy)
+    broken = small_config(tmp_path, source="local", local_path=str(demo_hub_copy))
+    result = materialize(
+        [raw_dataset, warehouse_tables, next_stage], partition_key="1M", resources={"taac": broken},
+        instance=instance, raise_on_error=False,
+    )
+    assert not result.success and ran == []
+    checks = {e.check_name: e for e in result.get_asset_check_evaluations()}
+    assert not checks["events_valid"].passed and not checks["sequences_valid"].passed
+    assert checks["events_valid"].metadata["full_table_violations"].value["users_with_duplicate_positions"] == 1
+    materialized = {m.asset_key for m in result.get_asset_materialization_events()}
+    assert materialized == {AssetKey("raw_dataset")}
+    # The published warehouse and embeddings are byte for byte the good ones.
+    assert {p: _digest(p) for p in published} == published
+    [rejected] = (paths.root / "rejected").glob("warehouse-*.duckdb")
+    message = failure_text(result)
+    assert str(rejected) in message and "events_valid" in message and "seq/part-0.parquet row 9" in message
+    assert checks["events_valid"].metadata["rejected_warehouse"].value == str(rejected)
+
+
+def test_a_dataset_of_the_other_track_is_refused_before_anything_is_published(tmp_path, instance, tiny_hub):
+    """Conversions in a 1M-track dataset: the reader names the file, row and field; nothing is
+    published and the next stage does not run."""
     ran = []
 
     @asset(deps=["sequences"], partitions_def=raw_dataset.partitions_def, code_version="test")
@@ -76,8 +129,6 @@ def test_blocking_check_stops_downstream(tmp_path, instance, tiny_hub):
         instance=instance,
         raise_on_error=False,
     )
-    checks = {e.check_name: e for e in result.get_asset_check_evaluations()}
-    assert not checks["events_valid"].passed
-    assert checks["events_valid"].metadata["full_table_violations"].value["action_type_not_allowed"] == 1
-    assert ran == []
-    assert AssetKey("next_stage") not in {m.asset_key for m in result.get_asset_materialization_events()}
+    message = failure_text(result)
+    assert "seq/part-0.parquet, row 0, field seq[3].action_type: expected null or one of 0, 1; found 2" in message
+    assert ran == [] and not TrackPaths(tmp_path / "data", "1M").warehouse.exists()

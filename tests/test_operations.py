@@ -59,8 +59,8 @@ def test_new_raw_data_requests_exactly_that_track_downstream(tmp_path):
 
 
 @pytest.mark.parametrize("broken", [False, True])
-def test_failed_blocking_check_holds_back_the_next_stage(tmp_path, tiny_hub, broken):
-    """Conversions on the 1M track fail events_valid: the next stage is not requested."""
+def test_failed_blocking_check_holds_back_the_next_stage(tmp_path, demo_hub_copy, broken):
+    """A user on two rows fails events_valid: the next stage is not requested."""
     from dagster import asset
 
     from taac_dagster.automation import downstream_condition
@@ -69,7 +69,10 @@ def test_failed_blocking_check_holds_back_the_next_stage(tmp_path, tiny_hub, bro
     @asset(deps=["events"], partitions_def=track_partitions, code_version="1", automation_condition=downstream_condition())
     def next_stage() -> None: ...
 
-    source = {"source": "local", "local_path": str(tiny_hub)} if broken else {}
+    from tests.broken_inputs import hub_duplicate_row
+
+    hub_duplicate_row(9)(demo_hub_copy)
+    source = {"source": "local", "local_path": str(demo_hub_copy)} if broken else {}
     config = TaacConfig(data_root=str(tmp_path / "data"), synthetic_num_users=200, synthetic_num_items=600, **source)
     assets = _data_assets()
     automated = Definitions(assets=[*assets, next_stage], resources={"taac": config})
