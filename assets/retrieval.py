@@ -5,11 +5,14 @@ Thin: the work is ``models.evaluation.build_track_index``. The index type comes 
 vectors are out of the item distribution, so the asset measures recall@10 of the index against
 exact search on a sample of real holdout queries (tuning nprobe / efSearch up to
 ``recall_target``) and a blocking check fails below ``recall_floor``: an index that misses
-neighbours never reaches the report or the submission.
+neighbours never reaches the report or the submission. The recall is measured before the
+index is published: one below the floor is kept under ``indexes/rejected/`` and the step
+fails, so the published index stays the last one that passed.
 """
 
 import hashlib
 import json
+from collections.abc import Iterator
 
 from dagster import (
     AssetCheckResult,
@@ -18,12 +21,13 @@ from dagster import (
     AssetExecutionContext,
     AssetKey,
     DataVersion,
+    Failure,
     MaterializeResult,
     MetadataValue,
     asset,
 )
 
-from models.evaluation import build_track_index
+from models.evaluation import IndexBuild, IndexRecallBelowFloor, build_track_index
 from taac_dagster.partitions import track_partitions
 from taac_dagster.resources import TaacConfig
 
@@ -48,16 +52,22 @@ RECALL_CHECK = "index_recall_at_10"
     description="Faiss index (flat, IVF or HNSW) of every candidate's vector from the trained item tower, "
     "cold items included, with its id map (creative ids) and the checkpoint's version in its metadata.",
 )
-def faiss_index(context: AssetExecutionContext, taac: TaacConfig) -> MaterializeResult:
+def faiss_index(context: AssetExecutionContext, taac: TaacConfig) -> Iterator[MaterializeResult | AssetCheckResult]:
     track = context.partition_key
     settings = taac.settings(track)
-    build = build_track_index(taac.paths(track), settings, logger=context.log)
-    meta = build.to_metadata()
     floor = settings.retrieval.recall_floor
+    try:
+        build = build_track_index(taac.paths(track), settings, logger=context.log)
+    except IndexRecallBelowFloor as low:
+        yield _recall_check(low.build, floor)
+        raise Failure(
+            description=str(low), metadata={"rejected_index": MetadataValue.path(str(low.build.path))}
+        ) from None
+    meta = build.to_metadata()
     version = hashlib.blake2b(
         json.dumps([build.checkpoint_version, meta["spec"], meta["pool_size"]], sort_keys=True).encode(), digest_size=8
     ).hexdigest()
-    return MaterializeResult(
+    yield MaterializeResult(
         data_version=DataVersion(version),
         metadata={
             "index_path": MetadataValue.path(meta["index_path"]),
@@ -73,15 +83,18 @@ def faiss_index(context: AssetExecutionContext, taac: TaacConfig) -> Materialize
             "seconds": MetadataValue.json(meta["seconds"]),
             **({"warnings": MetadataValue.json(meta["warnings"])} if meta["warnings"] else {}),
         },
-        check_results=[
-            AssetCheckResult(
-                check_name=RECALL_CHECK,
-                passed=build.recall >= floor,
-                severity=AssetCheckSeverity.ERROR,
-                description=(f"recall@10 {build.recall:.4f} vs floor {floor} on {build.recall_queries} queries "
-                             f"({build.spec.describe()})"),
-                metadata={"recall@10": round(build.recall, 5), "floor": floor, "queries": build.recall_queries,
-                          "index": build.spec.describe()},
-            )
-        ],
+        check_results=[_recall_check(build, floor)],
+    )
+
+
+def _recall_check(build: IndexBuild, floor: float) -> AssetCheckResult:
+    passed = build.recall >= floor
+    return AssetCheckResult(
+        check_name=RECALL_CHECK,
+        passed=passed,
+        severity=AssetCheckSeverity.ERROR,
+        description=(f"recall@10 {build.recall:.4f} vs floor {floor} on {build.recall_queries} queries "
+                     f"({build.spec.describe()})" + ("" if passed else f"; not published, kept at {build.path}")),
+        metadata={"recall@10": round(build.recall, 5), "floor": floor, "queries": build.recall_queries,
+                  "index": build.spec.describe(), **({} if passed else {"rejected_index": MetadataValue.path(str(build.path))})},
     )

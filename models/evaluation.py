@@ -66,6 +66,7 @@ log = logging.getLogger(__name__)
 CHUNK_USERS = 65_536
 ITEM_BATCH = 65_536
 REPORT_NAME = "evaluation"
+REJECTED_DIR = "rejected"  # indexes below the recall floor, kept for inspection
 SUBMISSION_FILE = "submission.json"
 # EncoderConfig fields that describe the data, not the architecture: a checkpoint is usable on
 # arrays only when these agree (vocabulary sizes, multi-modal dims, Semantic ID levels, ...).
@@ -313,8 +314,27 @@ def index_model_pool(
     return index, recall, tuned, int(len(sample))
 
 
+class IndexRecallBelowFloor(EvaluationError):
+    """The built index missed the recall floor: it was set aside, the published one kept."""
+
+    def __init__(self, build: IndexBuild, floor: float, published: Path) -> None:
+        self.build = build
+        self.floor = floor
+        kept = f"{published} was left as it was" if published.exists() else f"nothing was published at {published}"
+        super().__init__(
+            f"recall@10 {build.recall:.4f} of the new index ({build.spec.describe()}, {build.recall_queries} holdout "
+            f"queries) is below the floor {floor} (TAAC_RETRIEVAL__RECALL_FLOOR), so it was not published ({kept}); "
+            f"it is kept for inspection at {build.path}. Raise nprobe / efSearch, turn TAAC_RETRIEVAL__TUNE on, or "
+            "use the flat index."
+        )
+
+
 def build_track_index(paths: Any, settings: Any, *, logger: Any = None) -> IndexBuild:
-    """Index the whole candidate pool with the configured preset's checkpoint (see module doc)."""
+    """Index the whole candidate pool with the configured preset's checkpoint (see module doc).
+
+    Write, audit, publish: the recall of the new index is measured before it is saved, and only
+    an index at or above ``settings.retrieval.recall_floor`` replaces the published one; one
+    below it is saved under ``indexes/rejected/`` and ``IndexRecallBelowFloor`` is raised."""
     logger = logger or log
     es = settings.evaluation
     device = compute_device(settings)
@@ -326,16 +346,26 @@ def build_track_index(paths: Any, settings: Any, *, logger: Any = None) -> Index
         logger.warning(warning)
     index, recall, tuned, queries = index_model_pool(loaded, arrays, settings, device, logger, seconds)
     target = index_path(paths, loaded.preset)
-    save_index(target, index, index_metadata(
+    floor = settings.retrieval.recall_floor
+    published = recall >= floor
+    if not published:
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        destination = Path(paths.indexes) / REJECTED_DIR / f"{loaded.preset}-{stamp}"
+    else:
+        destination = target
+    save_index(destination, index, index_metadata(
         loaded, arrays, recall=recall, recall_queries=queries, tuned=tuned,
         exclude_history_in_recall=es.exclude_history,
     ))
     seconds["total"] = time.perf_counter() - started
-    return IndexBuild(
-        path=target, spec=index.spec, recall=recall, recall_queries=queries, tuned=tuned,
+    build = IndexBuild(
+        path=destination, spec=index.spec, recall=recall, recall_queries=queries, tuned=tuned,
         pool_size=index.size, cold_items=int(np.asarray(arrays.cand_cold).sum()), dim=index.dim,
         checkpoint_version=loaded.checkpoint_version, seconds=seconds, warnings=loaded.warnings,
     )
+    if not published:
+        raise IndexRecallBelowFloor(build, floor, target)
+    return build
 
 
 def index_metadata(loaded: LoadedModel, arrays: Arrays, **figures: Any) -> dict[str, Any]:

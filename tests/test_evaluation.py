@@ -222,8 +222,11 @@ def test_baseline_preset_joins_the_report_and_a_foreign_index_is_refused(chain):
 
 
 def test_low_recall_fails_the_blocking_check_and_holds_back_the_report(chain):
+    """Write, audit, publish: an index below the recall floor is measured before it is saved,
+    kept under indexes/rejected/, and never replaces the published index."""
     paths = TrackPaths(chain["root"] / "data", "1M")
     report_before = (paths.reports / "evaluation.json").read_bytes()
+    published = {f.name: f.read_bytes() for f in (paths.indexes / "default").iterdir()}
     with pytest.MonkeyPatch.context() as mp:
         _env(mp)
         mp.setenv("TAAC_RETRIEVAL__TUNE", "false")
@@ -234,8 +237,13 @@ def test_low_recall_fails_the_blocking_check_and_holds_back_the_report(chain):
         check = {e.check_name: e for e in result.get_asset_check_evaluations()}[RECALL_CHECK]
         assert not check.passed and check.metadata["recall@10"].value < 0.99
         materialized = {e.asset_key for e in result.get_asset_materialization_events()}
-        assert AssetKey("evaluation_report") not in materialized
+        assert AssetKey("evaluation_report") not in materialized and AssetKey("faiss_index") not in materialized
         assert (paths.reports / "evaluation.json").read_bytes() == report_before
+        assert {f.name: f.read_bytes() for f in (paths.indexes / "default").iterdir()} == published
+        [rejected] = (paths.indexes / "rejected").glob("default-*")
+        assert (rejected / "index.faiss").is_file() and check.metadata["rejected_index"].value == str(rejected)
+        failure = next(e for e in result.all_events if e.event_type_value == "STEP_FAILURE")
+        assert str(rejected) in failure.event_specific_data.error.message
         mp.delenv("TAAC_RETRIEVAL__TUNE")
         mp.delenv("TAAC_RETRIEVAL__NLIST")
         restored = materialize([faiss_index], partition_key="1M", resources={"taac": chain["config"]}, instance=chain["instance"])
