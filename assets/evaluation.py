@@ -11,6 +11,7 @@ import time
 
 from dagster import AssetExecutionContext, AssetKey, MaterializeResult, MetadataValue, asset
 
+from assets.track_lock import hold_track
 from models.evaluation import evaluate_track, submission_for_track
 from taac_dagster.partitions import track_partitions
 from taac_dagster.resources import TaacConfig
@@ -41,9 +42,10 @@ def _figure_metadata(headline: dict, share: dict) -> dict:
 )
 def evaluation_report(context: AssetExecutionContext, taac: TaacConfig) -> MaterializeResult:
     track = context.partition_key
-    result = evaluate_track(
-        taac.paths(track), taac.settings(track), code_version=EVALUATION_CODE_VERSION, logger=context.log
-    )
+    with hold_track(context, taac, track):
+        result = evaluate_track(
+            taac.paths(track), taac.settings(track), code_version=EVALUATION_CODE_VERSION, logger=context.log
+        )
     comparison = result.files.comparison
     return MaterializeResult(
         metadata={
@@ -78,7 +80,8 @@ def evaluation_report(context: AssetExecutionContext, taac: TaacConfig) -> Mater
 def submission(context: AssetExecutionContext, taac: TaacConfig) -> MaterializeResult:
     track = context.partition_key
     started = time.perf_counter()
-    summary = submission_for_track(taac.paths(track), taac.settings(track), logger=context.log)
+    with hold_track(context, taac, track):
+        summary = submission_for_track(taac.paths(track), taac.settings(track), logger=context.log)
     return MaterializeResult(
         metadata={
             "path": MetadataValue.path(summary["path"]),

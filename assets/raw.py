@@ -3,6 +3,7 @@
 
 from dagster import AssetExecutionContext, DataVersion, MaterializeResult, MetadataValue, asset
 
+from assets.track_lock import hold_track
 from taac_dagster.partitions import track_partitions
 from taac_dagster.raw import materialize_raw
 from taac_dagster.readers.embeddings import families_text
@@ -22,7 +23,8 @@ RAW_CODE_VERSION = "raw-v2"
 def raw_dataset(context: AssetExecutionContext, taac: TaacConfig) -> MaterializeResult:
     track = context.partition_key
     settings = taac.settings(track)
-    manifest = materialize_raw(settings, taac.paths(track), logger=context.log)
+    with hold_track(context, taac, track):
+        manifest = materialize_raw(settings, taac.paths(track), logger=context.log)
     return MaterializeResult(
         metadata={
             "source": manifest.source,

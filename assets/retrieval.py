@@ -27,6 +27,7 @@ from dagster import (
     asset,
 )
 
+from assets.track_lock import hold_track
 from models.evaluation import IndexBuild, IndexRecallBelowFloor, build_track_index
 from taac_dagster.partitions import track_partitions
 from taac_dagster.resources import TaacConfig
@@ -56,13 +57,14 @@ def faiss_index(context: AssetExecutionContext, taac: TaacConfig) -> Iterator[Ma
     track = context.partition_key
     settings = taac.settings(track)
     floor = settings.retrieval.recall_floor
-    try:
-        build = build_track_index(taac.paths(track), settings, logger=context.log)
-    except IndexRecallBelowFloor as low:
-        yield _recall_check(low.build, floor)
-        raise Failure(
-            description=str(low), metadata={"rejected_index": MetadataValue.path(str(low.build.path))}
-        ) from None
+    with hold_track(context, taac, track):
+        try:
+            build = build_track_index(taac.paths(track), settings, logger=context.log)
+        except IndexRecallBelowFloor as low:
+            yield _recall_check(low.build, floor)
+            raise Failure(
+                description=str(low), metadata={"rejected_index": MetadataValue.path(str(low.build.path))}
+            ) from None
     meta = build.to_metadata()
     version = hashlib.blake2b(
         json.dumps([build.checkpoint_version, meta["spec"], meta["pool_size"]], sort_keys=True).encode(), digest_size=8

@@ -19,6 +19,7 @@ from dagster import (
     asset,
 )
 
+from assets.track_lock import hold_track
 from models.semantic_ids import TABLE, build_semantic_ids
 from taac_dagster.partitions import track_partitions
 from taac_dagster.resources import TaacConfig
@@ -26,7 +27,7 @@ from taac_dagster.resources import TaacConfig
 # Bump when the same inputs and settings would give different codes or a different table or
 # codebook layout (algorithm, defaults, collision or fallback rule, schema); not for logging,
 # metadata or refactors that leave the outputs byte-for-byte the same.
-SEMANTIC_IDS_CODE_VERSION = "semantic-ids-v2"  # v2: source auto (collaborative fallback), families on auto
+SEMANTIC_IDS_CODE_VERSION = "semantic-ids-v3"  # v2: source auto (collaborative fallback), families on auto; v3: co-occurrence before each holdout user's own last target
 
 COVERAGE_CHECK = "semantic_ids_content_coverage"
 
@@ -52,7 +53,8 @@ COVERAGE_CHECK = "semantic_ids_content_coverage"
 def semantic_id_codebooks(context: AssetExecutionContext, taac: TaacConfig) -> MaterializeResult:
     track = context.partition_key
     started = time.perf_counter()
-    result = build_semantic_ids(taac.paths(track), taac.settings(track), logger=context.log)
+    with hold_track(context, taac, track):
+        result = build_semantic_ids(taac.paths(track), taac.settings(track), logger=context.log)
     metadata = result.to_metadata()
     recovery = metadata.pop("topic_recovery", None)
     collaborative = metadata.pop("collaborative", None)

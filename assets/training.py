@@ -25,6 +25,7 @@ from dagster import (
     asset,
 )
 
+from assets.track_lock import hold_track
 from models.train import checkpoint_version, prepare_track_arrays, train_track
 from taac_dagster.partitions import track_partitions
 from taac_dagster.resources import TaacConfig
@@ -70,10 +71,11 @@ def encoder_checkpoint(context: AssetExecutionContext, taac: TaacConfig) -> Mate
     if settings.training.launcher == "torchrun":
         return _train_with_torchrun(context, taac, track)
     started = time.perf_counter()
-    run = train_track(
-        taac.paths(track), taac.settings(track), logger=context.log,
-        on_log=lambda record: context.log.info(_log_line(record)),
-    )
+    with hold_track(context, taac, track):
+        run = train_track(
+            taac.paths(track), taac.settings(track), logger=context.log,
+            on_log=lambda record: context.log.info(_log_line(record)),
+        )
     result, metrics = run.result, run.result.metrics
     figures = {k: round(float(metrics[k]), 5) for k in metrics if k != "users"}
     version = checkpoint_version(result.config_hash, run.arrays.data_version, result.best_step)
@@ -133,7 +135,10 @@ def _train_with_torchrun(context: AssetExecutionContext, taac: TaacConfig, track
     settings = taac.settings(track)
     # Prepared here, once, so that rank 0 does not build them while the other ranks wait at a
     # barrier (NCCL's default timeout is 10 minutes; the 10M arrays take longer on few cores).
-    prepare_track_arrays(taac.paths(track), settings, logger=context.log)
-    command = torchrun_command(settings, track)
-    context.log.info("launching " + " ".join(command))
-    return PipesSubprocessClient(env=dict(os.environ)).run(command=command, context=context).get_materialize_result()
+    # The lock is held here, by the launching step, for the whole torchrun job: its ranks write
+    # the checkpoint.
+    with hold_track(context, taac, track):
+        prepare_track_arrays(taac.paths(track), settings, logger=context.log)
+        command = torchrun_command(settings, track)
+        context.log.info("launching " + " ".join(command))
+        return PipesSubprocessClient(env=dict(os.environ)).run(command=command, context=context).get_materialize_result()

@@ -24,6 +24,7 @@ from dagster import (
 )
 
 from assets.raw import raw_dataset
+from assets.track_lock import hold_track
 from taac_dagster.partitions import track_partitions
 from taac_dagster.quality import CHECKS, ERROR, CheckOutcome
 from taac_dagster.raw import RawManifest
@@ -77,17 +78,18 @@ def warehouse_tables(context: AssetExecutionContext, taac: TaacConfig) -> Iterat
     track = context.partition_key
     settings = taac.settings(track)
     paths = taac.paths(track)
-    manifest = RawManifest.read(paths.raw_manifest)
-    try:
-        summary, outcomes = build_checked_warehouse(Path(manifest.root), paths, settings, logger=context.log)
-    except BlockingChecksFailed as failed:
-        # The checks' verdicts are recorded (UI, automation) though nothing is published.
-        yield from _check_results(failed.outcomes, rejected=str(failed.rejected))
-        raise Failure(
-            description=str(failed),
-            metadata={"rejected_warehouse": MetadataValue.path(str(failed.rejected)),
-                      "failed_checks": MetadataValue.json([o.name for o in failed.failed])},
-        ) from None
+    with hold_track(context, taac, track):
+        manifest = RawManifest.read(paths.raw_manifest)
+        try:
+            summary, outcomes = build_checked_warehouse(Path(manifest.root), paths, settings, logger=context.log)
+        except BlockingChecksFailed as failed:
+            # The checks' verdicts are recorded (UI, automation) though nothing is published.
+            yield from _check_results(failed.outcomes, rejected=str(failed.rejected))
+            raise Failure(
+                description=str(failed),
+                metadata={"rejected_warehouse": MetadataValue.path(str(failed.rejected)),
+                          "failed_checks": MetadataValue.json([o.name for o in failed.failed])},
+            ) from None
     shared = {"warehouse": MetadataValue.path(str(summary.path)), "raw_fingerprint": manifest.digest}
     for name in WAREHOUSE_TABLES:
         yield MaterializeResult(

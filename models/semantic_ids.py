@@ -57,6 +57,7 @@ import numpy as np
 
 from models.collaborative import CollaborativeConfig, collaborative_vectors
 from taac_dagster.errors import TaacError
+from taac_dagster.tracks import get_track
 
 log = logging.getLogger(__name__)
 
@@ -661,13 +662,24 @@ def choose_source(setting: str, coverage: ContentCoverage, track: str) -> str:
     )
 
 
-def sequence_batches(warehouse: Path, settings: Any, users_per_batch: int = 20_000):
-    """The ``sequences`` table's item lists as (flat item ids, lengths) batches of users."""
+def sequence_batches(warehouse: Path, settings: Any, target_priority: tuple[int, ...], users_per_batch: int = 20_000):
+    """The ``sequences`` table's item lists as (flat item ids, lengths) batches of users.
+
+    A holdout user's sequence is cut before its own last target (by the holdout's rule: the
+    last event of the first action type of ``target_priority`` present): training may validate
+    on that target (models/data.py), so codes learned from co-occurrence must not have seen it.
+    The test target is never in ``sequences`` in the first place."""
     from taac_dagster.warehouse import connect
 
+    last = ", ".join(f"len(action_types) + 1 - list_position(list_reverse(action_types), {a})" for a in target_priority)
+    query = f"""
+        SELECT CASE WHEN h.user_id IS NULL OR coalesce({last}) IS NULL THEN s.item_ids
+                    ELSE s.item_ids[1 : coalesce({last}) - 1] END AS item_ids
+        FROM sequences s LEFT JOIN (SELECT user_id FROM holdout) h USING (user_id)
+        ORDER BY s.user_id"""
     con = connect(warehouse, settings, read_only=True)
     try:
-        for batch in con.sql("SELECT item_ids FROM sequences ORDER BY user_id").to_arrow_reader(users_per_batch):
+        for batch in con.sql(query).to_arrow_reader(users_per_batch):
             items = batch.column(0)
             yield items.flatten().to_numpy(), items.value_lengths().fill_null(0).to_numpy()
     finally:
@@ -875,7 +887,7 @@ def build_semantic_ids(paths: Any, settings: Any, *, logger: Any = None) -> Sema
             )
         started = time.perf_counter()
         vectors = collaborative_vectors(
-            partial(sequence_batches, paths.warehouse, settings),
+            partial(sequence_batches, paths.warehouse, settings, get_track(paths.track).target_priority),
             CollaborativeConfig(
                 dim=sid.collaborative_dim, window=sid.collaborative_window, max_items=sid.collaborative_max_items,
                 seed=sid.seed,

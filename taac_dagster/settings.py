@@ -155,6 +155,9 @@ class TaacSettings(BaseSettings):
     retrain_schedule_enabled: bool = False
     duckdb_memory_limit: str = "8GB"
     duckdb_threads: int | None = None
+    # How long a step waits for its track's lock (<root>/<track>/.lock) while another run writes
+    # that track, before it stops with an error naming the holder; 0 refuses at once.
+    track_lock_timeout: float = Field(3600.0, ge=0)
 
     @field_validator("embedding_families", mode="before")
     @classmethod

@@ -193,6 +193,21 @@ def test_too_few_items_is_a_clear_error_when_content_is_asked_for(tiny_warehouse
     assert not tiny_warehouse.codebooks.exists()
 
 
+def test_collaborative_sequences_stop_before_each_users_own_last_target(tiny_warehouse):
+    """Training validates on a holdout user's target before its test target, so the
+    co-occurrence that collaborative codes learn from must not contain it (10M: the last
+    conversion, else the last click, before the test target)."""
+    from models.semantic_ids import sequence_batches
+
+    settings = load_settings("10M", {"data_root": str(tiny_warehouse.data_root)})
+    batches = list(sequence_batches(tiny_warehouse.warehouse, settings, (2, 1)))
+    flat = np.concatenate([items for items, _ in batches]).tolist()
+    lengths = np.concatenate([n for _, n in batches]).tolist()
+    # user 1 trains on [1, 2, 3] (before its test conversion on 3), cut before its click on 2;
+    # user 2 on [2, 4, 1], cut before its click on 4; user 3 has no target: kept whole.
+    assert (flat, lengths) == ([1, 2, 5, 4], [1, 1, 2])
+
+
 def test_too_few_items_on_auto_falls_back_to_collaborative_vectors(tiny_warehouse):
     """The same coverage on auto: codes from the training sequences, the choice recorded."""
     settings = load_settings("10M", {"data_root": str(tiny_warehouse.data_root)})
@@ -201,9 +216,11 @@ def test_too_few_items_on_auto_falls_back_to_collaborative_vectors(tiny_warehous
     assert result.coverage.to_metadata() == {
         "family": 81, "items": 6, "items_with_content": 6, "share": 1.0, "min_items": 8, "sufficient": False,
     }
-    # Items 1-5 are in training sequences; the cold candidate (no re-id) is not.
-    assert result.has_embedding.tolist() == [True] * 5 + [False]
-    assert result.metrics["collaborative"]["items_in_sequences"] == 5
+    # The sequences seen are [1], [2] and [5, 4] (each holdout user's cut before its own last
+    # target, see the test above): only 4 and 5 co-occur and get a vector; 3 is never seen,
+    # nor is the cold candidate (no re-id).
+    assert result.has_embedding.tolist() == [False, False, False, True, True, False]
+    assert result.metrics["collaborative"]["items_in_sequences"] == 4
     assert len({tuple(c) for c in result.codes.tolist()}) == 6
     info = json.loads((tiny_warehouse.codebooks / "codebooks.json").read_text())
     assert info["source"] == "collaborative" and info["family"] is None

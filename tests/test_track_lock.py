@@ -1,0 +1,145 @@
+"""One writer per track: the track lock, the run-queue limit of the local instance, and two real
+runs of one track at the same time."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from taac_dagster import locks
+from taac_dagster.locks import HOLDER_NAME, TrackBusyError, track_lock
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+class Lines:
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def info(self, text: str) -> None:
+        self.lines.append(text)
+
+    warning = info
+
+
+def test_a_second_writer_is_refused_naming_the_holder(tmp_path):
+    root = tmp_path / "1M"
+    with track_lock(root, track="1M", step="warehouse_tables", run_id="run-a", timeout=0):
+        holder = json.loads((root / HOLDER_NAME).read_text())
+        assert holder["run_id"] == "run-a" and holder["pid"] == os.getpid()
+        with pytest.raises(TrackBusyError) as refused:
+            with track_lock(root, track="1M", step="raw_dataset", run_id="run-b", timeout=0):
+                pass
+    message = str(refused.value)
+    assert "track 1M is being written by run run-a (step warehouse_tables" in message
+    assert f"pid {os.getpid()}" in message and "step raw_dataset of run run-b" in message
+    assert "TAAC_TRACK_LOCK_TIMEOUT" in message
+    assert not (root / HOLDER_NAME).exists()  # released: nobody holds it
+    with track_lock(root, track="1M", step="raw_dataset", run_id="run-b", timeout=0):
+        pass
+
+
+def test_a_waiting_writer_goes_on_when_the_holder_is_done(tmp_path, monkeypatch):
+    monkeypatch.setattr(locks, "WAIT_REPORT_SECONDS", 0.1)
+    root = tmp_path / "10M"
+    held, release = threading.Event(), threading.Event()
+
+    def holder() -> None:
+        with track_lock(root, track="10M", step="encoder_checkpoint", run_id="run-a", timeout=0):
+            held.set()
+            release.wait(10)
+
+    thread = threading.Thread(target=holder)
+    thread.start()
+    held.wait(10)
+    threading.Timer(0.5, release.set).start()
+    log = Lines()
+    with track_lock(root, track="10M", step="faiss_index", run_id="run-b", timeout=30, logger=log):
+        assert json.loads((root / HOLDER_NAME).read_text())["run_id"] == "run-b"
+    thread.join()
+    assert any("held by run run-a (step encoder_checkpoint" in line for line in log.lines)
+
+
+def test_the_lock_of_other_tracks_is_independent(tmp_path):
+    with track_lock(tmp_path / "1M", track="1M", step="s", timeout=0):
+        with track_lock(tmp_path / "10M", track="10M", step="s", timeout=0):
+            pass
+
+
+def test_local_instance_config_queues_one_run_per_track(tmp_path, monkeypatch):
+    from dagster import DagsterInstance
+
+    (tmp_path / "dagster.yaml").write_text((REPO_ROOT / "deploy" / "dagster.local.yaml").read_text())
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path))
+    with DagsterInstance.get() as instance:
+        assert type(instance.run_coordinator).__name__ == "QueuedRunCoordinator"
+        limits = instance.get_concurrency_config().run_queue_config.tag_concurrency_limits
+    assert limits == [{"key": "dagster/partition", "value": {"applyLimitPerUniqueValue": True}, "limit": 1}]
+    readme = (REPO_ROOT / "README.md").read_text()
+    assert "cp deploy/dagster.local.yaml .dagster_home/dagster.yaml" in readme
+
+
+# --- two real runs of one track -------------------------------------------------------------------
+def _execute(tmp_path: Path, name: str, extra_env: dict[str, str] | None = None) -> subprocess.Popen:
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("TAAC_")},
+        "DAGSTER_HOME": str(tmp_path / "home"),
+        "TAAC_DATA_ROOT": str(tmp_path / "data"),
+        "TAAC_SYNTHETIC__NUM_USERS": "300",
+        "TAAC_SYNTHETIC__NUM_ITEMS": "900",
+        "TAAC_DUCKDB_THREADS": "1",
+        **(extra_env or {}),
+    }
+    return subprocess.Popen(
+        [str(Path(sys.executable).parent / "dagster"), "job", "execute", "-m", "taac_dagster.definitions",
+         "-j", "taac_data", "--tags", '{"dagster/partition": "1M"}'],
+        cwd=REPO_ROOT, env=env, stdout=open(tmp_path / f"{name}.log", "w"), stderr=subprocess.STDOUT,
+    )
+
+
+@pytest.mark.slow
+def test_two_runs_of_one_track_at_once_both_complete_one_after_the_other(tmp_path):
+    """`dagster job execute` bypasses the run queue: the second run's steps wait for the lock
+    and both runs complete; the data they leave is whole (checks pass on it)."""
+    from taac_dagster.paths import TrackPaths
+    from taac_dagster.quality import run_checks
+    from taac_dagster.raw import RawManifest
+
+    (tmp_path / "home").mkdir()
+    (tmp_path / "home" / "dagster.yaml").write_text("")
+    # Both runs are held at their first step until both wait, so that they start together.
+    with track_lock(tmp_path / "data" / "1M", track="1M", step="test", run_id="starting-gate", timeout=0):
+        runs = [_execute(tmp_path, "first"), _execute(tmp_path, "second")]
+        deadline = time.monotonic() + 300
+        while not all("held by run starting-gate" in (tmp_path / f"{n}.log").read_text() for n in ("first", "second")):
+            assert time.monotonic() < deadline and all(run.poll() is None for run in runs)
+            time.sleep(0.5)
+    codes = [run.wait(timeout=600) for run in runs]
+    logs = [(tmp_path / f"{name}.log").read_text() for name in ("first", "second")]
+    assert codes == [0, 0], logs
+    paths = TrackPaths(tmp_path / "data", "1M")
+    manifest = RawManifest.read(paths.raw_manifest)
+    assert Path(manifest.root) == paths.raw_for("synthetic")
+    outcomes = run_checks(paths.warehouse, "1M", max_history=100, sample_users=20_000)
+    assert all(o.passed for o in outcomes if o.severity == "ERROR")
+    assert not list(paths.root.glob(".*.tmp-*")) and not list(paths.raw.glob(".*.tmp-*"))
+
+
+@pytest.mark.slow
+def test_a_run_that_may_not_wait_is_refused_naming_the_holder(tmp_path):
+    (tmp_path / "home").mkdir()
+    (tmp_path / "home" / "dagster.yaml").write_text("")
+    with track_lock(tmp_path / "data" / "1M", track="1M", step="encoder_checkpoint", run_id="holder-run", timeout=0):
+        run = _execute(tmp_path, "refused", {"TAAC_TRACK_LOCK_TIMEOUT": "0"})
+        code = run.wait(timeout=300)
+    log = (tmp_path / "refused.log").read_text()
+    assert code != 0
+    assert "track 1M is being written by run holder-run (step encoder_checkpoint" in log, log[-3000:]
+    assert not (tmp_path / "data" / "1M" / "raw_manifest.json").exists()
