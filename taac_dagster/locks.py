@@ -96,8 +96,8 @@ def track_lock(
             wait = max(0.0, min(WAIT_REPORT_SECONDS, deadline - time.monotonic()))
     holder = {
         "track": track,
-        "run_id": run_id,
-        "step": step,
+        "run_id": None if run_id is None else str(run_id),
+        "step": str(step),
         "pid": os.getpid(),
         "host": socket.gethostname(),
         "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

@@ -8,6 +8,8 @@ The Kubernetes parts skip when dagster-k8s is not installed (`pip install -e '.[
 
 from __future__ import annotations
 
+import contextlib
+
 import importlib.util
 import json
 import os
@@ -450,6 +452,8 @@ def test_pipes_k8s_sketch_builds_a_gpu_pod(k8s, monkeypatch):
             return mock.MagicMock()
 
     monkeypatch.setattr(training_asset, "PipesSubprocessClient", _Recorder)
+    # No track folder to lock here: /data/taac is the cluster's volume.
+    monkeypatch.setattr(training_asset, "hold_track", lambda *args, **kwargs: contextlib.nullcontext())
     # The asset prepares the arrays before launching torchrun; there is no warehouse here.
     monkeypatch.setattr(training_asset, "prepare_track_arrays", lambda paths, settings, logger=None: launched.setdefault("prepared", paths.track))
     training_asset._train_with_torchrun(mock.MagicMock(), TaacConfig(), "10M")
