@@ -600,12 +600,12 @@ def evaluate_track(paths: Any, settings: Any, *, code_version: str = "", logger:
 
 
 # --- Submission --------------------------------------------------------------------------
-def raw_user_ids(warehouse: Path, user_ids: np.ndarray) -> np.ndarray:
+def raw_user_ids(warehouse: Path, user_ids: np.ndarray, settings: Any = None) -> np.ndarray:
     """Raw user ids (object array) of user re-ids, from the warehouse's users table; a user
     the indexer does not name keeps its re-id."""
-    import duckdb
+    from taac_dagster.db import connect
 
-    con = duckdb.connect(str(warehouse), read_only=True)
+    con = connect(warehouse, settings, read_only=True)
     try:
         table = con.execute("SELECT user_id, raw_user_id FROM users WHERE raw_user_id IS NOT NULL").fetchnumpy()
     finally:
@@ -650,7 +650,7 @@ def submission_for_track(paths: Any, settings: Any, *, logger: Any = None, path:
     if predict_file is None and settings.source == "local":
         predict_file = find_predict_file(settings.local_path)
     if predict_file is not None:
-        inputs = read_predict_inputs(predict_file, arrays)
+        inputs = read_predict_inputs(predict_file, arrays, settings=settings)
         source, n, users = f"predict_seq ({predict_file})", len(inputs), inputs.raw_user_ids
         inputs_of = inputs.slice
         logger.info(f"recommending for the {n:,} users of {predict_file}")
@@ -659,7 +659,7 @@ def submission_for_track(paths: Any, settings: Any, *, logger: Any = None, path:
         if n == 0:
             raise EvaluationError(f"{paths.warehouse}: the holdout table is empty and there is no {PREDICT_FILE}: no user to recommend for")
         source = "holdout"
-        users = raw_user_ids(paths.warehouse, np.asarray(arrays.hold_users).astype(np.int64))
+        users = raw_user_ids(paths.warehouse, np.asarray(arrays.hold_users).astype(np.int64), settings)
         inputs_of = lambda lo, hi: holdout_batch(arrays, np.arange(lo, hi))  # noqa: E731
     popular = popularity_order(arrays, loaded.actions)
     lists = np.empty((n, K), np.int64)

@@ -13,11 +13,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-import duckdb
 import numpy as np
 
 from models.data import USER_MULTI, USER_SPARSE, Arrays, encode_user_features, list_parts, pad_lists
+from taac_dagster.db import connect
 from taac_dagster.errors import DataFormatError
 from taac_dagster.readers.jsonl import stage_seq_jsonl
 from taac_dagster.readers.staging import stage_indexer
@@ -46,12 +47,12 @@ def find_predict_file(local_path: Path | None) -> Path | None:
     return path if path.is_file() else None
 
 
-def read_predict_inputs(path: Path, arrays: Arrays) -> PredictInputs:
+def read_predict_inputs(path: Path, arrays: Arrays, settings: Any = None) -> PredictInputs:
     """Parse ``path`` and build model inputs for each of its users (ordered by re-id)."""
     path = Path(path)
     meta = arrays.meta
     width, id_rows = int(meta["max_len"]), int(meta["id_rows"])
-    con = duckdb.connect()
+    con = connect(None, settings)
     try:
         stage_seq_jsonl(con, path)
         indexer = path.parent / "indexer.pkl"

@@ -103,7 +103,7 @@ def materialize_raw(settings: TaacSettings, paths: TrackPaths, *, logger: Any = 
             settings.hub_revision,
             paths.raw,
             fetch,
-            token=settings.hub_token,
+            token=settings.hub_token.get_secret_value() if settings.hub_token else None,
             log=logger,
         )
         details = {

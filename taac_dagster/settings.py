@@ -8,12 +8,16 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, Field, field_validator
+import re
+
+from pydantic import BaseModel, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from taac_dagster.tracks import get_track
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
+# What DuckDB's memory_limit accepts: a number and a unit (1000- or 1024-based), or a percentage.
+_MEMORY_SIZE = re.compile(r"\s*\d+(\.\d+)?\s*((K|M|G|T)i?B|B|%)\s*", re.IGNORECASE)
 CONFIG_DIR = PROJECT_ROOT / "configs"
 
 
@@ -134,7 +138,8 @@ class TaacSettings(BaseSettings):
     hub_repo_id: str | None = None
     # A commit sha pins the download; a branch name is resolved and the sha recorded.
     hub_revision: str = "main"
-    hub_token: str | None = None
+    # Never printed: repr, logs and model_dump() show '**********'.
+    hub_token: SecretStr | None = None
     # Multi-modal families to read. None (the default; "auto" or "" in the environment): every
     # family the dataset holds, possibly none. A list reads exactly those ("81", "81,82",
     # "81 82" or "[81, 82]"; "none" for no family), and one the dataset lacks is an error. The
@@ -153,11 +158,20 @@ class TaacSettings(BaseSettings):
     # Retraining schedule (UTC cron; default Monday 03:00) and whether it starts switched on.
     retrain_cron: str = "0 3 * * 1"
     retrain_schedule_enabled: bool = False
-    duckdb_memory_limit: str = "8GB"
-    duckdb_threads: int | None = None
+    duckdb_memory_limit: str = "8GB"  # per connection: a size such as 8GB, 512MiB, or a share of RAM, 50%
+    duckdb_threads: int | None = Field(None, ge=1)
     # How long a step waits for its track's lock (<root>/<track>/.lock) while another run writes
     # that track, before it stops with an error naming the holder; 0 refuses at once.
     track_lock_timeout: float = Field(3600.0, ge=0)
+
+    @field_validator("duckdb_memory_limit")
+    @classmethod
+    def _memory_size(cls, value: str) -> str:
+        if not _MEMORY_SIZE.fullmatch(value):
+            raise ValueError(
+                f"duckdb_memory_limit {value!r}: expected a size such as 8GB, 512MB, 1.5GiB or a share of RAM such as 50%"
+            )
+        return value.strip()
 
     @field_validator("embedding_families", mode="before")
     @classmethod
