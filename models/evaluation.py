@@ -440,7 +440,7 @@ def _oracle_truth(paths: Any, settings: Any) -> Any:
         return None
     from taac_dagster.sources.synthetic import GROUND_TRUTH_DIR, load_ground_truth
 
-    folder = Path(paths.raw) / GROUND_TRUTH_DIR
+    folder = Path(paths.raw_for("synthetic")) / GROUND_TRUTH_DIR
     return load_ground_truth(folder) if folder.is_dir() else None
 
 

@@ -23,8 +23,13 @@ class TrackPaths:
 
     @property
     def raw(self) -> Path:
-        """The raw dataset as it was generated or downloaded (synthetic, hub sources)."""
+        """The folder of the raw datasets this track generated or downloaded, one per source."""
         return self.root / "raw"
+
+    def raw_for(self, source: str) -> Path:
+        """Where ``source`` (synthetic or hub) keeps its copy: ``raw/<source>/``. Each source has
+        its own folder, so switching sources never deletes (or reads) the other's files."""
+        return self.raw / source
 
     @property
     def raw_manifest(self) -> Path:

@@ -1,8 +1,12 @@
 """Materialize the raw dataset of one track from the configured source, and describe it.
 
-- ``synthetic``: generate a dataset in the real formats under ``<root>/<track>/raw`` (atomic).
+- ``synthetic``: generate a dataset in the real formats under ``<root>/<track>/raw/synthetic``
+  (atomic).
 - ``local``: use an existing copy in place (either real format, detected), nothing copied.
-- ``hub``: download the release into ``<root>/<track>/raw`` (resumable).
+- ``hub``: download the release into ``<root>/<track>/raw/hub`` (resumable).
+
+The two sources that write keep separate folders: generating a synthetic dataset never
+replaces a (137 GB) download, and a download never mixes with generated files.
 
 Whatever the source, the result is a ``RawManifest`` written to ``raw_manifest.json``: the
 folder the warehouse reads, its format, and a content fingerprint that is the asset's
@@ -13,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -72,6 +77,23 @@ def dataset_files(root: Path, dataset_format: str, families: list[int]) -> list[
     return files
 
 
+def _adopt_legacy_hub_download(paths: TrackPaths, logger: Any) -> None:
+    """Earlier versions downloaded the Hub release straight into ``raw/``: move such a copy
+    to ``raw/hub/`` (two renames) rather than fetch it again."""
+    from taac_dagster.sources.hub import MANIFEST_NAME
+
+    aside = paths.root / ".raw-hub-adopt"  # the copy between the two renames
+    if paths.raw_for("hub").exists():
+        return
+    if not aside.exists():
+        if not (paths.raw / MANIFEST_NAME).is_file():
+            return
+        os.replace(paths.raw, aside)
+    paths.raw.mkdir(exist_ok=True)
+    os.replace(aside, paths.raw_for("hub"))
+    logger.info(f"moved the Hub download found in {paths.raw} to {paths.raw_for('hub')}")
+
+
 def materialize_raw(settings: TaacSettings, paths: TrackPaths, *, logger: Any = None) -> RawManifest:
     logger = logger or log
     started = time.perf_counter()
@@ -79,16 +101,16 @@ def materialize_raw(settings: TaacSettings, paths: TrackPaths, *, logger: Any = 
     requested = settings.embedding_families
     fetch = list(DEFAULT_FETCH_FAMILIES) if requested is None else list(requested)
     paths.root.mkdir(parents=True, exist_ok=True)
-    if remove_stale_temps(paths.root):
+    if remove_stale_temps(paths.root) + remove_stale_temps(paths.raw):
         logger.warning(f"removed leftovers of an interrupted run in {paths.root}")
     if settings.source == "synthetic":
         from taac_dagster.sources.synthetic import generate_dataset
 
-        with atomic_dir(paths.raw) as tmp:
+        root = paths.raw_for("synthetic")
+        with atomic_dir(root) as tmp:
             summary = generate_dataset(tmp, paths.track, settings.synthetic, fetch)
         details = {"synthetic": settings.synthetic.model_dump(), "generated": summary.to_metadata()}
         logger.info(f"generated a synthetic {paths.track} dataset: {summary.events} events, {summary.users} users")
-        root = paths.raw
     elif settings.source == "local":
         if settings.local_path is None:
             raise SourceUnavailableError("source is 'local' but no local path is set: set TAAC_LOCAL_PATH")
@@ -98,10 +120,12 @@ def materialize_raw(settings: TaacSettings, paths: TrackPaths, *, logger: Any = 
 
         if not settings.hub_repo_id:
             raise SourceUnavailableError("source is 'hub' but no repository is set: set TAAC_HUB_REPO_ID")
+        root = paths.raw_for("hub")
+        _adopt_legacy_hub_download(paths, logger)
         download = download_hub_dataset(
             settings.hub_repo_id,
             settings.hub_revision,
-            paths.raw,
+            root,
             fetch,
             token=settings.hub_token.get_secret_value() if settings.hub_token else None,
             log=logger,
@@ -112,7 +136,6 @@ def materialize_raw(settings: TaacSettings, paths: TrackPaths, *, logger: Any = 
             "commit_sha": download.commit_sha or "unknown",
             "used_local_copy": download.used_local_copy,
         }
-        root = paths.raw
     else:  # pydantic already restricts the values; kept for readers of this function
         raise ValueError(f"unknown source {settings.source!r}")
 

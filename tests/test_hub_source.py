@@ -478,6 +478,45 @@ def test_offline_copy_with_a_deleted_file_is_refused(tmp_path, fake_hub, monkeyp
         download_hub_dataset(REPO, "main", local, [81])
 
 
+def _same_size_corruption(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_a_same_size_corrupt_file_is_caught_by_its_sha256_and_fetched_again(tmp_path, fake_hub):
+    """Sizes alone would pass a file whose bytes changed: the sha256 of the Hub's LFS metadata
+    does not, and the next download replaces it."""
+    files = release_files()
+    fake_hub.publish(REPO, files)
+    local = tmp_path / "raw"
+    download_hub_dataset(REPO, "main", local, [81], endpoint=fake_hub.url)
+    manifest = json.loads((local / MANIFEST_NAME).read_text())
+    assert manifest["sha256"]["seq/part-0.parquet"] == hashlib.sha256(files["seq/part-0.parquet"]).hexdigest()
+    _same_size_corruption(local / "seq/part-0.parquet")
+    problems = verify_download(local, [81], expected=manifest["files"], digests=manifest["sha256"])
+    assert len(problems) == 1 and problems[0].startswith("seq/part-0.parquet does not match the release (sha256")
+    assert not (local / "seq/part-0.parquet").exists()  # removed, so a download fetches it again
+
+    _same_size_corruption(local / "seq/part-1.parquet")
+    fake_hub.requests.clear()
+    log = ListLog()
+    download_hub_dataset(REPO, "main", local, [81], endpoint=fake_hub.url, log=log)
+    for name in ("seq/part-0.parquet", "seq/part-1.parquet"):
+        assert (local / name).read_bytes() == files[name]
+    assert any("did not match their sha256" in w for w in log.warnings())
+
+
+def test_offline_copy_with_a_corrupt_file_is_refused(tmp_path, fake_hub, monkeypatch):
+    fake_hub.publish(REPO, release_files())
+    local = tmp_path / "raw"
+    download_hub_dataset(REPO, "main", local, [81], endpoint=fake_hub.url)
+    _same_size_corruption(local / "indexer.pkl")
+    go_offline(monkeypatch)
+    with pytest.raises(SourceUnavailableError, match=r"indexer.pkl does not match the release \(sha256"):
+        download_hub_dataset(REPO, "main", local, [81])
+
+
 def test_offline_copy_of_another_repo_or_commit_is_refused(tmp_path, fake_hub):
     sha = fake_hub.publish(REPO, release_files())
     local = tmp_path / "raw"
@@ -741,6 +780,50 @@ def test_hub_source_with_families_on_auto_fetches_family_81_alone(tmp_path, fake
     paths = TrackPaths(settings.data_root, "1M")
     manifest = materialize_raw(settings, paths)
     assert manifest.families == [81] and manifest.families_requested is None
-    assert [p.name for p in (paths.raw / "mm_emb").iterdir()] == ["emb_81_32_parquet"]
+    assert [p.name for p in (paths.raw_for("hub") / "mm_emb").iterdir()] == ["emb_81_32_parquet"]
     recorded = json.loads(paths.raw_manifest.read_text())
     assert recorded["families"] == [81] and recorded["families_requested"] is None
+
+
+def test_switching_source_never_deletes_the_download(tmp_path, fake_hub, monkeypatch):
+    """The synthetic and Hub sources keep separate folders (raw/synthetic, raw/hub): generating
+    a dataset after a download leaves the download as it was, and back again fetches nothing."""
+    from functools import partial
+
+    import taac_dagster.sources.hub as hub
+    from taac_dagster.paths import TrackPaths
+    from taac_dagster.raw import materialize_raw
+    from taac_dagster.settings import load_settings
+
+    fake_hub.publish(REPO, release_files())
+    monkeypatch.setattr(hub, "download_hub_dataset", partial(hub.download_hub_dataset, endpoint=fake_hub.url, max_workers=2))
+    base = {"data_root": str(tmp_path / "data"), "synthetic": {"num_users": 50, "num_items": 200}}
+    paths = TrackPaths(tmp_path / "data", "1M")
+    from_hub = materialize_raw(load_settings("1M", {**base, "source": "hub"}), paths)
+    assert from_hub.root == str(paths.raw_for("hub"))
+    download = fingerprint_tree(paths.raw_for("hub")).digest
+    synthetic = materialize_raw(load_settings("1M", base), paths)
+    assert synthetic.root == str(paths.raw_for("synthetic"))
+    assert fingerprint_tree(paths.raw_for("hub")).digest == download
+    fake_hub.requests.clear()
+    again = materialize_raw(load_settings("1M", {**base, "source": "hub"}), paths)
+    assert again.digest == from_hub.digest and fake_hub.resolve_requests("GET") == []
+
+
+def test_a_download_in_the_old_raw_folder_is_moved_not_fetched_again(tmp_path, fake_hub, monkeypatch):
+    from functools import partial
+
+    import taac_dagster.sources.hub as hub
+    from taac_dagster.paths import TrackPaths
+    from taac_dagster.raw import materialize_raw
+    from taac_dagster.settings import load_settings
+
+    fake_hub.publish(REPO, release_files())
+    paths = TrackPaths(tmp_path / "data", "1M")
+    download_hub_dataset(REPO, "main", paths.raw, [81], endpoint=fake_hub.url)  # the layout before raw/hub
+    monkeypatch.setattr(hub, "download_hub_dataset", partial(hub.download_hub_dataset, endpoint=fake_hub.url, max_workers=2))
+    fake_hub.requests.clear()
+    manifest = materialize_raw(load_settings("1M", {"data_root": str(tmp_path / "data"), "source": "hub"}), paths)
+    assert manifest.root == str(paths.raw_for("hub")) and (paths.raw_for("hub") / MANIFEST_NAME).is_file()
+    assert fake_hub.resolve_requests("GET") == []
+    assert sorted(p.name for p in paths.raw.iterdir()) == ["hub"]

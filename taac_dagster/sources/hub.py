@@ -14,12 +14,18 @@ runs it depends on the huggingface_hub version: older releases reuse
 (huggingface_hub PR #4228) and restarts that one file. After each download the
 folder is verified and a manifest (``MANIFEST_NAME``) records the repo, the resolved commit
 and the expected files, so a later run can verify and use a complete copy without the network.
+
+Every file stored in Git LFS (the parquet parts and ``indexer.pkl``) is verified by the sha256
+the Hub lists for it, not only by its size: a same-size corrupt or stale file is removed and
+fetched again. Hashes already checked are remembered (``VERIFIED_NAME``: size, mtime and
+digest per file), so a re-run rehashes only files that changed, not the whole release.
 """
 
 from __future__ import annotations
 
 import errno
 import fnmatch
+import hashlib
 import json
 import logging
 import os
@@ -39,6 +45,7 @@ logger = logging.getLogger(__name__)
 
 REPO_TYPE = "dataset"
 MANIFEST_NAME = ".taac_hub_download.json"
+VERIFIED_NAME = ".taac_hub_verified.json"  # path -> [size, mtime_ns, sha256] of files already hashed
 REQUIRED_PARQUET_FOLDERS = ("seq", "user_feat", "item_feat")
 CORE_PATTERNS = ("seq/*", "user_feat/*", "item_feat/*", "indexer.pkl", "README.md")
 CANDIDATE_PATTERN = "candidate/*"
@@ -169,9 +176,14 @@ def verify_download(
     families: Sequence[int],
     *,
     expected: Mapping[str, int] | None = None,
+    digests: Mapping[str, str] | None = None,
     include_candidates: bool = True,
 ) -> list[str]:
     """Problems that make ``local_dir`` an incomplete Hub copy; an empty list means complete.
+
+    ``digests`` (relative path -> sha256, the Hub's LFS metadata) verifies the content of each
+    of those files; a file that does not match is removed (the next download fetches it) and
+    named in the problems.
 
     ``expected`` (relative path -> size, e.g. the Hub listing for the commit) adds a
     file-by-file check: missing files, wrong sizes, and extra files that a reader globbing
@@ -223,6 +235,46 @@ def verify_download(
         f"{partial} is a partial download left by an interrupted run; re-run the download to finish it"
         for partial in _leftover_partials(local_dir, patterns)
     )
+    if digests:
+        problems.extend(_digest_problems(local_dir, {p: d for p, d in digests.items() if p in present and d}))
+    return problems
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(8 * 2**20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _digest_problems(local_dir: Path, digests: Mapping[str, str]) -> list[str]:
+    """Files whose sha256 is not the release's (each removed); hashes are remembered by size
+    and mtime, so a file is rehashed only after it changed."""
+    cache_path = local_dir / VERIFIED_NAME
+    try:
+        cache = json.loads(cache_path.read_text())
+        cache = cache if isinstance(cache, dict) else {}
+    except (OSError, ValueError):
+        cache = {}
+    problems = []
+    for relative, wanted in sorted(digests.items()):
+        path = local_dir / relative
+        stat = path.stat()
+        known = cache.get(relative)
+        if isinstance(known, list) and known[:2] == [stat.st_size, stat.st_mtime_ns]:
+            found = known[2]
+        else:
+            found = file_sha256(path)
+            cache[relative] = [stat.st_size, stat.st_mtime_ns, found]
+        if found != wanted:
+            path.unlink()
+            cache.pop(relative, None)
+            problems.append(
+                f"{relative} does not match the release (sha256 {found[:12]}..., the Hub lists {wanted[:12]}...): "
+                "it was removed; re-run to fetch it again"
+            )
+    write_text_atomic(cache_path, json.dumps(cache, indent=0, sort_keys=True))
     return problems
 
 
@@ -245,6 +297,7 @@ def _write_manifest(
     sizes: Mapping[str, int],
     *,
     complete: bool,
+    digests: Mapping[str, str] | None = None,
 ) -> None:
     """Record what local_dir holds. ``complete=False`` is written before files change, so a
     run killed half-way through an update is never mistaken for a complete copy offline."""
@@ -255,6 +308,7 @@ def _write_manifest(
         "families": list(families),
         "include_candidates": include_candidates,
         "files": dict(sizes),
+        "sha256": dict(digests or {}),
         "total_bytes": download.total_bytes,
         "complete": complete,
         "written_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -391,17 +445,18 @@ def _explain(error: BaseException, repo_id: str, revision: str, endpoint: str | 
 # --- download ------------------------------------------------------------------------------
 
 
-def _remote_listing(api: Any, repo_id: str, commit_sha: str, patterns: Sequence[str]) -> dict[str, int]:
+def _remote_listing(
+    api: Any, repo_id: str, commit_sha: str, patterns: Sequence[str]
+) -> tuple[dict[str, int], dict[str, str]]:
+    """(path -> size, path -> sha256) of the commit's files the patterns select; the sha256 is
+    known for files stored in Git LFS (the data files), from the Hub's tree listing."""
     from huggingface_hub.hf_api import RepoFile
 
     entries = api.list_repo_tree(repo_id, recursive=True, revision=commit_sha, repo_type=REPO_TYPE)
-    return dict(
-        sorted(
-            (entry.path, entry.size)
-            for entry in entries
-            if isinstance(entry, RepoFile) and _matches(entry.path, patterns)
-        )
-    )
+    files = [e for e in entries if isinstance(e, RepoFile) and _matches(e.path, patterns)]
+    sizes = dict(sorted((entry.path, entry.size) for entry in files))
+    digests = {entry.path: entry.lfs.sha256 for entry in files if getattr(entry, "lfs", None) and entry.lfs.sha256}
+    return sizes, dict(sorted(digests.items()))
 
 
 def _use_local_copy(
@@ -424,6 +479,7 @@ def _use_local_copy(
         return None, f"{local_dir} holds no earlier download"
     manifest = _read_manifest(local_dir)
     expected = None
+    digests = None
     commit = None
     if manifest is not None:
         if manifest.get("repo_id") != repo_id:
@@ -441,11 +497,15 @@ def _use_local_copy(
         commit = manifest.get("commit_sha")
         if isinstance(manifest.get("files"), dict):
             expected = manifest["files"]
+        if isinstance(manifest.get("sha256"), dict):
+            digests = manifest["sha256"]
     commit = commit or _commit_from_hf_metadata(local_dir)
     pinned = bool(_COMMIT_SHA.match(revision))
     if pinned and commit is not None and commit != revision:
         return None, f"{local_dir} holds commit {commit}, not the pinned {revision}"
-    problems = verify_download(local_dir, families, expected=expected, include_candidates=include_candidates)
+    problems = verify_download(
+        local_dir, families, expected=expected, digests=digests, include_candidates=include_candidates
+    )
     if problems:
         return None, f"the copy in {local_dir} is incomplete: {'; '.join(problems[:10])}"
     files = _local_files(local_dir, hub_allow_patterns(families, include_candidates=include_candidates))
@@ -517,7 +577,7 @@ def download_hub_dataset(
         commit_sha = info.sha
         if not commit_sha:
             raise SourceUnavailableError(f"the Hub returned no commit sha for {repo_id!r} at {revision!r}")
-        expected = _remote_listing(api, repo_id, commit_sha, patterns)
+        expected, digests = _remote_listing(api, repo_id, commit_sha, patterns)
     except catchable as error:
         return fail_or_local(error, "resolve")
 
@@ -561,37 +621,49 @@ def download_hub_dataset(
         and manifest.get("complete") is True
         and manifest.get("commit_sha") == commit_sha
         and manifest.get("files") == expected
+        and manifest.get("sha256", {}) == digests
     )
     if not unchanged:
-        _write_manifest(download, families, include_candidates, expected, complete=False)
+        _write_manifest(download, families, include_candidates, expected, complete=False, digests=digests)
 
-    try:
-        snapshot_download(
-            repo_id=repo_id,
-            repo_type=REPO_TYPE,
-            revision=commit_sha,
-            allow_patterns=patterns,
-            local_dir=local_dir,
-            token=token,
-            max_workers=max_workers,
-            endpoint=endpoint,
+    # A file that fails its sha256 is removed by the verification; one more download fetches it.
+    for attempt in range(2):
+        try:
+            snapshot_download(
+                repo_id=repo_id,
+                repo_type=REPO_TYPE,
+                revision=commit_sha,
+                allow_patterns=patterns,
+                local_dir=local_dir,
+                token=token,
+                max_workers=max_workers,
+                endpoint=endpoint,
+            )
+        except catchable as error:
+            # A connection lost mid-way: finished files stay, the next run fetches the rest.
+            return fail_or_local(error, "download")
+
+        orphans = _remove_orphan_partials(local_dir, patterns)
+        if orphans:
+            log.info(f"Removed {orphans} partial download(s) left by an interrupted earlier run")
+        problems = verify_download(
+            local_dir, families, expected=expected, digests=digests, include_candidates=include_candidates
         )
-    except catchable as error:
-        # A connection lost mid-way: finished files stay, the next run fetches the rest.
-        return fail_or_local(error, "download")
-
-    orphans = _remove_orphan_partials(local_dir, patterns)
-    if orphans:
-        log.info(f"Removed {orphans} partial download(s) left by an interrupted earlier run")
-    problems = verify_download(local_dir, families, expected=expected, include_candidates=include_candidates)
+        corrupt = [p for p in problems if "does not match the release" in p]
+        if not corrupt or attempt:
+            break
+        log.warning(f"{len(corrupt)} file(s) did not match their sha256 and were removed; fetching them again: {corrupt[:3]}")
     if problems:
         raise SourceUnavailableError(
             f"Hub dataset {repo_id!r} at revision {revision!r} (commit {commit_sha}) downloaded into "
             f"{local_dir} but the copy is incomplete: {'; '.join(problems)}. Re-run to fetch the rest, or "
             "delete the folder to start over."
         )
-    _write_manifest(download, families, include_candidates, expected, complete=True)
-    log.info(f"Hub {repo_id} at commit {commit_sha} verified in {local_dir} ({len(expected)} files)")
+    _write_manifest(download, families, include_candidates, expected, complete=True, digests=digests)
+    log.info(
+        f"Hub {repo_id} at commit {commit_sha} verified in {local_dir} ({len(expected)} files, "
+        f"{len(digests)} by sha256)"
+    )
     return download
 
 
