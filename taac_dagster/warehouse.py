@@ -13,8 +13,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +36,7 @@ from taac_dagster.readers.embeddings import (
     write_family_embeddings,
 )
 from taac_dagster.readers.hub_parquet import diagnose_seq, locate_event, stage_hub_dataset
+from taac_dagster.readers.json_lines import short
 from taac_dagster.readers.jsonl import stage_jsonl_dataset
 from taac_dagster.readers.staging import drop_staging
 from taac_dagster.settings import TaacSettings
@@ -250,19 +253,22 @@ def _build(
     try:
         started = time.perf_counter()
         logger.info(f"staging {dataset_format} dataset from {source_root}")
-        if dataset_format == HUB_FORMAT:
-            stage_hub_dataset(con, source_root)
-        elif dataset_format == JSONL_FORMAT:
-            stage_jsonl_dataset(con, source_root, actions=actions)
+        with _unreadable_data(source_root, "staging the dataset"):
+            if dataset_format == HUB_FORMAT:
+                stage_hub_dataset(con, source_root)
+            elif dataset_format == JSONL_FORMAT:
+                stage_jsonl_dataset(con, source_root, actions=actions)
         seconds["stage"] = time.perf_counter() - started
         for name in WAREHOUSE_TABLES:
             started = time.perf_counter()
-            con.execute(load_sql(name, **params))
+            with _unreadable_data(source_root, f"building the table {name}"):
+                con.execute(load_sql(name, **params))
             seconds[name] = time.perf_counter() - started
             logger.info(f"built table {name} in {seconds[name]:.1f}s")
             if name == "events":
                 validate_events(con, source_root, dataset_format, actions)
-        embeddings = _write_embeddings(con, source_root, dataset_format, settings, embeddings_dir, logger)
+        with _unreadable_data(source_root, "writing the embeddings"):
+            embeddings = _write_embeddings(con, source_root, dataset_format, settings, embeddings_dir, logger)
         missing = con.execute("SELECT count(*) FROM events WHERE action_type_missing").fetchall()[0][0]
         _write_info(con, paths.track, dataset_format, source_root, sorted(embeddings), settings.embedding_families)
         drop_staging(con)
@@ -275,6 +281,25 @@ def _build(
     return WarehouseSummary(
         database, dataset_format, counts, embeddings, seconds, int(missing), settings.embedding_families
     )
+
+
+_FILE_IN_MESSAGE = re.compile(r'file "([^"]+)"')
+
+
+@contextlib.contextmanager
+def _unreadable_data(source_root: Path, step: str) -> Iterator[None]:
+    """Turn a DuckDB error while reading the dataset (a corrupt page, bytes it cannot decode)
+    into a DataFormatError naming the file DuckDB names, or the dataset folder. Running out of
+    memory or being interrupted is not bad data and passes through."""
+    try:
+        yield
+    except (duckdb.OutOfMemoryException, duckdb.InterruptException):
+        raise
+    except duckdb.Error as exc:
+        named = _FILE_IN_MESSAGE.search(str(exc))
+        raise DataFormatError(
+            named.group(1) if named else source_root, f"data DuckDB can read ({step})", short(exc)
+        ) from None
 
 
 def validate_events(

@@ -249,6 +249,19 @@ def hub_empty_seq(root: Path) -> None:
     pq.write_table(pq.read_table(path).slice(0, 0), path)
 
 
+def corrupt_page(relative: str) -> Callable[[Path], None]:
+    """Damage: garble bytes inside the first data page, leaving the footer (schema) intact."""
+
+    def damage(root: Path) -> None:
+        path = root / relative
+        data = bytearray(path.read_bytes())
+        for i in range(1000, 1400):
+            data[i] ^= 0x5A
+        path.write_bytes(bytes(data))
+
+    return damage
+
+
 def hub_emb_row(row: int, change: Callable[[list], list]) -> Callable[[Path], None]:
     def damage(root: Path) -> None:
         [path] = (root / "mm_emb").rglob("*.parquet")
@@ -399,6 +412,8 @@ CORPUS: list[Defect] = [
     Defect("user feature list of floats", HUB,
            hub_column("user_feat", "106", lambda c: pa.array(c.to_pylist(), pa.list_(pa.float64()))), "reader",
            "user_feat/part-0.parquet", phrases=("column '106'", "list<element: double>")),
+    Defect("corrupt data page", HUB, corrupt_page(SEQ_PART), "reader", SEQ_PART,
+           phrases=("data DuckDB can read", "decompression")),
     Defect("not a parquet file", HUB, write_bytes("user_feat/part-0.parquet", b"not parquet"), "reader",
            "user_feat/part-0.parquet", phrases=("readable parquet file",)),
     Defect("embedding id that is not digits", HUB,
