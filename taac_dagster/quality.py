@@ -420,6 +420,16 @@ def check_sequences(ctx: CheckContext) -> CheckOutcome:
         ),
     }
     problems = [p for p in (empty, duplicate_problem) if p]
+    if counts["too_long"] or counts["misaligned_lists"]:
+        users = [int(r[0]) for r in ctx.rows(
+            f"""SELECT user_id FROM sequences WHERE length > {int(ctx.max_history)} OR length < 1
+                    OR len(item_ids) <> len(action_types) OR len(item_ids) <> len(timestamps) OR len(item_ids) <> length
+                ORDER BY user_id LIMIT {NAMED}"""
+        )]
+        problems.append(
+            f"{counts['too_long']} sequence(s) outside 1..{ctx.max_history} events and {counts['misaligned_lists']} with "
+            f"lists of different lengths: {ctx.users_where(users)}"
+        )
     if counts["target_leaks"]:
         users = [int(r[0]) for r in ctx.rows(
             f"""SELECT s.user_id FROM sequences s JOIN holdout h USING (user_id)

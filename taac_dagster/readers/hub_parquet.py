@@ -105,7 +105,7 @@ def files_sql(files: list[Path]) -> str:
 
 
 def locate_first(
-    con: duckdb.DuckDBPyConnection, files: list[Path], condition: str, expected: str, select: str = "*"
+    con: duckdb.DuckDBPyConnection, files: list[Path], condition: str, expected: str, found: str | None = None
 ) -> None:
     """Raise a DataFormatError at the first row (file, row) matching ``condition``, if any."""
     rows = con.execute(
@@ -115,7 +115,7 @@ def locate_first(
     ).fetchall()
     if rows:
         filename, row = rows[0]
-        raise DataFormatError(filename, expected, f"a row where {condition}", row=int(row))
+        raise DataFormatError(filename, expected, found or f"a row where {condition}", row=int(row))
 
 
 def locate_bad_raw_id(con: duckdb.DuckDBPyConnection, files: list[Path], column: str) -> None:
@@ -157,7 +157,7 @@ def stage_seq(con: duckdb.DuckDBPyConnection, folder: Path) -> None:
 def diagnose_seq(con: duckdb.DuckDBPyConnection, folder: Path) -> None:
     """Raise at the first row of ``seq/`` with a null user id, item id or timestamp."""
     files = parquet_files(folder)
-    locate_first(con, files, "user_id IS NULL", "a non-null user_id")
+    locate_first(con, files, "user_id IS NULL", "a non-null user_id", "null")
     locate_first(
         con,
         files,
@@ -216,7 +216,7 @@ def stage_item_features(con: duckdb.DuckDBPyConnection, folder: Path) -> None:
         (f'"{f}"::BIGINT' if f in present else "NULL::BIGINT") + f" AS {feature_column(f)}"
         for f in ITEM_SPARSE_FEATURES
     ]
-    locate_first(con, files, "item_id IS NULL", "a non-null item_id")
+    locate_first(con, files, "item_id IS NULL", "a non-null item_id", "null")
     con.execute(
         f"""CREATE OR REPLACE TABLE stg_item_features AS
             SELECT item_id::BIGINT AS item_id, {", ".join(cols)}

@@ -163,6 +163,21 @@ def _original_record_index(line: object, staged_index: int) -> int:
 
 
 def _describe(value: object) -> str:
+    """A found value for a message: its JSON, its kind, and for an object of features the first
+    entry that is not an integer re-id (a long object is cut)."""
+    if isinstance(value, dict):
+        entry = next(
+            ((k, v) for k, v in value.items()
+             if not (v is None or (type(v) is int and v >= 0)
+                     or (isinstance(v, list) and all(type(x) is int and x >= 0 for x in v)))),
+            None,
+        )
+        if entry is not None:
+            return f"{json.dumps(entry[0])}: {_describe(entry[1])} in {_describe_text(value)}"
+    return _describe_text(value)
+
+
+def _describe_text(value: object) -> str:
     text = json.dumps(value, ensure_ascii=False)
     kind = {dict: "an object", list: "a list", str: "a string", bool: "a boolean", float: "a number with a fraction"}.get(
         type(value)
