@@ -13,6 +13,7 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import json
+import os
 import socket
 import threading
 import time
@@ -479,9 +480,13 @@ def test_offline_copy_with_a_deleted_file_is_refused(tmp_path, fake_hub, monkeyp
 
 
 def _same_size_corruption(path: Path) -> None:
+    """Flip a byte, keeping size and mtime: what neither sizes nor huggingface_hub's own
+    metadata (which compares timestamps) can see."""
+    stat = path.stat()
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0xFF
     path.write_bytes(bytes(data))
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
 
 
 def test_a_same_size_corrupt_file_is_caught_by_its_sha256_and_fetched_again(tmp_path, fake_hub):

@@ -17,8 +17,8 @@ and the expected files, so a later run can verify and use a complete copy withou
 
 Every file stored in Git LFS (the parquet parts and ``indexer.pkl``) is verified by the sha256
 the Hub lists for it, not only by its size: a same-size corrupt or stale file is removed and
-fetched again. Hashes already checked are remembered (``VERIFIED_NAME``: size, mtime and
-digest per file), so a re-run rehashes only files that changed, not the whole release.
+fetched again. Hashes already checked are remembered (``VERIFIED_NAME``: size, mtime, ctime
+and digest per file), so a re-run rehashes only files written since, not the whole release.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ logger = logging.getLogger(__name__)
 
 REPO_TYPE = "dataset"
 MANIFEST_NAME = ".taac_hub_download.json"
-VERIFIED_NAME = ".taac_hub_verified.json"  # path -> [size, mtime_ns, sha256] of files already hashed
+VERIFIED_NAME = ".taac_hub_verified.json"  # path -> [size, mtime_ns, ctime_ns, sha256] of files already hashed
 REQUIRED_PARQUET_FOLDERS = ("seq", "user_feat", "item_feat")
 CORE_PATTERNS = ("seq/*", "user_feat/*", "item_feat/*", "indexer.pkl", "README.md")
 CANDIDATE_PATTERN = "candidate/*"
@@ -249,8 +249,8 @@ def file_sha256(path: Path) -> str:
 
 
 def _digest_problems(local_dir: Path, digests: Mapping[str, str]) -> list[str]:
-    """Files whose sha256 is not the release's (each removed); hashes are remembered by size
-    and mtime, so a file is rehashed only after it changed."""
+    """Files whose sha256 is not the release's (each removed); hashes are remembered by size,
+    mtime and ctime, so a file is rehashed only after it was written to."""
     cache_path = local_dir / VERIFIED_NAME
     try:
         cache = json.loads(cache_path.read_text())
@@ -261,12 +261,14 @@ def _digest_problems(local_dir: Path, digests: Mapping[str, str]) -> list[str]:
     for relative, wanted in sorted(digests.items()):
         path = local_dir / relative
         stat = path.stat()
+        # ctime too: it changes on every write and cannot be set back (os.utime sets mtime only).
+        key = [stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns]
         known = cache.get(relative)
-        if isinstance(known, list) and known[:2] == [stat.st_size, stat.st_mtime_ns]:
-            found = known[2]
+        if isinstance(known, list) and known[:3] == key:
+            found = known[3]
         else:
             found = file_sha256(path)
-            cache[relative] = [stat.st_size, stat.st_mtime_ns, found]
+            cache[relative] = [*key, found]
         if found != wanted:
             path.unlink()
             cache.pop(relative, None)
