@@ -51,6 +51,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from taac_dagster.atomic import atomic_dir
+from taac_dagster.db import connect
 from taac_dagster.readers.embeddings import read_embedding_matrix
 from taac_dagster.tracks import get_track
 
@@ -167,8 +168,10 @@ def prepare_arrays(
     codebooks_json: Path | None = None,
     reuse: bool = True,
     logger: Any = None,
+    settings: Any = None,
 ) -> Arrays:
-    """Arrays of ``warehouse`` in ``out_dir``; reused as they are when the source key matches."""
+    """Arrays of ``warehouse`` in ``out_dir``; reused as they are when the source key matches.
+    ``settings`` (TaacSettings) gives the read connection its DuckDB memory and threads."""
     logger = logger or log
     key = source_key(warehouse, codebooks_json, track, options)
     meta_path = out_dir / "meta.json"
@@ -177,7 +180,7 @@ def prepare_arrays(
         return load_arrays(out_dir)
     started = time.perf_counter()
     with atomic_dir(out_dir) as tmp:
-        con = duckdb.connect(str(warehouse), read_only=True)
+        con = connect(warehouse, settings, read_only=True)
         try:
             meta = _prepare(con, Path(tmp), track, options, codebooks_json, logger)
         finally:
@@ -209,7 +212,7 @@ def _columns(con: duckdb.DuckDBPyConnection, table: str) -> list[str]:
 
 
 def _has_table(con: duckdb.DuckDBPyConnection, table: str) -> bool:
-    return bool(_scalar(con, f"SELECT count(*) FROM duckdb_tables() WHERE table_name = '{table}'"))
+    return bool(con.execute("SELECT count(*) FROM duckdb_tables() WHERE table_name = ?", [table]).fetchall()[0][0])
 
 
 def _save(folder: Path, name: str, array: np.ndarray) -> None:

@@ -390,7 +390,7 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> Path:
 def load_encoder(path: str | Path, arrays: Arrays | None = None, device: str | torch.device = "cpu") -> tuple[Encoder, dict[str, Any]]:
     """Rebuild the model from a checkpoint alone (its config is inside); attach the item tables
     of ``arrays`` (default: the arrays the checkpoint was trained on) when they can be found."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)  # plain containers and tensors only
     model = Encoder(EncoderConfig.from_dict(ckpt["model_config"]))
     model.load_state_dict(ckpt["model"])
     model.to(device).eval()
@@ -540,7 +540,7 @@ class Trainer:
         """Continue from the last checkpoint of the same config, data and planned length."""
         if self.last is None or not self.last.is_file():
             return
-        ckpt = torch.load(self.last, map_location="cpu", weights_only=False)
+        ckpt = torch.load(self.last, map_location="cpu", weights_only=True)
         same = ckpt.get("config_hash") == self.digest and ckpt.get("data_version") == self.arrays.data_version
         same = same and ckpt["step"] <= self.steps and ckpt.get("total_steps") == self.steps
         if not same:
@@ -752,7 +752,7 @@ def prepare_track_arrays(paths: Any, settings: Any, *, logger: Any = None) -> Ar
     )
     return prepare_arrays(
         paths.warehouse, paths.checkpoints / "arrays", paths.track, options,
-        codebooks_json=paths.codebooks / "codebooks.json", logger=logger or log,
+        codebooks_json=paths.codebooks / "codebooks.json", logger=logger or log, settings=settings,
     )
 
 

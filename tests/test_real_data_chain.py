@@ -91,7 +91,9 @@ def test_demo_sample_runs_the_chain_on_collaborative_codes(chains):
     con = duckdb.connect(str(paths.warehouse), read_only=True)
     sids = con.execute("SELECT count(*), count(DISTINCT codes), count(*) FILTER (WHERE has_embedding) FROM item_semantic_ids").fetchall()[0]
     con.close()
-    assert sids[0] == sids[1] == 7500 and sids[2] > 6000  # unique codes; most items have a sequence vector
+    # Unique codes; most items have a sequence vector (co-occurrence stops before each holdout
+    # user's own last target, which training may validate on).
+    assert sids[0] == sids[1] == 7500 and sids[2] > 5500
 
 
 def test_sample_without_embeddings_runs_the_chain_with_no_family(chains):

@@ -380,3 +380,15 @@ def test_model_settings_adapt_to_the_catalogue():
     assert resolve_model_settings({"loss": "bce", "id_buckets": 7, "id_init_std": 0.1}, tc, large) == {
         "loss": "bce", "id_buckets": 7, "id_init_std": 0.1,
     }
+
+
+def test_a_checkpoint_that_would_run_code_is_refused(arrays_1m, tmp_path):
+    import pickle
+
+    class Exploit:
+        def __reduce__(self):
+            return (os.system, ("echo pwned",))
+
+    torch.save({"model": {}, "x": Exploit()}, tmp_path / "last.pt")
+    with pytest.raises(pickle.UnpicklingError):
+        load_encoder(tmp_path / "last.pt", arrays_1m)
