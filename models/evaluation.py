@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -59,7 +60,7 @@ from models.submission import write_submission
 from models.train import LAST, cpu_threads, default_retrieval_actions, load_encoder, loss_curve, prepare_track_arrays, to_device
 from models.weighted_metrics import PAD, relevance_weights, weighted_per_user
 from taac_dagster.errors import TaacError
-from taac_dagster.tracks import get_track
+from taac_dagster.tracks import Track, get_track
 
 log = logging.getLogger(__name__)
 
@@ -474,78 +475,158 @@ def _weighted_targets(arrays: Arrays, rows: np.ndarray, position: np.ndarray, re
     return target_pos, weights
 
 
-def evaluate_track(paths: Any, settings: Any, *, code_version: str = "", logger: Any = None) -> Evaluation:
-    """Score every holdout user (see module doc) and write the report under ``paths.reports``."""
-    logger = logger or log
-    es, rs = settings.evaluation, settings.retrieval
-    track = get_track(paths.track)
-    started = time.perf_counter()
-    seconds: dict[str, float] = {}
-    notes: list[str] = []
-    setup = _scoring_setup(paths, settings, logger)
-    device, arrays, loaded, index = setup.device, setup.arrays, setup.loaded, setup.index
-    creative, position, n_hold = setup.creative, setup.position, setup.n_hold
-    notes += loaded.warnings
-    rows = sample_rows(n_hold, es.max_users, rs.seed) if es.max_users else np.arange(n_hold)
-    n = len(rows)
-    baseline = _baseline(paths, settings, arrays, device, loaded.preset, notes, logger)
-    truth = _oracle_truth(paths, settings)
-    popular = popularity_order(arrays, loaded.actions)
-    cand_rows = np.asarray(arrays.cand_rows).astype(np.int64)
-    pool_item_ids = np.where(cand_rows < int(arrays.meta["id_rows"]), cand_rows, 0)
-    pool_pos = np.arange(len(creative))
-    weighted = track.weighted  # 10M: conversions weigh 2.5
-    relevance = dict(track.relevance)
+# The scoring loop: one chunk of users at a time, every method of the table on each chunk.
+@dataclass
+class EvaluationRun:
+    """What scoring reads: the checked setup, the users scored and the comparison rows' inputs."""
 
-    methods = ["model", "popularity"] + (["baseline"] if baseline else []) + (["oracle"] if truth is not None else [])
+    settings: Any
+    track: Track
+    setup: ScoringSetup
+    rows: np.ndarray  # the holdout rows scored (all, or a sample of max_users)
+    baseline: tuple[LoadedModel, ItemIndex] | None  # the official-baseline preset, when trained
+    truth: Any  # the generator's ground truth (synthetic data only), else None
+    popular: np.ndarray  # pool positions, most popular first
+    pool_item_ids: np.ndarray  # pool position -> item id (0: a row past the id table)
+    notes: list[str]
+
+    @property
+    def methods(self) -> list[str]:
+        return [name for name, method in SCORING_METHODS.items() if method.applies(self)]
+
+
+@dataclass
+class UserChunk:
+    """One chunk of holdout users, as every scoring method sees it."""
+
+    rows: np.ndarray  # holdout rows
+    inputs: dict[str, np.ndarray]  # model inputs (``holdout_batch``)
+    queries: np.ndarray  # the model's user vectors
+    history: np.ndarray | None  # pool positions of the history items (None: history filter off)
+    exclude_ids: np.ndarray | None  # the same as creative ids, for the index
+
+
+def _model_top_k(run: EvaluationRun, chunk: UserChunk) -> np.ndarray:
+    return search(run.setup.index, chunk.queries, K, exclude=chunk.exclude_ids, return_rows=True)[0]
+
+
+def _popularity_top_k(run: EvaluationRun, chunk: UserChunk) -> np.ndarray:
+    pool_pos = np.arange(len(run.setup.creative))
+    return popularity_topk(run.popular, pool_pos, len(chunk.rows), K, exclude=chunk.history)
+
+
+def _baseline_top_k(run: EvaluationRun, chunk: UserChunk) -> np.ndarray:
+    assert run.baseline is not None
+    b_model, b_index = run.baseline
+    b_queries = query_vectors(b_model, chunk.inputs, run.setup.device, run.settings.evaluation.query_batch_size)
+    return search(b_index, b_queries, K, exclude=chunk.exclude_ids, return_rows=True)[0]
+
+
+def _oracle_top_k(run: EvaluationRun, chunk: UserChunk) -> np.ndarray:
+    arrays = run.setup.arrays
+    prev_rows = chunk.inputs["items"][:, -1]
+    prev = np.where(prev_rows < int(arrays.meta["id_rows"]), prev_rows, 0)
+    users = np.asarray(arrays.hold_users[chunk.rows]).astype(np.int64)  # the user's id, not its feature rows
+    pool_pos = np.arange(len(run.setup.creative))
+    return oracle_topk(run.truth, users, prev, run.pool_item_ids, K, pool_ids=pool_pos, exclude=chunk.history)
+
+
+@dataclass(frozen=True)
+class ScoringMethod:
+    """A row of the report: the top-K pool positions it recommends to a chunk of users."""
+
+    top_k: Callable[[EvaluationRun, UserChunk], np.ndarray]
+    applies: Callable[[EvaluationRun], bool] = lambda run: True
+    timer: str = "baselines"  # the phase of ``Evaluation.seconds`` its time counts in
+
+
+# The report's rows, in order. Adding a method is one entry here.
+SCORING_METHODS: dict[str, ScoringMethod] = {
+    "model": ScoringMethod(_model_top_k, timer="search"),
+    "popularity": ScoringMethod(_popularity_top_k),
+    "baseline": ScoringMethod(_baseline_top_k, applies=lambda run: run.baseline is not None),
+    "oracle": ScoringMethod(_oracle_top_k, applies=lambda run: run.truth is not None),
+}
+
+
+@dataclass
+class UserScores:
+    """Per-method ranks of every scored user's target (and the weighted figures on 10M)."""
+
+    ranks: dict[str, np.ndarray]
+    weighted: dict[str, dict[str, np.ndarray]]  # method -> w_hr@10 / w_ndcg@10 per user (10M only)
+    seconds: dict[str, float]
+
+
+def _evaluation_run(paths: Any, settings: Any, logger: Any) -> EvaluationRun:
+    """The checked setup, the users to score and every comparison method's inputs."""
+    es, rs = settings.evaluation, settings.retrieval
+    setup = _scoring_setup(paths, settings, logger)
+    notes = list(setup.loaded.warnings)
+    rows = sample_rows(setup.n_hold, es.max_users, rs.seed) if es.max_users else np.arange(setup.n_hold)
+    baseline = _baseline(paths, settings, setup.arrays, setup.device, setup.loaded.preset, notes, logger)
+    cand_rows = np.asarray(setup.arrays.cand_rows).astype(np.int64)
+    return EvaluationRun(
+        settings=settings, track=get_track(paths.track), setup=setup, rows=rows, baseline=baseline, truth=_oracle_truth(paths, settings),
+        popular=popularity_order(setup.arrays, setup.loaded.actions),
+        pool_item_ids=np.where(cand_rows < int(setup.arrays.meta["id_rows"]), cand_rows, 0), notes=notes,
+    )
+
+
+def _user_chunk(run: EvaluationRun, rows: np.ndarray) -> UserChunk:
+    """The chunk's model inputs, its user vectors and its history filter."""
+    setup, es = run.setup, run.settings.evaluation
+    inputs = holdout_batch(setup.arrays, rows)
+    queries = query_vectors(setup.loaded, inputs, setup.device, es.query_batch_size)
+    history = setup.position[inputs["items"]] if es.exclude_history else None
+    exclude_ids = _as_ids(history, setup.creative) if history is not None else None
+    return UserChunk(rows, inputs, queries, history, exclude_ids)
+
+
+def _score_users(run: EvaluationRun, logger: Any, started: float) -> UserScores:
+    """Every method's top-10 for every scored user, chunk by chunk, ranked against the targets."""
+    setup, track = run.setup, run.track
+    arrays, position, n, methods = setup.arrays, setup.position, len(run.rows), run.methods
+    weighted, relevance = track.weighted, dict(track.relevance)  # 10M: conversions weigh 2.5
     ranks = {m: np.empty(n, np.int64) for m in methods}
     w_user = {m: {"w_hr@10": np.empty(n), "w_ndcg@10": np.empty(n)} for m in methods} if weighted else {}
-    logger.info(f"evaluating {n:,} holdout users against {len(creative):,} candidates ({index.spec.describe()}), "
-                f"methods {methods}, history filter {'on' if es.exclude_history else 'off'}")
+    logger.info(f"evaluating {n:,} holdout users against {len(setup.creative):,} candidates ({setup.index.spec.describe()}), "
+                f"methods {methods}, history filter {'on' if run.settings.evaluation.exclude_history else 'off'}")
     timer = {"encode": 0.0, "search": 0.0, "baselines": 0.0}
     for lo in range(0, n, CHUNK_USERS):
-        chunk = rows[lo : lo + CHUNK_USERS]
-        hi = lo + len(chunk)
+        rows = run.rows[lo : lo + CHUNK_USERS]
+        hi = lo + len(rows)
         t = time.perf_counter()
-        inputs = holdout_batch(arrays, chunk)
-        queries = query_vectors(loaded, inputs, device, es.query_batch_size)
+        chunk = _user_chunk(run, rows)
         timer["encode"] += time.perf_counter() - t
-        history = position[inputs["items"]] if es.exclude_history else None
-        exclude_ids = _as_ids(history, creative) if history is not None else None
-        t = time.perf_counter()
-        lists = {"model": search(index, queries, K, exclude=exclude_ids, return_rows=True)[0]}
-        timer["search"] += time.perf_counter() - t
-        t = time.perf_counter()
-        lists["popularity"] = popularity_topk(popular, pool_pos, len(chunk), K, exclude=history)
-        if baseline:
-            b_model, b_index = baseline
-            b_queries = query_vectors(b_model, inputs, device, es.query_batch_size)
-            lists["baseline"] = search(b_index, b_queries, K, exclude=exclude_ids, return_rows=True)[0]
-        if truth is not None:
-            prev_rows = inputs["items"][:, -1]
-            prev = np.where(prev_rows < int(arrays.meta["id_rows"]), prev_rows, 0)
-            users = np.asarray(arrays.hold_users[chunk]).astype(np.int64)  # the user's id, not its feature rows
-            lists["oracle"] = oracle_topk(truth, users, prev, pool_item_ids, K, pool_ids=pool_pos, exclude=history)
-        timer["baselines"] += time.perf_counter() - t
-        target = position[np.asarray(arrays.hold_target[chunk]).astype(np.int64)]
+        target = position[np.asarray(arrays.hold_target[rows]).astype(np.int64)]
         if weighted:
-            t_pos, t_w = _weighted_targets(arrays, chunk, position, relevance)
+            t_pos, t_w = _weighted_targets(arrays, rows, position, relevance)
         for m in methods:
-            ranks[m][lo:hi] = target_ranks(lists[m], target)
+            t = time.perf_counter()
+            top = SCORING_METHODS[m].top_k(run, chunk)
+            timer[SCORING_METHODS[m].timer] += time.perf_counter() - t
+            ranks[m][lo:hi] = target_ranks(top, target)
             if weighted:
-                w_hr, w_nd = weighted_per_user(lists[m], t_pos, t_w, K)
+                w_hr, w_nd = weighted_per_user(top, t_pos, t_w, K)
                 w_user[m]["w_hr@10"][lo:hi], w_user[m]["w_ndcg@10"][lo:hi] = w_hr, w_nd
         done = time.perf_counter() - started
         logger.info(f"scored {hi:,}/{n:,} users ({hi / max(done, 1e-9):,.0f} users/s so far)")
-    seconds.update({k: round(v, 3) for k, v in timer.items()})
+    return UserScores(ranks, w_user, {k: round(v, 3) for k, v in timer.items()})
 
+
+def _headline(scores: UserScores) -> dict[str, dict[str, float]]:
+    """The report's headline figures per method (weighted ones on 10M)."""
     weighted_means = {}
-    if weighted:
-        for m in methods:
-            whr, wnd = float(w_user[m]["w_hr@10"].mean()), float(w_user[m]["w_ndcg@10"].mean())
-            weighted_means[m] = {"w_hr@10": whr, "w_ndcg@10": wnd, "w_score": float(score(whr, wnd))}
-    headline = headline_figures(ranks, K, weighted=weighted_means)
+    for m, per_user in scores.weighted.items():
+        whr, wnd = float(per_user["w_hr@10"].mean()), float(per_user["w_ndcg@10"].mean())
+        weighted_means[m] = {"w_hr@10": whr, "w_ndcg@10": wnd, "w_score": float(score(whr, wnd))}
+    return headline_figures(scores.ranks, K, weighted=weighted_means)
 
+
+def _slice_table(run: EvaluationRun, scores: UserScores) -> Any:
+    """Figures per slice: history length, target popularity, cold vs warm target, target action."""
+    arrays, position, rows = run.setup.arrays, run.setup.position, run.rows
     hold_items = np.asarray(arrays.hold_items[rows])
     target_rows = np.asarray(arrays.hold_target[rows]).astype(np.int64)
     target_popularity = np.asarray(arrays.item_counts)[target_rows].sum(axis=1)
@@ -554,49 +635,71 @@ def evaluate_track(paths: Any, settings: Any, *, code_version: str = "", logger:
         (hold_items != 0).sum(axis=1), target_popularity, target_cold,
         np.asarray(arrays.hold_target_action[rows]).astype(np.int64),
     )
-    table = slice_metrics(slices, ranks, K, per_user=w_user or None)
+    return slice_metrics(slices, scores.ranks, K, per_user=scores.weighted or None)
 
-    curves = {"model": [(p["step"], p["loss"]) for p in loss_curve(loaded.ckpt.get("losses") or [])]}
-    if baseline:
-        curves["baseline"] = [(p["step"], p["loss"]) for p in loss_curve(baseline[0].ckpt.get("losses") or [])]
-    index_meta = index.metadata
+
+def _training_curves(run: EvaluationRun) -> dict[str, list[tuple[int, float]]] | None:
+    curves = {"model": [(p["step"], p["loss"]) for p in loss_curve(run.setup.loaded.ckpt.get("losses") or [])]}
+    if run.baseline:
+        curves["baseline"] = [(p["step"], p["loss"]) for p in loss_curve(run.baseline[0].ckpt.get("losses") or [])]
+    return curves if any(curves.values()) else None
+
+
+def _closing_notes(run: EvaluationRun) -> list[str]:
+    es, notes = run.settings.evaluation, []
     if es.exclude_history:
         notes.append("History filter on: items already in a user's history are never recommended (as in the official evaluation).")
     else:
         notes.append("History filter off: items from a user's history may be recommended.")
-    if truth is None:
+    if run.truth is None:
         notes.append("No oracle: the data is not synthetic (the ceiling needs the generator's ground truth).")
     if es.max_users:
-        notes.append(f"Scored a deterministic sample of {n:,} of the {n_hold:,} holdout users (TAAC_EVALUATION__MAX_USERS).")
-    provenance = {
+        notes.append(f"Scored a deterministic sample of {len(run.rows):,} of the {run.setup.n_hold:,} holdout users "
+                     "(TAAC_EVALUATION__MAX_USERS).")
+    return notes
+
+
+def _provenance(paths: Any, run: EvaluationRun, code_version: str) -> dict[str, Any]:
+    settings, setup = run.settings, run.setup
+    return {
         "code_version": code_version,
         "track": paths.track,
         "source": settings.source,
-        "data_version": arrays.data_version,
-        "checkpoint_version": loaded.checkpoint_version,
-        "checkpoint": str(loaded.path),
-        "preset": loaded.preset,
-        "index": index.spec.describe(),
-        "exclude_history": es.exclude_history,
-        "users": n,
-        "candidates": len(creative),
+        "data_version": setup.arrays.data_version,
+        "checkpoint_version": setup.loaded.checkpoint_version,
+        "checkpoint": str(setup.loaded.path),
+        "preset": setup.loaded.preset,
+        "index": setup.index.spec.describe(),
+        "exclude_history": settings.evaluation.exclude_history,
+        "users": len(run.rows),
+        "candidates": len(setup.creative),
         "config": {
             "training": settings.training.model_dump(),
-            "retrieval": rs.model_dump(),
-            "evaluation": es.model_dump(),
+            "retrieval": settings.retrieval.model_dump(),
+            "evaluation": settings.evaluation.model_dump(),
         },
-        "figures": {"index_recall@10": index_meta.get("recall")},
+        "figures": {"index_recall@10": setup.index.metadata.get("recall")},
     }
-    seconds["total"] = round(time.perf_counter() - started, 3)
-    validation = kept_validation(loaded.ckpt)
+
+
+def evaluate_track(paths: Any, settings: Any, *, code_version: str = "", logger: Any = None) -> Evaluation:
+    """Score every holdout user (see module doc) and write the report under ``paths.reports``."""
+    logger = logger or log
+    started = time.perf_counter()
+    run = _evaluation_run(paths, settings, logger)
+    scores = _score_users(run, logger, started)
+    headline = _headline(scores)
+    notes = run.notes + _closing_notes(run)
+    provenance = _provenance(paths, run, code_version)
+    seconds = {**scores.seconds, "total": round(time.perf_counter() - started, 3)}
+    validation = kept_validation(run.setup.loaded.ckpt)
     data = ReportData(
-        track=paths.track, headline=headline, slices=table, provenance=provenance,
-        training_curve=curves if any(curves.values()) else None, notes=notes,
-        validation=validation,
+        track=paths.track, headline=headline, slices=_slice_table(run, scores), provenance=provenance,
+        training_curve=_training_curves(run), notes=notes, validation=validation,
     )
     files = write_report(paths.reports, data, name=REPORT_NAME)
     logger.info(f"report written to {files.markdown} in {seconds['total']:.1f}s")
-    return Evaluation(files, headline, oracle_share(headline), n, seconds, provenance, notes, validation)
+    return Evaluation(files, headline, oracle_share(headline), len(run.rows), seconds, provenance, notes, validation)
 
 
 # --- Submission --------------------------------------------------------------------------
