@@ -52,15 +52,17 @@ import pyarrow.compute as pc
 
 from taac_dagster.atomic import atomic_dir
 from taac_dagster.db import connect
+from taac_dagster.formats import ITEM_MODEL_FEATURES, USER_ARRAY_FEATURES, USER_SPARSE_FEATURES
 from taac_dagster.readers.embeddings import read_embedding_matrix
 from taac_dagster.tracks import get_track
 
 log = logging.getLogger(__name__)
 
 ARRAYS_VERSION = 2
-ITEM_FEATURES = ("100", "101", "102", "112", "114", "115", "116", "117", "118", "119", "120", "121", "122")
-USER_SPARSE = ("103", "104", "105", "109")
-USER_MULTI = ("106", "107", "108", "110")
+# The feature ids the arrays carry, as taac_dagster/formats.py declares them.
+ITEM_FEATURES = ITEM_MODEL_FEATURES
+USER_SPARSE = USER_SPARSE_FEATURES
+USER_MULTI = USER_ARRAY_FEATURES
 SID_TABLE = "item_semantic_ids"
 CHUNK_ROWS = 65_536  # sequences per Arrow record batch while preparing
 

@@ -14,6 +14,9 @@ from pathlib import Path
 ITEM_SPARSE_FEATURES: tuple[str, ...] = (
     "100", "101", "102", "111", "112", "114", "115", "116", "117", "118", "119", "120", "121", "122",
 )
+# The item features the encoder takes: every sparse one but the id-like 111.
+ITEM_ID_LIKE_FEATURES: tuple[str, ...] = ("111",)
+ITEM_MODEL_FEATURES: tuple[str, ...] = tuple(f for f in ITEM_SPARSE_FEATURES if f not in ITEM_ID_LIKE_FEATURES)
 USER_SPARSE_FEATURES: tuple[str, ...] = ("103", "104", "105", "109")
 USER_ARRAY_FEATURES: tuple[str, ...] = ("106", "107", "108", "110")
 USER_FEATURES: tuple[str, ...] = USER_SPARSE_FEATURES + USER_ARRAY_FEATURES
