@@ -29,6 +29,7 @@ from assets.track_lock import hold_track
 from models.train import checkpoint_version, prepare_track_arrays, train_track
 from taac_dagster.partitions import track_partitions
 from taac_dagster.resources import TaacConfig
+from taac_dagster.settings import TaacSettings, training_overrides
 
 # Bump when the same inputs and settings would train a different model or write a different
 # checkpoint layout (model code, loss, batching, optimizer, array preparation).
@@ -110,23 +111,17 @@ def encoder_checkpoint(context: AssetExecutionContext, taac: TaacConfig) -> Mate
     )
 
 
-def torchrun_command(settings: Any, track: str, python: str = sys.executable) -> list[str]:
-    """``torchrun -m models.train`` for one node of ``nproc_per_node`` ranks, with the same
-    training overrides as the in-process path (batch_size is the global batch over all ranks)."""
+def torchrun_command(settings: TaacSettings, track: str, python: str = sys.executable) -> list[str]:
+    """``torchrun -m models.train`` for one node of ``nproc_per_node`` ranks, with the training
+    overrides of the in-process path (``training_overrides``; batch_size is the global batch
+    over all ranks)."""
     training = settings.training
     command = [
         python, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={training.nproc_per_node}",
         "-m", "models.train", "--config", training.preset, "--data-root", str(settings.data_root), "--track", track,
     ]
-    if training.max_steps:
-        command += ["--max-steps", str(training.max_steps)]
-    elif training.epochs:
-        command += ["--epochs", str(training.epochs)]
-    command += ["--set", f"train.val_users={training.val_users}", "--set", f"train.device={training.device}",
-                "--set", f"train.exclude_history={settings.evaluation.exclude_history}"]
-    for key in ("batch_size", "threads", "patience"):
-        if getattr(training, key) is not None:
-            command += ["--set", f"train.{key}={getattr(training, key)}"]
+    for key, value in training_overrides(settings).items():
+        command += ["--set", f"train.{key}={value}"]
     return command
 
 

@@ -44,6 +44,8 @@ from models.data import Arrays, BatchMaker, NegativeSpec, PrepareOptions, histor
 from models.encoder import Encoder, EncoderConfig, ItemTables, count_parameters
 from models.metrics import retrieval_metrics
 from taac_dagster.atomic import atomic_file
+from taac_dagster.paths import TrackPaths
+from taac_dagster.settings import TaacSettings, training_overrides
 from taac_dagster.tracks import get_track
 
 log = logging.getLogger(__name__)
@@ -742,7 +744,7 @@ def _train(
 # --- One track, from the project's settings (what the Dagster asset calls) ----------------------
 
 
-def prepare_track_arrays(paths: Any, settings: Any, *, logger: Any = None) -> Arrays:
+def prepare_track_arrays(paths: TrackPaths, settings: TaacSettings, *, logger: Any = None) -> Arrays:
     """The track's arrays under ``<root>/<track>/checkpoints/arrays`` (built or reused)."""
     options = PrepareOptions(
         max_len=settings.max_history,
@@ -764,7 +766,7 @@ class TrackTraining:
     report_path: Path
 
 
-def train_track(paths: Any, settings: Any, *, logger: Any = None, on_log: Callable[[dict[str, Any]], None] | None = None) -> TrackTraining:
+def train_track(paths: TrackPaths, settings: TaacSettings, *, logger: Any = None, on_log: Callable[[dict[str, Any]], None] | None = None) -> TrackTraining:
     """Prepare (or reuse) the track's arrays and train (or resume) the configured preset.
 
     ``paths``: taac_dagster.paths.TrackPaths; ``settings``: TaacSettings (``settings.training``
@@ -774,13 +776,7 @@ def train_track(paths: Any, settings: Any, *, logger: Any = None, on_log: Callab
     logger = logger or log
     ts = settings.training
     arrays = prepare_track_arrays(paths, settings, logger=logger)
-    train_overrides: dict[str, Any] = {
-        "device": ts.device, "val_users": ts.val_users, "exclude_history": settings.evaluation.exclude_history,
-    }
-    for key in ("epochs", "max_steps", "batch_size", "threads", "patience"):
-        if getattr(ts, key) is not None:
-            train_overrides[key] = getattr(ts, key)
-    preset = load_preset(ts.preset, {"train": train_overrides})
+    preset = load_preset(ts.preset, {"train": training_overrides(settings)})
     checkpoint_dir = paths.checkpoints / preset.name
     result = train(arrays, preset, track=paths.track, checkpoint_dir=checkpoint_dir, on_log=on_log)
     report = {

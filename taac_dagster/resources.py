@@ -1,68 +1,113 @@
-"""The settings resource: project settings for a track, with run-level overrides on top."""
+"""The ``taac`` resource: the project settings of a track, with run-level overrides on top.
+
+Its run config is derived from the settings models (``taac_dagster.settings``), section by
+section, so a setting is declared once: every field of ``TaacSettings`` (but the two the
+definitions read when they load) is an optional field here, with the same name, nesting and
+description, unset by default. A run config overrides only what it sets::
+
+    resources:
+      taac:
+        config:
+          training: {preset: baseline, epochs: 2}
+          retrieval: {index: ivf}
+
+Everything else falls back to the environment (``TAAC_*``, ``.env``) and the track's preset
+in ``configs/tracks/``. The resource is also the assets' one way to DuckDB: ``duckdb()``
+opens a connection with the memory and thread settings of the track, as every connection of
+the plain code does (``taac_dagster.db.connect``).
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import enum
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, Optional, get_args, get_origin
 
-from dagster import ConfigurableResource
-from pydantic import Field
+import duckdb
+from dagster import Config, ConfigurableResource
+from pydantic import BaseModel, Field, SecretStr, create_model
 
+from taac_dagster.db import connect
 from taac_dagster.paths import TrackPaths
-from taac_dagster.settings import TaacSettings, load_settings
+from taac_dagster.settings import ENV_ONLY_SETTINGS, TaacSettings, load_settings
 
 
-_SECTIONS = ("synthetic", "semantic_ids", "training", "retrieval", "evaluation")
+def _config_type(annotation: Any, name: str) -> Any:
+    """The Dagster config type of a settings field's type: Literal -> an Enum of its values (the
+    Launchpad offers them), Path and SecretStr -> str, X | None -> X."""
+    if get_origin(annotation) is typing.Annotated:
+        annotation = get_args(annotation)[0]
+    if get_origin(annotation) in (typing.Union, types.UnionType):
+        [annotation] = [arg for arg in get_args(annotation) if arg is not type(None)]
+    if get_origin(annotation) is Literal:
+        values = get_args(annotation)
+        return enum.Enum(name, {value: value for value in values}, type=str, module=__name__)
+    if annotation in (Path, SecretStr):
+        return str
+    return annotation
 
 
-class TaacConfig(ConfigurableResource):
-    """Overrides of the TAAC_* settings for the runs that use this resource.
+def _camel(name: str) -> str:
+    return "".join(part.capitalize() for part in name.split("_"))
 
-    Fields left unset fall back to the environment (``TAAC_*``, ``.env``) and the track's
-    preset in ``configs/tracks/``; see ``taac_dagster.settings``.
-    """
 
-    data_root: str | None = Field(default=None, description="Root folder of all artifacts")
-    source: str | None = Field(default=None, description="synthetic | local | hub")
-    local_path: str | None = Field(default=None, description="Existing dataset copy (local source)")
-    hub_revision: str | None = Field(default=None, description="Hub revision to download")
-    embedding_families: list[int] | None = Field(
-        default=None, description="Multi-modal families to use ([] for none; unset: the setting, auto by default)"
-    )
-    synthetic_seed: int | None = Field(default=None, description="Seed of the generated dataset")
-    synthetic_num_users: int | None = None
-    synthetic_num_items: int | None = None
-    semantic_ids_source: str | None = Field(
-        default=None, description="Semantic ID vectors: auto | content | collaborative"
-    )
-    training_preset: str | None = Field(default=None, description="Model preset: default | baseline | a YAML path")
-    training_epochs: int | None = None
-    training_max_steps: int | None = None
-    training_device: str | None = Field(default=None, description="auto | cpu | cuda")
-    retrieval_index: str | None = Field(default=None, description="auto | flat | ivf | hnsw")
-    retrieval_nprobe: int | None = None
-    retrieval_recall_floor: float | None = Field(default=None, description="Blocking check floor of recall@10")
-    evaluation_exclude_history: bool | None = Field(default=None, description="Filter history items from the top-10")
-    evaluation_max_users: int | None = Field(default=None, description="Score a sample of this many holdout users")
+def run_config_model(
+    settings_model: type[BaseModel], name: str, *, base: type[Config] = Config, skip: frozenset[str] = frozenset()
+) -> type[Config]:
+    """A Dagster config class mirroring ``settings_model``: every field optional and unset by
+    default, sections nested, descriptions kept."""
+    fields: dict[str, Any] = {}
+    for field_name, info in settings_model.model_fields.items():
+        if field_name in skip:
+            continue
+        annotation = info.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            section = run_config_model(annotation, f"{_camel(field_name)}RunConfig")
+            fields[field_name] = (section, Field(default_factory=section, description=info.description))
+        else:
+            config_type = _config_type(annotation, f"{name}{_camel(field_name)}")
+            fields[field_name] = (Optional[config_type], Field(None, description=info.description))  # noqa: UP045 (a runtime type)
+    return create_model(name, __base__=base, __module__=__name__, __doc__=settings_model.__doc__, **fields)
+
+
+def set_values(config: BaseModel) -> dict[str, Any]:
+    """The fields a run config sets, nested like the settings (unset fields and empty sections left out)."""
+    values: dict[str, Any] = {}
+    for name in type(config).model_fields:
+        value = getattr(config, name)
+        if isinstance(value, BaseModel):
+            value = set_values(value)
+            if not value:
+                continue
+        elif value is None:
+            continue
+        elif isinstance(value, enum.Enum):
+            value = value.value
+        values[name] = value
+    return values
+
+
+# The run config's fields, one per setting (see the module doc).
+_TaacRunConfig = run_config_model(TaacSettings, "TaacRunConfig", base=ConfigurableResource, skip=ENV_ONLY_SETTINGS)
+
+
+class TaacConfig(_TaacRunConfig):  # type: ignore[misc,valid-type]  (fields derived from TaacSettings)
+    """Overrides of the TAAC_* settings for the runs that use this resource (fields left unset
+    fall back to the environment and the track's preset; see docs/settings.md)."""
 
     def overrides(self) -> dict[str, Any]:
-        """Set fields as nested settings: ``training_preset`` -> ``{"training": {"preset": ...}}``."""
-        top: dict[str, Any] = {
-            key: getattr(self, key)
-            for key in ("data_root", "source", "local_path", "hub_revision", "embedding_families")
-            if getattr(self, key) is not None
-        }
-        for section in _SECTIONS:
-            values = {
-                name[len(section) + 1 :]: getattr(self, name)
-                for name in type(self).model_fields
-                if name.startswith(f"{section}_") and getattr(self, name) is not None
-            }
-            if values:
-                top[section] = values
-        return top
+        """The settings this run config sets, nested as in ``TaacSettings``."""
+        return set_values(self)
 
     def settings(self, track: str) -> TaacSettings:
         return load_settings(track, self.overrides())
 
     def paths(self, track: str) -> TrackPaths:
         return TrackPaths(self.settings(track).data_root, track)
+
+    def duckdb(self, track: str, *, read_only: bool = True) -> duckdb.DuckDBPyConnection:
+        """A connection to the track's warehouse with the track's DuckDB memory and thread settings."""
+        settings = self.settings(track)
+        return connect(TrackPaths(settings.data_root, track).warehouse, settings, read_only=read_only)

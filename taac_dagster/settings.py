@@ -1,15 +1,18 @@
 """Project settings: defaults < per-track preset (configs/tracks/<track>.yaml) < environment
 (``TAAC_*``, optionally from ``.env``) < explicit overrides (Dagster resource / run config).
+
+The models below are the one declaration of every setting: the ``taac`` resource's run config
+(``taac_dagster.resources``) and the settings tables in ``docs/settings.md``
+(``taac_dagster.settings_docs``) are derived from them, so every field carries a ``description``.
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-import re
-
 from pydantic import BaseModel, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
@@ -19,112 +22,135 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 # What DuckDB's memory_limit accepts: a number and a unit (1000- or 1024-based), or a percentage.
 _MEMORY_SIZE = re.compile(r"\s*\d+(\.\d+)?\s*((K|M|G|T)i?B|B|%)\s*", re.IGNORECASE)
 CONFIG_DIR = PROJECT_ROOT / "configs"
+# Read when the definitions load (the schedule), not per run: no run-config field.
+ENV_ONLY_SETTINGS = frozenset({"retrain_cron", "retrain_schedule_enabled"})
 
 
 class SyntheticSettings(BaseModel):
     """Scale and shape of the generated dataset (the embedded default source)."""
 
-    num_users: int = Field(2_000, ge=10)
-    num_items: int = Field(5_000, ge=50)
-    num_topics: int = Field(16, ge=2)
-    mean_history: float = Field(60.0, gt=1, le=100)
-    seed: int = 0
-    # Dimension cap for generated embeddings: real families are up to 4096-d; tests and the
-    # embedded default keep them small. None writes the real dims.
-    max_embedding_dim: int | None = Field(32, ge=4)
-    click_rate: float = Field(0.10, gt=0, lt=1)
-    conversion_rate: float = Field(0.45, ge=0, lt=1)  # share of clicks that convert (10M)
-    candidate_pool_size: int | None = Field(None, ge=10)
-    cold_items: int = Field(100, ge=0)
-    format: Literal["hub_parquet", "competition_jsonl"] = "hub_parquet"
+    num_users: int = Field(2_000, ge=10, description="Users generated.")
+    num_items: int = Field(5_000, ge=50, description="Items (ads) generated.")
+    num_topics: int = Field(16, ge=2, description="Latent topics planted in users' interests and items.")
+    mean_history: float = Field(60.0, gt=1, le=100, description="Mean history length of a user (events).")
+    seed: int = Field(0, description="Seed of the generator: the same seed and scale write the same dataset.")
+    max_embedding_dim: int | None = Field(
+        32, ge=4, description="Dimension cap of the generated embeddings (real families are up to 4096-d); "
+        "unset: the real dimensions."
+    )
+    click_rate: float = Field(0.10, gt=0, lt=1, description="Share of events that are clicks.")
+    conversion_rate: float = Field(0.45, ge=0, lt=1, description="Share of clicks that convert (10M track only).")
+    candidate_pool_size: int | None = Field(
+        None, ge=10, description="Items in the candidate pool; unset: chosen from the catalogue size."
+    )
+    cold_items: int = Field(100, ge=0, description="Candidates that never occur in a sequence (cold start).")
+    format: Literal["hub_parquet", "competition_jsonl"] = Field(
+        "hub_parquet", description="On-disk format written: the Hub release's parquet or the competition's JSON lines."
+    )
 
 
 class SemanticIdSettings(BaseModel):
-    """RQ-KMeans Semantic IDs (models/semantic_ids.py); None picks the documented default."""
+    """RQ-KMeans Semantic IDs (models/semantic_ids.py); unset fields pick the documented default."""
 
-    # What the codes quantize. "content": a multi-modal family (too little coverage is an
-    # error); "collaborative": item vectors learned from the training sequences; "auto":
-    # content when the family covers at least min_items items, else collaborative.
-    source: Literal["auto", "content", "collaborative"] = "auto"
-    # None: the first of embedding_families when they are listed, else the lowest family in
-    # the warehouse.
-    family: int | None = None
-    levels: int = Field(3, ge=1, le=8)
-    # K per level. None: min(256, max(8, round(sqrt(items with an embedding)))).
-    codebook_size: int | None = Field(None, ge=2)
-    whiten: Literal["none", "pca"] = "none"
-    whiten_dim: int | None = Field(None, ge=2)  # PCA output dim; None: min(dim, 256)
-    normalize: bool = True
-    niter: int = Field(20, ge=1)
-    seed: int = 0
-    max_train_points: int = Field(100_000, ge=100)
-    # Fewer items with the family's embedding: collaborative codes (source auto) or an error
-    # (source content). None: max(K, 2% of the items).
-    min_items: int | None = Field(None, ge=1)
-    # Collaborative item vectors (source collaborative, or auto on low coverage): a truncated
-    # SVD of the PPMI of item co-occurrence within `collaborative_window` positions, over the
-    # `collaborative_max_items` most frequent items (rarer items: the mean of their neighbours).
-    collaborative_dim: int = Field(32, ge=2, le=256)
-    collaborative_window: int = Field(3, ge=1, le=20)
-    collaborative_max_items: int = Field(100_000, ge=2)
+    source: Literal["auto", "content", "collaborative"] = Field(
+        "auto", description="What the codes quantize: `content` (a multi-modal family; too little coverage is an "
+        "error), `collaborative` (item vectors learned from the training sequences) or `auto` (content when the "
+        "family covers at least `min_items` items, else collaborative)."
+    )
+    family: int | None = Field(
+        None, description="Content family; unset: the first of `embedding_families` when listed, else the "
+        "lowest family in the warehouse."
+    )
+    levels: int = Field(3, ge=1, le=8, description="Residual quantization levels.")
+    codebook_size: int | None = Field(
+        None, ge=2, description="Codes per level (K); unset: min(256, max(8, round(sqrt(items with a vector))))."
+    )
+    whiten: Literal["none", "pca"] = Field("none", description="Whitening of the vectors before k-means.")
+    whiten_dim: int | None = Field(None, ge=2, description="PCA output dimension; unset: min(dim, 256).")
+    normalize: bool = Field(True, description="L2-normalize the vectors before quantizing.")
+    niter: int = Field(20, ge=1, description="k-means iterations per level.")
+    seed: int = Field(0, description="Seed of the training subsample, k-means and the SVD.")
+    max_train_points: int = Field(
+        100_000, ge=100, description="Deterministic subsample for PCA and k-means (every item is encoded)."
+    )
+    min_items: int | None = Field(
+        None, ge=1, description="Items the content family must cover for content codes; unset: max(K, 2% of the items)."
+    )
+    collaborative_dim: int = Field(32, ge=2, le=256, description="Dimension of the collaborative vectors (truncated SVD of the PPMI).")
+    collaborative_window: int = Field(3, ge=1, le=20, description="Co-occurrence window, in positions.")
+    collaborative_max_items: int = Field(
+        100_000, ge=2, description="Vocabulary of the co-occurrence matrix (most frequent items; rarer ones are folded in)."
+    )
 
 
 class TrainingSettings(BaseModel):
     """Encoder training (models/train.py): a preset from configs/models/ and a few overrides."""
 
-    preset: str = "default"  # configs/models/<preset>.yaml (baseline | default)
-    epochs: int | None = Field(None, ge=1)  # None: the preset's
-    max_steps: int | None = Field(None, ge=1)  # overrides epochs
-    # Validations without a better validation score before training stops (None: the preset's;
-    # 0: never early). The best validated weights are kept either way.
-    patience: int | None = Field(None, ge=0)
-    batch_size: int | None = Field(None, ge=1)
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    threads: int | None = Field(None, ge=1)  # torch CPU threads (None: the cores not busy, >= 1)
-    # Users validated during training on the target before their test target (their training
-    # sequences end before it); early stopping and the kept checkpoint follow this score.
-    val_users: int = Field(4096, ge=0)
-    # "in_process": train inside the asset's step. "torchrun": launch `torchrun -m models.train`
-    # through Dagster Pipes (DDP over nproc_per_node processes; rank 0 reports back).
-    launcher: Literal["in_process", "torchrun"] = "in_process"
-    nproc_per_node: int = Field(1, ge=1)
+    preset: str = Field("default", description="Model preset: `default`, `baseline` (the official baseline) "
+                        "or a YAML path (`configs/models/<preset>.yaml`).")
+    epochs: int | None = Field(None, ge=1, description="Most epochs; unset: the preset's (`default`: from the data, "
+                               "ended by early stopping).")
+    max_steps: int | None = Field(None, ge=1, description="Most optimizer steps; overrides `epochs`.")
+    patience: int | None = Field(
+        None, ge=0, description="Validations without a better score before training stops (0: never early); unset: "
+        "the preset's. The best validated weights are kept either way."
+    )
+    batch_size: int | None = Field(None, ge=1, description="Global batch (sequences per step, over all ranks); "
+                                   "unset: the preset's.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where to train (`auto`: CUDA when present).")
+    threads: int | None = Field(None, ge=1, description="Torch CPU threads; unset: the cores the load average leaves "
+                                "free (at least one).")
+    val_users: int = Field(
+        4096, ge=0, description="Users validated during training on the target before their test target (their "
+        "training sequences end before it); early stopping follows this score."
+    )
+    launcher: Literal["in_process", "torchrun"] = Field(
+        "in_process", description="`in_process`: train inside the asset's step; `torchrun`: launch `torchrun -m "
+        "models.train` through Dagster Pipes (DDP, rank 0 reports back)."
+    )
+    nproc_per_node: int = Field(1, ge=1, description="Processes (GPUs) per node with the torchrun launcher.")
 
 
 class RetrievalSettings(BaseModel):
     """The Faiss index over the candidate pool (models/retrieval.py, models/evaluation.py)."""
 
-    # auto: exact (flat) up to 20K items, IVF above (models.retrieval.default_index_spec).
-    index: Literal["auto", "flat", "ivf", "hnsw"] = "auto"
-    nlist: int | None = Field(None, ge=1)  # IVF lists; None: ~2.5 sqrt(pool), a power of two
-    nprobe: int | None = Field(None, ge=1)  # IVF starting nprobe; None: 2% of the lists (>= 16)
-    hnsw_m: int = Field(32, ge=2)
-    hnsw_ef_construction: int = Field(200, ge=1)
-    hnsw_ef_search: int = Field(128, ge=1)
-    # recall@10 of the index against exact search on a sample of real user queries (holdout
-    # histories): tuned up to recall_target by raising nprobe / efSearch, and a blocking
-    # check fails below recall_floor.
-    recall_sample: int = Field(2000, ge=10)
-    recall_target: float = Field(0.99, gt=0, le=1)
-    recall_floor: float = Field(0.95, ge=0, le=1)
-    tune: bool = True
-    threads: int | None = Field(None, ge=1)  # Faiss threads (None: every core)
-    seed: int = 0
+    index: Literal["auto", "flat", "ivf", "hnsw"] = Field(
+        "auto", description="Index type; `auto`: exact (flat) up to 20K items, IVF above."
+    )
+    nlist: int | None = Field(None, ge=1, description="IVF lists; unset: ~2.5 sqrt(pool), a power of two.")
+    nprobe: int | None = Field(None, ge=1, description="IVF lists searched (where tuning starts); unset: tuned from "
+                               "1/256 of the lists (2% without tuning).")
+    hnsw_m: int = Field(32, ge=2, description="HNSW links per node.")
+    hnsw_ef_construction: int = Field(200, ge=1, description="HNSW efConstruction.")
+    hnsw_ef_search: int = Field(128, ge=1, description="HNSW efSearch (where tuning starts).")
+    recall_sample: int = Field(2000, ge=10, description="Holdout queries on which recall@10 against exact search "
+                               "is measured.")
+    recall_target: float = Field(0.99, gt=0, le=1, description="recall@10 that tuning raises nprobe / efSearch to.")
+    recall_floor: float = Field(0.95, ge=0, le=1, description="The blocking check fails below this recall@10; "
+                                "such an index is not published.")
+    tune: bool = Field(True, description="Tune nprobe / efSearch up to `recall_target` on the sample.")
+    threads: int | None = Field(None, ge=1, description="Faiss threads; unset: every core.")
+    seed: int = Field(0, description="Seed of the IVF training and of the recall sample.")
 
 
 class EvaluationSettings(BaseModel):
     """The evaluation report and the submission (models/evaluation.py)."""
 
-    # Drop items already in the user's history from its top-10 (recorded in the report).
-    exclude_history: bool = True
-    query_batch_size: int = Field(4096, ge=1)  # holdout histories encoded per forward pass
-    # Also score the official-baseline preset when its checkpoint exists (a model trained with
-    # TAAC_TRAINING__PRESET=baseline; it lives in checkpoints/baseline/).
-    baseline_preset: str | None = "baseline"
-    # Score at most this many holdout users (None: every user; the report says how many).
-    max_users: int | None = Field(None, ge=1)
+    exclude_history: bool = Field(True, description="Drop items already in the user's history from its top-10 "
+                                  "(as the official evaluation does; stated in the report).")
+    query_batch_size: int = Field(4096, ge=1, description="Holdout histories encoded per forward pass.")
+    baseline_preset: str | None = Field(
+        "baseline", description="Also score this preset when its checkpoint exists (`checkpoints/<preset>/`); "
+        "empty to skip."
+    )
+    max_users: int | None = Field(None, ge=1, description="Score a deterministic sample of this many holdout "
+                                  "users; unset: every user.")
 
 
 class TaacSettings(BaseSettings):
+    """Every setting of the project; environment variables ``TAAC_<FIELD>`` and
+    ``TAAC_<SECTION>__<FIELD>`` set them."""
+
     model_config = SettingsConfigDict(
         env_prefix="TAAC_",
         env_file=".env",
@@ -132,37 +158,42 @@ class TaacSettings(BaseSettings):
         extra="ignore",
     )
 
-    data_root: Path = Path("data")
-    source: Literal["synthetic", "local", "hub"] = "synthetic"
-    local_path: Path | None = None
-    hub_repo_id: str | None = None
-    # A commit sha pins the download; a branch name is resolved and the sha recorded.
-    hub_revision: str = "main"
-    # Never printed: repr, logs and model_dump() show '**********'.
-    hub_token: SecretStr | None = None
-    # Multi-modal families to read. None (the default; "auto" or "" in the environment): every
-    # family the dataset holds, possibly none. A list reads exactly those ("81", "81,82",
-    # "81 82" or "[81, 82]"; "none" for no family), and one the dataset lacks is an error. The
-    # synthetic source writes, and the Hub source downloads, family 81 alone unless families
-    # are listed (the Hub's six families are 137 GB).
-    embedding_families: Annotated[list[int] | None, NoDecode] = None
-    synthetic: SyntheticSettings = Field(default_factory=SyntheticSettings)
-    semantic_ids: SemanticIdSettings = Field(default_factory=SemanticIdSettings)
-    training: TrainingSettings = Field(default_factory=TrainingSettings)
-    retrieval: RetrievalSettings = Field(default_factory=RetrievalSettings)
-    evaluation: EvaluationSettings = Field(default_factory=EvaluationSettings)
-    max_history: int = Field(100, ge=1, le=100)
-    # Quality checks validate every row of small tables and a deterministic user sample of
-    # large ones (users whose id falls in the sample are validated with all their rows).
-    check_sample_users: int = Field(20_000, ge=100)
-    # Retraining schedule (UTC cron; default Monday 03:00) and whether it starts switched on.
-    retrain_cron: str = "0 3 * * 1"
-    retrain_schedule_enabled: bool = False
-    duckdb_memory_limit: str = "8GB"  # per connection: a size such as 8GB, 512MiB, or a share of RAM, 50%
-    duckdb_threads: int | None = Field(None, ge=1)
-    # How long a step waits for its track's lock (<root>/<track>/.lock) while another run writes
-    # that track, before it stops with an error naming the holder; 0 refuses at once.
-    track_lock_timeout: float = Field(3600.0, ge=0)
+    data_root: Path = Field(Path("data"), description="Root folder of every artifact (one folder per track below it).")
+    source: Literal["synthetic", "local", "hub"] = Field(
+        "synthetic", description="Where the raw dataset comes from: generated, an existing copy, or the Hugging Face Hub."
+    )
+    local_path: Path | None = Field(None, description="The existing copy read by the `local` source (either format).")
+    hub_repo_id: str | None = Field(None, description="Hub dataset repository; the track preset sets "
+                                    "TAAC2025/TencentGR-1M or -10M.")
+    hub_revision: str = Field("main", description="Hub revision: a commit sha pins the download; a branch is "
+                              "resolved and its sha recorded.")
+    hub_token: SecretStr | None = Field(None, description="Hub token, for gated or private copies; never printed "
+                                        "(in run config: `{env: HF_TOKEN}`).")
+    embedding_families: Annotated[list[int] | None, NoDecode] = Field(
+        None, description="Multi-modal families to read; unset (`auto`): every family the dataset holds, possibly "
+        "none. A list (`81`, `81,82`) reads exactly those, `none` no family. The synthetic and Hub sources fetch "
+        "family 81 alone on auto."
+    )
+    synthetic: SyntheticSettings = Field(default_factory=SyntheticSettings, description="The generated dataset.")
+    semantic_ids: SemanticIdSettings = Field(default_factory=SemanticIdSettings, description="Semantic IDs.")
+    training: TrainingSettings = Field(default_factory=TrainingSettings, description="Encoder training.")
+    retrieval: RetrievalSettings = Field(default_factory=RetrievalSettings, description="The Faiss index.")
+    evaluation: EvaluationSettings = Field(default_factory=EvaluationSettings, description="Report and submission.")
+    max_history: int = Field(100, ge=1, le=100, description="Events kept per user history (the latest ones).")
+    check_sample_users: int = Field(
+        20_000, ge=100, description="Users whose every row the quality checks validate on large tables (a "
+        "deterministic sample; small tables are validated whole)."
+    )
+    retrain_cron: str = Field("0 3 * * 1", description="Cron (UTC) of the retraining schedule (default Monday 03:00).")
+    retrain_schedule_enabled: bool = Field(False, description="Whether the retraining schedule starts switched on.")
+    duckdb_memory_limit: str = Field(
+        "8GB", description="Memory limit of every DuckDB connection: a size (`8GB`, `512MiB`) or a share of RAM (`50%`)."
+    )
+    duckdb_threads: int | None = Field(None, ge=1, description="Threads of every DuckDB connection; unset: every core.")
+    track_lock_timeout: float = Field(
+        3600.0, ge=0, description="Seconds a step waits for its track's lock while another run writes that track, "
+        "before it stops naming the holder; 0 refuses at once."
+    )
 
     @field_validator("duckdb_memory_limit")
     @classmethod
@@ -214,3 +245,20 @@ def load_settings(track: str, overrides: dict[str, Any] | None = None) -> TaacSe
     from_env = TaacSettings().model_dump(exclude_unset=True)
     merged = _deep_merge(_deep_merge(track_preset(track), from_env), overrides or {})
     return TaacSettings.model_validate(merged)
+
+
+def training_overrides(settings: TaacSettings) -> dict[str, Any]:
+    """The model preset's ``train:`` values the settings override (``models.train.TrainConfig``
+    fields): the one list both the in-process path (``models.train.train_track``) and the
+    torchrun command (``assets.training.torchrun_command``) pass on."""
+    training = settings.training
+    overrides: dict[str, Any] = {
+        "device": training.device,
+        "val_users": training.val_users,
+        # Validation ranks the way the report does.
+        "exclude_history": settings.evaluation.exclude_history,
+    }
+    for key in ("epochs", "max_steps", "batch_size", "threads", "patience"):  # unset: the preset's
+        if getattr(training, key) is not None:
+            overrides[key] = getattr(training, key)
+    return overrides

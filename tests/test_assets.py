@@ -22,7 +22,7 @@ def instance(tmp_path):
 
 
 def small_config(tmp_path, **extra):
-    return TaacConfig(data_root=str(tmp_path / "data"), synthetic_num_users=300, synthetic_num_items=900, **extra)
+    return TaacConfig(data_root=str(tmp_path / "data"), synthetic={"num_users": 300, "num_items": 900}, **extra)
 
 
 def test_chain_materializes_both_partitions(tmp_path, instance):

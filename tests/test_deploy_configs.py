@@ -260,7 +260,8 @@ def test_run_config_example_validates_and_overrides_the_settings(taac_defs):
     assert (settings.synthetic.num_users, settings.synthetic.num_items, settings.synthetic.seed) == (500, 1500, 7)
     assert (settings.training.preset, settings.training.epochs, settings.retrieval.index) == ("default", 2, "flat")
 
-    for wrong in ({"synthetic_users": 500}, {"synthetic_num_users": "many"}):
+    for wrong in ({"synthetic_users": 500}, {"synthetic": {"num_users": "many"}}, {"training": {"device": "tpu"}},
+                  {"synthetic_num_users": 500}):  # the flat names of earlier versions are refused too
         with pytest.raises(DagsterInvalidConfigError):
             validate_run_config(job, {"resources": {"taac": {"config": wrong}}})
 

@@ -39,7 +39,7 @@ from taac_dagster.settings import load_settings
 pytestmark = pytest.mark.slow
 
 CHAIN = [raw_dataset, warehouse_tables, semantic_id_codebooks, encoder_checkpoint, faiss_index, evaluation_report, submission]
-SCALE = {"synthetic_num_users": 600, "synthetic_num_items": 1500}
+SCALE = {"num_users": 600, "num_items": 1500}
 ENV = {"TAAC_TRAINING__THREADS": "1", "TAAC_TRAINING__VAL_USERS": "100", "TAAC_TRAINING__PATIENCE": "0"}
 
 
@@ -52,7 +52,7 @@ def chain(tmp_path_factory):
             mp.delenv(key)
         for key, value in ENV.items():
             mp.setenv(key, value)
-        config = TaacConfig(data_root=str(root / "data"), training_max_steps=60, **SCALE)
+        config = TaacConfig(data_root=str(root / "data"), training={"max_steps": 60}, synthetic=SCALE)
         instance = DagsterInstance.ephemeral(tempdir=str(root / "home"))
         results = {
             track: materialize(CHAIN, partition_key=track, resources={"taac": config}, instance=instance)
@@ -68,9 +68,12 @@ def _env(mp: pytest.MonkeyPatch) -> None:
 
 
 def _with(config: TaacConfig, **update) -> TaacConfig:
-    """A copy of a resource with some fields changed (resources are immutable)."""
-    fields = {name: getattr(config, name) for name in TaacConfig.model_fields if getattr(config, name) is not None}
-    return TaacConfig(**{**fields, **update})
+    """A copy of a resource with some fields changed (resources are immutable); a section's
+    fields are merged into the section."""
+    fields = config.overrides()
+    for key, value in update.items():
+        fields[key] = {**fields.get(key, {}), **value} if isinstance(value, dict) else value
+    return TaacConfig(**fields)
 
 
 def _metadata(result, name: str) -> dict:
@@ -178,7 +181,7 @@ def test_fill_lists_completes_short_lists_without_repeats():
 def test_a_second_run_reports_what_moved_and_what_changed(chain):
     with pytest.MonkeyPatch.context() as mp:
         _env(mp)
-        config = _with(chain["config"], evaluation_exclude_history=False)
+        config = _with(chain["config"], evaluation={"exclude_history": False})
         result = materialize([evaluation_report], partition_key="1M", resources={"taac": config}, instance=chain["instance"])
     assert result.success
     paths = TrackPaths(chain["root"] / "data", "1M")
@@ -194,7 +197,7 @@ def test_baseline_preset_joins_the_report_and_a_foreign_index_is_refused(chain):
     paths = TrackPaths(chain["root"] / "data", "1M")
     with pytest.MonkeyPatch.context() as mp:
         _env(mp)
-        baseline = _with(chain["config"], training_preset="baseline", training_max_steps=20)
+        baseline = _with(chain["config"], training={"preset": "baseline", "max_steps": 20})
         trained = materialize([encoder_checkpoint, faiss_index], partition_key="1M",
                               resources={"taac": baseline}, instance=chain["instance"])
         assert trained.success and (paths.indexes / "baseline" / "index.faiss").is_file()
@@ -231,7 +234,7 @@ def test_low_recall_fails_the_blocking_check_and_holds_back_the_report(chain):
         _env(mp)
         mp.setenv("TAAC_RETRIEVAL__TUNE", "false")
         mp.setenv("TAAC_RETRIEVAL__NLIST", "16")
-        weak = _with(chain["config"], retrieval_index="ivf", retrieval_nprobe=1, retrieval_recall_floor=0.99)
+        weak = _with(chain["config"], retrieval={"index": "ivf", "nprobe": 1, "recall_floor": 0.99})
         result = materialize([faiss_index, evaluation_report], partition_key="1M", resources={"taac": weak},
                              instance=chain["instance"], raise_on_error=False)
         check = {e.check_name: e for e in result.get_asset_check_evaluations()}[RECALL_CHECK]
@@ -254,7 +257,7 @@ def test_checkpoint_from_other_data_and_an_empty_pool_are_refused(chain, tmp_pat
     """A checkpoint trained on another dataset (other vocabularies) and a warehouse whose
     candidate pool is empty: clear errors, and no index written."""
     source = TrackPaths(chain["root"] / "data", "1M")
-    other_config = TaacConfig(data_root=str(tmp_path / "data"), synthetic_num_users=300, synthetic_num_items=700)
+    other_config = TaacConfig(data_root=str(tmp_path / "data"), synthetic={"num_users": 300, "num_items": 700})
     with pytest.MonkeyPatch.context() as mp:
         _env(mp)
         with DagsterInstance.ephemeral(tempdir=str(tmp_path / "home")) as instance:

@@ -41,14 +41,14 @@ def _data_assets():
 def test_new_raw_data_requests_exactly_that_track_downstream(tmp_path):
     assets = _data_assets()
     with DagsterInstance.ephemeral(tempdir=str(tmp_path / "home")) as instance:
-        config = TaacConfig(data_root=str(tmp_path / "data"), synthetic_num_users=200, synthetic_num_items=600)
+        config = TaacConfig(data_root=str(tmp_path / "data"), synthetic={"num_users": 200, "num_items": 600})
         for track in ("1M", "10M"):
             assert materialize(assets, partition_key=track, resources={"taac": config}, instance=instance).success
         automated = Definitions(assets=assets, resources={"taac": config})
         first = evaluate_automation_conditions(defs=automated, instance=instance)
         settled = evaluate_automation_conditions(defs=automated, instance=instance, cursor=first.cursor)
         assert settled.total_requested == 0
-        new_seed = TaacConfig(data_root=str(tmp_path / "data"), synthetic_num_users=200, synthetic_num_items=600, synthetic_seed=99)
+        new_seed = TaacConfig(data_root=str(tmp_path / "data"), synthetic={"num_users": 200, "num_items": 600, "seed": 99})
         raw = [a for a in assets if a.node_def.name == "raw_dataset"]
         assert materialize(raw, partition_key="1M", resources={"taac": new_seed}, instance=instance).success
         after = evaluate_automation_conditions(defs=automated, instance=instance, cursor=settled.cursor)
@@ -73,7 +73,7 @@ def test_failed_blocking_check_holds_back_the_next_stage(tmp_path, demo_hub_copy
 
     hub_duplicate_row(9)(demo_hub_copy)
     source = {"source": "local", "local_path": str(demo_hub_copy)} if broken else {}
-    config = TaacConfig(data_root=str(tmp_path / "data"), synthetic_num_users=200, synthetic_num_items=600, **source)
+    config = TaacConfig(data_root=str(tmp_path / "data"), synthetic={"num_users": 200, "num_items": 600}, **source)
     assets = _data_assets()
     automated = Definitions(assets=[*assets, next_stage], resources={"taac": config})
     with DagsterInstance.ephemeral(tempdir=str(tmp_path / "home")) as instance:
@@ -119,14 +119,14 @@ def test_new_raw_data_marks_exactly_that_track_stale(tmp_path, monkeypatch):
                 if resolver.get_status(key, track).value == "STALE"
             }
 
-        config = TaacConfig(data_root=str(tmp_path / "data"), synthetic_num_users=200, synthetic_num_items=600)
+        config = TaacConfig(data_root=str(tmp_path / "data"), synthetic={"num_users": 200, "num_items": 600})
         for track in ("1M", "10M"):
             assert materialize(chain, partition_key=track, resources={"taac": config}, instance=instance).success
         assert stale() == set()
         # The same seed gives the same content: nothing becomes stale.
         assert materialize([raw_dataset], partition_key="1M", resources={"taac": config}, instance=instance).success
         assert stale() == set()
-        reseeded = TaacConfig(data_root=str(tmp_path / "data"), synthetic_num_users=200, synthetic_num_items=600, synthetic_seed=99)
+        reseeded = TaacConfig(data_root=str(tmp_path / "data"), synthetic={"num_users": 200, "num_items": 600, "seed": 99})
         assert materialize([raw_dataset], partition_key="1M", resources={"taac": reseeded}, instance=instance).success
 
         def children(names: set[str]) -> set[str]:

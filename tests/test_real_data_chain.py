@@ -46,7 +46,7 @@ def chains(tmp_path_factory):
         with DagsterInstance.ephemeral(tempdir=str(root / "home")) as instance:
             for name, dataset in (("demo", DEMO_FIXTURE), ("no_embeddings", without)):
                 config = TaacConfig(
-                    data_root=str(root / name), source="local", local_path=str(dataset), training_max_steps=20
+                    data_root=str(root / name), source="local", local_path=str(dataset), training={"max_steps": 20}
                 )
                 result = materialize(CHAIN, partition_key="1M", resources={"taac": config}, instance=instance)
                 runs[name] = (result, TrackPaths(root / name, "1M"))

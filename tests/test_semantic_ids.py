@@ -282,7 +282,7 @@ def test_family_reader_matches_the_file(tiny_warehouse, monkeypatch):
 # --- The asset ------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_asset_writes_unique_ids_for_every_item_and_candidate(tmp_path):
-    config = TaacConfig(data_root=str(tmp_path / "data"), synthetic_num_users=300, synthetic_num_items=900)
+    config = TaacConfig(data_root=str(tmp_path / "data"), synthetic={"num_users": 300, "num_items": 900})
     with DagsterInstance.ephemeral(tempdir=str(tmp_path / "dagster_home")) as instance:
         result = materialize(
             [raw_dataset, warehouse_tables, semantic_id_codebooks],

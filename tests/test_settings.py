@@ -54,6 +54,6 @@ def test_semantic_id_source_from_the_environment_and_the_run_config(monkeypatch)
     assert load_settings("1M").semantic_ids.source == "auto"
     monkeypatch.setenv("TAAC_SEMANTIC_IDS__SOURCE", "content")
     assert load_settings("1M").semantic_ids.source == "content"
-    assert TaacConfig(semantic_ids_source="collaborative").settings("1M").semantic_ids.source == "collaborative"
+    assert TaacConfig(semantic_ids={"source": "collaborative"}).settings("1M").semantic_ids.source == "collaborative"
     with pytest.raises(ValueError, match="collaborative"):
-        TaacConfig(semantic_ids_source="text").settings("1M")
+        TaacConfig(semantic_ids={"source": "text"}).settings("1M")

@@ -307,7 +307,7 @@ def test_encoder_checkpoint_asset(tmp_path, monkeypatch):
     except ImportError:
         pass
     monkeypatch.setenv("TAAC_TRAINING__THREADS", "1")
-    config = TaacConfig(data_root=str(tmp_path / "data"), synthetic_num_users=300, synthetic_num_items=900)
+    config = TaacConfig(data_root=str(tmp_path / "data"), synthetic={"num_users": 300, "num_items": 900})
     with DagsterInstance.ephemeral(tempdir=str(tmp_path / "home")) as instance:
         result = materialize([*chain, encoder_checkpoint], partition_key="1M", resources={"taac": config}, instance=instance)
         assert result.success
@@ -343,7 +343,7 @@ def test_encoder_checkpoint_through_torchrun_and_pipes(tmp_path, monkeypatch):
     monkeypatch.setenv("TAAC_TRAINING__NPROC_PER_NODE", "2")
     monkeypatch.setenv("TAAC_TRAINING__MAX_STEPS", "4")
     monkeypatch.setenv("TAAC_TRAINING__THREADS", "1")
-    config = TaacConfig(data_root=str(tmp_path / "data"), synthetic_num_users=300, synthetic_num_items=900)
+    config = TaacConfig(data_root=str(tmp_path / "data"), synthetic={"num_users": 300, "num_items": 900})
     chain = [raw_dataset, warehouse_tables, semantic_id_codebooks, encoder_checkpoint]
     with DagsterInstance.ephemeral(tempdir=str(tmp_path / "home")) as instance:
         result = materialize(chain, partition_key="1M", resources={"taac": config}, instance=instance)
