@@ -1,4 +1,4 @@
-"""Training throughput and peak memory on the DESIGN.md section 6 data shape.
+"""Training throughput and peak memory on a TencentGR-1M-shaped dataset.
 
 A synthetic TencentGR-1M-shaped dataset (100K users, 200K items, ~9.1M events, Hub parquet)
 is generated and loaded into a DuckDB warehouse once, the training arrays are prepared once,
@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 
 REAL_1M_ITEMS = 4_783_155
-CPU_FP32_PEAK = 166e9  # the 2 cores' FP32 peak quoted in DESIGN.md section 6
+CPU_FP32_PEAK = 166e9  # this machine's 2 cores' FP32 peak (docs/benchmarks_history.md)
 
 
 def _peak_rss_mb() -> float:

@@ -1,4 +1,4 @@
-"""Facts about the two on-disk formats of the TencentGR data (see DESIGN.md section 2).
+"""Facts about the two on-disk formats of the TencentGR data (docs/domain.md describes them).
 
 Both formats carry the same ids: users, items and feature values are re-indexed from 1
 (0 = padding) everywhere except in candidates and multi-modal embeddings, which use raw

@@ -5,7 +5,7 @@ HF_HUB_OFFLINE or a closed local port; the download tests run the real snapshot_
 against a small in-process HTTP server that answers the four Hub routes it calls (repo info,
 tree listing, HEAD/GET resolve). That server follows the public Hub protocol as
 huggingface_hub reads it, but it is not huggingface.co: nothing here proves the real repo's
-file names, only that our code does the right thing with a Hub that has DESIGN.md's layout.
+file names, only that our code does the right thing with a Hub that has the release's layout (docs/domain.md, format A).
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from taac_dagster.sources.hub import (
 
 REPO = "TAAC2025/TencentGR-1M"
 
-# A realistic slice of the release's file list (DESIGN.md section 2).
+# A realistic slice of the release's file list (docs/domain.md, format A).
 RELEASE_PATHS = [
     "README.md",
     "indexer.pkl",

@@ -1,4 +1,4 @@
-"""Fetch the TencentGR release from the Hugging Face Hub (DESIGN.md section 2, layout A).
+"""Fetch the TencentGR release from the Hugging Face Hub (the Parquet release, format A of docs/domain.md).
 
 Only the files the run needs are fetched: the ~2 GB core (sequences, features, candidates,
 indexer) plus the embedding families asked for, not the 137 GB of all six families. With the
@@ -588,7 +588,7 @@ def download_hub_dataset(
     if remote_problems:
         raise SourceUnavailableError(
             f"Hub dataset {repo_id!r} at revision {revision!r} (commit {commit_sha}) does not have the "
-            f"expected release layout (DESIGN.md section 2): {'; '.join(remote_problems)}. "
+            f"expected release layout (format A of docs/domain.md): {'; '.join(remote_problems)}. "
             "Check TAAC_HUB_REPO_ID / TAAC_HUB_REVISION and TAAC_EMBEDDING_FAMILIES."
         )
 

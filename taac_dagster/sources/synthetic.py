@@ -1,7 +1,7 @@
 """Synthetic TencentGR-shaped dataset with planted structure and a known ground truth.
 
-``generate_dataset`` writes a dataset in one of the two real on-disk formats (DESIGN.md
-section 2), so the readers cannot tell it from downloaded data, plus a ``ground_truth/``
+``generate_dataset`` writes a dataset in one of the two real on-disk formats (docs/domain.md),
+so the readers cannot tell it from downloaded data, plus a ``ground_truth/``
 folder that the real data does not have. ``load_ground_truth`` reads that folder back and
 answers "what is the true probability of each item being next?", which gives the report its
 ceiling (the oracle) next to the popularity floor.
