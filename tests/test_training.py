@@ -372,7 +372,7 @@ def test_model_settings_adapt_to_the_catalogue():
     assert resolved["loss"] == "infonce" and resolved["id_buckets"] == 500
     # Dropout follows the amount of training data.
     dropouts = [resolve_model_settings({"dropout": "auto"}, tc, {**small, "num_events": n})["dropout"] for n in (10**5, 10**7, 10**9)]
-    assert dropouts == [0.5, 0.3, 0.1]
+    assert dropouts == [0.3, 0.2, 0.1]
     # Ids get a spread only when they are all an item has; explicit values are kept.
     bare = {**small, "item_vocab": []}
     assert resolve_model_settings({}, tc, bare)["id_init_std"] == 0.02
