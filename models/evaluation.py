@@ -60,6 +60,8 @@ from models.submission import write_submission
 from models.train import LAST, cpu_threads, default_retrieval_actions, load_encoder, loss_curve, prepare_track_arrays, to_device
 from models.weighted_metrics import PAD, relevance_weights, weighted_per_user
 from taac_dagster.errors import TaacError
+from taac_dagster.paths import TrackPaths
+from taac_dagster.settings import TaacSettings
 from taac_dagster.tracks import Track, get_track
 
 log = logging.getLogger(__name__)
@@ -330,7 +332,7 @@ class IndexRecallBelowFloor(EvaluationError):
         )
 
 
-def build_track_index(paths: Any, settings: Any, *, logger: Any = None) -> IndexBuild:
+def build_track_index(paths: TrackPaths, settings: TaacSettings, *, logger: Any = None) -> IndexBuild:
     """Index the whole candidate pool with the configured preset's checkpoint (see module doc).
 
     Write, audit, publish: the recall of the new index is measured before it is saved, and only
@@ -682,7 +684,7 @@ def _provenance(paths: Any, run: EvaluationRun, code_version: str) -> dict[str, 
     }
 
 
-def evaluate_track(paths: Any, settings: Any, *, code_version: str = "", logger: Any = None) -> Evaluation:
+def evaluate_track(paths: TrackPaths, settings: TaacSettings, *, code_version: str = "", logger: Any = None) -> Evaluation:
     """Score every holdout user (see module doc) and write the report under ``paths.reports``."""
     logger = logger or log
     started = time.perf_counter()
@@ -739,7 +741,7 @@ def fill_lists(top: np.ndarray, fallback: np.ndarray, exclude: np.ndarray | None
     return top
 
 
-def submission_for_track(paths: Any, settings: Any, *, logger: Any = None, path: Path | None = None,
+def submission_for_track(paths: TrackPaths, settings: TaacSettings, *, logger: Any = None, path: Path | None = None,
                          predict_file: Path | None = None) -> dict[str, Any]:
     """Top-10 creative ids per user in the official format, validated and written atomically
     to ``reports/submission.json``. The users are those of ``predict_file`` (default: the local
