@@ -11,7 +11,9 @@ import time
 
 from dagster import AssetExecutionContext, AssetKey, MaterializeResult, MetadataValue, asset
 
+from assets.metadata import image_files_markdown
 from assets.track_lock import hold_track
+from assets.training import ARRAY_INPUTS
 from models.evaluation import evaluate_track, submission_for_track
 from taac_dagster.partitions import track_partitions
 from taac_dagster.resources import TaacConfig
@@ -19,6 +21,7 @@ from taac_dagster.resources import TaacConfig
 # Bump when the same checkpoint, index and settings would give other figures or files.
 EVALUATION_CODE_VERSION = "evaluation-v1"
 SUBMISSION_CODE_VERSION = "submission-v1"
+PLOT_TITLES = {"slices": "score by slice", "training_curve": "training loss"}
 
 
 def _figure_metadata(headline: dict, share: dict) -> dict:
@@ -35,7 +38,8 @@ def _figure_metadata(headline: dict, share: dict) -> dict:
     partitions_def=track_partitions,
     code_version=EVALUATION_CODE_VERSION,
     group_name="evaluation",
-    deps=[AssetKey("faiss_index"), AssetKey("holdout")],
+    # encoder_checkpoint: the configured preset's checkpoint, and the baseline preset's when it exists.
+    deps=[AssetKey("faiss_index"), AssetKey("encoder_checkpoint"), *ARRAY_INPUTS],
     kinds={"python"},
     description="Scored evaluation of every holdout user: HR@10, NDCG@10, Score (weighted on 10M) for the "
     "model, popularity, the baseline preset and the oracle; slices, plots and a comparison with the last run.",
@@ -59,6 +63,8 @@ def evaluation_report(context: AssetExecutionContext, taac: TaacConfig) -> Mater
             "report_html": MetadataValue.path(str(result.files.html)),
             "figures_json": MetadataValue.path(str(result.files.json)),
             "notes": MetadataValue.md("\n".join(f"- {note}" for note in result.notes)),
+            **({"plots": image_files_markdown({PLOT_TITLES.get(k, k): p for k, p in result.files.plots.items()})}
+               if result.files.plots else {}),
             "exclude_history": result.provenance["exclude_history"],
             "index": result.provenance["index"],
             "checkpoint_version": result.provenance["checkpoint_version"],
@@ -72,7 +78,7 @@ def evaluation_report(context: AssetExecutionContext, taac: TaacConfig) -> Mater
     partitions_def=track_partitions,
     code_version=SUBMISSION_CODE_VERSION,
     group_name="evaluation",
-    deps=[AssetKey("faiss_index"), AssetKey("holdout"), AssetKey("users")],
+    deps=[AssetKey("faiss_index"), AssetKey("encoder_checkpoint"), *ARRAY_INPUTS],
     kinds={"json"},
     description='Top-10 raw creative ids per user in the official format {"top10s": [[...]], "user": [...]}, '
     "validated (10 distinct pool ids per user), for the holdout users or the local source's predict_seq.jsonl.",

@@ -1,7 +1,16 @@
 """raw_dataset: the track's dataset from the configured source (synthetic, local or hub)."""
 
 
-from dagster import AssetExecutionContext, DataVersion, MaterializeResult, MetadataValue, asset
+from dagster import (
+    AssetExecutionContext,
+    Backoff,
+    DataVersion,
+    Jitter,
+    MaterializeResult,
+    MetadataValue,
+    RetryPolicy,
+    asset,
+)
 
 from assets.track_lock import hold_track
 from taac_dagster.partitions import track_partitions
@@ -10,6 +19,11 @@ from taac_dagster.readers.embeddings import families_text
 from taac_dagster.resources import TaacConfig
 
 RAW_CODE_VERSION = "raw-v2"
+# The Hub download meets the network: a lost connection or an HTTP 5xx / 429 is retried after
+# about 30 s, 1 and 2 minutes (finished files are kept, so a retry fetches only the rest). The
+# project's own errors are retried only when transient (SourceUnavailableError.transient): a
+# wrong repo, a token or bad data fail at once (assets.failures).
+HUB_RETRY_POLICY = RetryPolicy(max_retries=3, delay=30, backoff=Backoff.EXPONENTIAL, jitter=Jitter.PLUS_MINUS)
 
 
 @asset(
@@ -17,6 +31,7 @@ RAW_CODE_VERSION = "raw-v2"
     code_version=RAW_CODE_VERSION,
     group_name="data",
     kinds={"python"},
+    retry_policy=HUB_RETRY_POLICY,
     description="The raw TencentGR dataset of the track (Hub parquet or competition JSONL), "
     "with a content fingerprint as its data version.",
 )

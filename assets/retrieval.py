@@ -27,8 +27,12 @@ from dagster import (
     asset,
 )
 
+from assets.metadata import image_markdown
 from assets.track_lock import hold_track
+from assets.training import ARRAY_INPUTS
 from models.evaluation import IndexBuild, IndexRecallBelowFloor, build_track_index
+from models.report import figure_png, recall_tuning_figure
+from models.retrieval import read_index_metadata
 from taac_dagster.partitions import track_partitions
 from taac_dagster.resources import TaacConfig
 
@@ -41,7 +45,7 @@ RECALL_CHECK = "index_recall_at_10"
     partitions_def=track_partitions,
     code_version=RETRIEVAL_CODE_VERSION,
     group_name="retrieval",
-    deps=[AssetKey("encoder_checkpoint"), AssetKey("candidates"), AssetKey("holdout")],
+    deps=[AssetKey("encoder_checkpoint"), *ARRAY_INPUTS],
     kinds={"faiss"},
     check_specs=[
         AssetCheckSpec(
@@ -63,7 +67,8 @@ def faiss_index(context: AssetExecutionContext, taac: TaacConfig) -> Iterator[Ma
         except IndexRecallBelowFloor as low:
             yield _recall_check(low.build, floor)
             raise Failure(
-                description=str(low), metadata={"rejected_index": MetadataValue.path(str(low.build.path))}
+                description=str(low),
+                metadata={"rejected_index": MetadataValue.path(str(low.build.path)), **_recall_tuning_plot(low.build, floor)},
             ) from None
     meta = build.to_metadata()
     version = hashlib.blake2b(
@@ -84,9 +89,18 @@ def faiss_index(context: AssetExecutionContext, taac: TaacConfig) -> Iterator[Ma
             "checkpoint_version": meta["checkpoint_version"],
             "seconds": MetadataValue.json(meta["seconds"]),
             **({"warnings": MetadataValue.json(meta["warnings"])} if meta["warnings"] else {}),
+            **_recall_tuning_plot(build, floor),
         },
         check_results=[_recall_check(build, floor)],
     )
+
+
+def _recall_tuning_plot(build: IndexBuild, floor: float) -> dict[str, MetadataValue]:
+    """recall@10 at each nprobe / efSearch the tuning tried (an exact index has nothing to tune)."""
+    tuning = read_index_metadata(build.path).get("recall_tuning")
+    if not tuning:
+        return {}
+    return {"recall_tuning": image_markdown({"recall tuning": figure_png(recall_tuning_figure(tuning, floor=floor))})}
 
 
 def _recall_check(build: IndexBuild, floor: float) -> AssetCheckResult:

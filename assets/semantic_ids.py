@@ -19,6 +19,7 @@ from dagster import (
     asset,
 )
 
+from assets.metadata import table_metadata
 from assets.track_lock import hold_track
 from models.semantic_ids import TABLE, build_semantic_ids
 from taac_dagster.partitions import track_partitions
@@ -27,7 +28,8 @@ from taac_dagster.resources import TaacConfig
 # Bump when the same inputs and settings would give different codes or a different table or
 # codebook layout (algorithm, defaults, collision or fallback rule, schema); not for logging,
 # metadata or refactors that leave the outputs byte-for-byte the same.
-SEMANTIC_IDS_CODE_VERSION = "semantic-ids-v3"  # v2: source auto (collaborative fallback), families on auto; v3: co-occurrence before each holdout user's own last target
+# v2: source auto (collaborative fallback), families on auto; v3: co-occurrence before each holdout user's own last target.
+SEMANTIC_IDS_CODE_VERSION = "semantic-ids-v3"
 
 COVERAGE_CHECK = "semantic_ids_content_coverage"
 
@@ -55,12 +57,15 @@ def semantic_id_codebooks(context: AssetExecutionContext, taac: TaacConfig) -> M
     started = time.perf_counter()
     with hold_track(context, taac, track):
         result = build_semantic_ids(taac.paths(track), taac.settings(track), logger=context.log)
+        with taac.duckdb(track) as con:  # the table's row count and columns, for the UI
+            table = table_metadata(con, TABLE)
     metadata = result.to_metadata()
     recovery = metadata.pop("topic_recovery", None)
     collaborative = metadata.pop("collaborative", None)
     coverage = result.coverage
     return MaterializeResult(
         metadata={
+            **table,
             **{k: v for k, v in metadata.items() if v is not None and not isinstance(v, (list, dict))},
             "utilization": MetadataValue.json(metadata["utilization"]),
             "reconstruction_error": MetadataValue.json(metadata["reconstruction_error"]),

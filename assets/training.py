@@ -25,7 +25,9 @@ from dagster import (
     asset,
 )
 
+from assets.metadata import image_markdown
 from assets.track_lock import hold_track
+from models.report import figure_png, training_curve_figure
 from models.train import checkpoint_version, prepare_track_arrays, train_track
 from taac_dagster.partitions import track_partitions
 from taac_dagster.resources import TaacConfig
@@ -36,6 +38,9 @@ from taac_dagster.settings import TaacSettings, training_overrides
 TRAINING_CODE_VERSION = "training-v2"
 
 INPUT_TABLES = ("sequences", "holdout", "items", "users", "candidates", "item_embeddings")
+# What the training arrays are prepared from (models.data.prepare_arrays): every step that
+# loads them (training, the index, the report, the submission) reads these.
+ARRAY_INPUTS = (AssetKey("semantic_id_codebooks"), *(AssetKey(name) for name in INPUT_TABLES))
 
 
 def _log_line(record: dict[str, Any]) -> str:
@@ -58,7 +63,7 @@ def _log_line(record: dict[str, Any]) -> str:
     partitions_def=track_partitions,
     code_version=TRAINING_CODE_VERSION,
     group_name="training",
-    deps=[AssetKey("semantic_id_codebooks"), *(AssetKey(name) for name in INPUT_TABLES)],
+    deps=list(ARRAY_INPUTS),
     kinds={"pytorch"},
     description="The retrieval encoder (causal Transformer over user histories; full softmax over "
     "the catalogue, or sampled negatives with logQ on huge ones) trained on the track with early "
@@ -100,6 +105,7 @@ def encoder_checkpoint(context: AssetExecutionContext, taac: TaacConfig) -> Mate
             "tokens_per_second": round(result.tokens_per_second, 1),
             **({"final_loss": round(result.losses[-1], 5)} if result.losses else {}),
             "loss_curve": MetadataValue.json(result.loss_curve()),
+            **({"loss_curve_plot": _loss_curve_plot(result.loss_curve(), run.preset.name)} if result.losses else {}),
             **{f"val_{key}": value for key, value in figures.items()},
             "val_users": int(metrics.get("users", 0)),
             "validation_history": MetadataValue.json(result.evals),
@@ -109,6 +115,11 @@ def encoder_checkpoint(context: AssetExecutionContext, taac: TaacConfig) -> Mate
             "model_config": MetadataValue.json(result.model_config),
         }
     )
+
+
+def _loss_curve_plot(curve: list[dict[str, float]], preset: str) -> MetadataValue:
+    figure = training_curve_figure({preset: [(point["step"], point["loss"]) for point in curve]})
+    return image_markdown({"training loss": figure_png(figure)})
 
 
 def torchrun_command(settings: TaacSettings, track: str, python: str = sys.executable) -> list[str]:

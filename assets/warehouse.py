@@ -23,6 +23,7 @@ from dagster import (
     multi_asset,
 )
 
+from assets.metadata import parquet_metadata, table_metadata
 from assets.raw import raw_dataset
 from assets.track_lock import hold_track
 from taac_dagster.partitions import track_partitions
@@ -91,15 +92,19 @@ def warehouse_tables(context: AssetExecutionContext, taac: TaacConfig) -> Iterat
                           "failed_checks": MetadataValue.json([o.name for o in failed.failed])},
             ) from None
     shared = {"warehouse": MetadataValue.path(str(summary.path)), "raw_fingerprint": manifest.digest}
+    with taac.duckdb(track) as con:  # the published warehouse: row counts and columns for the UI
+        tables = {name: table_metadata(con, name, rows=summary.row_counts[name]) for name in WAREHOUSE_TABLES}
     for name in WAREHOUSE_TABLES:
         yield MaterializeResult(
             asset_key=name,
-            metadata={**shared, "rows": summary.row_counts[name], "seconds": round(summary.seconds.get(name, 0.0), 2)},
+            metadata={**shared, **tables[name], "rows": summary.row_counts[name],
+                      "seconds": round(summary.seconds.get(name, 0.0), 2)},
         )
     yield MaterializeResult(
         asset_key="item_embeddings",
         metadata={
             **shared,
+            **parquet_metadata([paths.embedding_file(family) for family in summary.families]),
             "families": MetadataValue.json({str(k): v for k, v in summary.embeddings.items()}),
             "families_selected": MetadataValue.json(summary.families),
             "families_requested": families_text(summary.families_requested),

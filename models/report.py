@@ -26,6 +26,7 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import html
+import io
 import json
 import math
 from collections.abc import Mapping, Sequence
@@ -37,6 +38,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import ScalarFormatter
 
 from models.weighted_metrics import K, hits_from_ranks, ndcg_from_ranks, score
 from taac_dagster.atomic import atomic_file, write_text_atomic
@@ -186,6 +188,14 @@ def _save_png(fig: Figure, path: Path) -> Path:
     return Path(path)
 
 
+def figure_png(fig: Figure, dpi: int = 90) -> bytes:
+    """The figure as PNG bytes (for an image inlined in metadata or HTML)."""
+    FigureCanvasAgg(fig)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi, bbox_inches="tight")
+    return buffer.getvalue()
+
+
 def plot_slices(table: pd.DataFrame, path: str | Path, *, metric: str = "score", title: str | None = None) -> Path:
     """Grouped bars per slice (one panel per slice dimension, one bar per method)."""
     slices = list(dict.fromkeys(table["slice"]))
@@ -219,7 +229,14 @@ def plot_training_curve(
     *,
     title: str = "training loss",
 ) -> Path:
-    """Loss against step (one line per series; a moving average over noisy curves)."""
+    """Loss against step (one line per series; a moving average over noisy curves), as a PNG at ``path``."""
+    return _save_png(training_curve_figure(points, title=title), Path(path))
+
+
+def training_curve_figure(
+    points: Sequence[tuple[float, float]] | Mapping[str, Sequence[tuple[float, float]]], *, title: str = "training loss"
+) -> Figure:
+    """Loss against step: one line per series, a moving average over noisy curves."""
     series = points if isinstance(points, Mapping) else {"loss": points}
     fig = Figure(figsize=(6.4, 3.8))
     ax = fig.subplots()
@@ -237,7 +254,32 @@ def plot_training_curve(
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    return _save_png(fig, Path(path))
+    return fig
+
+
+def recall_tuning_figure(tuning: Mapping[str, Any], *, floor: float | None = None) -> Figure:
+    """recall@k of an index against exact search at each value the tuning tried (nprobe or
+    efSearch), with the target it climbed to and the blocking floor."""
+    steps = np.asarray(tuning.get("steps") or [], dtype=np.float64).reshape(-1, 2)
+    knob, k = str(tuning.get("knob", "knob")), int(tuning.get("k", K))
+    fig = Figure(figsize=(6.4, 3.4))
+    ax = fig.subplots()
+    ax.plot(steps[:, 0], steps[:, 1], marker="o", color=METHOD_COLORS["model"], label=f"recall@{k} on the sample")
+    if "target" in tuning:
+        ax.axhline(float(tuning["target"]), color="#2ca02c", ls="--", lw=1, label=f"target {float(tuning['target']):g}")
+    if floor is not None:
+        ax.axhline(floor, color="#d62728", ls=":", lw=1, label=f"floor {floor:g} (blocking check)")
+    if len(steps):
+        ax.scatter(steps[-1:, 0], steps[-1:, 1], s=90, facecolors="none", edgecolors="black",
+                   label=f"kept: {knob} {steps[-1, 0]:g}")
+    ax.set_xscale("log", base=2)
+    ax.xaxis.set_major_formatter(ScalarFormatter())
+    ax.set_xlabel(knob)
+    ax.set_ylabel(f"recall@{k}")
+    ax.set_title(f"{knob} tuning against exact search")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    return fig
 
 
 # --- Comparison --------------------------------------------------------------------------
@@ -358,7 +400,8 @@ def split_rows(headline: Mapping[str, Mapping[str, float]], validation: Mapping[
     if validation:
         for method, prefix in (("model", ""), ("popularity", "popularity_")):
             rows.append([f"validation (step {validation.get('step')})", validation.get("users"), method,
-                         validation.get(f"{prefix}hr@{k}"), validation.get(f"{prefix}ndcg@{k}"), validation.get(f"{prefix}score")])
+                         validation.get(f"{prefix}hr@{k}"), validation.get(f"{prefix}ndcg@{k}"),
+                         validation.get(f"{prefix}score")])
     for method in ("model", "popularity"):
         if method in headline:
             f = headline[method]
@@ -430,7 +473,7 @@ class ReportData:
         return {
             "format_version": FORMAT_VERSION,
             "track": self.track,
-            "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
             "k": self.k,
             "methods": self.headline,
             "oracle_share": oracle_share(self.headline),
@@ -572,6 +615,7 @@ __all__ = [
     "ReportData",
     "ReportFiles",
     "compare_figures",
+    "figure_png",
     "headline_figures",
     "headline_markdown",
     "load_figures",
@@ -579,8 +623,10 @@ __all__ = [
     "oracle_share",
     "plot_slices",
     "plot_training_curve",
+    "recall_tuning_figure",
     "report_figures",
     "slice_frame",
     "slice_metrics",
+    "training_curve_figure",
     "write_report",
 ]

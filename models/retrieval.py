@@ -53,7 +53,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 import faiss
 import numpy as np
@@ -87,7 +87,7 @@ class ExclusionCSR:
 
 # Per-query exclusions: a sequence of 1-d arrays / lists, a padded 2-d array (padding = any id
 # not in the pool, e.g. 0 or -1), a pyarrow list array (DuckDB's history lists), or CSR.
-Exclusions = Union[Sequence[Any], np.ndarray, pa.Array, pa.ChunkedArray, ExclusionCSR]
+Exclusions = Sequence[Any] | np.ndarray | pa.Array | pa.ChunkedArray | ExclusionCSR
 
 
 class RetrievalError(TaacError, ValueError):
@@ -564,12 +564,16 @@ def _climb(
     grow: Callable[[int], int],
 ) -> tuple[int, float]:
     """Raise the search knob ``knob`` (nprobe or ef_search) along ``grow`` until recall@k on
-    the sample reaches ``target`` or the knob reaches ``limit``; the index keeps the value."""
+    the sample reaches ``target`` or the knob reaches ``limit``; the index keeps the value, and
+    its metadata the climb (``recall_tuning``: knob, target, [value, recall] per step)."""
     exact, _ = search(exact_index, sample_queries, k, exclude=exclude)
     value = max(1, min(start, limit))
+    steps: list[list[float]] = []
+    index.metadata["recall_tuning"] = {"knob": knob, "target": target, "k": k, "steps": steps}
     while True:
         index.configure(**{knob: value})
         recall = recall_at_k(search(index, sample_queries, k, exclude=exclude)[0], exact, k)
+        steps.append([value, round(float(recall), 5)])
         if recall >= target or value >= limit:
             return value, recall
         value = min(limit, max(value + 1, grow(value)))

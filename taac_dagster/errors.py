@@ -56,4 +56,9 @@ class UnknownTrackError(TaacError, ValueError):
 
 
 class SourceUnavailableError(TaacError):
-    """A data source cannot be reached (offline Hub, missing local path)."""
+    """A data source cannot be reached (offline Hub, missing local path). ``transient``: a
+    retry may succeed (the network, the Hub's own errors), so a retry policy may retry it."""
+
+    def __init__(self, message: str, *, transient: bool = False) -> None:
+        super().__init__(message)
+        self.transient = transient

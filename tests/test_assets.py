@@ -34,6 +34,17 @@ def test_chain_materializes_both_partitions(tmp_path, instance):
         assert len(checks) == 8 and all(e.passed for e in checks.values()), track
         materialized = {event.asset_key for event in result.get_asset_materialization_events()}
         assert materialized == {AssetKey("raw_dataset"), *(AssetKey(n) for n in WAREHOUSE_ASSETS)}
+        # Every table shows its row count and columns on its asset page.
+        for event in result.get_asset_materialization_events():
+            if event.asset_key == AssetKey("raw_dataset"):
+                continue
+            meta = event.materialization.metadata
+            columns = [c.name for c in meta["dagster/column_schema"].value.columns]
+            assert meta["dagster/row_count"].value > 0, event.asset_key
+            if "rows" in meta:
+                assert meta["dagster/row_count"].value == meta["rows"].value
+            assert {"events": "action_type", "items": "creative_id", "item_embeddings": "emb"}.get(
+                event.asset_key.path[-1], columns[0]) in columns, (event.asset_key, columns)
         paths = TrackPaths(tmp_path / "data", track)
         assert paths.warehouse.is_file() and paths.embedding_file(81).is_file()
         manifest = json.loads(paths.raw_manifest.read_text())
@@ -131,4 +142,9 @@ def test_a_dataset_of_the_other_track_is_refused_before_anything_is_published(tm
     )
     message = failure_text(result)
     assert "seq/part-0.parquet, row 0, field seq[3].action_type: expected null or one of 0, 1; found 2" in message
+    # A dagster.Failure whose metadata names the file, the row, the field and the fix (the UI shows them).
+    failure = next(e for e in result.all_events if e.event_type_value == "STEP_FAILURE").event_specific_data
+    meta = {key: value.value for key, value in failure.user_failure_data.metadata.items()}
+    assert meta["file"].endswith("seq/part-0.parquet") and meta["row"] == 0 and meta["field"] == "seq[3].action_type"
+    assert meta["error"] == "DataFormatError" and "re-materialize raw_dataset" in meta["fix"]
     assert ran == [] and not TrackPaths(tmp_path / "data", "1M").warehouse.exists()

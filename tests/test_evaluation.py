@@ -11,8 +11,8 @@ from pathlib import Path
 
 import duckdb
 import numpy as np
-import torch
 import pytest
+import torch
 from dagster import AssetKey, DagsterInstance, materialize
 
 from assets.evaluation import evaluation_report, submission
@@ -132,6 +132,12 @@ def test_report_figures_are_consistent_and_between_popularity_and_oracle(chain, 
     assert "data:image/png;base64," in (paths.reports / "evaluation.html").read_text()
     meta = _metadata(result, "evaluation_report")
     assert "| model |" in meta["headline"] and meta["score"] == pytest.approx(model["score"], abs=1e-5)
+    # The plots, the training loss and the Semantic ID table show in the UI without opening a file.
+    assert meta["plots"].count("](data:image/png;base64,") == 2
+    assert "](data:image/png;base64," in _metadata(result, "encoder_checkpoint")["loss_curve_plot"]
+    codes = _metadata(result, "semantic_id_codebooks")
+    assert codes["dagster/row_count"] >= len(_pool_creative_ids(paths))
+    assert [c.name for c in codes["dagster/column_schema"].columns][:3] == ["creative_id", "item_id", "codes"]
     # Validation (the kept checkpoint's, on the targets before the test targets) beside test.
     validation = figures["validation"]
     checkpoint = torch.load(paths.checkpoints / "default" / "last.pt", weights_only=False)

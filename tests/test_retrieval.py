@@ -112,6 +112,10 @@ def test_tune_nprobe_raises_nprobe_until_the_target(data, flat):
     ivf = build_index(items, ids, IndexSpec(kind="ivf", nlist=64, nprobe=1), seed=0)
     nprobe, recall = tune_nprobe(ivf, flat, queries, target=0.99)
     assert recall >= 0.99 and 1 < nprobe <= 16 and ivf.spec.nprobe == nprobe
+    # The climb is kept in the index's metadata (saved with it; the faiss_index asset plots it).
+    tuning = ivf.metadata["recall_tuning"]
+    assert tuning["knob"] == "nprobe" and tuning["target"] == 0.99 and tuning["steps"][0][0] == 1
+    assert tuning["steps"][-1] == [nprobe, round(recall, 5)] and all(r < 0.99 for _, r in tuning["steps"][:-1])
     assert measure_recall(ivf.configure(nprobe=max(1, int(nprobe / 1.5))), flat, queries) < 0.99
     assert tune_nprobe(ivf.configure(nprobe=1), flat, queries, target=1.01) == (64, pytest.approx(1.0))
     assert tune_nprobe(ivf, flat, queries, target=0.99, start=2)[0] == nprobe  # from below again
@@ -360,3 +364,20 @@ def test_index_from_settings_tunes_to_the_cheapest_passing_nprobe(data, flat):
     assert not tuned and recall < 0.9 and ivf.spec.nprobe == 1
     assert index_spec_from_settings(RetrievalSettings(), 1000).kind == "flat"
     assert measure_and_tune(flat, queries, None, auto) == (1.0, False)
+
+
+def test_the_recall_tuning_is_plotted_in_the_index_metadata(data, flat, tmp_path):
+    """faiss_index shows the tuning as an image (Markdown with a PNG) on its asset page."""
+    from types import SimpleNamespace
+
+    from assets.retrieval import _recall_tuning_plot
+    from models.retrieval import save_index
+
+    items, ids, queries = data
+    ivf = build_index(items, ids, IndexSpec(kind="ivf", nlist=64, nprobe=1), seed=0)
+    tune_nprobe(ivf, flat, queries, target=0.99)
+    saved = save_index(tmp_path / "ivf", ivf, {"checkpoint_version": "test"})
+    plot = _recall_tuning_plot(SimpleNamespace(path=saved), floor=0.95)["recall_tuning"]
+    assert plot.value.startswith("**recall tuning**") and "](data:image/png;base64,iVBOR" in plot.value
+    exact = save_index(tmp_path / "flat", flat, {"checkpoint_version": "test"})
+    assert _recall_tuning_plot(SimpleNamespace(path=exact), floor=0.95) == {}  # nothing to tune

@@ -403,7 +403,9 @@ def _is_unreachable(error: BaseException) -> bool:
     return isinstance(error, _catchable())
 
 
-def _explain(error: BaseException, repo_id: str, revision: str, endpoint: str | None, stage: str) -> str:
+def _explain(error: BaseException, repo_id: str, revision: str, endpoint: str | None, stage: str) -> tuple[str, bool]:
+    """What went wrong and how to fix it, and whether a retry may succeed (the network, the
+    Hub's own errors) or not (a wrong name, a token, the disk, offline mode)."""
     from huggingface_hub import constants
 
     hub = _hub_errors()
@@ -411,6 +413,7 @@ def _explain(error: BaseException, repo_id: str, revision: str, endpoint: str | 
     fallback = "or set TAAC_SOURCE=local with TAAC_LOCAL_PATH pointing at an existing copy of the release"
     offline_cls = hub.get("OfflineModeIsEnabled")
     cause = error.__cause__ or error.__context__
+    transient = False
     if "RevisionNotFoundError" in hub and isinstance(error, hub["RevisionNotFoundError"]):
         what = f"revision {revision!r} does not exist in the Hub dataset {repo_id!r}"
         todo = f"set TAAC_HUB_REVISION to an existing branch, tag or commit sha, {fallback}"
@@ -434,14 +437,16 @@ def _explain(error: BaseException, repo_id: str, revision: str, endpoint: str | 
     elif (code := _status_code(error)) is not None and code < 500 and code != 429:
         what = f"the Hub at {where} refused the request (HTTP {code})"
         todo = f"check TAAC_HUB_TOKEN (or HF_TOKEN) and TAAC_HUB_REPO_ID, {fallback}"
-    else:
+    else:  # the network or the Hub itself: worth a retry
         what = f"the Hub at {where} could not be reached" + (f" (HTTP {code})" if code else "")
         todo = f"check the network, HF_ENDPOINT and any proxy, then re-run (finished files are kept), {fallback}"
+        transient = True
     underlying = " ".join(str(error).split())  # huggingface_hub messages span lines
-    return (
+    message = (
         f"cannot {stage} Hub dataset {repo_id!r} at revision {revision!r}: {what}. "
         f"Underlying error: {type(error).__name__}: {underlying}. To fix: {todo}."
     )
+    return message, transient
 
 
 # --- download ------------------------------------------------------------------------------
@@ -528,6 +533,39 @@ def _use_local_copy(
     return download, None
 
 
+@dataclass(frozen=True)
+class _HubRequest:
+    """What ``download_hub_dataset`` was asked for, shared by its steps."""
+
+    repo_id: str
+    revision: str
+    local_dir: Path
+    families: list[int]
+    include_candidates: bool
+    token: str | None
+    endpoint: str | None
+    max_workers: int
+    log: LogLike
+
+    @property
+    def patterns(self) -> list[str]:
+        return hub_allow_patterns(self.families, include_candidates=self.include_candidates)
+
+    def fail_or_local(self, error: BaseException, stage: str) -> HubDownload:
+        """A verified local copy when the Hub fails, else ``SourceUnavailableError`` saying why
+        and how to fix it (``transient`` when a retry may succeed: the network, HTTP 5xx / 429)."""
+        local, why_not = _use_local_copy(
+            error, repo_id=self.repo_id, revision=self.revision, local_dir=self.local_dir, families=self.families,
+            include_candidates=self.include_candidates, log=self.log,
+        )
+        if local is not None:
+            return local
+        message, transient = _explain(error, self.repo_id, self.revision, self.endpoint, stage)
+        if why_not:
+            message += f" No local fallback: {why_not}."
+        raise SourceUnavailableError(message, transient=transient) from error
+
+
 def download_hub_dataset(
     repo_id: str,
     revision: str,
@@ -546,127 +584,146 @@ def download_hub_dataset(
     unless the Hub is unreachable and ``local_dir`` already holds a complete copy, which is
     then used with a warning. ``endpoint`` overrides HF_ENDPOINT (mirrors, tests).
     """
-    from huggingface_hub import HfApi, snapshot_download
+    from huggingface_hub import HfApi
 
-    log = log or logger
-    local_dir = Path(local_dir)
-    families = _check_families(families)
-    patterns = hub_allow_patterns(families, include_candidates=include_candidates)
-    api = HfApi(endpoint=endpoint, token=token)
-    catchable = _catchable()
-
-    def fail_or_local(error: BaseException, stage: str) -> HubDownload:
-        local, why_not = _use_local_copy(
-            error,
-            repo_id=repo_id,
-            revision=revision,
-            local_dir=local_dir,
-            families=families,
-            include_candidates=include_candidates,
-            log=log,
-        )
-        if local is not None:
-            return local
-        message = _explain(error, repo_id, revision, endpoint, stage)
-        if why_not:
-            message += f" No local fallback: {why_not}."
-        raise SourceUnavailableError(message) from error
-
-    # Resolve the revision first and download that exact commit, so a branch that moves
-    # mid-download cannot mix files of two commits, and the sha is known for the record.
-    try:
-        info = api.dataset_info(repo_id, revision=revision)
-        commit_sha = info.sha
-        if not commit_sha:
-            raise SourceUnavailableError(f"the Hub returned no commit sha for {repo_id!r} at {revision!r}")
-        expected, digests = _remote_listing(api, repo_id, commit_sha, patterns)
-    except catchable as error:
-        return fail_or_local(error, "resolve")
-
-    # A wrong repo or revision shows in the listing: say so before a single byte moves.
-    remote_problems = _listing_problems(expected, families)
-    if remote_problems:
-        raise SourceUnavailableError(
-            f"Hub dataset {repo_id!r} at revision {revision!r} (commit {commit_sha}) does not have the "
-            f"expected release layout (format A of docs/domain.md): {'; '.join(remote_problems)}. "
-            "Check TAAC_HUB_REPO_ID / TAAC_HUB_REVISION and TAAC_EMBEDDING_FAMILIES."
-        )
-
-    local_dir.mkdir(parents=True, exist_ok=True)
-    present = _local_files(local_dir, patterns)
-    to_fetch = sum(size for path, size in expected.items() if present.get(path) != size)
-    free = shutil.disk_usage(local_dir).free
-    log.info(
-        f"Hub {repo_id}@{revision} (commit {commit_sha}): {len(expected)} files, "
-        f"{sum(expected.values()) / 1e9:.2f} GB, {to_fetch / 1e9:.2f} GB still to fetch into "
-        f"{local_dir} ({free / 1e9:.1f} GB free)"
+    request = _HubRequest(
+        repo_id=repo_id, revision=revision, local_dir=Path(local_dir), families=_check_families(families),
+        include_candidates=include_candidates, token=token, endpoint=endpoint, max_workers=max_workers,
+        log=log or logger,
     )
-    if to_fetch > free:
-        raise SourceUnavailableError(
-            f"cannot download Hub dataset {repo_id!r} at revision {revision!r}: {to_fetch / 1e9:.1f} GB "
-            f"still to fetch but only {free / 1e9:.1f} GB free in {local_dir}. Free space, choose "
-            "another TAAC_DATA_ROOT, or fetch fewer embedding families (TAAC_EMBEDDING_FAMILIES=81)."
-        )
-
+    resolved = _resolve_release(request, HfApi(endpoint=endpoint, token=token))
+    if isinstance(resolved, HubDownload):  # the Hub failed; a verified local copy is used
+        return resolved
+    commit_sha, expected, digests = resolved
+    _check_release_layout(request, commit_sha, expected)
+    to_fetch = _check_free_space(request, commit_sha, expected)
     download = HubDownload(
         repo_id=repo_id,
         revision=revision,
         commit_sha=commit_sha,
-        local_dir=local_dir,
+        local_dir=request.local_dir,
         files=list(expected),
         total_bytes=sum(expected.values()),
     )
-    manifest = _read_manifest(local_dir)
+    _start_manifest(request, download, expected, digests, complete_on_disk=to_fetch == 0)
+    fallback = _fetch_and_verify(request, commit_sha, expected, digests)
+    if fallback is not None:
+        return fallback
+    _write_manifest(download, request.families, include_candidates, expected, complete=True, digests=digests)
+    request.log.info(
+        f"Hub {repo_id} at commit {commit_sha} verified in {request.local_dir} ({len(expected)} files, "
+        f"{len(digests)} by sha256)"
+    )
+    return download
+
+
+def _resolve_release(request: _HubRequest, api: Any) -> tuple[str, dict[str, int], dict[str, str]] | HubDownload:
+    """The commit the revision names and its file listing (sizes, sha256), or the local
+    fallback when the Hub cannot be asked. Resolving first means the download takes that exact
+    commit: a branch that moves mid-download cannot mix files of two commits."""
+    try:
+        info = api.dataset_info(request.repo_id, revision=request.revision)
+        commit_sha = info.sha
+        if not commit_sha:
+            raise SourceUnavailableError(f"the Hub returned no commit sha for {request.repo_id!r} at {request.revision!r}")
+        expected, digests = _remote_listing(api, request.repo_id, commit_sha, request.patterns)
+    except _catchable() as error:
+        return request.fail_or_local(error, "resolve")
+    return commit_sha, expected, digests
+
+
+def _check_release_layout(request: _HubRequest, commit_sha: str, expected: Mapping[str, int]) -> None:
+    """A wrong repo or revision shows in the listing: say so before a single byte moves."""
+    remote_problems = _listing_problems(expected, request.families)
+    if remote_problems:
+        raise SourceUnavailableError(
+            f"Hub dataset {request.repo_id!r} at revision {request.revision!r} (commit {commit_sha}) does not have the "
+            f"expected release layout (format A of docs/domain.md): {'; '.join(remote_problems)}. "
+            "Check TAAC_HUB_REPO_ID / TAAC_HUB_REVISION and TAAC_EMBEDDING_FAMILIES."
+        )
+
+
+def _check_free_space(request: _HubRequest, commit_sha: str, expected: Mapping[str, int]) -> int:
+    """Bytes still to fetch (files already complete are not fetched again); they must fit on the disk."""
+    request.local_dir.mkdir(parents=True, exist_ok=True)
+    present = _local_files(request.local_dir, request.patterns)
+    to_fetch = sum(size for path, size in expected.items() if present.get(path) != size)
+    free = shutil.disk_usage(request.local_dir).free
+    request.log.info(
+        f"Hub {request.repo_id}@{request.revision} (commit {commit_sha}): {len(expected)} files, "
+        f"{sum(expected.values()) / 1e9:.2f} GB, {to_fetch / 1e9:.2f} GB still to fetch into "
+        f"{request.local_dir} ({free / 1e9:.1f} GB free)"
+    )
+    if to_fetch > free:
+        raise SourceUnavailableError(
+            f"cannot download Hub dataset {request.repo_id!r} at revision {request.revision!r}: {to_fetch / 1e9:.1f} GB "
+            f"still to fetch but only {free / 1e9:.1f} GB free in {request.local_dir}. Free space, choose "
+            "another TAAC_DATA_ROOT, or fetch fewer embedding families (TAAC_EMBEDDING_FAMILIES=81)."
+        )
+    return to_fetch
+
+
+def _start_manifest(
+    request: _HubRequest, download: HubDownload, expected: dict[str, int], digests: dict[str, str], *, complete_on_disk: bool
+) -> None:
+    """Mark the copy incomplete until it is verified, unless it already is exactly this commit."""
+    manifest = _read_manifest(request.local_dir)
     unchanged = (
-        to_fetch == 0
+        complete_on_disk
         and manifest is not None
         and manifest.get("complete") is True
-        and manifest.get("commit_sha") == commit_sha
+        and manifest.get("commit_sha") == download.commit_sha
         and manifest.get("files") == expected
         and manifest.get("sha256", {}) == digests
     )
     if not unchanged:
-        _write_manifest(download, families, include_candidates, expected, complete=False, digests=digests)
+        _write_manifest(download, request.families, request.include_candidates, expected, complete=False, digests=digests)
 
-    # A file that fails its sha256 is removed by the verification; one more download fetches it.
+
+def _fetch_and_verify(
+    request: _HubRequest, commit_sha: str, expected: dict[str, int], digests: dict[str, str]
+) -> HubDownload | None:
+    """snapshot_download what is missing, then check every file's size and sha256. A file that
+    fails its sha256 is removed by the check, and one more download fetches it. Returns the
+    local fallback when the Hub fails mid-way, None when the copy is complete."""
+    from huggingface_hub import snapshot_download
+
     for attempt in range(2):
         try:
             snapshot_download(
-                repo_id=repo_id,
+                repo_id=request.repo_id,
                 repo_type=REPO_TYPE,
                 revision=commit_sha,
-                allow_patterns=patterns,
-                local_dir=local_dir,
-                token=token,
-                max_workers=max_workers,
-                endpoint=endpoint,
+                allow_patterns=request.patterns,
+                local_dir=request.local_dir,
+                token=request.token,
+                max_workers=request.max_workers,
+                endpoint=request.endpoint,
             )
-        except catchable as error:
+        except _catchable() as error:
             # A connection lost mid-way: finished files stay, the next run fetches the rest.
-            return fail_or_local(error, "download")
+            return request.fail_or_local(error, "download")
 
-        orphans = _remove_orphan_partials(local_dir, patterns)
+        orphans = _remove_orphan_partials(request.local_dir, request.patterns)
         if orphans:
-            log.info(f"Removed {orphans} partial download(s) left by an interrupted earlier run")
+            request.log.info(f"Removed {orphans} partial download(s) left by an interrupted earlier run")
         problems = verify_download(
-            local_dir, families, expected=expected, digests=digests, include_candidates=include_candidates
+            request.local_dir, request.families, expected=expected, digests=digests,
+            include_candidates=request.include_candidates,
         )
         corrupt = [p for p in problems if "does not match the release" in p]
         if not corrupt or attempt:
             break
-        log.warning(f"{len(corrupt)} file(s) did not match their sha256 and were removed; fetching them again: {corrupt[:3]}")
+        request.log.warning(
+            f"{len(corrupt)} file(s) did not match their sha256 and were removed; fetching them again: {corrupt[:3]}"
+        )
     if problems:
         raise SourceUnavailableError(
-            f"Hub dataset {repo_id!r} at revision {revision!r} (commit {commit_sha}) downloaded into "
-            f"{local_dir} but the copy is incomplete: {'; '.join(problems)}. Re-run to fetch the rest, or "
+            f"Hub dataset {request.repo_id!r} at revision {request.revision!r} (commit {commit_sha}) downloaded into "
+            f"{request.local_dir} but the copy is incomplete: {'; '.join(problems)}. Re-run to fetch the rest, or "
             "delete the folder to start over."
         )
-    _write_manifest(download, families, include_candidates, expected, complete=True, digests=digests)
-    log.info(
-        f"Hub {repo_id} at commit {commit_sha} verified in {local_dir} ({len(expected)} files, "
-        f"{len(digests)} by sha256)"
-    )
-    return download
+    return None
 
 
 def _listing_problems(listing: Mapping[str, int], families: Sequence[int]) -> list[str]:
