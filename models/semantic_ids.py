@@ -9,7 +9,7 @@ coarse to fine.
     x' = whiten(normalize(x))            optional L2 normalization, optional PCA whitening
     r_0 = x';  c_l = argmin_k |r_l - C_l[k]|;  r_{l+1} = r_l - C_l[c_l]      for l < levels
 
-Decisions (the README's "Semantic IDs" section says the same):
+Decisions (docs/semantic_ids.md says the same):
 
 * **Collisions** are resolved with an extra *disambiguation level*: items that share their
   whole RQ tuple are ranked inside the group (embedded items first, nearest to the group's
@@ -57,6 +57,8 @@ import numpy as np
 
 from models.collaborative import CollaborativeConfig, collaborative_vectors
 from taac_dagster.errors import TaacError
+from taac_dagster.paths import TrackPaths
+from taac_dagster.settings import TaacSettings
 from taac_dagster.tracks import get_track
 
 log = logging.getLogger(__name__)
@@ -343,14 +345,15 @@ def decode(codebooks: RQCodebooks, codes: np.ndarray) -> np.ndarray:
 def reconstruction_error(encoded: Encoded) -> list[float]:
     """Per level: sum |x' - x_hat|^2 / sum |x'|^2 using the first l levels (decreasing)."""
     total = float(encoded.sq_norm.sum(dtype=np.float64)) or 1.0
-    return [float(encoded.level_sq_error[:, l].sum(dtype=np.float64)) / total for l in range(encoded.codes.shape[1])]
+    return [float(encoded.level_sq_error[:, level].sum(dtype=np.float64)) / total for level in range(encoded.codes.shape[1])]
 
 
 def utilization(codes: np.ndarray, codebook_size: int) -> list[float]:
     """Per level: the share of the K codes used by at least one item (unknown code excluded)."""
     codes = np.asarray(codes)
     return [
-        float(np.unique(codes[:, l][codes[:, l] < codebook_size]).size) / codebook_size for l in range(codes.shape[1])
+        float(np.unique(codes[:, level][codes[:, level] < codebook_size]).size) / codebook_size
+        for level in range(codes.shape[1])
     ]
 
 
@@ -590,7 +593,9 @@ def _read_inputs(paths: Any, settings: Any) -> tuple[list[tuple], dict[str, np.n
         families = con.execute("SELECT family, dim, path, indexed_items, item_coverage FROM embedding_families").fetchall()
         feature = f"f{FALLBACK_FEATURE}"
         item_cols = {r[0] for r in con.execute("SELECT column_name FROM duckdb_columns() WHERE table_name = 'items'").fetchall()}
-        cand_cols = {r[0] for r in con.execute("SELECT column_name FROM duckdb_columns() WHERE table_name = 'candidates'").fetchall()}
+        cand_cols = {
+            r[0] for r in con.execute("SELECT column_name FROM duckdb_columns() WHERE table_name = 'candidates'").fetchall()
+        }
         item_feature = f"i.{feature}" if feature in item_cols else "NULL"
         cand_feature = f"c.{feature}" if feature in cand_cols else "NULL"
         rows = con.execute(
@@ -847,19 +852,72 @@ class MatrixReader:
         return self.matrix[np.asarray(wanted)]
 
 
-def build_semantic_ids(paths: Any, settings: Any, *, logger: Any = None) -> SemanticIdResult:
+@dataclass
+class ItemVectors:
+    """The vectors the codes quantize, chosen for a track (content family or collaborative)."""
+
+    reader: FamilyReader | MatrixReader
+    source: str  # "content:<family>" or "collaborative"
+    family: int | None
+    dim: int
+    coverage: ContentCoverage
+    universe: dict[str, np.ndarray]  # every item and candidate: creative_id, item_id, group_key, ...
+    collaborative_stats: dict[str, Any] | None = None
+
+
+@dataclass
+class ItemCodes:
+    """Every item's code tuple: RQ levels (fallbacks included) plus the disambiguation code."""
+
+    encoded: Encoded  # the embedded items' codes and errors
+    rq_codes: np.ndarray  # int32 [n, levels]
+    disambiguation: np.ndarray  # int32 [n]
+    codes: np.ndarray  # int32 [n, levels + 1]: rq_codes, then the disambiguation code
+    missing: np.ndarray  # rows without a vector (advertiser mean or unknown)
+
+
+def build_semantic_ids(paths: TrackPaths, settings: TaacSettings, *, logger: Any = None) -> SemanticIdResult:
     """Fit codebooks on the track's item vectors, code every item and candidate, write both.
 
     The vectors are the chosen content family's embeddings, or collaborative vectors learned
     from the ``sequences`` table (``models.collaborative``) when the source is collaborative, or
     auto and the family covers too few items (or there is none).
-    ``paths``: ``TrackPaths``; ``settings``: ``TaacSettings`` (uses ``settings.semantic_ids``).
     """
-    from taac_dagster.atomic import atomic_dir
-
     logger = logger or log
-    sid = settings.semantic_ids
     seconds: dict[str, float] = {}
+    vectors = choose_item_vectors(paths, settings, logger, seconds)
+    cfg = _config(settings.semantic_ids, vectors, logger)
+    started = time.perf_counter()
+    train = vectors.reader.read(training_sample(int(vectors.reader.has_embedding.sum()), cfg))  # fit's own subsample
+    codebooks = fit_rq_kmeans(train, cfg, logger=logger, overwrite_input=True)
+    del train
+    seconds["fit"] = time.perf_counter() - started
+    started = time.perf_counter()
+    item_codes = encode_items(codebooks, vectors, logger)
+    seconds["encode"] = time.perf_counter() - started
+    metrics = code_metrics(codebooks, vectors, item_codes)
+    logger.info(
+        f"utilization {metrics['utilization']}, reconstruction error {metrics['reconstruction_error']}, "
+        f"collisions {metrics['collision_rate_before']:.1%} -> 0 (max disambiguation {metrics['max_disambiguation']})"
+    )
+    truth = _synthetic_topics(paths)
+    if truth is not None:
+        metrics["topic_recovery"] = _topic_recovery(truth, codebooks, vectors, item_codes, cfg.seed)
+        logger.info(f"level-1 codes vs planted topics: {metrics['topic_recovery']}")
+    started = time.perf_counter()
+    _write(paths, settings, codebooks, vectors, item_codes, metrics)
+    seconds["write"] = time.perf_counter() - started
+    logger.info(f"wrote {len(item_codes.rq_codes)} rows to {TABLE} and the codebooks to {paths.codebooks}")
+    return SemanticIdResult(
+        vectors.source, vectors.family, vectors.dim, codebooks, item_codes.codes, vectors.universe["creative_id"],
+        vectors.reader.has_embedding, metrics, paths.codebooks, paths.warehouse, seconds, vectors.coverage,
+    )
+
+
+def choose_item_vectors(paths: TrackPaths, settings: TaacSettings, logger: Any, seconds: dict[str, float]) -> ItemVectors:
+    """The content family's embeddings when the source allows it and they cover enough items,
+    else collaborative vectors from the training sequences (``settings.semantic_ids.source``)."""
+    sid = settings.semantic_ids
     started = time.perf_counter()
     families, universe = _read_inputs(paths, settings)
     family_row = _choose_family(families, sid.family, settings.embedding_families, paths.track)
@@ -876,141 +934,146 @@ def build_semantic_ids(paths: Any, settings: Any, *, logger: Any = None) -> Sema
     )
     kind = choose_source(sid.source, coverage, paths.track)
     seconds["read"] = time.perf_counter() - started
-    collaborative_stats: dict[str, Any] | None = None
     if kind == "content":
-        reader, family, dim, source = content, coverage.family, int(family_row[1]), f"content:{coverage.family}"
-    else:
-        if sid.source == "auto":
-            logger.warning(
-                f"content coverage too low for Semantic IDs ({coverage.to_metadata()}): "
-                "using collaborative vectors from the training sequences"
-            )
-        started = time.perf_counter()
-        vectors = collaborative_vectors(
-            partial(sequence_batches, paths.warehouse, settings, get_track(paths.track).target_priority),
-            CollaborativeConfig(
-                dim=sid.collaborative_dim, window=sid.collaborative_window, max_items=sid.collaborative_max_items,
-                seed=sid.seed,
-            ),
+        assert content is not None and family_row is not None
+        return ItemVectors(content, f"content:{coverage.family}", coverage.family, int(family_row[1]), coverage, universe)
+    if sid.source == "auto":
+        logger.warning(
+            f"content coverage too low for Semantic IDs ({coverage.to_metadata()}): "
+            "using collaborative vectors from the training sequences"
         )
-        collaborative_stats = vectors.stats
-        seconds["collaborative"] = time.perf_counter() - started
-        if len(vectors.item_ids) == 0:
-            raise SemanticIdInputError(
-                f"no item of track {paths.track} has a collaborative vector (no two items share a training "
-                f"sequence), and content vectors were not used ({coverage.to_metadata()}): Semantic IDs need "
-                "one or the other"
-            )
-        reader = MatrixReader(vectors.item_ids, vectors.vectors, universe["item_id"])
-        family, dim, source = None, vectors.vectors.shape[1], "collaborative"
-    has_embedding = reader.has_embedding
-    embedded = np.flatnonzero(has_embedding)
-    n_embedded = len(embedded)
+    started = time.perf_counter()
+    learned = collaborative_vectors(
+        partial(sequence_batches, paths.warehouse, settings, get_track(paths.track).target_priority),
+        CollaborativeConfig(
+            dim=sid.collaborative_dim, window=sid.collaborative_window, max_items=sid.collaborative_max_items,
+            seed=sid.seed,
+        ),
+    )
+    seconds["collaborative"] = time.perf_counter() - started
+    if len(learned.item_ids) == 0:
+        raise SemanticIdInputError(
+            f"no item of track {paths.track} has a collaborative vector (no two items share a training "
+            f"sequence), and content vectors were not used ({coverage.to_metadata()}): Semantic IDs need "
+            "one or the other"
+        )
+    reader = MatrixReader(learned.item_ids, learned.vectors, universe["item_id"])
+    return ItemVectors(reader, "collaborative", None, learned.vectors.shape[1], coverage, universe, learned.stats)
+
+
+def _config(sid: Any, vectors: ItemVectors, logger: Any) -> SemanticIdConfig:
+    """The RQ-KMeans config of the settings, K chosen from the items with a vector when unset."""
+    n_embedded = int(vectors.reader.has_embedding.sum())
     k = sid.codebook_size or auto_codebook_size(n_embedded)
     logger.info(
-        f"source {source} ({dim}-d): {n_embedded} of {n} items have a vector; "
-        f"{sid.levels} levels x K={k}, whiten={sid.whiten}"
+        f"source {vectors.source} ({vectors.dim}-d): {n_embedded} of {len(vectors.universe['creative_id'])} items "
+        f"have a vector; {sid.levels} levels x K={k}, whiten={sid.whiten}"
     )
-
-    cfg = SemanticIdConfig(
+    return SemanticIdConfig(
         levels=sid.levels, codebook_size=k, whiten=sid.whiten, whiten_dim=sid.whiten_dim, niter=sid.niter,
         seed=sid.seed, max_train_points=sid.max_train_points, normalize=sid.normalize,
     )
-    started = time.perf_counter()
-    train = reader.read(training_sample(n_embedded, cfg))  # the same subsample fit would take
-    codebooks = fit_rq_kmeans(train, cfg, logger=logger, overwrite_input=True)
-    del train
-    seconds["fit"] = time.perf_counter() - started
 
-    # One streaming pass: encode every embedded item, and sum the embeddings of the advertisers
-    # that items without an embedding will borrow.
-    started = time.perf_counter()
-    missing = np.flatnonzero(~has_embedding)
-    group_key = universe["group_key"]
+
+def encode_items(codebooks: RQCodebooks, vectors: ItemVectors, logger: Any) -> ItemCodes:
+    """One streaming pass encodes every item with a vector and sums, per advertiser, the vectors
+    that items without one borrow (their advertiser's mean, else the unknown code); then the
+    disambiguation code makes every tuple unique."""
+    reader, group_key = vectors.reader, vectors.universe["group_key"]
+    has_embedding = reader.has_embedding
+    embedded, missing = np.flatnonzero(has_embedding), np.flatnonzero(~has_embedding)
+    n_embedded, levels = len(embedded), codebooks.levels
     embedded_keys = group_key[embedded]
-    means = GroupMeans(group_key[missing], dim)
+    means = GroupMeans(group_key[missing], vectors.dim)
     encoded = Encoded(
-        np.empty((n_embedded, cfg.levels), np.int32),
-        np.empty((n_embedded, cfg.levels), np.float32),
-        np.empty(n_embedded, np.float32),
+        np.empty((n_embedded, levels), np.int32), np.empty((n_embedded, levels), np.float32), np.empty(n_embedded, np.float32),
     )
     done = 0
-    for index, vectors in reader.batches():
-        part = encode_with_errors(codebooks, vectors)
+    for index, batch in reader.batches():
+        part = encode_with_errors(codebooks, batch)
         encoded.codes[index], encoded.level_sq_error[index], encoded.sq_norm[index] = (
             part.codes, part.level_sq_error, part.sq_norm
         )
-        means.add(embedded_keys[index], vectors)
+        means.add(embedded_keys[index], batch)
         done += len(index)
         if n_embedded >= 200_000 and done % 200_000 < len(index):
             logger.info(f"encoded {done:,} of {n_embedded:,} items")
-    rq_codes = np.full((n, cfg.levels), codebooks.unknown_code, np.int32)
+    rq_codes = np.full((len(has_embedding), levels), codebooks.unknown_code, np.int32)
     rq_codes[embedded] = encoded.codes
     rq_codes[missing] = means.codes(codebooks, group_key[missing])
-    priority = np.full(n, np.inf)
+    priority = np.full(len(has_embedding), np.inf)
     priority[embedded] = encoded.level_sq_error[:, -1]
-    disamb = resolve_collisions(rq_codes, priority, creative_ids)
-    codes = np.concatenate([rq_codes, disamb[:, None]], axis=1)
-    seconds["encode"] = time.perf_counter() - started
-    after = collision_rate(codes)
+    disamb = resolve_collisions(rq_codes, priority, vectors.universe["creative_id"])
+    item_codes = ItemCodes(encoded, rq_codes, disamb, np.concatenate([rq_codes, disamb[:, None]], axis=1), missing)
+    after = collision_rate(item_codes.codes)
     if after != 0.0:
         raise AssertionError(f"collision resolution left {after:.2%} duplicate tuples")
+    return item_codes
+
+
+def code_metrics(codebooks: RQCodebooks, vectors: ItemVectors, item_codes: ItemCodes) -> dict[str, Any]:
+    """Counts, utilization and reconstruction error per level, collision rates (the metadata)."""
+    missing, rq_codes, encoded = item_codes.missing, item_codes.rq_codes, item_codes.encoded
     unknown = int((rq_codes[missing, 0] == codebooks.unknown_code).sum())
     metrics: dict[str, Any] = {
-        "items": n,
-        "items_with_embedding": n_embedded,
+        "items": len(rq_codes),
+        "items_with_embedding": len(encoded.codes),
         "items_fallback_advertiser": len(missing) - unknown,
         "items_fallback_unknown": unknown,
-        "items_without_creative_id_skipped": int(universe["items_without_creative_id"][0]),
-        "levels": cfg.levels,
+        "items_without_creative_id_skipped": int(vectors.universe["items_without_creative_id"][0]),
+        "levels": codebooks.levels,
         "codebook_size": codebooks.codebook_size,
         "utilization": [round(u, 4) for u in utilization(encoded.codes, codebooks.codebook_size)],
         "reconstruction_error": [round(e, 4) for e in reconstruction_error(encoded)],
         "collision_rate_before": round(collision_rate(rq_codes), 4),
         "collision_rate_before_embedded": round(collision_rate(encoded.codes), 4),
-        "collision_rate_after": after,
-        "max_disambiguation": int(disamb.max(initial=0)),
-        "content_coverage": round(coverage.share, 4),
+        "collision_rate_after": 0.0,  # encode_items refuses anything else
+        "max_disambiguation": int(item_codes.disambiguation.max(initial=0)),
+        "content_coverage": round(vectors.coverage.share, 4),
     }
-    if collaborative_stats is not None:
-        metrics["collaborative"] = collaborative_stats
-    logger.info(
-        f"utilization {metrics['utilization']}, reconstruction error {metrics['reconstruction_error']}, "
-        f"collisions {metrics['collision_rate_before']:.1%} -> 0 (max disambiguation {metrics['max_disambiguation']})"
-    )
+    if vectors.collaborative_stats is not None:
+        metrics["collaborative"] = vectors.collaborative_stats
+    return metrics
 
-    truth = _synthetic_topics(paths)
-    if truth is not None:
-        pos, found = _lookup(truth[0], creative_ids)
-        topics = truth[1][pos]
-        on = has_embedding & found
-        recovery = topic_recovery(rq_codes[on, 0], topics[on], seed=cfg.seed)
-        # Fallback items (advertiser mean): does their level-1 code's majority topic match theirs?
-        fb = ~has_embedding & found & (rq_codes[:, 0] != codebooks.unknown_code)
-        if fb.any():
-            joint = np.zeros((codebooks.codebook_size, int(truth[1].max()) + 1), np.int64)
-            np.add.at(joint, (rq_codes[on, 0], topics[on]), 1)
-            recovery["fallback_topic_accuracy"] = round(float((joint.argmax(1)[rq_codes[fb, 0]] == topics[fb]).mean()), 4)
-        metrics["topic_recovery"] = recovery
-        logger.info(f"level-1 codes vs planted topics: {recovery}")
 
-    started = time.perf_counter()
+def _topic_recovery(
+    truth: tuple[np.ndarray, np.ndarray], codebooks: RQCodebooks, vectors: ItemVectors, item_codes: ItemCodes, seed: int
+) -> dict[str, Any]:
+    """Synthetic data: how well level-1 codes recover the planted topics (NMI, purity, chance)."""
+    has_embedding, rq_codes = vectors.reader.has_embedding, item_codes.rq_codes
+    pos, found = _lookup(truth[0], vectors.universe["creative_id"])
+    topics = truth[1][pos]
+    on = has_embedding & found
+    recovery = topic_recovery(rq_codes[on, 0], topics[on], seed=seed)
+    # Fallback items (advertiser mean): does their level-1 code's majority topic match theirs?
+    fb = ~has_embedding & found & (rq_codes[:, 0] != codebooks.unknown_code)
+    if fb.any():
+        joint = np.zeros((codebooks.codebook_size, int(truth[1].max()) + 1), np.int64)
+        np.add.at(joint, (rq_codes[on, 0], topics[on]), 1)
+        recovery["fallback_topic_accuracy"] = round(float((joint.argmax(1)[rq_codes[fb, 0]] == topics[fb]).mean()), 4)
+    return recovery
+
+
+def _write(
+    paths: TrackPaths, settings: TaacSettings, codebooks: RQCodebooks, vectors: ItemVectors, item_codes: ItemCodes,
+    metrics: dict[str, Any],
+) -> None:
+    """The codebooks (atomically) and the item_semantic_ids table (one transaction)."""
+    from taac_dagster.atomic import atomic_dir
+
     with atomic_dir(paths.codebooks) as tmp:
         codebooks.save(
             tmp,
             {
-                "source": source,
-                "family": family,
-                "family_dim": dim if family is not None else None,
+                "source": vectors.source,
+                "family": vectors.family,
+                "family_dim": vectors.dim if vectors.family is not None else None,
                 "track": paths.track,
-                "content_coverage": coverage.to_metadata(),
+                "content_coverage": vectors.coverage.to_metadata(),
                 "metrics": metrics,
             },
         )
-        write_item_semantic_ids(paths.warehouse, settings, creative_ids, universe["item_id"], codes, has_embedding)
-    seconds["write"] = time.perf_counter() - started
-    logger.info(f"wrote {n} rows to {TABLE} and the codebooks to {paths.codebooks}")
-    return SemanticIdResult(
-        source, family, dim, codebooks, codes, creative_ids, has_embedding, metrics, paths.codebooks, paths.warehouse,
-        seconds, coverage,
-    )
+        write_item_semantic_ids(
+            paths.warehouse, settings, vectors.universe["creative_id"], vectors.universe["item_id"], item_codes.codes,
+            vectors.reader.has_embedding,
+        )
