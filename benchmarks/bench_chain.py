@@ -67,7 +67,9 @@ def step_figures(home: Path) -> dict:
     with DagsterInstance.get() as instance:
         run = instance.get_runs(limit=1)[0]
         records = instance.all_logs(run.run_id)
-        run_start = next(r.timestamp for r in records if r.dagster_event and r.dagster_event.event_type == DagsterEventType.RUN_START)
+        run_start = next(
+            r.timestamp for r in records if r.dagster_event and r.dagster_event.event_type == DagsterEventType.RUN_START
+        )
         run_end = max(r.timestamp for r in records)
         steps: dict[str, dict] = {}
         for r in records:

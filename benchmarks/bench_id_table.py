@@ -76,7 +76,8 @@ def child(track: str, steps: int, batch_negatives: int | None) -> None:
         batch = {
             "items": torch.from_numpy(items), "actions": torch.from_numpy(rng.integers(0, n_actions, (B, L))),
             "times": torch.from_numpy(np.cumsum(rng.integers(1, 3600, (B, L)), axis=1)),
-            "user_sparse": torch.from_numpy(rng.integers(0, 3, (B, 4))), "user_multi": torch.from_numpy(rng.integers(0, 3, (B, 4, 8))),
+            "user_sparse": torch.from_numpy(rng.integers(0, 3, (B, 4))),
+            "user_multi": torch.from_numpy(rng.integers(0, 3, (B, 4, 8))),
             "weights": torch.ones(B, L), "pos_logq": torch.zeros(B, L), "neg_items": torch.from_numpy(neg),
             "neg_logq": torch.zeros(len(neg)), "loss_scale": torch.tensor(1.0 / (B * L)),
         }
@@ -88,7 +89,8 @@ def child(track: str, steps: int, batch_negatives: int | None) -> None:
     seconds = time.perf_counter() - started
     id_rows = model.item_id.weight.shape[0]
     print(json.dumps({
-        "track": track, "items": n_items, "batch_negatives": spec.batch_items, "sampled_negatives": spec.sampled, "loss": cfg.loss, "id_buckets": cfg.id_buckets, "id_table_rows": id_rows,
+        "track": track, "items": n_items, "batch_negatives": spec.batch_items, "sampled_negatives": spec.sampled,
+        "loss": cfg.loss, "id_buckets": cfg.id_buckets, "id_table_rows": id_rows,
         "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 1),
         "id_table_with_adam_gb": round(3 * 4 * id_rows * cfg.d_model / 2**30, 2),
         "steps_per_s": round(steps / seconds, 2), "sequences_per_s": round(steps * B / seconds, 1),

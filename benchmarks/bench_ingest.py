@@ -107,7 +107,8 @@ def main() -> None:
             started = time.perf_counter()
             summary = generate_dataset(root, "1M", cfg, [81])
             size_mb = sum(p.stat().st_size for p in root.rglob("*") if p.is_file()) / 2**20
-            print(f"[{fmt}] generated {summary.events:,} events in {time.perf_counter() - started:.1f}s, {size_mb:,.0f} MB on disk")
+            seconds = time.perf_counter() - started
+            print(f"[{fmt}] generated {summary.events:,} events in {seconds:.1f}s, {size_mb:,.0f} MB on disk")
             results = {}
             for step in ("bare", "events", "warehouse"):
                 scratch = work / f"scratch_{fmt}_{step}"

@@ -127,7 +127,8 @@ def _prepare_child(warehouse: str, arrays_dir: str) -> None:
     started = time.perf_counter()
     arrays = prepare_arrays(Path(warehouse), Path(arrays_dir), "1M", PrepareOptions(), reuse=False)
     print(json.dumps({"mode": "prepare", "seconds": time.perf_counter() - started, "sequences": arrays.num_sequences,
-                      "events": arrays.meta["num_events"], "item_rows": arrays.meta["num_item_rows"], "peak_rss_mb": _peak_rss_mb()}))
+                      "events": arrays.meta["num_events"], "item_rows": arrays.meta["num_item_rows"],
+                      "peak_rss_mb": _peak_rss_mb()}))
 
 
 def _run(args: list[str]) -> dict:
@@ -189,7 +190,8 @@ def _build_dataset(args: argparse.Namespace, work: Path, paths, arrays_dir: Path
     cfg = SyntheticSettings(num_users=args.users, num_items=args.items, mean_history=args.mean_history, seed=7, cold_items=1000)
     started = time.perf_counter()
     summary = generate_dataset(raw, "1M", cfg, [81])
-    print(f"generated {summary.events:,} events ({args.users:,} users, {args.items:,} items) in {time.perf_counter() - started:.0f}s")
+    seconds = time.perf_counter() - started
+    print(f"generated {summary.events:,} events ({args.users:,} users, {args.items:,} items) in {seconds:.0f}s")
     settings = load_settings("1M", {"data_root": str(work), "source": "local", "local_path": str(raw)})
     started = time.perf_counter()
     build_warehouse(raw, paths, settings)

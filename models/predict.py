@@ -65,7 +65,8 @@ def read_predict_inputs(path: Path, arrays: Arrays, settings: Any = None) -> Pre
             """
             SELECT ids.user_id,
                    coalesce(list(e.item_id ORDER BY e.position) FILTER (WHERE e.item_id IS NOT NULL), []) AS item_ids,
-                   coalesce(list(coalesce(e.action_type, 0) ORDER BY e.position) FILTER (WHERE e.item_id IS NOT NULL), []) AS actions,
+                   coalesce(list(coalesce(e.action_type, 0) ORDER BY e.position) FILTER (WHERE e.item_id IS NOT NULL), [])
+                       AS actions,
                    coalesce(list(e."timestamp" ORDER BY e.position) FILTER (WHERE e.item_id IS NOT NULL), []) AS times,
                    (SELECT min(raw_user_id) FROM stg_user_index r WHERE r.user_id = ids.user_id) AS raw_user_id
             FROM ids LEFT JOIN stg_events e USING (user_id)
@@ -73,7 +74,8 @@ def read_predict_inputs(path: Path, arrays: Arrays, settings: Any = None) -> Pre
             """
         ).to_arrow_table()
         features = con.sql(
-            "SELECT ids.user_id, f.* EXCLUDE (user_id) FROM ids LEFT JOIN stg_user_features f USING (user_id) ORDER BY ids.user_id"
+            "SELECT ids.user_id, f.* EXCLUDE (user_id) FROM ids LEFT JOIN stg_user_features f USING (user_id) "
+            "ORDER BY ids.user_id"
         ).to_arrow_table()
     finally:
         con.close()

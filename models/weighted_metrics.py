@@ -29,7 +29,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from models.metrics import HR_WEIGHT, K, NDCG_WEIGHT, hits_from_ranks, ndcg_from_ranks, score
+from models.metrics import HR_WEIGHT, NDCG_WEIGHT, K, hits_from_ranks, ndcg_from_ranks, score
 from models.metrics import target_ranks as ranks_of_targets
 from taac_dagster.tracks import get_track
 

@@ -14,7 +14,8 @@ main_job = define_asset_job(
     "taac_main",
     selection=AssetSelection.all(),
     partitions_def=track_partitions,
-    description="The whole chain for one track: raw data -> tables and checks -> codebooks -> encoder -> index -> report and submission.",
+    description="The whole chain for one track: raw data -> tables and checks -> codebooks -> encoder -> index -> "
+    "report and submission.",
 )
 
 data_job = define_asset_job(

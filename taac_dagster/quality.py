@@ -262,7 +262,8 @@ def check_events_schema(ctx: CheckContext) -> CheckOutcome:
     )
     expectations = [
         E.ExpectTableColumnsToMatchSet(
-            column_set=["user_id", "position", "item_id", "action_type", "action_type_missing", "timestamp", "prev_timestamp", "item_known"],
+            column_set=["user_id", "position", "item_id", "action_type", "action_type_missing", "timestamp", "prev_timestamp",
+                        "item_known"],
             exact_match=True,
         ),
         *[E.ExpectColumnValuesToBeOfType(column=c, type_="int64") for c in ("user_id", "item_id", "timestamp")],
@@ -361,7 +362,9 @@ def check_users(ctx: CheckContext) -> CheckOutcome:
     return _keyed_table_outcome(ctx, "users_valid", "users", "user_id", suite, "no user has a profile or an event")
 
 
-def _keyed_table_outcome(ctx: CheckContext, name: str, table: str, key: str, suite: dict[str, Any], why_empty: str) -> CheckOutcome:
+def _keyed_table_outcome(
+    ctx: CheckContext, name: str, table: str, key: str, suite: dict[str, Any], why_empty: str
+) -> CheckOutcome:
     """The outcome of a table keyed by ``key`` (items, users): its suite plus full-table counts
     of emptiness and duplicate keys."""
     empty = _empty(ctx, table, why_empty)
@@ -413,7 +416,8 @@ def check_sequences(ctx: CheckContext) -> CheckOutcome:
         "duplicate_user_ids": duplicates,
         "too_long": ctx.count(f"SELECT count(*) FROM sequences WHERE length > {int(ctx.max_history)} OR length < 1"),
         "misaligned_lists": ctx.count(
-            "SELECT count(*) FROM sequences WHERE len(item_ids) <> len(action_types) OR len(item_ids) <> len(timestamps) OR len(item_ids) <> length"
+            "SELECT count(*) FROM sequences WHERE len(item_ids) <> len(action_types) OR len(item_ids) <> len(timestamps) "
+            "OR len(item_ids) <> length"
         ),
         "target_leaks": ctx.count(
             "SELECT count(*) FROM sequences s JOIN holdout h USING (user_id) WHERE s.last_position >= h.target_position"
@@ -435,7 +439,8 @@ def check_sequences(ctx: CheckContext) -> CheckOutcome:
             f"""SELECT s.user_id FROM sequences s JOIN holdout h USING (user_id)
                 WHERE s.last_position >= h.target_position ORDER BY s.user_id LIMIT {NAMED}"""
         )]
-        problems.append(f"{counts['target_leaks']} training sequence(s) reach their user's target: users {_named(users, counts['target_leaks'])}")
+        leaks = counts["target_leaks"]
+        problems.append(f"{leaks} training sequence(s) reach their user's target: users {_named(users, leaks)}")
     return _outcome(
         "sequences_valid", "sequences",
         f"non-empty; one row per user; history length 1..{ctx.max_history}, aligned lists, no target or later event in training",
@@ -574,14 +579,19 @@ def _embedding_source(ctx: CheckContext, family: int) -> str:
 
 
 CHECKS: tuple[CheckSpec, ...] = (
-    CheckSpec("events_valid", "events", "events: non-empty, schema, ids, action types, one event per position, plausible time order, known items", ERROR, check_events_schema),
-    CheckSpec("events_missing_action_types", "events", "events whose action type was null (kept as exposures)", WARN, check_events_missing_actions),
+    CheckSpec("events_valid", "events", "events: non-empty, schema, ids, action types, one event per position, "
+              "plausible time order, known items", ERROR, check_events_schema),
+    CheckSpec("events_missing_action_types", "events", "events whose action type was null (kept as exposures)", WARN,
+              check_events_missing_actions),
     CheckSpec("items_valid", "items", "items: non-empty, unique ids, feature values in vocabulary", ERROR, check_items),
     CheckSpec("users_valid", "users", "users: non-empty, unique ids, feature values in vocabulary", ERROR, check_users),
-    CheckSpec("sequences_valid", "sequences", "sequences: non-empty, one per user, length <= max history, aligned, no target leak", ERROR, check_sequences),
-    CheckSpec("holdout_valid", "holdout", "holdout: non-empty, one target per user, in candidates, history before it", ERROR, check_holdout),
+    CheckSpec("sequences_valid", "sequences", "sequences: non-empty, one per user, length <= max history, aligned, "
+              "no target leak", ERROR, check_sequences),
+    CheckSpec("holdout_valid", "holdout", "holdout: non-empty, one target per user, in candidates, history before it", ERROR,
+              check_holdout),
     CheckSpec("candidates_valid", "candidates", "candidates: non-empty, unique ids", ERROR, check_candidates),
-    CheckSpec("embeddings_valid", "item_embeddings", "embeddings: family dimension, finite values (every vector)", ERROR, check_embeddings),
+    CheckSpec("embeddings_valid", "item_embeddings", "embeddings: family dimension, finite values (every vector)", ERROR,
+              check_embeddings),
 )
 
 

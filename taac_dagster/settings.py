@@ -76,7 +76,9 @@ class SemanticIdSettings(BaseModel):
     min_items: int | None = Field(
         None, ge=1, description="Items the content family must cover for content codes; unset: max(K, 2% of the items)."
     )
-    collaborative_dim: int = Field(32, ge=2, le=256, description="Dimension of the collaborative vectors (truncated SVD of the PPMI).")
+    collaborative_dim: int = Field(
+        32, ge=2, le=256, description="Dimension of the collaborative vectors (truncated SVD of the PPMI)."
+    )
     collaborative_window: int = Field(3, ge=1, le=20, description="Co-occurrence window, in positions.")
     collaborative_max_items: int = Field(
         100_000, ge=2, description="Vocabulary of the co-occurrence matrix (most frequent items; rarer ones are folded in)."

@@ -132,7 +132,8 @@ def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 def _track_presets() -> list[str]:
     import yaml
 
-    presets = {path.stem: _flatten(yaml.safe_load(path.read_text()) or {}) for path in sorted((CONFIG_DIR / "tracks").glob("*.yaml"))}
+    files = sorted((CONFIG_DIR / "tracks").glob("*.yaml"))
+    presets = {path.stem: _flatten(yaml.safe_load(path.read_text()) or {}) for path in files}
     tracks = sorted(presets, key=lambda name: float(name.rstrip("M")))
     keys = sorted({key for values in presets.values() for key in values})
     rows = ["| setting | " + " | ".join(tracks) + " |", "| --- |" + " --- |" * len(tracks)]

@@ -142,7 +142,7 @@ def write_demo_as_hub(source: Path, target: Path) -> Path:
         user = records[0][0]
         users.append(user)
         events = []
-        for user_id, item_id, user_feature, item_feature, action_type, timestamp in records:
+        for _user_id, item_id, user_feature, item_feature, action_type, timestamp in records:
             if user_feature is not None:
                 profiles[user] = user_feature
                 continue

@@ -9,7 +9,6 @@ The Kubernetes parts skip when dagster-k8s is not installed (`pip install -e '.[
 from __future__ import annotations
 
 import contextlib
-
 import importlib.util
 import json
 import os

@@ -17,7 +17,7 @@ def test_schedule_requests_one_run_per_track():
     schedule = defs.resolve_schedule_def("taac_retraining")
     assert schedule.cron_schedule == "0 3 * * 1" and schedule.job_name == "taac_retrain"
     context = build_schedule_context(
-        scheduled_execution_time=dt.datetime(2026, 11, 23, 3, 0, tzinfo=dt.timezone.utc),
+        scheduled_execution_time=dt.datetime(2026, 11, 23, 3, 0, tzinfo=dt.UTC),
         repository_def=defs.get_repository_def(),
     )
     requests = list(schedule.evaluate_tick(context).run_requests)
