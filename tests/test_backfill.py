@@ -1,4 +1,4 @@
-"""A backfill over both tracks, launched from the CLI as the README says, on a temporary
+"""A backfill over both tracks, launched from the CLI as docs/operations.md says, on a temporary
 instance served by `dagster dev` (its daemon runs the backfill): both partitions end with a
 report and a submission."""
 
