@@ -38,7 +38,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from matplotlib.ticker import ScalarFormatter
+from matplotlib.ticker import FormatStrFormatter
 
 from models.weighted_metrics import K, hits_from_ranks, ndcg_from_ranks, score
 from taac_dagster.atomic import atomic_file, write_text_atomic
@@ -273,7 +273,7 @@ def recall_tuning_figure(tuning: Mapping[str, Any], *, floor: float | None = Non
         ax.scatter(steps[-1:, 0], steps[-1:, 1], s=90, facecolors="none", edgecolors="black",
                    label=f"kept: {knob} {steps[-1, 0]:g}")
     ax.set_xscale("log", base=2)
-    ax.xaxis.set_major_formatter(ScalarFormatter())
+    ax.xaxis.set_major_formatter(FormatStrFormatter("%g"))
     ax.set_xlabel(knob)
     ax.set_ylabel(f"recall@{k}")
     ax.set_title(f"{knob} tuning against exact search")

@@ -3,8 +3,10 @@
 The whole chain is materialized for the 1M track with the CLI (`dagster job execute`, as in the
 README, plus the in-process executor), then `dagster dev` serves the project's workspace.yaml
 on a free loopback port, against the same temporary DAGSTER_HOME, and Chromium (driven by Playwright) opens the asset graph, launches the
-data job `taac_data` for partition 1M from the job page, waits for the run to succeed, and reads
-the `headline` table of `evaluation_report` (partition 1M) off the asset page.
+data job `taac_data` for partition 1M from the job page, waits for the run to succeed, reads
+the `headline` table of `evaluation_report` (partition 1M) off the asset page, and checks that
+a table's page shows its row count and columns and that the loss curve, the recall tuning and
+the report's plots show as images in their materializations' metadata.
 
 Screenshots of each step, the server's and the CLI's logs (and a Playwright trace when the test
 fails) land in `test-artifacts/ui/` at the repository root, or in $TAAC_TEST_ARTIFACTS.
@@ -37,6 +39,8 @@ SETTINGS = {
     "TAAC_SYNTHETIC__NUM_ITEMS": "800",
     "TAAC_TRAINING__MAX_STEPS": "20",
     "TAAC_TRAINING__VAL_USERS": "0",
+    # An IVF index is tuned (nprobe climbs to the recall target), so its tuning plot shows.
+    "TAAC_RETRIEVAL__INDEX": "ivf",
 }
 # The CLI pre-materialization runs every step in one process: the multiprocess executor would
 # start a fresh Python per step (about a minute more on 2 cores). The run launched from the UI
@@ -184,6 +188,35 @@ def test_materialize_from_ui_and_read_the_report(dagster_ui, chromium, artifacts
             page.goto(f"{url}/assets/evaluation_report?view=lineage")
             expect(page.get_by_text("faiss_index", exact=True).first).to_be_visible()
             shot("evaluation-report-lineage")
+
+            # 6. A table's page: its row count and columns (dagster/row_count, dagster/column_schema).
+            page.goto(f"{url}/assets/events")
+            expect(page.get_by_text("action_type_missing", exact=True).first).to_be_visible()
+            expect(page.get_by_text(re.compile(r"^Row count$", re.I)).first).to_be_visible()
+            shot("events-row-count-and-columns")
+
+            # 7. The plots as images in the materialization metadata, partition 1M.
+            def show_images(asset: str, entry: str, images: int) -> None:
+                page.goto(f"{url}/assets/{asset}?view=partitions&partition={TRACK}")
+                row = page.get_by_role("row").filter(has=page.get_by_role("cell", name=entry, exact=True))
+                expect(row).to_be_visible()
+                row.scroll_into_view_if_needed()
+                show = row.get_by_text("[Show Markdown]")
+                scope = row
+                if show.count():
+                    show.click()
+                    scope = page.get_by_role("dialog").last
+                pictures = scope.locator("img[src^='data:image/png;base64,']")
+                expect(pictures).to_have_count(images)
+                expect(pictures.first).to_be_visible()
+                assert pictures.first.evaluate("img => img.naturalWidth") > 100, f"{asset} {entry}: the image did not load"
+                shot(f"{asset}-{entry}")
+                if show.count():
+                    page.keyboard.press("Escape")
+
+            show_images("encoder_checkpoint", "loss_curve_plot", 1)
+            show_images("faiss_index", "recall_tuning", 1)
+            show_images("evaluation_report", "plots", 2)
             passed = True
         finally:
             if not passed:
