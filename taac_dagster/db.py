@@ -9,12 +9,17 @@ never as SQL text, so nothing a user sets can change a statement.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import duckdb
 
+if TYPE_CHECKING:
+    from taac_dagster.settings import TaacSettings
 
-def duckdb_config(settings: Any = None, *, spill_dir: Path | None = None, writing: bool = False) -> dict[str, Any]:
+
+def duckdb_config(
+    settings: TaacSettings | None = None, *, spill_dir: Path | None = None, writing: bool = False
+) -> dict[str, Any]:
     """The DuckDB config of a connection: memory limit and threads from ``settings`` (the
     documented defaults when None), plus the spill folder and unordered inserts for writers."""
     if settings is None:
@@ -35,7 +40,7 @@ def duckdb_config(settings: Any = None, *, spill_dir: Path | None = None, writin
 
 def connect(
     path: str | Path | None = None,
-    settings: Any = None,
+    settings: TaacSettings | None = None,
     *,
     read_only: bool = False,
     spill_dir: Path | None = None,

@@ -17,13 +17,16 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import duckdb
 import pandas as pd
 
 from taac_dagster.formats import ITEM_SPARSE_FEATURES, USER_ARRAY_FEATURES, USER_SPARSE_FEATURES, feature_column
 from taac_dagster.tracks import get_track
+
+if TYPE_CHECKING:
+    from taac_dagster.settings import TaacSettings
 
 ERROR, WARN = "ERROR", "WARN"
 
@@ -602,7 +605,7 @@ def run_checks(
     max_history: int,
     sample_users: int,
     names: list[str] | None = None,
-    settings: Any = None,
+    settings: TaacSettings | None = None,
 ) -> list[CheckOutcome]:
     """Run the named checks (default: all) on a warehouse through a read-only connection."""
     from taac_dagster.db import connect
