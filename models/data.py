@@ -235,7 +235,8 @@ class RowSpace:
     @classmethod
     def read(cls, con: duckdb.DuckDBPyConnection) -> RowSpace:
         max_item = int(_scalar(
-            con, "SELECT greatest((SELECT coalesce(max(item_id), 0) FROM items), (SELECT coalesce(max(item_id), 0) FROM candidates))"
+            con,
+            "SELECT greatest((SELECT coalesce(max(item_id), 0) FROM items), (SELECT coalesce(max(item_id), 0) FROM candidates))",
         ))
         extra = con.execute(
             "SELECT DISTINCT creative_id FROM candidates WHERE item_id IS NULL ORDER BY creative_id"
@@ -310,7 +311,8 @@ def _write_item_features(
     item_feats = np.zeros((space.n_rows, len(item_cols)), np.int32)
     creative = np.zeros(space.n_rows, np.int64)
     select = ", ".join(f"coalesce(f{c}, 0) AS f{c}" for c in item_cols)
-    items = con.execute(f"SELECT item_id, coalesce(creative_id, 0) AS creative_id{', ' + select if select else ''} FROM items").fetchnumpy()
+    features = f", {select}" if select else ""
+    items = con.execute(f"SELECT item_id, coalesce(creative_id, 0) AS creative_id{features} FROM items").fetchnumpy()
     item_rows = items["item_id"].astype(np.int64)
     creative[item_rows] = items["creative_id"]
     for j, c in enumerate(item_cols):
@@ -318,8 +320,9 @@ def _write_item_features(
     if len(space.extra_creative):
         creative[space.id_rows:] = space.extra_creative
         select = ", ".join(f"any_value(coalesce(f{c}, 0)) AS f{c}" if f"f{c}" in cand_cols else f"0 AS f{c}" for c in item_cols)
+        cold_features = f", {select}" if select else ""
         cold = con.execute(
-            f"SELECT creative_id{', ' + select if select else ''} FROM candidates WHERE item_id IS NULL GROUP BY creative_id ORDER BY creative_id"
+            f"SELECT creative_id{cold_features} FROM candidates WHERE item_id IS NULL GROUP BY creative_id ORDER BY creative_id"
         ).fetchnumpy()
         for j, c in enumerate(item_cols):
             item_feats[space.id_rows:, j] = cold[f"f{c}"]
@@ -398,7 +401,9 @@ def _write_semantic_ids(
 def _write_users(con: duckdb.DuckDBPyConnection, out: Path, vocab: dict[str, int], options: PrepareOptions) -> dict[str, Any]:
     """Sparse user features and multi-valued ones (first multi_len values each), by user id."""
     user_cols = set(_columns(con, "users"))
-    max_user = int(_scalar(con, "SELECT greatest((SELECT coalesce(max(user_id), 0) FROM users), (SELECT coalesce(max(user_id), 0) FROM sequences))"))
+    max_user = int(_scalar(
+        con, "SELECT greatest((SELECT coalesce(max(user_id), 0) FROM users), (SELECT coalesce(max(user_id), 0) FROM sequences))"
+    ))
     sparse_names = [c for c in USER_SPARSE if f"f{c}" in user_cols]
     multi_names = [c for c in USER_MULTI if f"f{c}" in user_cols]
     cols = ", ".join(["user_id"] + [f"f{c}" for c in sparse_names + multi_names])

@@ -310,7 +310,9 @@ class Encoder(nn.Module):
         self.tables: ItemTables | None = None
         # Item tower: id + sparse features + multi-modal projections + Semantic ID codes.
         id_table_rows = (cfg.id_buckets + 1) if cfg.id_buckets else cfg.id_rows
-        self.item_id = nn.Embedding(id_table_rows, d, padding_idx=0, sparse=id_table_rows > cfg.sparse_threshold) if cfg.use_ids else None
+        self.item_id = (
+            nn.Embedding(id_table_rows, d, padding_idx=0, sparse=id_table_rows > cfg.sparse_threshold) if cfg.use_ids else None
+        )
         if self.item_id is not None:
             # id_init_std 0: an item never seen in training adds nothing through its id and is
             # embedded by its features, multi-modal vectors and Semantic ID alone; but then an
@@ -520,7 +522,8 @@ class Encoder(nn.Module):
             )
         elif cfg.loss == "bce":
             neg = pick(all_emb[all_emb.shape[0] - B * L :].view(B, L, -1))
-            loss = sampled_bce(query, pick(item_emb), neg, weights=weights, scale=batch["loss_scale"], cosine=cosine, temperature=self.temperature if cosine else 1.0)
+            loss = sampled_bce(query, pick(item_emb), neg, weights=weights, scale=batch["loss_scale"], cosine=cosine,
+                               temperature=self.temperature if cosine else 1.0)
         else:
             raise ValueError(f"unknown loss {cfg.loss!r}: softmax, infonce or bce")
         return loss, {"positions": idx.numel()}

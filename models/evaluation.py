@@ -463,11 +463,15 @@ def _baseline(paths: Any, settings: Any, arrays: Arrays, device: torch.device, m
         logger.warning(str(error))
         return None
     index, recall, _, _ = index_model_pool(loaded, arrays, settings, device, logger, {})
-    notes.append(f"The '{name}' preset ({loaded.checkpoint_version}) is searched with {index.spec.describe()}, recall@10 {recall:.4f}.")
+    notes.append(
+        f"The '{name}' preset ({loaded.checkpoint_version}) is searched with {index.spec.describe()}, recall@10 {recall:.4f}."
+    )
     return loaded, index
 
 
-def _weighted_targets(arrays: Arrays, rows: np.ndarray, position: np.ndarray, relevance: dict[int, float]) -> tuple[np.ndarray, np.ndarray]:
+def _weighted_targets(
+    arrays: Arrays, rows: np.ndarray, position: np.ndarray, relevance: dict[int, float]
+) -> tuple[np.ndarray, np.ndarray]:
     """Padded target positions and their relevance weights for the weighted metrics."""
     targets = np.asarray(arrays.hold_targets[rows]).astype(np.int64)
     actions = np.asarray(arrays.hold_target_actions[rows]).astype(np.int64)
@@ -569,7 +573,8 @@ def _evaluation_run(paths: Any, settings: Any, logger: Any) -> EvaluationRun:
     baseline = _baseline(paths, settings, setup.arrays, setup.device, setup.loaded.preset, notes, logger)
     cand_rows = np.asarray(setup.arrays.cand_rows).astype(np.int64)
     return EvaluationRun(
-        settings=settings, track=get_track(paths.track), setup=setup, rows=rows, baseline=baseline, truth=_oracle_truth(paths, settings),
+        settings=settings, track=get_track(paths.track), setup=setup, rows=rows, baseline=baseline,
+        truth=_oracle_truth(paths, settings),
         popular=popularity_order(setup.arrays, setup.loaded.actions),
         pool_item_ids=np.where(cand_rows < int(setup.arrays.meta["id_rows"]), cand_rows, 0), notes=notes,
     )
@@ -650,7 +655,9 @@ def _training_curves(run: EvaluationRun) -> dict[str, list[tuple[int, float]]] |
 def _closing_notes(run: EvaluationRun) -> list[str]:
     es, notes = run.settings.evaluation, []
     if es.exclude_history:
-        notes.append("History filter on: items already in a user's history are never recommended (as in the official evaluation).")
+        notes.append(
+            "History filter on: items already in a user's history are never recommended (as in the official evaluation)."
+        )
     else:
         notes.append("History filter off: items from a user's history may be recommended.")
     if run.truth is None:
@@ -762,7 +769,9 @@ def submission_for_track(paths: TrackPaths, settings: TaacSettings, *, logger: A
     else:
         n = setup.n_hold
         if n == 0:
-            raise EvaluationError(f"{paths.warehouse}: the holdout table is empty and there is no {PREDICT_FILE}: no user to recommend for")
+            raise EvaluationError(
+                f"{paths.warehouse}: the holdout table is empty and there is no {PREDICT_FILE}: no user to recommend for"
+            )
         source = "holdout"
         users = raw_user_ids(paths.warehouse, np.asarray(arrays.hold_users).astype(np.int64), settings)
         inputs_of = lambda lo, hi: holdout_batch(arrays, np.arange(lo, hi))  # noqa: E731

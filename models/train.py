@@ -389,7 +389,9 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> Path:
     return path
 
 
-def load_encoder(path: str | Path, arrays: Arrays | None = None, device: str | torch.device = "cpu") -> tuple[Encoder, dict[str, Any]]:
+def load_encoder(
+    path: str | Path, arrays: Arrays | None = None, device: str | torch.device = "cpu"
+) -> tuple[Encoder, dict[str, Any]]:
     """Rebuild the model from a checkpoint alone (its config is inside); attach the item tables
     of ``arrays`` (default: the arrays the checkpoint was trained on) when they can be found."""
     ckpt = torch.load(path, map_location="cpu", weights_only=True)  # plain containers and tensors only
@@ -766,7 +768,9 @@ class TrackTraining:
     report_path: Path
 
 
-def train_track(paths: TrackPaths, settings: TaacSettings, *, logger: Any = None, on_log: Callable[[dict[str, Any]], None] | None = None) -> TrackTraining:
+def train_track(
+    paths: TrackPaths, settings: TaacSettings, *, logger: Any = None, on_log: Callable[[dict[str, Any]], None] | None = None
+) -> TrackTraining:
     """Prepare (or reuse) the track's arrays and train (or resume) the configured preset.
 
     ``paths``: taac_dagster.paths.TrackPaths; ``settings``: TaacSettings (``settings.training``
