@@ -58,7 +58,7 @@ from taac_dagster.tracks import get_track
 
 log = logging.getLogger(__name__)
 
-ARRAYS_VERSION = 2
+ARRAYS_VERSION = 3
 # The feature ids the arrays carry, as taac_dagster/formats.py declares them.
 ITEM_FEATURES = ITEM_MODEL_FEATURES
 USER_SPARSE = USER_SPARSE_FEATURES
@@ -290,6 +290,7 @@ def _prepare(
     validation = _write_validation(out, holdout, spec.target_priority, options)
     meta.update(_write_sequences(con, out, options.max_len, time_origin, space.n_rows, n_actions, validation))
     meta.update(_write_candidates(con, out, space))
+    meta["num_softmax_rows"] = len(softmax_rows(np.load(out / "item_counts.npy"), np.load(out / "cand_rows.npy")))
     meta.update(num_holdout=len(holdout["hold_users"]), num_val=len(validation["val_users"]),
                 num_val_eligible=int(validation["eligible"]))
     logger.info(
@@ -536,6 +537,14 @@ def _write_sequences(
     _save(out, "seq_users", seq_users)
     _save(out, "item_counts", counts.reshape(n_rows, n_actions))
     return {"num_sequences": n_seq, "num_events": events}
+
+
+def softmax_rows(item_counts: np.ndarray, cand_rows: np.ndarray) -> np.ndarray:
+    """The full softmax's classes: row 0 (padding), then, sorted, every row that occurs in a
+    training sequence or is a candidate. Rows in neither (an indexer may name far more items
+    than the data uses: the demo sample's names 58,734 and uses 7,500) are left out."""
+    seen = np.flatnonzero(np.asarray(item_counts).sum(axis=1) > 0)
+    return np.union1d(np.union1d(seen, np.asarray(cand_rows, np.int64)), [0]).astype(np.int64)
 
 
 def _write_candidates(con: duckdb.DuckDBPyConnection, out: Path, space: RowSpace) -> dict[str, Any]:

@@ -35,6 +35,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from models.data import softmax_rows
 from models.losses import full_softmax, info_nce, sampled_bce
 
 GAP_BUCKETS = 32  # log2 buckets of the gap to the previous event, in seconds
@@ -132,21 +133,35 @@ class ItemTables:
     mm: list[torch.Tensor] = field(default_factory=list)  # float32 [N, D_f] per family
     mm_mask: torch.Tensor | None = None  # bool [N, families]
     sids: torch.Tensor | None = None  # int32 [N, levels]
+    # The full softmax's classes: row 0 (padding) then every row a training sequence holds or
+    # the candidate pool offers, sorted (int64 [C]); ``class_of`` maps a row to its class
+    # (int64 [N], -1 for rows in neither: an indexer may name many items the data never uses).
+    classes: torch.Tensor | None = None
+    class_of: torch.Tensor | None = None
 
     @classmethod
     def from_arrays(cls, arrays: Any) -> ItemTables:
         t = torch.from_numpy
         sids = arrays.a.get("item_sids")
+        classes = softmax_rows(arrays.item_counts, arrays.cand_rows)
+        class_of = np.full(int(arrays.meta["num_item_rows"]), -1, np.int64)
+        class_of[classes] = np.arange(len(classes))
         return cls(
             feats=t(np.asarray(arrays.item_feats)),
             mm=[t(m) for m in arrays.mm_tables],
             mm_mask=t(np.asarray(arrays.item_mm_mask)),
             sids=t(sids) if sids is not None else None,
+            classes=t(classes),
+            class_of=t(class_of),
         )
 
     def to(self, device: torch.device | str) -> ItemTables:
         move = lambda x: x.to(device) if x is not None else None  # noqa: E731
-        return ItemTables(move(self.feats), [move(m) for m in self.mm], move(self.mm_mask), move(self.sids))
+        return ItemTables(
+            move(self.feats), [move(m) for m in self.mm], move(self.mm_mask), move(self.sids),
+            move(self.classes), move(self.class_of),
+        )
+
 
 
 # --- Building blocks ----------------------------------------------------------------------------
@@ -490,9 +505,14 @@ class Encoder(nn.Module):
         items = batch["items"]
         B, L = items.shape
         if cfg.loss == "softmax":
-            # Every item row is a class: embed the whole row space once and look positions up in it.
-            table = self._item_tower_rows(torch.arange(cfg.num_item_rows, device=items.device))
-            item_emb = F.embedding(items, table)
+            # Every item that trains or can be recommended is a class: embed them once and look
+            # positions up among them (a training item is always a class).
+            t = self.tables
+            if t.classes is None:  # tables built by hand: every row is a class
+                table, targets = self._item_tower_rows(torch.arange(cfg.num_item_rows, device=items.device)), items
+            else:
+                table, targets = self._item_tower_rows(t.classes), t.class_of[items]
+            item_emb = F.embedding(targets, table)
         else:
             extra = [batch[k].reshape(-1) for k in ("neg_items", "pos_neg_items") if k in batch]
             all_emb = self.item_tower(torch.cat([items.reshape(-1), *extra]))
@@ -507,7 +527,7 @@ class Encoder(nn.Module):
         cosine = cfg.similarity == "cosine"
         if cfg.loss == "softmax":
             loss = full_softmax(
-                query, table[1:], pick(items) - 1,
+                query, table[1:], pick(targets) - 1,
                 temperature=self.temperature if cosine else 1.0, weights=weights, scale=batch["loss_scale"], cosine=cosine,
             )
         elif cfg.loss == "infonce":

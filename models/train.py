@@ -224,8 +224,8 @@ def lr_at(step: int, tc: TrainConfig, steps: int) -> float:
 def resolve_model_settings(model: dict[str, Any], tc: TrainConfig, meta: dict[str, Any]) -> dict[str, Any]:
     """The preset's model settings with the data-dependent ``auto`` values decided:
 
-    * ``loss: auto``: the full softmax when the catalogue has at most ``full_softmax_items``
-      rows, else InfoNCE over the batch's items plus sampled negatives;
+    * ``loss: auto``: the full softmax when the catalogue (the items that train or are
+      candidates) has at most ``full_softmax_items`` rows, else InfoNCE over the batch's items plus sampled negatives;
     * ``dropout: auto``: 0.3 up to 1M training events, 0.1 from 100M, log-linear between;
     * ``id_init_std: auto``: zeros when items have features, multi-modal vectors or Semantic
       IDs, else a spread of 0.02;
@@ -233,7 +233,7 @@ def resolve_model_settings(model: dict[str, Any], tc: TrainConfig, meta: dict[st
       in ``max_id_table_bytes``, else hashed into as many rows as fit (the 10M track's 17.5M
       items at width 64 would take 13 GB)."""
     out = dict(model)
-    rows = int(meta["num_item_rows"])
+    rows = int(meta.get("num_softmax_rows", meta["num_item_rows"]))
     if out.get("loss", "auto") == "auto":
         out["loss"] = "softmax" if rows <= tc.full_softmax_items else "infonce"
     if out.get("dropout") == "auto":

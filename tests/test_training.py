@@ -392,3 +392,18 @@ def test_a_checkpoint_that_would_run_code_is_refused(arrays_1m, tmp_path):
     torch.save({"model": {}, "x": Exploit()}, tmp_path / "last.pt")
     with pytest.raises(pickle.UnpicklingError):
         load_encoder(tmp_path / "last.pt", arrays_1m)
+
+
+def test_softmax_classes_are_the_items_that_train_or_can_be_recommended(arrays_1m):
+    from models.encoder import ItemTables
+
+    tables = ItemTables.from_arrays(arrays_1m)
+    classes = tables.classes.numpy()
+    trained = set(np.flatnonzero(np.asarray(arrays_1m.item_counts).sum(axis=1) > 0).tolist())
+    assert classes[0] == 0 and np.all(np.diff(classes) > 0)
+    assert set(classes[1:].tolist()) == trained | set(arrays_1m.cand_rows.tolist())
+    assert len(classes) == arrays_1m.meta["num_softmax_rows"]
+    # Every item a training sequence holds (inputs and targets) has a class.
+    seen = np.asarray(arrays_1m.seq_items)
+    assert (tables.class_of.numpy()[seen[seen > 0]] >= 0).all()
+    np.testing.assert_array_equal(tables.class_of.numpy()[classes], np.arange(len(classes)))
