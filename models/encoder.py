@@ -253,6 +253,27 @@ class Dropout(nn.Module):
         return torch.where(keep, x * (1.0 / (1.0 - self.p)), 0.0)
 
 
+class _PermuteTokens(torch.autograd.Function):
+    """Reorder each row's tokens: out[b, j] = x[b, index[b, j]]. The backward is the inverse
+    reordering, a gather too (deterministic, unlike a scatter-add)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, index: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(inverse)
+        return x.gather(1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        (inverse,) = ctx.saved_tensors
+        return grad.gather(1, inverse.unsqueeze(-1).expand(-1, -1, grad.shape[-1])), None, None
+
+
+def permute_tokens(x: torch.Tensor, index: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+    """``x`` [B, S, d] with each row's tokens in the order ``index`` [B, S] (a permutation per
+    row, ``inverse`` its inverse)."""
+    return _PermuteTokens.apply(x, index, inverse)
+
+
 def make_norm(kind: str, dim: int) -> nn.Module:
     if kind == "layernorm":
         return nn.LayerNorm(dim)
@@ -262,6 +283,9 @@ def make_norm(kind: str, dim: int) -> nn.Module:
 
 
 class Attention(nn.Module):
+    """Causal self-attention over right-padded tokens (each row's tokens first, padding after),
+    so no padding mask is needed: a real token never sees a later (padding) one."""
+
     def __init__(self, cfg: EncoderConfig):
         super().__init__()
         if cfg.d_model % cfg.n_heads:
@@ -270,13 +294,19 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
         self.out = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor, last_only: bool = False) -> torch.Tensor:
-        """Self-attention of every position, or (``last_only``) of the last one: [B, 1, D]."""
+    def forward(self, x: torch.Tensor, last: torch.Tensor | None = None) -> torch.Tensor:
+        """Self-attention of every position, or (``last``: each row's last real position [B]) of
+        that position only: [B, 1, D]."""
         B, S, D = x.shape
         q, k, v = self.qkv(x).view(B, S, 3, self.n_heads, D // self.n_heads).permute(2, 0, 3, 1, 4)
-        if last_only:
-            q, mask, S = q[:, :, -1:], mask[..., -1:, :], 1
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0)
+        dropout = self.dropout if self.training else 0.0
+        if last is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout)
+        else:
+            q = q[torch.arange(B, device=x.device), :, last].unsqueeze(2)  # [B, heads, 1, d_head]
+            keys = torch.arange(S, device=x.device)[None, :] <= last[:, None]
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=keys[:, None, None, :], dropout_p=dropout)
+            S = 1
         return self.out(y.transpose(1, 2).reshape(B, S, D))
 
 
@@ -308,9 +338,11 @@ class Block(nn.Module):
         self.attn, self.mlp = Attention(cfg), MLP(cfg)
         self.drop = Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor, last_only: bool = False) -> torch.Tensor:
-        """``last_only``: the output of the last position only, [B, 1, D] (retrieval queries)."""
-        x = (x[:, -1:] if last_only else x) + self.drop(self.attn(self.norm1(x), mask, last_only))
+    def forward(self, x: torch.Tensor, last: torch.Tensor | None = None) -> torch.Tensor:
+        """``last`` (each row's last real position): the output of that position only, [B, 1, D]
+        (retrieval queries)."""
+        residual = x if last is None else x[torch.arange(x.shape[0], device=x.device), last].unsqueeze(1)
+        x = residual + self.drop(self.attn(self.norm1(x), last))
         return x + self.drop(self.mlp(self.norm2(x)))
 
 
@@ -465,24 +497,34 @@ class Encoder(nn.Module):
         if self.time is not None:
             tok = tok + self.time(batch["times"], valid_items)
         tokens = F.pad(tok, (0, 0, 1, 0))  # [B, L + 1, d]; token c + 1 is item c
-        n = valid_items.sum(1)
+        # History length: from the first real item on (an unknown item inside a history, row 0,
+        # stays a token of its own).
+        first = torch.where(valid_items.any(1), valid_items.to(torch.int8).argmax(1), L)
+        n = L - first
         col = torch.arange(L + 1, device=items.device)
         user_col = (L - n)[:, None]
-        valid = col[None, :] >= user_col
         user = self.user_token(batch["user_sparse"], batch["user_multi"])
         tokens[torch.arange(B, device=items.device), L - n] = user  # the user token, right before item_1
-        pos = (valid.cumsum(1) - 1).clamp_min(0)
+        pos = (col[None, :] - user_col).clamp_min(0)
         tokens = tokens + self.pos(pos)
         if self.next_action is not None:
             last = torch.full((B, 1), int(next_action), dtype=actions.dtype, device=items.device)
             tokens = tokens + self.next_action(torch.cat([actions, last], 1).clamp(0, self.cfg.n_actions - 1))
-        x = self.drop(tokens)
-        causal = col[None, :] <= col[:, None]  # [query, key]
-        mask = (causal[None] & valid[:, None, :]) | torch.eye(L + 1, dtype=torch.bool, device=items.device)[None]
-        mask = mask[:, None]  # [B, 1, L + 1, L + 1]; padded queries see themselves only (no NaN)
-        for i, block in enumerate(self.blocks):
-            x = block(x, mask, last_only and i == len(self.blocks) - 1)
-        return self.norm(x)
+        # The blocks run on right-padded tokens (the user token first, padding last): causal
+        # attention then needs no padding mask and SDPA takes its mask-free kernel. Row b is
+        # rotated by its user column; the states are rotated back (left-padded) at the end.
+        right = (col[None, :] + (L - n)[:, None]) % (L + 1)
+        left = (col[None, :] - (L - n)[:, None]) % (L + 1)
+        x = self.drop(permute_tokens(tokens, right, left))
+        if last_only:  # each row's last real token (the state after the whole history) only
+            for block in self.blocks[:-1]:
+                x = block(x)
+            if self.blocks:
+                return self.norm(self.blocks[-1](x, last=n))
+            return self.norm(x[torch.arange(B, device=items.device), n].unsqueeze(1))
+        for block in self.blocks:
+            x = block(x)
+        return self.norm(permute_tokens(x, left, right))
 
     def head(self, h: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
         """Query for the next item, given the action asked for."""

@@ -127,6 +127,20 @@ def test_padding_changes_nothing():
     torch.testing.assert_close(model.user_vectors(noisy, (1,)), model.user_vectors(batch, (1,)), rtol=0, atol=1e-5)
 
 
+def test_every_history_alone_and_unpadded_gets_its_batched_states():
+    """The blocks see right-padded tokens under a plain causal mask: each row's states equal
+    those of its history encoded alone, where there is no padding at all."""
+    model = model_for()
+    lengths = (8, 5, 1)
+    batch = left_pad(make_batch(lengths=lengths), 4)
+    h = model.encode(batch)
+    users = model.user_vectors(batch, (1,))
+    for b, n in enumerate(lengths):
+        alone = {k: (v[b : b + 1, -n:] if k in ("items", "actions", "times") else v[b : b + 1]) for k, v in batch.items()}
+        torch.testing.assert_close(model.encode(alone)[0], h[b, -(n + 1) :], rtol=0, atol=1e-5)
+        torch.testing.assert_close(model.user_vectors(alone, (1,))[0], users[b], rtol=0, atol=1e-5)
+
+
 def test_action_conditioning_changes_the_query():
     model = model_for()
     with torch.no_grad():
