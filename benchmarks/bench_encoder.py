@@ -29,20 +29,7 @@ import time
 import numpy as np
 import torch
 import torch.nn as nn
-from torch.utils.flop_counter import FlopCounterMode
-
-
-def measure_peak(threads: int, n: int = 4096, k: int = 256, repeats: int = 20) -> float:
-    """FP32 GFLOP/s of a [n, k] x [k, k] matmul (the best of ``repeats``)."""
-    a, b = torch.randn(n, k), torch.randn(k, k)
-    for _ in range(3):
-        a @ b
-    best = 0.0
-    for _ in range(repeats):
-        t = time.perf_counter()
-        a @ b
-        best = max(best, 2 * n * k * k / (time.perf_counter() - t) / 1e9)
-    return best
+from flops import flops_of, measure_peak
 
 
 def timed(fn, repeats: int) -> float:
@@ -51,13 +38,6 @@ def timed(fn, repeats: int) -> float:
     for _ in range(repeats):
         fn()
     return (time.perf_counter() - started) / repeats
-
-
-def flops_of(fn) -> float:
-    counter = FlopCounterMode(display=False)
-    with counter:
-        fn()
-    return float(counter.get_total_flops())
 
 
 def make_model(n_items: int, seed: int = 0):
@@ -103,7 +83,13 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: every core)")
     parser.add_argument("--train-batch", type=int, default=256)
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--malloc", choices=["tuned", "default"], default="tuned",
+                        help="tuned: models/allocator.py's glibc settings, as the pipeline runs; default: glibc's own")
     args = parser.parse_args()
+    if args.malloc == "tuned":
+        from models.allocator import keep_freed_memory
+
+        keep_freed_memory()
     if args.threads:
         torch.set_num_threads(args.threads)
     threads = torch.get_num_threads()
@@ -130,7 +116,8 @@ def main() -> None:
         stock.eval()
 
     count_fn = {"stock": stock_counted}
-    figures = {"threads": threads, "peak_gflops": round(peak, 1), "users": args.batch * repeats, "positions": x.shape[1]}
+    figures = {"malloc": args.malloc, "threads": threads, "peak_gflops": round(peak, 1), "users": args.batch * repeats,
+               "positions": x.shape[1]}
     with torch.no_grad():
         for name, fn in (
             ("stock", lambda: stock(x, mask=causal, is_causal=True)),

@@ -35,7 +35,6 @@ import time
 from pathlib import Path
 
 REAL_1M_ITEMS = 4_783_155
-CPU_FP32_PEAK = 166e9  # this machine's 2 cores' FP32 peak (docs/benchmarks_history.md)
 
 
 def _peak_rss_mb() -> float:
@@ -45,16 +44,26 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _child(mode: str, arrays_dir: str, preset_name: str, steps: int, threads: int | None, batch: int | None) -> None:
+def _child(mode: str, arrays_dir: str, preset_name: str, steps: int, threads: int | None, batch: int | None,
+           malloc: str) -> None:
     import numpy as np
     import torch
+    from flops import measure_peak
+
+    from models import allocator
+
+    if malloc == "default":  # glibc's own settings, also inside train()
+        allocator._applied = False
+    else:
+        allocator.keep_freed_memory()
 
     from models.data import BatchMaker, load_arrays
     from models.encoder import Encoder, EncoderConfig, ItemTables, count_parameters
-    from models.train import load_preset, make_optimizers, negative_spec, to_device, train
+    from models.train import load_preset, make_optimizers, negative_spec, resolve_model_settings, to_device, train
 
     if threads:
         torch.set_num_threads(threads)
+    peak = measure_peak() * 1e9
     arrays = load_arrays(arrays_dir)
     train_over = {"max_steps": steps, "val_users": 0, "log_every": 0, "threads": torch.get_num_threads()}
     if batch:
@@ -64,7 +73,8 @@ def _child(mode: str, arrays_dir: str, preset_name: str, steps: int, threads: in
     tc = preset.train
     lengths = (np.asarray(arrays.seq_items) > 0).sum(axis=1)
     tokens_per_seq = float(lengths.mean()) + 1  # items + the user token
-    out: dict = {"mode": mode, "preset": preset_name, "threads": torch.get_num_threads(), "load_before": os.getloadavg()[0]}
+    out: dict = {"mode": mode, "preset": preset_name, "threads": torch.get_num_threads(), "malloc": malloc,
+                 "fp32_peak_gflops": peak / 1e9, "load_before": os.getloadavg()[0]}
 
     if mode.startswith("e2e"):
         # Warm up on two steps (first-touch of the memory maps, allocator), then measure.
@@ -77,12 +87,14 @@ def _child(mode: str, arrays_dir: str, preset_name: str, steps: int, threads: in
         seconds = time.perf_counter() - started
         out.update(steps=result.steps, batch=tc.batch_size, seconds=seconds, params=result.params,
                    sequences_per_s=result.steps * tc.batch_size / seconds,
-                   median_step_sequences_per_s=float(np.median(step_rates)))
+                   median_step_sequences_per_s=float(np.median(step_rates)),
+                   # The loss curve (same seed and batches): a faster step must not change it.
+                   loss_first_5=float(np.mean(result.losses[:5])), loss_last_5=float(np.mean(result.losses[-5:])))
     else:
         from torch.utils.flop_counter import FlopCounterMode
 
         torch.manual_seed(0)
-        cfg = EncoderConfig.from_meta(arrays.meta, **preset.model)
+        cfg = EncoderConfig.from_meta(arrays.meta, **resolve_model_settings(preset.model, tc, arrays.meta))
         model = Encoder(cfg).attach(ItemTables.from_arrays(arrays))
         model.train()
         optimizers = make_optimizers(model, tc)
@@ -114,7 +126,7 @@ def _child(mode: str, arrays_dir: str, preset_name: str, steps: int, threads: in
                    sequences_per_s=steps * tc.batch_size / seconds, mflop_per_sequence=flops / tc.batch_size / 1e6,
                    median_step_sequences_per_s=tc.batch_size / float(np.median(times)))
         out["gflop_per_s"] = flops * out["median_step_sequences_per_s"] / tc.batch_size / 1e9
-        out["fp32_peak_share"] = out["gflop_per_s"] * 1e9 / CPU_FP32_PEAK
+        out["fp32_peak_share"] = out["gflop_per_s"] * 1e9 / peak
     out["tokens_per_s"] = out["median_step_sequences_per_s"] * tokens_per_seq
     out["peak_rss_mb"] = _peak_rss_mb()
     out["load_after"] = os.getloadavg()[0]
@@ -149,12 +161,14 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=None, help="override the presets' batch size")
     parser.add_argument("--modes", default="e2e,model,e2e_real_vocab")
     parser.add_argument("--work", default=None, help="scratch folder (default: a temp dir, removed)")
-    parser.add_argument("--child", nargs=6, help=argparse.SUPPRESS)
+    parser.add_argument("--malloc", choices=["tuned", "default"], default="tuned",
+                        help="tuned: models/allocator.py's glibc settings, as the pipeline trains; default: glibc's own")
+    parser.add_argument("--child", nargs=7, help=argparse.SUPPRESS)
     parser.add_argument("--prepare-child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        mode, arrays_dir, preset, steps, threads, batch = args.child
-        _child(mode, arrays_dir, preset, int(steps), int(threads) or None, int(batch) or None)
+        mode, arrays_dir, preset, steps, threads, batch, malloc = args.child
+        _child(mode, arrays_dir, preset, int(steps), int(threads) or None, int(batch) or None, malloc)
         return
     if args.prepare_child:
         _prepare_child(*args.prepare_child)
@@ -207,12 +221,13 @@ def _measure(args: argparse.Namespace, arrays_dir: Path) -> None:
     for preset in args.presets.split(","):
         for mode in args.modes.split(","):
             steps = args.steps or (20 if preset == "baseline" else 40)
-            r = _run(["--child", mode, str(arrays_dir), preset, str(steps), str(args.threads or 0), str(args.batch or 0)])
+            r = _run(["--child", mode, str(arrays_dir), preset, str(steps), str(args.threads or 0), str(args.batch or 0),
+                      args.malloc])
             rows.append(r)
             extra = ""
             if "gflop_per_s" in r:
                 extra = (f", {r['mflop_per_sequence']:.2f} MFLOP/sequence, {r['gflop_per_s']:.1f} GFLOP/s "
-                         f"({r['fp32_peak_share']:.0%} of the {CPU_FP32_PEAK / 1e9:.0f} GFLOP/s FP32 peak)")
+                         f"({r['fp32_peak_share']:.0%} of the {r['fp32_peak_gflops']:.0f} GFLOP/s FP32 peak measured now)")
             print(
                 f"[{preset:8s} {mode:15s}] batch {r['batch']}, {r['steps']} steps, {r['threads']} threads: "
                 f"{r['median_step_sequences_per_s']:>7,.0f} sequences/s (median step; {r['sequences_per_s']:,.0f} over the "

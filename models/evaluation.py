@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from models.allocator import keep_freed_memory
 from models.baselines import oracle_topk, popularity_order, popularity_topk
 from models.data import Arrays, holdout_batch, trim_padding
 from models.distributed import pick_device
@@ -164,6 +165,7 @@ def compute_device(settings: Any) -> torch.device:
     """The device for the encoder, with the torch and Faiss CPU threads the settings ask for."""
     torch.set_num_threads(cpu_threads(settings.training.threads))
     set_threads(settings.retrieval.threads)
+    keep_freed_memory()  # activations of each forward pass come back from the heap (models/allocator.py)
     return pick_device(settings.training.device)
 
 

@@ -39,6 +39,7 @@ import torch
 import torch.nn as nn
 
 from models import distributed
+from models.allocator import keep_freed_memory
 from models.baselines import popularity_order, popularity_topk
 from models.data import Arrays, BatchMaker, NegativeSpec, PrepareOptions, history_batch, load_arrays, prepare_arrays, trim_padding
 from models.encoder import Encoder, EncoderConfig, ItemTables, count_parameters
@@ -350,6 +351,8 @@ def evaluate(
     history filter, next to the report's popularity ranking under the same filter."""
     was_training = model.training
     model.eval()
+    # Users in order of history length, so that each trimmed chunk holds histories of one size.
+    index = np.asarray(index)[np.argsort((history_batch(arrays, split, index)["items"] > 0).sum(1), kind="stable")]
     cand_rows = np.asarray(arrays.cand_rows).astype(np.int64)
     position = np.full(arrays.meta["num_item_rows"], -1, np.int64)
     position[cand_rows] = np.arange(len(cand_rows))
@@ -461,6 +464,7 @@ def train(
     threads_before = torch.get_num_threads()
     if info.device.type == "cpu":
         torch.set_num_threads(cpu_threads(tc.threads))
+        keep_freed_memory()  # the step's activations come back from the heap (models/allocator.py)
     try:
         return _train(arrays, preset, track, checkpoint_dir, resume, emit, stop_after, info)
     finally:
