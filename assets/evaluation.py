@@ -1,26 +1,31 @@
-"""evaluation_report and submission: what the trained model and its index are worth.
+"""user_vectors, evaluation_report and submission: what the trained model and its index are worth.
 
-Thin: the work is ``models.evaluation.evaluate_track`` and ``submission_for_track``. The report
+Thin: the work is ``models.evaluation.encode_track_users``, ``evaluate_track`` and
+``submission_for_track``. ``user_vectors`` runs the encoder over every evaluated user's history
+once per checkpoint; the report and the submission read those vectors. The report
 (Markdown + HTML + JSON + plots under ``<root>/<track>/reports/``) scores every holdout user
 for the model, the popularity baseline, the official-baseline preset when its checkpoint exists
 and, on synthetic data, the oracle ceiling; its headline table is also this materialization's
 Markdown metadata, so it shows in the Dagster UI.
 """
 
+import hashlib
+import json
 import time
 
-from dagster import AssetExecutionContext, AssetKey, MaterializeResult, MetadataValue, asset
+from dagster import AssetExecutionContext, AssetKey, DataVersion, MaterializeResult, MetadataValue, asset
 
 from assets.metadata import image_files_markdown
 from assets.track_lock import hold_track
 from assets.training import ARRAY_INPUTS
-from models.evaluation import evaluate_track, submission_for_track
+from models.evaluation import encode_track_users, evaluate_track, submission_for_track
 from taac_dagster.partitions import track_partitions
 from taac_dagster.resources import TaacConfig
 
 # Bump when the same checkpoint, index and settings would give other figures or files.
-EVALUATION_CODE_VERSION = "evaluation-v1"
-SUBMISSION_CODE_VERSION = "submission-v1"
+USER_VECTORS_CODE_VERSION = "user-vectors-v1"
+EVALUATION_CODE_VERSION = "evaluation-v2"
+SUBMISSION_CODE_VERSION = "submission-v2"
 PLOT_TITLES = {"slices": "score by slice", "training_curve": "training loss"}
 
 
@@ -36,10 +41,43 @@ def _figure_metadata(headline: dict, share: dict) -> dict:
 
 @asset(
     partitions_def=track_partitions,
+    code_version=USER_VECTORS_CODE_VERSION,
+    group_name="evaluation",
+    # encoder_checkpoint: the configured preset's checkpoint, and the baseline preset's when it exists.
+    deps=[AssetKey("encoder_checkpoint"), *ARRAY_INPUTS],
+    kinds={"numpy"},
+    description="Every holdout user's retrieval query (and every predict_seq.jsonl user's, where the local source "
+    "has one), encoded once per checkpoint for the configured and the baseline preset; the report and the "
+    "submission read them.",
+)
+def user_vectors(context: AssetExecutionContext, taac: TaacConfig) -> MaterializeResult:
+    track = context.partition_key
+    with hold_track(context, taac, track):
+        build = encode_track_users(taac.paths(track), taac.settings(track), logger=context.log)
+    # Same checkpoints over the same arrays and predict file: same vectors.
+    version = hashlib.blake2b(json.dumps(build.presets, sort_keys=True).encode(), digest_size=8).hexdigest()
+    main = next(iter(build.presets.values()))
+    return MaterializeResult(
+        data_version=DataVersion(version),
+        metadata={
+            "path": MetadataValue.path(main["path"]),
+            "presets": MetadataValue.json(build.presets),
+            "holdout_users": main["holdout"],
+            "predict_users": main["predict"],
+            "checkpoint_version": main["checkpoint_version"],
+            "seconds": round(build.seconds, 2),
+            "users_per_second": round(build.users_per_second),
+            **({"notes": MetadataValue.md("\n".join(f"- {note}" for note in build.notes))} if build.notes else {}),
+        },
+    )
+
+
+@asset(
+    partitions_def=track_partitions,
     code_version=EVALUATION_CODE_VERSION,
     group_name="evaluation",
     # encoder_checkpoint: the configured preset's checkpoint, and the baseline preset's when it exists.
-    deps=[AssetKey("faiss_index"), AssetKey("encoder_checkpoint"), *ARRAY_INPUTS],
+    deps=[AssetKey("user_vectors"), AssetKey("faiss_index"), AssetKey("encoder_checkpoint"), *ARRAY_INPUTS],
     kinds={"python"},
     description="Scored evaluation of every holdout user: HR@10, NDCG@10, Score (weighted on 10M) for the "
     "model, popularity, the baseline preset and the oracle; slices, plots and a comparison with the last run.",
@@ -78,7 +116,7 @@ def evaluation_report(context: AssetExecutionContext, taac: TaacConfig) -> Mater
     partitions_def=track_partitions,
     code_version=SUBMISSION_CODE_VERSION,
     group_name="evaluation",
-    deps=[AssetKey("faiss_index"), AssetKey("encoder_checkpoint"), *ARRAY_INPUTS],
+    deps=[AssetKey("user_vectors"), AssetKey("faiss_index"), AssetKey("encoder_checkpoint"), *ARRAY_INPUTS],
     kinds={"json"},
     description='Top-10 raw creative ids per user in the official format {"top10s": [[...]], "user": [...]}, '
     "validated (10 distinct pool ids per user), for the holdout users or the local source's predict_seq.jsonl.",

@@ -1,15 +1,18 @@
 """The whole evaluation path on a generated track: encode every holdout history, search the
 index, score the model, popularity and the oracle (models/evaluation.py), and the submission.
 
-    .venv/bin/python benchmarks/bench_evaluation.py                         # 20K users, default preset
+    .venv/bin/python benchmarks/bench_evaluation.py                         # 20K users, 90-event histories, default preset
     .venv/bin/python benchmarks/bench_evaluation.py --users 50000 --items 100000 --presets baseline,default
 
 Per preset: a few training steps (the weights do not change the cost), then ``faiss_index``'s
-work (item vectors, index, recall on sample queries) and ``evaluate_track`` with its phase
-times: ``encode`` (the encoder's forward pass over 100-event histories), ``search`` (Faiss
-top-10 with the history exclusion) and ``baselines`` (popularity + oracle lists). Users/s of
-each phase is extrapolated to 1M users; the retrieval part at the real 660K-item pool is
-measured separately by bench_retrieval.py (the generated pool here is smaller).
+work (item vectors, index, recall on sample queries), ``user_vectors`` (``encode``: the
+encoder's forward pass over every holdout history, once), ``evaluate_track`` with its phase
+times (``inputs``: reading histories and vectors; ``search``: Faiss top-10 with the history
+exclusion; ``baselines``: popularity + oracle lists) and the submission, which reads the same
+vectors. The evaluation's cost is encode + evaluate; it is extrapolated to 1M users. The
+encoder's achieved GFLOP/s (torch's FlopCounterMode) is printed against the FP32 peak measured
+here. The retrieval part at the real 660K-item pool is measured separately by
+bench_retrieval.py (the generated pool here is smaller).
 """
 
 from __future__ import annotations
@@ -21,7 +24,21 @@ import tempfile
 import time
 from pathlib import Path
 
-from models.evaluation import build_track_index, evaluate_track, submission_for_track
+import numpy as np
+import torch
+from flops import achieved, flops_of, measure_peak
+
+from models.data import holdout_batch
+from models.evaluation import (
+    build_track_index,
+    compute_device,
+    encode_track_users,
+    evaluate_track,
+    load_model,
+    query_vectors,
+    submission_for_track,
+    track_arrays,
+)
 from models.semantic_ids import build_semantic_ids
 from models.train import train_track
 from taac_dagster.paths import TrackPaths
@@ -34,6 +51,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--users", type=int, default=20_000)
     parser.add_argument("--items", type=int, default=50_000)
+    parser.add_argument("--mean-history", type=float, default=90.0, help="mean events per user (TencentGR-1M: ~90)")
     parser.add_argument("--track", default="1M")
     parser.add_argument("--presets", default="default")
     parser.add_argument("--steps", type=int, default=5)
@@ -45,7 +63,7 @@ def main() -> None:
         root = Path(args.work or scratch)
         base = {
             "data_root": str(root),
-            "synthetic": {"num_users": args.users, "num_items": args.items},
+            "synthetic": {"num_users": args.users, "num_items": args.items, "mean_history": args.mean_history},
             "training": {"max_steps": args.steps, "val_users": 0, **({"threads": args.threads} if args.threads else {})},
             "evaluation": {"baseline_preset": None},
         }
@@ -57,12 +75,17 @@ def main() -> None:
             build_warehouse(Path(manifest.root), paths, settings)
             build_semantic_ids(paths, settings)
         print(f"data: {args.users:,} users, {args.items:,} items ready in {time.perf_counter() - t:.1f}s")
+        peak = measure_peak()
+        print(f"FP32 peak at {torch.get_num_threads()} threads: {peak:.0f} GFLOP/s")
         for preset in args.presets.split(","):
             settings = load_settings(args.track, {**base, "training": {**base["training"], "preset": preset}})
             train_track(paths, settings)
             t = time.perf_counter()
             build = build_track_index(paths, settings)
             index_s = time.perf_counter() - t
+            vectors = encode_track_users(paths, settings)
+            encode_s = vectors.seconds
+            flop_per_user = _encoder_flop_per_user(paths, settings)
             evaluation = evaluate_track(paths, settings)
             t = time.perf_counter()
             submission = submission_for_track(paths, settings)
@@ -76,16 +99,29 @@ def main() -> None:
                 "index": build.spec.describe(),
                 "recall@10": round(build.recall, 4),
                 "index_s": round(index_s, 2),
+                "encode_s": round(encode_s, 2),
+                "encode_users_per_s": round(n / encode_s),
+                "encode_mflop_per_user": round(flop_per_user / 1e6, 2),
+                **{f"encode_{k}": v for k, v in achieved(flop_per_user * n, encode_s, peak).items()},
                 "evaluate_s": evaluation.seconds["total"],
                 **{f"{k}_s": v for k, v in phases.items()},
                 **{f"{k}_users_per_s": round(n / v) for k, v in phases.items() if v > 0},
-                "evaluate_1M_users_min": round(evaluation.seconds["total"] * 1_000_000 / n / 60, 1),
+                "encode_and_evaluate_1M_users_min": round((encode_s + evaluation.seconds["total"]) * 1_000_000 / n / 60, 1),
                 "submission_s": round(submission_s, 2),
                 "score": round(evaluation.headline["model"]["score"], 4),
                 "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
             }
             print(json.dumps(row))
             assert submission["users"] == n
+
+
+def _encoder_flop_per_user(paths: TrackPaths, settings, users: int = 256) -> float:
+    """The loaded encoder's FLOPs per user vector, counted on the first holdout histories."""
+    arrays = track_arrays(paths, settings)
+    device = compute_device(settings)
+    loaded = load_model(paths, settings.training.preset, arrays, device)
+    inputs = holdout_batch(arrays, np.arange(min(users, int(arrays.meta["num_holdout"]))))
+    return flops_of(lambda: query_vectors(loaded, inputs, device)) / len(inputs["items"])
 
 
 if __name__ == "__main__":

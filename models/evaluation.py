@@ -4,6 +4,8 @@ of every holdout user, and the submission file.
     build_track_index(paths, settings)   item tower over the whole pool (cold items included)
                                          -> Faiss index -> recall@10 vs exact on real queries
                                          -> <root>/<track>/indexes/<preset>/ (atomic)
+    encode_track_users(paths, settings)  every holdout (and predict_seq) user's query vector,
+                                         once per checkpoint -> <root>/<track>/vectors/<preset>/
     evaluate_track(paths, settings)      every holdout user: top-10 from the index, HR@10,
                                          NDCG@10, Score (w-* on 10M) for the model, popularity,
                                          the baseline preset, the oracle; slices, plots
@@ -16,8 +18,9 @@ kept as *pool positions* (0..C-1, the order of ``arrays.cand_*``), so targets, e
 every method's lists are compared in one space. The holdout target is always in the pool (the
 warehouse adds missing targets to it).
 
-Users are processed in chunks (``CHUNK_USERS``): per chunk the histories are encoded, the
-index searched and every method's lists scored, so memory stays flat at 1M users.
+The report and the submission read the user vectors (models/user_vectors.py) instead of
+encoding the histories again. Users are processed in chunks (``CHUNK_USERS``): per chunk the
+index is searched and every method's lists scored, so memory stays flat at 1M users.
 """
 
 from __future__ import annotations
@@ -59,6 +62,14 @@ from models.retrieval import (
 )
 from models.submission import write_submission
 from models.train import LAST, cpu_threads, default_retrieval_actions, load_encoder, loss_curve, prepare_track_arrays, to_device
+from models.user_vectors import (
+    HOLDOUT,
+    PREDICT,
+    UserVectorsMismatchError,
+    file_fingerprint,
+    open_user_vectors,
+    write_user_vectors,
+)
 from models.weighted_metrics import PAD, relevance_weights, weighted_per_user
 from taac_dagster.errors import TaacError
 from taac_dagster.paths import TrackPaths
@@ -95,6 +106,10 @@ def checkpoint_path(paths: Any, preset: str) -> Path:
 
 def index_path(paths: Any, preset: str) -> Path:
     return Path(paths.indexes) / Path(preset).stem
+
+
+def vectors_path(paths: Any, preset: str) -> Path:
+    return Path(paths.vectors) / Path(preset).stem
 
 
 def _plain(value: Any) -> Any:
@@ -397,6 +412,100 @@ def open_track_index(paths: Any, loaded: LoadedModel, arrays: Arrays, threads: i
     )
 
 
+# --- User vectors ------------------------------------------------------------------------
+@dataclass
+class UserVectorsBuild:
+    """What ``encode_track_users`` wrote: per preset its folder, checkpoint and users per part."""
+
+    presets: dict[str, dict[str, Any]]
+    users: int  # users encoded, every preset and part together
+    seconds: float
+    notes: list[str]
+
+    @property
+    def users_per_second(self) -> float:
+        return self.users / max(self.seconds, 1e-9)
+
+
+def _encode_users(
+    loaded: LoadedModel, inputs_of: Callable[[int, int], dict[str, np.ndarray]], n: int, out: np.ndarray,
+    device: torch.device, batch_size: int, logger: Any, what: str,
+) -> None:
+    started = time.perf_counter()
+    for lo in range(0, n, CHUNK_USERS):
+        hi = min(n, lo + CHUNK_USERS)
+        out[lo:hi] = query_vectors(loaded, inputs_of(lo, hi), device, batch_size)
+        elapsed = time.perf_counter() - started
+        logger.info(f"'{loaded.preset}': encoded {hi:,}/{n:,} {what} users ({hi / max(elapsed, 1e-9):,.0f} users/s)")
+
+
+def configured_predict_file(settings: Any) -> Path | None:
+    """The predict_seq.jsonl the submission is for: the local source's, when it has one."""
+    return find_predict_file(settings.local_path) if settings.source == "local" else None
+
+
+def encode_track_users(paths: TrackPaths, settings: TaacSettings, *, logger: Any = None) -> UserVectorsBuild:
+    """Encode every holdout user (and every user of the local source's predict_seq.jsonl) with
+    the configured preset's checkpoint, and with the baseline preset's when it exists, into
+    ``<root>/<track>/vectors/<preset>/`` (see models/user_vectors.py)."""
+    logger = logger or log
+    es = settings.evaluation
+    started = time.perf_counter()
+    device = compute_device(settings)
+    arrays = track_arrays(paths, settings, logger)
+    n_hold = int(arrays.meta["num_holdout"])
+    predict_file = configured_predict_file(settings)
+    predict = read_predict_inputs(predict_file, arrays, settings=settings) if predict_file is not None else None
+    fingerprint = file_fingerprint(predict_file) if predict_file is not None else None
+    notes: list[str] = []
+    presets = [settings.training.preset]
+    baseline = es.baseline_preset
+    if baseline and Path(baseline).stem != Path(settings.training.preset).stem and checkpoint_path(paths, baseline).is_file():
+        presets.append(baseline)
+    written: dict[str, dict[str, Any]] = {}
+    total = 0
+    for preset in presets:
+        try:
+            loaded = load_model(paths, preset, arrays, device)
+        except CheckpointMismatchError as error:
+            if preset == settings.training.preset:
+                raise
+            notes.append(f"The '{preset}' preset was left out: {error}")
+            logger.warning(str(error))
+            continue
+        for warning in loaded.warnings:
+            logger.warning(warning)
+        dim = int(loaded.model.cfg.d_model)
+        folder = vectors_path(paths, loaded.preset)
+        meta = {"checkpoint_version": loaded.checkpoint_version, "arrays_data_version": arrays.data_version,
+                "preset": loaded.preset, "dim": dim, "actions": list(loaded.actions)}
+        with write_user_vectors(folder, meta) as writer:
+            holdout = writer.part(HOLDOUT, n_hold, dim)
+            _encode_users(loaded, lambda lo, hi: holdout_batch(arrays, np.arange(lo, hi)), n_hold, holdout, device,
+                          es.query_batch_size, logger, "holdout")
+            holdout.flush()
+            total += n_hold
+            if predict is not None:
+                out = writer.part(PREDICT, len(predict), dim, path=str(predict.path), fingerprint=fingerprint)
+                _encode_users(loaded, predict.slice, len(predict), out, device, es.query_batch_size, logger, "predict_seq")
+                out.flush()
+                total += len(predict)
+        written[loaded.preset] = {"path": str(folder), "checkpoint_version": loaded.checkpoint_version,
+                                  "holdout": n_hold, "predict": len(predict) if predict is not None else 0}
+    seconds = time.perf_counter() - started
+    logger.info(f"user vectors of {', '.join(written)} written in {seconds:.1f}s ({total / max(seconds, 1e-9):,.0f} users/s)")
+    return UserVectorsBuild(written, total, seconds, notes)
+
+
+def stored_queries(paths: Any, loaded: LoadedModel, arrays: Arrays, part: str = HOLDOUT,
+                   fingerprint: str | None = None) -> np.ndarray:
+    """The user vectors ``loaded`` encoded for ``part`` (refused unless they are its own)."""
+    return open_user_vectors(
+        vectors_path(paths, loaded.preset), part, checkpoint_version=loaded.checkpoint_version,
+        arrays_data_version=arrays.data_version, dim=int(loaded.model.cfg.d_model), fingerprint=fingerprint,
+    )
+
+
 # --- Evaluation --------------------------------------------------------------------------
 @dataclass
 class ScoringSetup:
@@ -450,8 +559,9 @@ def _oracle_truth(paths: Any, settings: Any) -> Any:
 
 
 def _baseline(paths: Any, settings: Any, arrays: Arrays, device: torch.device, main_preset: str,
-              notes: list[str], logger: Any) -> tuple[LoadedModel, ItemIndex] | None:
-    """The official-baseline preset, scored like the model, when its checkpoint exists."""
+              notes: list[str], logger: Any) -> tuple[LoadedModel, ItemIndex, np.ndarray] | None:
+    """The official-baseline preset, scored like the model, when its checkpoint (and its user
+    vectors) exist."""
     name = settings.evaluation.baseline_preset
     if not name or Path(name).stem == Path(main_preset).stem:
         return None
@@ -464,11 +574,17 @@ def _baseline(paths: Any, settings: Any, arrays: Arrays, device: torch.device, m
         notes.append(f"The '{name}' preset was left out: {error}")
         logger.warning(str(error))
         return None
+    try:
+        queries = stored_queries(paths, loaded, arrays)
+    except UserVectorsMismatchError as error:
+        notes.append(f"The '{name}' preset was left out: {error}")
+        logger.warning(str(error))
+        return None
     index, recall, _, _ = index_model_pool(loaded, arrays, settings, device, logger, {})
     notes.append(
         f"The '{name}' preset ({loaded.checkpoint_version}) is searched with {index.spec.describe()}, recall@10 {recall:.4f}."
     )
-    return loaded, index
+    return loaded, index, queries
 
 
 def _weighted_targets(
@@ -492,7 +608,8 @@ class EvaluationRun:
     track: Track
     setup: ScoringSetup
     rows: np.ndarray  # the holdout rows scored (all, or a sample of max_users)
-    baseline: tuple[LoadedModel, ItemIndex] | None  # the official-baseline preset, when trained
+    queries: np.ndarray  # the model's user vectors of every holdout row (user_vectors, memory-mapped)
+    baseline: tuple[LoadedModel, ItemIndex, np.ndarray] | None  # the official-baseline preset, when trained
     truth: Any  # the generator's ground truth (synthetic data only), else None
     popular: np.ndarray  # pool positions, most popular first
     pool_item_ids: np.ndarray  # pool position -> item id (0: a row past the id table)
@@ -525,9 +642,8 @@ def _popularity_top_k(run: EvaluationRun, chunk: UserChunk) -> np.ndarray:
 
 def _baseline_top_k(run: EvaluationRun, chunk: UserChunk) -> np.ndarray:
     assert run.baseline is not None
-    b_model, b_index = run.baseline
-    b_queries = query_vectors(b_model, chunk.inputs, run.setup.device, run.settings.evaluation.query_batch_size)
-    return search(b_index, b_queries, K, exclude=chunk.exclude_ids, return_rows=True)[0]
+    _, b_index, b_queries = run.baseline
+    return search(b_index, np.ascontiguousarray(b_queries[chunk.rows]), K, exclude=chunk.exclude_ids, return_rows=True)[0]
 
 
 def _oracle_top_k(run: EvaluationRun, chunk: UserChunk) -> np.ndarray:
@@ -572,10 +688,11 @@ def _evaluation_run(paths: Any, settings: Any, logger: Any) -> EvaluationRun:
     setup = _scoring_setup(paths, settings, logger)
     notes = list(setup.loaded.warnings)
     rows = sample_rows(setup.n_hold, es.max_users, rs.seed) if es.max_users else np.arange(setup.n_hold)
+    queries = stored_queries(paths, setup.loaded, setup.arrays)
     baseline = _baseline(paths, settings, setup.arrays, setup.device, setup.loaded.preset, notes, logger)
     cand_rows = np.asarray(setup.arrays.cand_rows).astype(np.int64)
     return EvaluationRun(
-        settings=settings, track=get_track(paths.track), setup=setup, rows=rows, baseline=baseline,
+        settings=settings, track=get_track(paths.track), setup=setup, rows=rows, queries=queries, baseline=baseline,
         truth=_oracle_truth(paths, settings),
         popular=popularity_order(setup.arrays, setup.loaded.actions),
         pool_item_ids=np.where(cand_rows < int(setup.arrays.meta["id_rows"]), cand_rows, 0), notes=notes,
@@ -583,10 +700,10 @@ def _evaluation_run(paths: Any, settings: Any, logger: Any) -> EvaluationRun:
 
 
 def _user_chunk(run: EvaluationRun, rows: np.ndarray) -> UserChunk:
-    """The chunk's model inputs, its user vectors and its history filter."""
+    """The chunk's model inputs, its user vectors (read, not encoded) and its history filter."""
     setup, es = run.setup, run.settings.evaluation
     inputs = holdout_batch(setup.arrays, rows)
-    queries = query_vectors(setup.loaded, inputs, setup.device, es.query_batch_size)
+    queries = np.ascontiguousarray(run.queries[rows])
     history = setup.position[inputs["items"]] if es.exclude_history else None
     exclude_ids = _as_ids(history, setup.creative) if history is not None else None
     return UserChunk(rows, inputs, queries, history, exclude_ids)
@@ -601,13 +718,13 @@ def _score_users(run: EvaluationRun, logger: Any, started: float) -> UserScores:
     w_user = {m: {"w_hr@10": np.empty(n), "w_ndcg@10": np.empty(n)} for m in methods} if weighted else {}
     logger.info(f"evaluating {n:,} holdout users against {len(setup.creative):,} candidates ({setup.index.spec.describe()}), "
                 f"methods {methods}, history filter {'on' if run.settings.evaluation.exclude_history else 'off'}")
-    timer = {"encode": 0.0, "search": 0.0, "baselines": 0.0}
+    timer = {"inputs": 0.0, "search": 0.0, "baselines": 0.0}
     for lo in range(0, n, CHUNK_USERS):
         rows = run.rows[lo : lo + CHUNK_USERS]
         hi = lo + len(rows)
         t = time.perf_counter()
         chunk = _user_chunk(run, rows)
-        timer["encode"] += time.perf_counter() - t
+        timer["inputs"] += time.perf_counter() - t
         target = position[np.asarray(arrays.hold_target[rows]).astype(np.int64)]
         if weighted:
             t_pos, t_w = _weighted_targets(arrays, rows, position, relevance)
@@ -755,18 +872,27 @@ def submission_for_track(paths: TrackPaths, settings: TaacSettings, *, logger: A
     """Top-10 creative ids per user in the official format, validated and written atomically
     to ``reports/submission.json``. The users are those of ``predict_file`` (default: the local
     source's ``predict_seq.jsonl`` when it has one, whole sequences as histories), else the
-    holdout users (histories before their targets)."""
+    holdout users (histories before their targets). Their vectors come from ``user_vectors``;
+    only a predict file passed here that ``user_vectors`` did not encode is encoded now."""
     logger = logger or log
     es = settings.evaluation
     setup = _scoring_setup(paths, settings, logger, require_holdout=False)
     device, arrays, loaded, index = setup.device, setup.arrays, setup.loaded, setup.index
     creative, position = setup.creative, setup.position
-    if predict_file is None and settings.source == "local":
-        predict_file = find_predict_file(settings.local_path)
+    explicit = predict_file is not None
+    predict_file = predict_file or configured_predict_file(settings)
     if predict_file is not None:
         inputs = read_predict_inputs(predict_file, arrays, settings=settings)
         source, n, users = f"predict_seq ({predict_file})", len(inputs), inputs.raw_user_ids
         inputs_of = inputs.slice
+        try:
+            queries = stored_queries(paths, loaded, arrays, PREDICT, fingerprint=file_fingerprint(predict_file))
+        except UserVectorsMismatchError:
+            if not explicit:
+                raise
+            logger.info(f"{predict_file} is not among the encoded user vectors: encoding its {n:,} users")
+            queries = np.zeros((n, int(loaded.model.cfg.d_model)), np.float32)
+            _encode_users(loaded, inputs_of, n, queries, device, es.query_batch_size, logger, "predict_seq")
         logger.info(f"recommending for the {n:,} users of {predict_file}")
     else:
         n = setup.n_hold
@@ -777,15 +903,15 @@ def submission_for_track(paths: TrackPaths, settings: TaacSettings, *, logger: A
         source = "holdout"
         users = raw_user_ids(paths.warehouse, np.asarray(arrays.hold_users).astype(np.int64), settings)
         inputs_of = lambda lo, hi: holdout_batch(arrays, np.arange(lo, hi))  # noqa: E731
+        queries = stored_queries(paths, loaded, arrays)
     popular = popularity_order(arrays, loaded.actions)
     lists = np.empty((n, K), np.int64)
     started = time.perf_counter()
     for lo in range(0, n, CHUNK_USERS):
         hi = min(n, lo + CHUNK_USERS)
-        chunk = inputs_of(lo, hi)
-        queries = query_vectors(loaded, chunk, device, es.query_batch_size)
-        history = position[chunk["items"]] if es.exclude_history else None
-        top = search(index, queries, K, exclude=_as_ids(history, creative) if history is not None else None, return_rows=True)[0]
+        history = position[inputs_of(lo, hi)["items"]] if es.exclude_history else None
+        exclude = _as_ids(history, creative) if history is not None else None
+        top = search(index, np.ascontiguousarray(queries[lo:hi]), K, exclude=exclude, return_rows=True)[0]
         lists[lo:hi] = fill_lists(top, popular, history)
         elapsed = time.perf_counter() - started
         logger.info(f"recommended for {hi:,}/{n:,} users ({hi / max(elapsed, 1e-9):,.0f} users/s so far)")
@@ -804,6 +930,7 @@ __all__ = [
     "IndexBuild",
     "build_track_index",
     "check_checkpoint_fits",
+    "encode_track_users",
     "evaluate_track",
     "fill_lists",
     "index_spec_from_settings",
@@ -811,4 +938,5 @@ __all__ = [
     "popularity_order",
     "raw_user_ids",
     "submission_for_track",
+    "vectors_path",
 ]

@@ -5,7 +5,7 @@ Load it with ``dagster dev`` (workspace.yaml) or ``dagster job execute -m taac_d
 
 from dagster import AssetKey, AssetSpec, Definitions
 
-from assets.evaluation import evaluation_report, submission
+from assets.evaluation import evaluation_report, submission, user_vectors
 from assets.raw import raw_dataset
 from assets.retrieval import faiss_index
 from assets.semantic_ids import semantic_id_codebooks
@@ -29,7 +29,8 @@ def _automate_below_raw(spec: AssetSpec) -> AssetSpec:
 
 defs = Definitions(
     assets=[
-        raw_dataset, warehouse_tables, semantic_id_codebooks, encoder_checkpoint, faiss_index, evaluation_report, submission,
+        raw_dataset, warehouse_tables, semantic_id_codebooks, encoder_checkpoint, faiss_index, user_vectors, evaluation_report,
+        submission,
     ],
     jobs=[main_job, data_job, retrain_job],
     schedules=[

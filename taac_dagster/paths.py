@@ -59,5 +59,10 @@ class TrackPaths:
         return self.root / "indexes"
 
     @property
+    def vectors(self) -> Path:
+        """The encoded user vectors, one folder per preset (models/user_vectors.py)."""
+        return self.root / "vectors"
+
+    @property
     def reports(self) -> Path:
         return self.root / "reports"

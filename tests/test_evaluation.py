@@ -15,22 +15,29 @@ import pytest
 import torch
 from dagster import AssetKey, DagsterInstance, materialize
 
-from assets.evaluation import evaluation_report, submission
+from assets.evaluation import evaluation_report, submission, user_vectors
 from assets.raw import raw_dataset
 from assets.retrieval import RECALL_CHECK, faiss_index
 from assets.semantic_ids import semantic_id_codebooks
 from assets.training import encoder_checkpoint
 from assets.warehouse import warehouse_tables
+from models.data import holdout_batch
+from models.encoder import Encoder
 from models.evaluation import (
     CheckpointMismatchError,
     EvaluationError,
     build_track_index,
+    compute_device,
     evaluate_track,
     fill_lists,
+    load_model,
+    query_vectors,
     submission_for_track,
+    track_arrays,
 )
 from models.retrieval import IndexMismatchError
 from models.submission import read_submission
+from models.user_vectors import UserVectorsMismatchError
 from taac_dagster.errors import DataFormatError
 from taac_dagster.paths import TrackPaths
 from taac_dagster.resources import TaacConfig
@@ -38,7 +45,8 @@ from taac_dagster.settings import load_settings
 
 pytestmark = pytest.mark.slow
 
-CHAIN = [raw_dataset, warehouse_tables, semantic_id_codebooks, encoder_checkpoint, faiss_index, evaluation_report, submission]
+CHAIN = [raw_dataset, warehouse_tables, semantic_id_codebooks, encoder_checkpoint, faiss_index, user_vectors,
+         evaluation_report, submission]
 SCALE = {"num_users": 600, "num_items": 1500}
 ENV = {"TAAC_TRAINING__THREADS": "1", "TAAC_TRAINING__VAL_USERS": "100", "TAAC_TRAINING__PATIENCE": "0"}
 
@@ -163,6 +171,50 @@ def test_index_records_recall_and_its_checkpoint(chain):
     assert meta["recall@10"] == 1.0 and meta["index"] == "flat (exact)"  # small pool: exact search
 
 
+def test_user_vectors_are_encoded_once_and_refused_for_another_checkpoint(chain, tmp_path, monkeypatch):
+    """user_vectors holds the encoder's query for every holdout user (the vectors a fresh
+    encoding gives); the report and the submission read them without a forward pass; vectors
+    of another checkpoint are refused with the fix."""
+    _env(monkeypatch)
+    paths = TrackPaths(chain["root"] / "data", "1M")
+    settings = load_settings("1M", chain["config"].overrides())
+    meta = _metadata(chain["results"]["1M"], "user_vectors")
+    assert meta["checkpoint_version"] == _metadata(chain["results"]["1M"], "encoder_checkpoint")["checkpoint_version"]
+    stored = np.load(paths.vectors / "default" / "holdout.npy")
+    arrays = track_arrays(paths, settings)
+    assert stored.shape == (int(arrays.meta["num_holdout"]), 64) == (meta["holdout_users"], 64)
+    loaded = load_model(paths, "default", arrays, compute_device(settings))
+    rows = np.arange(0, len(stored), 7)
+    fresh = query_vectors(loaded, holdout_batch(arrays, rows), torch.device("cpu"))
+    np.testing.assert_allclose(stored[rows], fresh, atol=1e-5)
+
+    report_before = (paths.reports / "evaluation.json").read_bytes()
+
+    def no_forward(*args, **kwargs):
+        raise AssertionError("the encoder ran again")
+
+    with monkeypatch.context() as mp:
+        mp.setattr(Encoder, "user_vectors", no_forward)
+        evaluation = evaluate_track(paths, settings)
+        summary = submission_for_track(paths, settings, path=tmp_path / "submission.json")
+    assert evaluation.users == len(stored) and summary["users"] == len(stored)
+    assert read_submission(tmp_path / "submission.json") == read_submission(paths.reports / "submission.json")
+    assert json.loads((paths.reports / "evaluation.json").read_bytes())["methods"] == json.loads(report_before)["methods"]
+
+    folder = paths.vectors / "default"
+    kept = folder.with_name("default.kept")
+    shutil.copytree(folder, kept)
+    try:
+        meta_file = folder / "metadata.json"
+        meta_file.write_text(meta_file.read_text().replace(meta["checkpoint_version"], "another-checkpoint"))
+        for run in (evaluate_track, submission_for_track):
+            with pytest.raises(UserVectorsMismatchError, match="re-materialize user_vectors"):
+                run(paths, settings)
+    finally:
+        shutil.rmtree(folder)
+        shutil.move(kept, folder)
+
+
 def test_submission_is_valid_for_every_holdout_user(chain):
     paths = TrackPaths(chain["root"] / "data", "1M")
     data = read_submission(paths.reports / "submission.json")
@@ -207,7 +259,8 @@ def test_baseline_preset_joins_the_report_and_a_foreign_index_is_refused(chain):
         trained = materialize([encoder_checkpoint, faiss_index], partition_key="1M",
                               resources={"taac": baseline}, instance=chain["instance"])
         assert trained.success and (paths.indexes / "baseline" / "index.faiss").is_file()
-        result = materialize([evaluation_report], partition_key="1M", resources={"taac": chain["config"]},
+        # user_vectors encodes both presets' users; the report reads them, encoding nothing.
+        result = materialize([user_vectors, evaluation_report], partition_key="1M", resources={"taac": chain["config"]},
                              instance=chain["instance"])
         assert result.success
         methods = json.loads((paths.reports / "evaluation.json").read_text())["methods"]

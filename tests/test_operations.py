@@ -93,7 +93,7 @@ def test_new_raw_data_marks_exactly_that_track_stale(tmp_path, monkeypatch):
     from dagster._core.definitions.data_version import CachingStaleStatusResolver
     from dagster._core.loader import LoadingContextForTest
 
-    from assets.evaluation import evaluation_report, submission
+    from assets.evaluation import evaluation_report, submission, user_vectors
     from assets.raw import raw_dataset
     from assets.retrieval import faiss_index
     from assets.semantic_ids import semantic_id_codebooks
@@ -103,11 +103,13 @@ def test_new_raw_data_marks_exactly_that_track_stale(tmp_path, monkeypatch):
     monkeypatch.setenv("TAAC_TRAINING__MAX_STEPS", "5")
     monkeypatch.setenv("TAAC_TRAINING__VAL_USERS", "0")
     monkeypatch.setenv("TAAC_TRAINING__THREADS", "1")
-    chain = [raw_dataset, warehouse_tables, semantic_id_codebooks, encoder_checkpoint, faiss_index, evaluation_report, submission]
+    chain = [raw_dataset, warehouse_tables, semantic_id_codebooks, encoder_checkpoint, faiss_index, user_vectors,
+         evaluation_report, submission]
     graph = defs.resolve_asset_graph()
     keys = sorted(graph.get_all_asset_keys())
     below_raw = {key.to_user_string() for key in keys} - {"raw_dataset"}
-    assert {"events", "encoder_checkpoint", "faiss_index", "evaluation_report", "submission"} <= below_raw
+    assert {"events", "encoder_checkpoint", "faiss_index", "user_vectors",
+            "evaluation_report", "submission"} <= below_raw
     with DagsterInstance.ephemeral(tempdir=str(tmp_path / "home")) as instance:
 
         def stale() -> set[tuple[str, str]]:
@@ -144,5 +146,13 @@ def test_new_raw_data_marks_exactly_that_track_stale(tmp_path, monkeypatch):
         assert {"semantic_id_codebooks", "encoder_checkpoint", "faiss_index", "submission"} <= after_tables
         assert stale() == {(name, "1M") for name in after_tables}
         assert materialize(chain[2:], partition_key="1M", resources={"taac": reseeded}, instance=instance).success
+        assert stale() == set()
+        # A new checkpoint marks what was computed from it stale, and nothing else: the index,
+        # the user vectors, and through them the report and the submission.
+        retrained = TaacConfig(data_root=str(tmp_path / "data"), synthetic={"num_users": 200, "num_items": 600, "seed": 99},
+                               training={"max_steps": 6})
+        assert materialize([encoder_checkpoint], partition_key="1M", resources={"taac": retrained}, instance=instance).success
+        assert stale() == {(name, "1M") for name in ("faiss_index", "user_vectors", "evaluation_report", "submission")}
+        assert materialize(chain[4:], partition_key="1M", resources={"taac": retrained}, instance=instance).success
         assert stale() == set()
         assert below_raw == tables | after_tables | children(after_tables)  # every level was walked

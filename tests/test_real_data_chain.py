@@ -12,7 +12,7 @@ import duckdb
 import pytest
 from dagster import AssetCheckSeverity, AssetKey, DagsterInstance, materialize
 
-from assets.evaluation import evaluation_report, submission
+from assets.evaluation import evaluation_report, submission, user_vectors
 from assets.raw import raw_dataset
 from assets.retrieval import faiss_index
 from assets.semantic_ids import COVERAGE_CHECK, semantic_id_codebooks
@@ -24,9 +24,11 @@ from taac_dagster.resources import TaacConfig
 
 pytestmark = pytest.mark.slow
 
-CHAIN = [raw_dataset, warehouse_tables, semantic_id_codebooks, encoder_checkpoint, faiss_index, evaluation_report, submission]
+CHAIN = [raw_dataset, warehouse_tables, semantic_id_codebooks, encoder_checkpoint, faiss_index, user_vectors,
+         evaluation_report, submission]
 ENV = {"TAAC_TRAINING__THREADS": "1", "TAAC_TRAINING__VAL_USERS": "0"}
-ALL_ASSETS = {"raw_dataset", "semantic_id_codebooks", "encoder_checkpoint", "faiss_index", "evaluation_report", "submission"}
+ALL_ASSETS = {"raw_dataset", "semantic_id_codebooks", "encoder_checkpoint", "faiss_index", "user_vectors",
+            "evaluation_report", "submission"}
 
 
 @pytest.fixture(scope="module")
