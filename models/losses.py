@@ -80,37 +80,52 @@ def info_nce(
 
 
 class _ChunkedSoftmaxCE(torch.autograd.Function):
-    """sum_p w_p * CE(user_p . items^T, target_p), computed over chunks of positions so that the
-    [P, N] logits never exist at once: the forward keeps only each row's log-sum-exp, the
-    backward recomputes a chunk's logits and turns them into softmax - one-hot in place. One
-    more matmul than autograd's version, but every chunk stays in cache and no [P, N] buffer
-    is written, read back or zero-filled (on CPU the softmax over a catalogue of 12K items is
-    bound by that memory traffic)."""
+    """sum_p w_p * CE(user_p . items^T, target_p), computed over chunks of positions.
+
+    When the [P, N] softmax fits ``keep_bytes``, the forward keeps it and the backward turns it
+    into softmax - one-hot in place: three matmuls in all, each logit exponentiated once (on a
+    12K-item catalogue the step is bound by these matmuls). Above that, the logits never exist
+    at once: the forward keeps only each row's log-sum-exp and the backward recomputes a
+    chunk's logits (one more matmul, but memory stays at a chunk). Backward runs once."""
 
     @staticmethod
-    def forward(ctx, user, items, targets, weights, chunk):  # noqa: ANN001, ANN205
+    def forward(ctx, user, items, targets, weights, chunk, keep_bytes):  # noqa: ANN001, ANN205
+        keep = len(user) * len(items) * user.element_size() <= keep_bytes
         lse = torch.empty(len(user), dtype=user.dtype, device=user.device)
+        probs = torch.empty((len(user), len(items)) if keep else (0, 0), dtype=user.dtype, device=user.device)
         for lo in range(0, len(user), chunk):
-            lse[lo : lo + chunk] = torch.logsumexp(user[lo : lo + chunk] @ items.T, dim=1)
+            hi = min(lo + chunk, len(user))
+            if keep:  # one exp per logit: softmax and log-sum-exp from the same exponentials
+                rows = probs[lo:hi]
+                torch.mm(user[lo:hi], items.T, out=rows)
+                top = rows.amax(dim=1, keepdim=True)
+                total = rows.sub_(top).exp_().sum(dim=1, keepdim=True)
+                rows.div_(total)
+                lse[lo:hi] = (top + total.log()).squeeze(1)
+            else:
+                lse[lo:hi] = torch.logsumexp(user[lo:hi] @ items.T, dim=1)
         target_logit = (user * items[targets]).sum(-1)
-        ctx.save_for_backward(user, items, targets, weights, lse)
-        ctx.chunk = chunk
+        ctx.save_for_backward(user, items, targets, weights, lse, probs)
+        ctx.chunk, ctx.keep = chunk, keep
         return ((lse - target_logit) * weights).sum()
 
     @staticmethod
     def backward(ctx, grad):  # noqa: ANN001, ANN205
-        user, items, targets, weights, lse = ctx.saved_tensors
+        user, items, targets, weights, lse, probs = ctx.saved_tensors
         w = weights * grad
         grad_user = torch.empty_like(user)
         grad_items = torch.zeros_like(items)
         for lo in range(0, len(user), ctx.chunk):
             hi = min(lo + ctx.chunk, len(user))
-            p = user[lo:hi] @ items.T
-            p.sub_(lse[lo:hi, None]).exp_().mul_(w[lo:hi, None])  # w * softmax
+            if ctx.keep:
+                p = probs[lo:hi].mul_(w[lo:hi, None])  # w * softmax, in the kept buffer
+            else:
+                p = user[lo:hi] @ items.T
+                p.sub_(lse[lo:hi, None]).exp_().mul_(w[lo:hi, None])
             p[torch.arange(hi - lo, device=p.device), targets[lo:hi]] -= w[lo:hi]
             grad_user[lo:hi] = p @ items
             grad_items.addmm_(p.T, user[lo:hi])
-        return grad_user, grad_items, None, None, None
+        return grad_user, grad_items, None, None, None, None
 
 
 def full_softmax(
@@ -123,10 +138,12 @@ def full_softmax(
     scale: float | torch.Tensor | None = None,
     cosine: bool = True,
     chunk_bytes: int = 8 << 20,
+    keep_bytes: int = 512 << 20,
 ) -> torch.Tensor:
     """Weighted cross-entropy of P positions (user [P, d]) over every item (items [N, d]);
     ``targets`` [P] are row numbers into ``items``. No sampling, so no logQ correction. The
-    logits are computed ``chunk_bytes`` at a time (``_ChunkedSoftmaxCE``)."""
+    logits are computed ``chunk_bytes`` at a time; the softmax is kept for the backward when it
+    fits ``keep_bytes`` (``_ChunkedSoftmaxCE``)."""
     if cosine:
         user, items = F.normalize(user, dim=-1), F.normalize(items, dim=-1)
     user = user.float() / temperature
@@ -135,7 +152,7 @@ def full_softmax(
     if scale is None:
         scale = 1.0 / weights.sum().clamp_min(1e-12)
     chunk = max(16, chunk_bytes // (4 * max(1, len(items))))
-    return _ChunkedSoftmaxCE.apply(user, items.float(), targets, weights.float(), chunk) * scale
+    return _ChunkedSoftmaxCE.apply(user, items.float(), targets, weights.float(), chunk, keep_bytes) * scale
 
 
 def sampled_bce(

@@ -285,7 +285,8 @@ def test_sampler_follows_popularity_and_skips_unseen_items():
     assert (uniform == 3).mean() == pytest.approx(0.5, abs=0.01)
 
 
-def test_chunked_full_softmax_equals_autograd_cross_entropy():
+@pytest.mark.parametrize("keep_bytes", [0, 1 << 20])  # logits recomputed in the backward / softmax kept
+def test_chunked_full_softmax_equals_autograd_cross_entropy(keep_bytes):
     from models.losses import full_softmax
 
     torch.manual_seed(0)
@@ -295,7 +296,8 @@ def test_chunked_full_softmax_equals_autograd_cross_entropy():
     weights = torch.rand(37)
     temperature = torch.tensor(0.3, requires_grad=True)
     # Chunks of 16 rows (the smallest) over 37 positions: three chunks, the last one short.
-    loss = full_softmax(user, items, targets, temperature=temperature, weights=weights, cosine=True, chunk_bytes=1)
+    loss = full_softmax(user, items, targets, temperature=temperature, weights=weights, cosine=True, chunk_bytes=1,
+                        keep_bytes=keep_bytes)
     loss.backward()
     grads = [t.grad.clone() for t in (user, items, temperature)]
     for t in (user, items, temperature):
