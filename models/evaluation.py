@@ -661,7 +661,7 @@ class ScoringMethod:
 
     top_k: Callable[[EvaluationRun, UserChunk], np.ndarray]
     applies: Callable[[EvaluationRun], bool] = lambda run: True
-    timer: str = "baselines"  # the phase of ``Evaluation.seconds`` its time counts in
+    timer: str = ""  # the phase of ``Evaluation.seconds`` its time counts in (default: the method's name)
 
 
 # The report's rows, in order. Adding a method is one entry here.
@@ -718,7 +718,7 @@ def _score_users(run: EvaluationRun, logger: Any, started: float) -> UserScores:
     w_user = {m: {"w_hr@10": np.empty(n), "w_ndcg@10": np.empty(n)} for m in methods} if weighted else {}
     logger.info(f"evaluating {n:,} holdout users against {len(setup.creative):,} candidates ({setup.index.spec.describe()}), "
                 f"methods {methods}, history filter {'on' if run.settings.evaluation.exclude_history else 'off'}")
-    timer = {"inputs": 0.0, "search": 0.0, "baselines": 0.0}
+    timer = {"inputs": 0.0, **{SCORING_METHODS[m].timer or m: 0.0 for m in methods}}
     for lo in range(0, n, CHUNK_USERS):
         rows = run.rows[lo : lo + CHUNK_USERS]
         hi = lo + len(rows)
@@ -731,7 +731,7 @@ def _score_users(run: EvaluationRun, logger: Any, started: float) -> UserScores:
         for m in methods:
             t = time.perf_counter()
             top = SCORING_METHODS[m].top_k(run, chunk)
-            timer[SCORING_METHODS[m].timer] += time.perf_counter() - t
+            timer[SCORING_METHODS[m].timer or m] += time.perf_counter() - t
             ranks[m][lo:hi] = target_ranks(top, target)
             if weighted:
                 w_hr, w_nd = weighted_per_user(top, t_pos, t_w, K)
