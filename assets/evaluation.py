@@ -9,13 +9,11 @@ and, on synthetic data, the oracle ceiling; its headline table is also this mate
 Markdown metadata, so it shows in the Dagster UI.
 """
 
-import hashlib
-import json
 import time
 
-from dagster import AssetExecutionContext, AssetKey, DataVersion, MaterializeResult, MetadataValue, asset
+from dagster import AssetExecutionContext, AssetKey, MaterializeResult, MetadataValue, asset
 
-from assets.metadata import image_files_markdown
+from assets.metadata import data_version_of, image_files_markdown
 from assets.track_lock import hold_track
 from assets.training import ARRAY_INPUTS
 from models.evaluation import encode_track_users, evaluate_track, submission_for_track
@@ -54,11 +52,10 @@ def user_vectors(context: AssetExecutionContext, taac: TaacConfig) -> Materializ
     track = context.partition_key
     with hold_track(context, taac, track):
         build = encode_track_users(taac.paths(track), taac.settings(track), logger=context.log)
-    # Same checkpoints over the same arrays and predict file: same vectors.
-    version = hashlib.blake2b(json.dumps(build.presets, sort_keys=True).encode(), digest_size=8).hexdigest()
     main = next(iter(build.presets.values()))
     return MaterializeResult(
-        data_version=DataVersion(version),
+        # Same checkpoints over the same arrays and predict file: same vectors.
+        data_version=data_version_of(build.presets),
         metadata={
             "path": MetadataValue.path(main["path"]),
             "presets": MetadataValue.json(build.presets),

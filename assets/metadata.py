@@ -5,11 +5,14 @@
 - Plots: a PNG inlined in Markdown metadata (``![title](data:image/png;base64,...)``), so the
   loss curve, the recall tuning and the report's plots show on the asset page without opening
   a file.
+- Data versions of artifacts derived from checkpoints: a digest of what determines them.
 """
 
 from __future__ import annotations
 
 import base64
+import hashlib
+import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -17,10 +20,15 @@ from typing import Any
 import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
-from dagster import MetadataValue, TableColumn, TableSchema
+from dagster import DataVersion, MetadataValue, TableColumn, TableSchema
 
 ROW_COUNT = "dagster/row_count"
 COLUMN_SCHEMA = "dagster/column_schema"
+
+
+def data_version_of(inputs: Any) -> DataVersion:
+    """The data version of an artifact that ``inputs`` (JSON-serializable) fully determine."""
+    return DataVersion(hashlib.blake2b(json.dumps(inputs, sort_keys=True).encode(), digest_size=8).hexdigest())
 
 
 def table_metadata(con: duckdb.DuckDBPyConnection, table: str, rows: int | None = None) -> dict[str, Any]:

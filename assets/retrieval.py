@@ -10,8 +10,6 @@ index is published: one below the floor is kept under ``indexes/rejected/`` and 
 fails, so the published index stays the last one that passed.
 """
 
-import hashlib
-import json
 from collections.abc import Iterator
 
 from dagster import (
@@ -20,14 +18,13 @@ from dagster import (
     AssetCheckSpec,
     AssetExecutionContext,
     AssetKey,
-    DataVersion,
     Failure,
     MaterializeResult,
     MetadataValue,
     asset,
 )
 
-from assets.metadata import image_markdown
+from assets.metadata import data_version_of, image_markdown
 from assets.track_lock import hold_track
 from assets.training import ARRAY_INPUTS
 from models.evaluation import IndexBuild, IndexRecallBelowFloor, build_track_index
@@ -71,11 +68,8 @@ def faiss_index(context: AssetExecutionContext, taac: TaacConfig) -> Iterator[Ma
                 metadata={"rejected_index": MetadataValue.path(str(low.build.path)), **_recall_tuning_plot(low.build, floor)},
             ) from None
     meta = build.to_metadata()
-    version = hashlib.blake2b(
-        json.dumps([build.checkpoint_version, meta["spec"], meta["pool_size"]], sort_keys=True).encode(), digest_size=8
-    ).hexdigest()
     yield MaterializeResult(
-        data_version=DataVersion(version),
+        data_version=data_version_of([build.checkpoint_version, meta["spec"], meta["pool_size"]]),
         metadata={
             "index_path": MetadataValue.path(meta["index_path"]),
             "index": meta["index"],

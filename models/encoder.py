@@ -513,8 +513,8 @@ class Encoder(nn.Module):
         # The blocks run on right-padded tokens (the user token first, padding last): causal
         # attention then needs no padding mask and SDPA takes its mask-free kernel. Row b is
         # rotated by its user column; the states are rotated back (left-padded) at the end.
-        right = (col[None, :] + (L - n)[:, None]) % (L + 1)
-        left = (col[None, :] - (L - n)[:, None]) % (L + 1)
+        right = (col[None, :] + user_col) % (L + 1)
+        left = (col[None, :] - user_col) % (L + 1)
         x = self.drop(permute_tokens(tokens, right, left))
         if last_only:  # each row's last real token (the state after the whole history) only
             for block in self.blocks[:-1]:

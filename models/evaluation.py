@@ -439,6 +439,12 @@ def _encode_users(
         logger.info(f"'{loaded.preset}': encoded {hi:,}/{n:,} {what} users ({hi / max(elapsed, 1e-9):,.0f} users/s)")
 
 
+def comparison_preset(settings: Any) -> str | None:
+    """The official-baseline preset the report compares with, unless it is the configured one."""
+    name = settings.evaluation.baseline_preset
+    return name if name and Path(name).stem != Path(settings.training.preset).stem else None
+
+
 def configured_predict_file(settings: Any) -> Path | None:
     """The predict_seq.jsonl the submission is for: the local source's, when it has one."""
     return find_predict_file(settings.local_path) if settings.source == "local" else None
@@ -459,8 +465,8 @@ def encode_track_users(paths: TrackPaths, settings: TaacSettings, *, logger: Any
     fingerprint = file_fingerprint(predict_file) if predict_file is not None else None
     notes: list[str] = []
     presets = [settings.training.preset]
-    baseline = es.baseline_preset
-    if baseline and Path(baseline).stem != Path(settings.training.preset).stem and checkpoint_path(paths, baseline).is_file():
+    baseline = comparison_preset(settings)
+    if baseline and checkpoint_path(paths, baseline).is_file():
         presets.append(baseline)
     written: dict[str, dict[str, Any]] = {}
     total = 0
@@ -558,25 +564,20 @@ def _oracle_truth(paths: Any, settings: Any) -> Any:
     return load_ground_truth(folder) if folder.is_dir() else None
 
 
-def _baseline(paths: Any, settings: Any, arrays: Arrays, device: torch.device, main_preset: str,
+def _baseline(paths: Any, settings: Any, arrays: Arrays, device: torch.device,
               notes: list[str], logger: Any) -> tuple[LoadedModel, ItemIndex, np.ndarray] | None:
     """The official-baseline preset, scored like the model, when its checkpoint (and its user
     vectors) exist."""
-    name = settings.evaluation.baseline_preset
-    if not name or Path(name).stem == Path(main_preset).stem:
+    name = comparison_preset(settings)
+    if name is None:
         return None
     if not checkpoint_path(paths, name).is_file():
         notes.append(f"No checkpoint of the '{name}' preset: train it with TAAC_TRAINING__PRESET={name} to see it here.")
         return None
     try:
         loaded = load_model(paths, name, arrays, device)
-    except CheckpointMismatchError as error:
-        notes.append(f"The '{name}' preset was left out: {error}")
-        logger.warning(str(error))
-        return None
-    try:
         queries = stored_queries(paths, loaded, arrays)
-    except UserVectorsMismatchError as error:
+    except (CheckpointMismatchError, UserVectorsMismatchError) as error:
         notes.append(f"The '{name}' preset was left out: {error}")
         logger.warning(str(error))
         return None
@@ -689,7 +690,7 @@ def _evaluation_run(paths: Any, settings: Any, logger: Any) -> EvaluationRun:
     notes = list(setup.loaded.warnings)
     rows = sample_rows(setup.n_hold, es.max_users, rs.seed) if es.max_users else np.arange(setup.n_hold)
     queries = stored_queries(paths, setup.loaded, setup.arrays)
-    baseline = _baseline(paths, settings, setup.arrays, setup.device, setup.loaded.preset, notes, logger)
+    baseline = _baseline(paths, settings, setup.arrays, setup.device, notes, logger)
     cand_rows = np.asarray(setup.arrays.cand_rows).astype(np.int64)
     return EvaluationRun(
         settings=settings, track=get_track(paths.track), setup=setup, rows=rows, queries=queries, baseline=baseline,
