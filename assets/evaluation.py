@@ -22,8 +22,8 @@ from taac_dagster.resources import TaacConfig
 
 # Bump when the same checkpoint, index and settings would give other figures or files.
 USER_VECTORS_CODE_VERSION = "user-vectors-v1"
-EVALUATION_CODE_VERSION = "evaluation-v2"
-SUBMISSION_CODE_VERSION = "submission-v2"
+EVALUATION_CODE_VERSION = "evaluation-v3"  # v3: headline on the released pool, extended row apart
+SUBMISSION_CODE_VERSION = "submission-v3"  # v3: released-pool items only
 PLOT_TITLES = {"slices": "score by slice", "training_curve": "training loss"}
 
 
@@ -102,6 +102,10 @@ def evaluation_report(context: AssetExecutionContext, taac: TaacConfig) -> Mater
                if result.files.plots else {}),
             "exclude_history": result.provenance["exclude_history"],
             "index": result.provenance["index"],
+            "search_backend": result.search_backend,
+            # Targets outside the released pool: misses in every row but model_extended.
+            "targets_outside_pool_share": round(result.targets_outside_pool_share, 5),
+            "released_candidates": result.provenance["released_candidates"],
             "checkpoint_version": result.provenance["checkpoint_version"],
             "seconds": MetadataValue.json(result.seconds),
             "figures_moved_since_last_run": len(comparison["moved"]) if comparison else 0,
@@ -116,7 +120,8 @@ def evaluation_report(context: AssetExecutionContext, taac: TaacConfig) -> Mater
     deps=[AssetKey("user_vectors"), AssetKey("faiss_index"), AssetKey("encoder_checkpoint"), *ARRAY_INPUTS],
     kinds={"json"},
     description='Top-10 raw creative ids per user in the official format {"top10s": [[...]], "user": [...]}, '
-    "validated (10 distinct pool ids per user), for the holdout users or the local source's predict_seq.jsonl.",
+    "validated (10 distinct ids of the released pool per user), for the holdout users or the local source's "
+    "predict_seq.jsonl.",
 )
 def submission(context: AssetExecutionContext, taac: TaacConfig) -> MaterializeResult:
     track = context.partition_key
@@ -130,6 +135,8 @@ def submission(context: AssetExecutionContext, taac: TaacConfig) -> MaterializeR
             "bytes": summary["bytes"],
             "source": summary["source"],
             "index": summary["index"],
+            "search_backend": summary["search_backend"],
+            "released_candidates": summary["released_candidates"],
             "exclude_history": summary["exclude_history"],
             "checkpoint_version": summary["checkpoint_version"],
             "seconds": round(time.perf_counter() - started, 2),

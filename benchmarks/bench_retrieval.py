@@ -3,6 +3,16 @@
     .venv/bin/python benchmarks/bench_retrieval.py                  # 660K items x 64-d, moderate data
     .venv/bin/python benchmarks/bench_retrieval.py --hard           # noisier items and users
     .venv/bin/python benchmarks/bench_retrieval.py --eval-users 1000000   # time a whole 1M run
+    python benchmarks/bench_retrieval.py --torch-only --torch-device cuda --users 1000000 --pool 660000 --dim 64
+
+``--torch-only``: exact top-10 with the history exclusion in torch on ``--torch-device``
+(models/torch_search.py, what the report and the submission use on a CUDA device with a flat
+index) for ``--users`` random unit queries against a ``--pool`` of random unit items, each user
+excluding ~``--history`` random pool rows; the pool is uploaded once, queries are searched in
+chunks of ``--chunk-users`` (as the evaluation does) and blocks bounded by ``--score-gib``.
+Prints the upload time, the search time, users/s and the recall@10 of a sample against a numpy
+exact search. It needs only numpy and torch (no pipeline, no Faiss): it runs on a GPU machine
+from a bare checkout.
 
 Data (not timed): ``--items`` unit vectors in ``--topics`` clusters of Zipf-like sizes (a
 topic centre plus noise of norm ``--item-noise``, like trained item vectors). Queries are
@@ -31,21 +41,14 @@ import argparse
 import json
 import os
 import resource
+import sys
 import time
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from models.retrieval import (
-    ExclusionCSR,
-    IndexSpec,
-    build_index,
-    default_index_spec,
-    recall_at_k,
-    search,
-    set_threads,
-    torch_exact_search,
-    tune_nprobe,
-)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `models` from a bare checkout too
 
 
 def peak_rss_mb() -> float:
@@ -64,7 +67,7 @@ def make_items(n: int, dim: int, topics: int, noise: float, rng: np.random.Gener
 
 
 def make_users(nq: int, centres: np.ndarray, item_topic: np.ndarray, history: int, noise: float,
-               rng: np.random.Generator) -> tuple[np.ndarray, ExclusionCSR]:
+               rng: np.random.Generator) -> tuple[np.ndarray, Any]:
     """Query vectors (mixtures of topics) and per-user history rows drawn from those topics."""
     topics, dim = centres.shape
     slots = 4
@@ -81,14 +84,20 @@ def make_users(nq: int, centres: np.ndarray, item_topic: np.ndarray, history: in
     pick = (rng.random(len(owner))[:, None] > np.cumsum(mix, axis=1)[owner]).sum(axis=1).clip(0, slots - 1)
     t = user_topics[owner, pick]
     rows = by_topic[start[t] + (rng.random(len(owner)) * (start[t + 1] - start[t])).astype(np.int64)]
+    from models.retrieval import ExclusionCSR
+
     return q.astype(np.float32), ExclusionCSR(np.concatenate([[0], np.cumsum(lengths)]), rows.astype(np.int64))
 
 
-def subset(csr: ExclusionCSR, n: int) -> ExclusionCSR:
+def subset(csr: Any, n: int) -> Any:
+    from models.retrieval import ExclusionCSR
+
     return ExclusionCSR(csr.offsets[: n + 1], csr.values[: csr.offsets[n]])
 
 
 def timed(index, q, exclude):
+    from models.retrieval import search
+
     wall, cpu = time.perf_counter(), time.process_time()
     ids, _ = search(index, q, 10, exclude=exclude)
     return ids, time.perf_counter() - wall, time.process_time() - cpu
@@ -106,9 +115,89 @@ def gemm_gflops(dim: int) -> float:
     return 3 * 2 * 4096 * dim * 65536 / (time.perf_counter() - started) / 1e9
 
 
+def unit_rows(n: int, dim: int, rng: np.random.Generator) -> np.ndarray:
+    x = rng.standard_normal((n, dim), dtype=np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    return x
+
+
+def numpy_exact_top10(items: np.ndarray, q: np.ndarray, offsets: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """Reference: exact top-10 rows per query with its exclusions, in numpy (blocks of 64 queries)."""
+    out = np.empty((len(q), 10), np.int64)
+    for lo in range(0, len(q), 64):
+        hi = min(len(q), lo + 64)
+        scores = q[lo:hi] @ items.T
+        owner = np.repeat(np.arange(hi - lo), np.diff(offsets[lo : hi + 1]))
+        scores[owner, rows[offsets[lo] : offsets[hi]]] = -np.inf
+        top = np.argpartition(-scores, 10, axis=1)[:, :10]
+        out[lo:hi] = np.take_along_axis(top, np.argsort(-np.take_along_axis(scores, top, axis=1), axis=1), axis=1)
+    return out
+
+
+def torch_only(args: argparse.Namespace) -> None:
+    """Exact top-10 with exclusions in torch (models/torch_search.py) on random unit vectors."""
+    import torch
+
+    from models.torch_search import TorchExactIndex
+
+    device = torch.device(args.torch_device)
+    users, pool, dim = args.eval_users or 1_000_000, args.items, args.dim
+    rng = np.random.default_rng(args.seed)
+    started = time.perf_counter()
+    items = unit_rows(pool, dim, rng)
+    lengths = rng.integers(max(0, args.history - 10), args.history + 11, size=users)
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    history = rng.integers(0, pool, size=int(offsets[-1]), dtype=np.int64)
+    print(f"torch {torch.__version__} on {device}"
+          f"{' (' + torch.cuda.get_device_name(device) + ')' if device.type == 'cuda' else ''}; "
+          f"{users:,} users x {pool:,} pool x {dim}-d, ~{args.history} excluded rows per user "
+          f"({len(history):,} in all), generated in {time.perf_counter() - started:.1f}s", flush=True)
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    wall = time.perf_counter()
+    index = TorchExactIndex(items, device=device, max_score_bytes=int(args.score_gib * (1 << 30)))
+    sync()
+    upload = time.perf_counter() - wall
+    warm_q = unit_rows(min(users, 2048), dim, rng)
+    index.search(warm_q, 10)  # CUDA context, cuBLAS handles, allocator
+    sync()
+    chunk = args.chunk_users
+    top = np.empty((users, 10), np.int64)
+    wall = time.perf_counter()
+    produced = 0.0
+    for lo in range(0, users, chunk):
+        hi = min(users, lo + chunk)
+        t = time.perf_counter()
+        q = unit_rows(hi - lo, dim, rng)  # made per chunk (not timed), as the evaluation reads its vectors
+        produced += time.perf_counter() - t
+        exclude = (offsets[lo : hi + 1] - offsets[lo], history[offsets[lo] : offsets[hi]])
+        top[lo:hi] = index.search(q, 10, exclude=exclude)[0]
+        if lo == 0:
+            check_q = q[: args.check_users]
+    sync()
+    seconds = time.perf_counter() - wall - produced
+    n_check = len(check_q)
+    want = numpy_exact_top10(items, check_q, offsets[: n_check + 1], history[: offsets[n_check]])
+    found = (want[:, :, None] == top[:n_check, None, :]).any(axis=2).mean()
+    excluded = int(sum(np.isin(top[u], history[offsets[u] : offsets[u + 1]]).sum() for u in range(n_check)))
+    peak = round(torch.cuda.max_memory_allocated(device) / (1 << 30), 2) if device.type == "cuda" else None
+    print(f"pool upload {upload:.2f}s; block {index.block_rows:,} queries ({args.score_gib:g} GiB of scores); "
+          f"peak device memory {'-' if peak is None else f'{peak:.1f} GiB'}")
+    print(f"exact top-10 with exclusions: {users:,} users in {seconds:.2f}s -> {users / seconds:,.0f} users/s "
+          f"({seconds * 1e6 / users:.1f}s per 1M users); recall@10 vs numpy exact on {n_check:,} users {found:.4f}, "
+          f"excluded rows returned: {excluded}")
+    print(json.dumps({"mode": "torch_only", "device": str(device), "users": users, "pool": pool, "dim": dim,
+                      "history": args.history, "chunk_users": chunk, "block_rows": index.block_rows,
+                      "upload_s": round(upload, 3), "seconds": round(seconds, 3), "users_per_s": round(users / seconds),
+                      "recall_sample": float(found), "peak_gib": peak}))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--items", type=int, default=660_000)
+    parser.add_argument("--items", "--pool", dest="items", type=int, default=660_000, help="pool size")
     parser.add_argument("--dim", type=int, default=64)
     parser.add_argument("--topics", type=int, default=1_000)
     parser.add_argument("--item-noise", type=float, default=None, help="default 0.9 (1.2 with --hard)")
@@ -118,15 +207,37 @@ def main() -> None:
     parser.add_argument("--throughput-queries", type=int, default=16_384)
     parser.add_argument("--flat-queries", type=int, default=2_048)
     parser.add_argument("--recall-queries", type=int, default=2_000)
-    parser.add_argument("--eval-users", type=int, default=100_000)
+    parser.add_argument("--eval-users", "--users", dest="eval_users", type=int, default=None,
+                        help="users of the evaluation run (default 100,000; 1,000,000 with --torch-only)")
     parser.add_argument("--ivf", default="2048:20,2048:41,2048:72,2048:102,4096:82,4096:164", help="nlist:nprobe,...")
     parser.add_argument("--hnsw", default="32:100:64,32:100:128,32:100:256,32:100:512",
                         help="M:efConstruction:efSearch,...")
     parser.add_argument("--torch-device", default=None,
                         help="also time exact top-10 with torch matmul on this device (e.g. cuda)")
+    parser.add_argument("--torch-only", action="store_true",
+                        help="only the torch exact search on random vectors (needs numpy and torch alone)")
+    parser.add_argument("--chunk-users", type=int, default=65_536, help="--torch-only: users per search call")
+    parser.add_argument("--score-gib", type=float, default=2.0, help="--torch-only: bound of a block's scores")
+    parser.add_argument("--check-users", type=int, default=1_000, help="--torch-only: users checked against numpy")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
+    if args.torch_only:
+        if not args.torch_device:
+            parser.error("--torch-only needs --torch-device (e.g. cuda, or cpu for a small check)")
+        torch_only(args)
+        return
+    from models.retrieval import (
+        IndexSpec,
+        build_index,
+        default_index_spec,
+        recall_at_k,
+        search,
+        set_threads,
+        tune_nprobe,
+    )
+
+    args.eval_users = args.eval_users or 100_000
     item_noise = args.item_noise if args.item_noise is not None else (1.2 if args.hard else 0.9)
     query_noise = args.query_noise if args.query_noise is not None else (0.8 if args.hard else 0.5)
 
@@ -214,12 +325,14 @@ def main() -> None:
     if args.torch_device:
         import torch
 
-        torch_exact_search(flat, queries[:1024], 10, device=args.torch_device)  # warm-up
+        from models.retrieval import torch_exact_search, torch_index
+
+        pool_on_device = torch_index(flat, args.torch_device)  # uploaded once
+        torch_exact_search(pool_on_device, queries[:1024], 10)  # warm-up
         if args.torch_device.startswith("cuda"):
             torch.cuda.synchronize()
         wall = time.perf_counter()
-        rows, _ = torch_exact_search(flat, queries[:n], 10, exclude=subset(histories, n), device=args.torch_device,
-                                     batch_size=8192)
+        rows, _ = torch_exact_search(pool_on_device, queries[:n], 10, exclude=subset(histories, n))
         wall = time.perf_counter() - wall
         recall = recall_at_k(rows[: len(rq)], exact_excl)
         evals["torch_exact"] = {"device": args.torch_device, "users": n, "wall_s": wall,

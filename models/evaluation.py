@@ -15,8 +15,18 @@ of every holdout user, and the submission file.
 
 Ids: the index's id map holds creative ids (the submission's id space); everything scored is
 kept as *pool positions* (0..C-1, the order of ``arrays.cand_*``), so targets, exclusions and
-every method's lists are compared in one space. The holdout target is always in the pool (the
-warehouse adds missing targets to it).
+every method's lists are compared in one space.
+
+Two pools: the index covers every candidate, the *released* pool (``arrays.cand_released``:
+the published pool, or every candidate when nothing was published) plus the holdout targets
+the warehouse added to it. The submission and every row of the report but one recommend from
+the released pool only, so a target outside it is a miss, as on the leaderboard; the share of
+such targets is reported (``targets_outside_pool_share``), and ``model_extended`` ("model
+(pool + missing targets)") scores the model on the whole index when the pools differ.
+
+Search backends (``search_backend``): Faiss on the CPU, or, on a CUDA device with a flat index
+(``evaluation.search_backend``), exact matmul + top-k in torch with the pool's vectors held on
+the device (models/torch_search.py); the choice is recorded in the report and the submission.
 
 The report and the submission read the user vectors (models/user_vectors.py) instead of
 encoding the histories again. Users are processed in chunks (``CHUNK_USERS``): per chunk the
@@ -57,6 +67,8 @@ from models.retrieval import (
     save_index,
     search,
     set_threads,
+    torch_exact_search,
+    torch_index,
     tune_ef_search,
     tune_nprobe,
 )
@@ -99,6 +111,10 @@ class CheckpointMismatchError(EvaluationError):
     """A checkpoint trained on data of another shape (vocabularies, families, ...)."""
 
 
+class StaleCheckpointError(CheckpointMismatchError):
+    """A checkpoint trained on other arrays of the same shape (another data version)."""
+
+
 # --- Checkpoint and arrays ---------------------------------------------------------------
 def checkpoint_path(paths: Any, preset: str) -> Path:
     return Path(paths.checkpoints) / Path(preset).stem / LAST
@@ -117,8 +133,9 @@ def _plain(value: Any) -> Any:
 
 
 def check_checkpoint_fits(ckpt: dict[str, Any], arrays: Arrays, path: Path) -> list[str]:
-    """Raise ``CheckpointMismatchError`` when the checkpoint cannot score these arrays; return
-    warnings (e.g. trained on another data version of the same shape)."""
+    """Raise ``CheckpointMismatchError`` when the checkpoint cannot score these arrays, and
+    ``StaleCheckpointError`` when it was trained on another data version of them (same shapes:
+    it would load, and describe a model of other data); return warnings (none today)."""
     have = ckpt.get("model_config") or {}
     want = EncoderConfig.from_meta(arrays.meta).to_dict()
     problems = [
@@ -136,10 +153,12 @@ def check_checkpoint_fits(ckpt: dict[str, Any], arrays: Arrays, path: Path) -> l
             "Re-materialize encoder_checkpoint for this data (or point TAAC_DATA_ROOT at the data it was trained on)."
         )
     if ckpt.get("data_version") != arrays.data_version:
-        return [
-            f"the checkpoint was trained on data version {ckpt.get('data_version')}, the current arrays are "
-            f"{arrays.data_version} (same shapes): its figures describe a stale model until encoder_checkpoint is re-materialized"
-        ]
+        raise StaleCheckpointError(
+            f"{path}: the checkpoint was trained on arrays of data version {ckpt.get('data_version')!r}, the current "
+            f"arrays ({arrays.folder}) are data version {arrays.data_version!r} (same shapes, other data or settings). "
+            "Re-materialize encoder_checkpoint for these arrays (or point TAAC_DATA_ROOT and the array settings, "
+            "max_history, embedding_families, training.val_users, at what it was trained on)."
+        )
     return []
 
 
@@ -234,6 +253,60 @@ def pool_positions(arrays: Arrays) -> np.ndarray:
 
 def _as_ids(positions: np.ndarray, ids: np.ndarray) -> np.ndarray:
     return np.where(positions >= 0, ids[np.maximum(positions, 0)], -1)
+
+
+def released_mask(arrays: Arrays) -> np.ndarray | None:
+    """Pool position -> in the released pool; None when every candidate is (nothing was added)."""
+    released = np.asarray(arrays.cand_released, dtype=bool)
+    return None if released.all() else released
+
+
+# --- Search backends ---------------------------------------------------------------------
+FAISS = "faiss"
+
+
+def search_backend(settings: Any, device: torch.device, spec: IndexSpec) -> str:
+    """``faiss``, or ``torch-<device type>`` (``evaluation.search_backend``; ``auto``: torch on
+    a CUDA device, whatever the index kind: exact top-K over the pool's vectors (an IVF / HNSW
+    index's read back) takes seconds there, so a GPU scores without the approximation; Faiss
+    on a CPU, with the index as built)."""
+    asked = settings.evaluation.search_backend
+    use_torch = asked == "torch" or (asked == "auto" and device.type == "cuda")
+    return f"torch-{device.type}" if use_torch else FAISS
+
+
+@dataclass
+class PoolSearch:
+    """Top-K pool positions from one index, through Faiss or through torch on the device (the
+    pool's vectors uploaded once, for every chunk of users), the released pool or all of it."""
+
+    index: ItemIndex
+    backend: str
+    released: np.ndarray | None  # ``released_mask``
+    exact: Any = None  # the TorchExactIndex, for a torch backend
+
+    @classmethod
+    def open(cls, index: ItemIndex, backend: str, device: torch.device, released: np.ndarray | None) -> PoolSearch:
+        exact = torch_index(index, str(device)) if backend != FAISS else None
+        return cls(index, backend, released, exact)
+
+    def describe(self) -> str:
+        kind = self.index.spec.describe()
+        if self.exact is not None and self.index.spec.kind != "flat":
+            return f"exact over the vectors of {kind}"
+        return kind
+
+    def top_k(self, queries: np.ndarray, exclude_ids: Any, *, extended: bool = False) -> np.ndarray:
+        """[n, K] pool positions (-1: nothing left); ``extended``: the whole index, not only
+        the released pool."""
+        allowed = None if extended else self.released
+        if self.exact is not None:
+            rows, scores = torch_exact_search(self.exact, queries, K, exclude=exclude_ids, allowed=allowed)
+        else:
+            rows, scores = search(self.index, queries, K, exclude=exclude_ids, return_rows=True, allowed=allowed)
+        # Equal scores (items with the same vector) in pool order, whatever order the backend left them in.
+        order = np.lexsort((np.where(rows >= 0, rows, np.iinfo(np.int64).max), -scores), axis=1)
+        return np.take_along_axis(rows, order, axis=1)
 
 
 # --- The index ---------------------------------------------------------------------------
@@ -522,6 +595,13 @@ class ScoringSetup:
     creative: np.ndarray  # pool position -> creative id
     position: np.ndarray  # item row -> pool position
     n_hold: int
+    released: np.ndarray | None  # pool position -> in the released pool (None: all are)
+    search: PoolSearch  # the index's top-K, with the backend the settings pick
+
+    @property
+    def released_positions(self) -> np.ndarray:
+        n = len(self.creative)
+        return np.arange(n) if self.released is None else np.flatnonzero(self.released)
 
 
 def _scoring_setup(paths: Any, settings: Any, logger: Any, *, require_holdout: bool = True) -> ScoringSetup:
@@ -534,7 +614,12 @@ def _scoring_setup(paths: Any, settings: Any, logger: Any, *, require_holdout: b
     if n_hold == 0 and require_holdout:
         raise EvaluationError(f"{paths.warehouse}: the holdout table is empty: no user to score")
     creative = np.asarray(arrays.cand_creative).astype(np.int64)
-    return ScoringSetup(device, arrays, loaded, index, creative, pool_positions(arrays), n_hold)
+    released = released_mask(arrays)
+    backend = search_backend(settings, device, index.spec)
+    logger.info(f"searching {index.spec.describe()} with {backend}; released pool: "
+                f"{len(creative) if released is None else int(released.sum()):,} of {len(creative):,} candidates")
+    return ScoringSetup(device, arrays, loaded, index, creative, pool_positions(arrays), n_hold, released,
+                        PoolSearch.open(index, backend, device, released))
 
 
 @dataclass
@@ -547,6 +632,11 @@ class Evaluation:
     provenance: dict[str, Any]
     notes: list[str]
     validation: dict[str, Any] | None = None  # the kept checkpoint's validation figures
+    targets_outside_pool_share: float = 0.0  # scored targets outside the released pool
+
+    @property
+    def search_backend(self) -> str:
+        return str(self.provenance["search_backend"])
 
 
 def kept_validation(ckpt: dict[str, Any]) -> dict[str, Any] | None:
@@ -565,7 +655,7 @@ def _oracle_truth(paths: Any, settings: Any) -> Any:
 
 
 def _baseline(paths: Any, settings: Any, arrays: Arrays, device: torch.device,
-              notes: list[str], logger: Any) -> tuple[LoadedModel, ItemIndex, np.ndarray] | None:
+              notes: list[str], logger: Any) -> tuple[LoadedModel, PoolSearch, np.ndarray] | None:
     """The official-baseline preset, scored like the model, when its checkpoint (and its user
     vectors) exist."""
     name = comparison_preset(settings)
@@ -582,10 +672,12 @@ def _baseline(paths: Any, settings: Any, arrays: Arrays, device: torch.device,
         logger.warning(str(error))
         return None
     index, recall, _, _ = index_model_pool(loaded, arrays, settings, device, logger, {})
+    pool_search = PoolSearch.open(index, search_backend(settings, device, index.spec), device, released_mask(arrays))
     notes.append(
-        f"The '{name}' preset ({loaded.checkpoint_version}) is searched with {index.spec.describe()}, recall@10 {recall:.4f}."
+        f"The '{name}' preset ({loaded.checkpoint_version}) is searched with {pool_search.describe()} "
+        f"({pool_search.backend}), recall@10 {recall:.4f}."
     )
-    return loaded, index, queries
+    return loaded, pool_search, queries
 
 
 def _weighted_targets(
@@ -610,9 +702,9 @@ class EvaluationRun:
     setup: ScoringSetup
     rows: np.ndarray  # the holdout rows scored (all, or a sample of max_users)
     queries: np.ndarray  # the model's user vectors of every holdout row (user_vectors, memory-mapped)
-    baseline: tuple[LoadedModel, ItemIndex, np.ndarray] | None  # the official-baseline preset, when trained
+    baseline: tuple[LoadedModel, PoolSearch, np.ndarray] | None  # the official-baseline preset, when trained
     truth: Any  # the generator's ground truth (synthetic data only), else None
-    popular: np.ndarray  # pool positions, most popular first
+    popular: np.ndarray  # released pool positions, most popular first
     pool_item_ids: np.ndarray  # pool position -> item id (0: a row past the id table)
     notes: list[str]
 
@@ -633,7 +725,11 @@ class UserChunk:
 
 
 def _model_top_k(run: EvaluationRun, chunk: UserChunk) -> np.ndarray:
-    return search(run.setup.index, chunk.queries, K, exclude=chunk.exclude_ids, return_rows=True)[0]
+    return run.setup.search.top_k(chunk.queries, chunk.exclude_ids)
+
+
+def _model_extended_top_k(run: EvaluationRun, chunk: UserChunk) -> np.ndarray:
+    return run.setup.search.top_k(chunk.queries, chunk.exclude_ids, extended=True)
 
 
 def _popularity_top_k(run: EvaluationRun, chunk: UserChunk) -> np.ndarray:
@@ -643,8 +739,8 @@ def _popularity_top_k(run: EvaluationRun, chunk: UserChunk) -> np.ndarray:
 
 def _baseline_top_k(run: EvaluationRun, chunk: UserChunk) -> np.ndarray:
     assert run.baseline is not None
-    _, b_index, b_queries = run.baseline
-    return search(b_index, np.ascontiguousarray(b_queries[chunk.rows]), K, exclude=chunk.exclude_ids, return_rows=True)[0]
+    _, b_search, b_queries = run.baseline
+    return b_search.top_k(np.ascontiguousarray(b_queries[chunk.rows]), chunk.exclude_ids)
 
 
 def _oracle_top_k(run: EvaluationRun, chunk: UserChunk) -> np.ndarray:
@@ -652,8 +748,9 @@ def _oracle_top_k(run: EvaluationRun, chunk: UserChunk) -> np.ndarray:
     prev_rows = chunk.inputs["items"][:, -1]
     prev = np.where(prev_rows < int(arrays.meta["id_rows"]), prev_rows, 0)
     users = np.asarray(arrays.hold_users[chunk.rows]).astype(np.int64)  # the user's id, not its feature rows
-    pool_pos = np.arange(len(run.setup.creative))
-    return oracle_topk(run.truth, users, prev, run.pool_item_ids, K, pool_ids=pool_pos, exclude=chunk.history)
+    pool_pos = run.setup.released_positions
+    return oracle_topk(run.truth, users, prev, run.pool_item_ids[pool_pos], K, pool_ids=pool_pos,
+                       exclude=chunk.history)
 
 
 @dataclass(frozen=True)
@@ -665,9 +762,14 @@ class ScoringMethod:
     timer: str = ""  # the phase of ``Evaluation.seconds`` its time counts in (default: the method's name)
 
 
-# The report's rows, in order. Adding a method is one entry here.
+# The report's rows, in order. Adding a method is one entry here. Every row recommends from
+# the released pool but ``model_extended``: the model on the whole index, targets the warehouse
+# added included (only when there are some).
+EXTENDED = "model_extended"
 SCORING_METHODS: dict[str, ScoringMethod] = {
     "model": ScoringMethod(_model_top_k, timer="search"),
+    EXTENDED: ScoringMethod(_model_extended_top_k, applies=lambda run: run.setup.released is not None,
+                            timer="search_extended"),
     "popularity": ScoringMethod(_popularity_top_k),
     "baseline": ScoringMethod(_baseline_top_k, applies=lambda run: run.baseline is not None),
     "oracle": ScoringMethod(_oracle_top_k, applies=lambda run: run.truth is not None),
@@ -695,9 +797,23 @@ def _evaluation_run(paths: Any, settings: Any, logger: Any) -> EvaluationRun:
     return EvaluationRun(
         settings=settings, track=get_track(paths.track), setup=setup, rows=rows, queries=queries, baseline=baseline,
         truth=_oracle_truth(paths, settings),
-        popular=popularity_order(setup.arrays, setup.loaded.actions),
+        popular=released_popularity(setup.arrays, setup.loaded.actions, setup.released),
         pool_item_ids=np.where(cand_rows < int(setup.arrays.meta["id_rows"]), cand_rows, 0), notes=notes,
     )
+
+
+def released_popularity(arrays: Arrays, actions: tuple[int, ...], released: np.ndarray | None) -> np.ndarray:
+    """``popularity_order`` restricted to the released pool."""
+    order = popularity_order(arrays, actions)
+    return order if released is None else order[released[order]]
+
+
+def targets_outside_pool(run: EvaluationRun) -> np.ndarray:
+    """Per scored user: its target is not in the released pool (a miss in every released row)."""
+    target = run.setup.position[np.asarray(run.setup.arrays.hold_target[run.rows]).astype(np.int64)]
+    if run.setup.released is None:
+        return target < 0
+    return (target < 0) | ~run.setup.released[np.maximum(target, 0)]
 
 
 def _user_chunk(run: EvaluationRun, rows: np.ndarray) -> UserChunk:
@@ -717,7 +833,8 @@ def _score_users(run: EvaluationRun, logger: Any, started: float) -> UserScores:
     weighted, relevance = track.weighted, dict(track.relevance)  # 10M: conversions weigh 2.5
     ranks = {m: np.empty(n, np.int64) for m in methods}
     w_user = {m: {"w_hr@10": np.empty(n), "w_ndcg@10": np.empty(n)} for m in methods} if weighted else {}
-    logger.info(f"evaluating {n:,} holdout users against {len(setup.creative):,} candidates ({setup.index.spec.describe()}), "
+    logger.info(f"evaluating {n:,} holdout users against {len(setup.released_positions):,} released of "
+                f"{len(setup.creative):,} candidates ({setup.search.describe()}, {setup.search.backend}), "
                 f"methods {methods}, history filter {'on' if run.settings.evaluation.exclude_history else 'off'}")
     timer = {"inputs": 0.0, **{SCORING_METHODS[m].timer or m: 0.0 for m in methods}}
     for lo in range(0, n, CHUNK_USERS):
@@ -772,8 +889,20 @@ def _training_curves(run: EvaluationRun) -> dict[str, list[tuple[int, float]]] |
     return curves if any(curves.values()) else None
 
 
-def _closing_notes(run: EvaluationRun) -> list[str]:
-    es, notes = run.settings.evaluation, []
+def _pool_note(run: EvaluationRun, outside_share: float) -> str:
+    setup = run.setup
+    released, total = len(setup.released_positions), len(setup.creative)
+    if setup.released is None:
+        return (f"Every row recommends from the released pool ({total:,} candidates); "
+                f"{100 * outside_share:.1f}% of the targets are outside it.")
+    return (f"Every row but 'model (pool + missing targets)' recommends from the released pool ({released:,} of "
+            f"{total:,} candidates; the other {total - released:,} are holdout targets the warehouse added): "
+            f"{100 * outside_share:.1f}% of the targets are outside it and count as misses, as on the leaderboard. "
+            "'model (pool + missing targets)' searches the whole pool (an optimistic local figure).")
+
+
+def _closing_notes(run: EvaluationRun, outside_share: float) -> list[str]:
+    es, notes = run.settings.evaluation, [_pool_note(run, outside_share)]
     if es.exclude_history:
         notes.append(
             "History filter on: items already in a user's history are never recommended (as in the official evaluation)."
@@ -788,7 +917,7 @@ def _closing_notes(run: EvaluationRun) -> list[str]:
     return notes
 
 
-def _provenance(paths: Any, run: EvaluationRun, code_version: str) -> dict[str, Any]:
+def _provenance(paths: Any, run: EvaluationRun, code_version: str, outside_share: float) -> dict[str, Any]:
     settings, setup = run.settings, run.setup
     return {
         "code_version": code_version,
@@ -798,16 +927,19 @@ def _provenance(paths: Any, run: EvaluationRun, code_version: str) -> dict[str, 
         "checkpoint_version": setup.loaded.checkpoint_version,
         "checkpoint": str(setup.loaded.path),
         "preset": setup.loaded.preset,
-        "index": setup.index.spec.describe(),
+        "index": setup.search.describe(),
+        "search_backend": setup.search.backend,
         "exclude_history": settings.evaluation.exclude_history,
         "users": len(run.rows),
         "candidates": len(setup.creative),
+        "released_candidates": len(setup.released_positions),
         "config": {
             "training": settings.training.model_dump(),
             "retrieval": settings.retrieval.model_dump(),
             "evaluation": settings.evaluation.model_dump(),
         },
-        "figures": {"index_recall@10": setup.index.metadata.get("recall")},
+        "figures": {"index_recall@10": setup.index.metadata.get("recall"),
+                    "targets_outside_pool_share": round(outside_share, 6)},
     }
 
 
@@ -818,8 +950,9 @@ def evaluate_track(paths: TrackPaths, settings: TaacSettings, *, code_version: s
     run = _evaluation_run(paths, settings, logger)
     scores = _score_users(run, logger, started)
     headline = _headline(scores)
-    notes = run.notes + _closing_notes(run)
-    provenance = _provenance(paths, run, code_version)
+    outside = float(targets_outside_pool(run).mean()) if len(run.rows) else 0.0
+    notes = run.notes + _closing_notes(run, outside)
+    provenance = _provenance(paths, run, code_version, outside)
     seconds = {**scores.seconds, "total": round(time.perf_counter() - started, 3)}
     validation = kept_validation(run.setup.loaded.ckpt)
     data = ReportData(
@@ -828,7 +961,8 @@ def evaluate_track(paths: TrackPaths, settings: TaacSettings, *, code_version: s
     )
     files = write_report(paths.reports, data, name=REPORT_NAME)
     logger.info(f"report written to {files.markdown} in {seconds['total']:.1f}s")
-    return Evaluation(files, headline, oracle_share(headline), len(run.rows), seconds, provenance, notes, validation)
+    return Evaluation(files, headline, oracle_share(headline), len(run.rows), seconds, provenance, notes, validation,
+                      targets_outside_pool_share=outside)
 
 
 # --- Submission --------------------------------------------------------------------------
@@ -878,8 +1012,13 @@ def submission_for_track(paths: TrackPaths, settings: TaacSettings, *, logger: A
     logger = logger or log
     es = settings.evaluation
     setup = _scoring_setup(paths, settings, logger, require_holdout=False)
-    device, arrays, loaded, index = setup.device, setup.arrays, setup.loaded, setup.index
+    device, arrays, loaded, pool_search = setup.device, setup.arrays, setup.loaded, setup.search
     creative, position = setup.creative, setup.position
+    if len(setup.released_positions) < K:
+        raise EvaluationError(
+            f"{paths.warehouse}: the released candidate pool holds {len(setup.released_positions)} items; a submission "
+            f"needs {K} distinct ones per user"
+        )
     explicit = predict_file is not None
     predict_file = predict_file or configured_predict_file(settings)
     if predict_file is not None:
@@ -905,20 +1044,22 @@ def submission_for_track(paths: TrackPaths, settings: TaacSettings, *, logger: A
         users = raw_user_ids(paths.warehouse, np.asarray(arrays.hold_users).astype(np.int64), settings)
         inputs_of = lambda lo, hi: holdout_batch(arrays, np.arange(lo, hi))  # noqa: E731
         queries = stored_queries(paths, loaded, arrays)
-    popular = popularity_order(arrays, loaded.actions)
+    popular = released_popularity(arrays, loaded.actions, setup.released)  # the released pool only
     lists = np.empty((n, K), np.int64)
     started = time.perf_counter()
     for lo in range(0, n, CHUNK_USERS):
         hi = min(n, lo + CHUNK_USERS)
         history = position[inputs_of(lo, hi)["items"]] if es.exclude_history else None
         exclude = _as_ids(history, creative) if history is not None else None
-        top = search(index, np.ascontiguousarray(queries[lo:hi]), K, exclude=exclude, return_rows=True)[0]
+        top = pool_search.top_k(np.ascontiguousarray(queries[lo:hi]), exclude)
         lists[lo:hi] = fill_lists(top, popular, history)
         elapsed = time.perf_counter() - started
         logger.info(f"recommended for {hi:,}/{n:,} users ({hi / max(elapsed, 1e-9):,.0f} users/s so far)")
     target = path or Path(paths.reports) / SUBMISSION_FILE
-    summary = write_submission(target, creative[lists], users, creative)
-    summary.update({"source": source, "checkpoint_version": loaded.checkpoint_version, "index": index.spec.describe(),
+    # Validated against the released pool: a target the warehouse added is never submitted.
+    summary = write_submission(target, creative[lists], users, creative[setup.released_positions])
+    summary.update({"source": source, "checkpoint_version": loaded.checkpoint_version, "index": pool_search.describe(),
+                    "search_backend": pool_search.backend, "released_candidates": len(setup.released_positions),
                     "exclude_history": es.exclude_history})
     logger.info(f"submission for {summary['users']:,} users written to {target}")
     return summary
@@ -929,6 +1070,7 @@ __all__ = [
     "Evaluation",
     "EvaluationError",
     "IndexBuild",
+    "StaleCheckpointError",
     "build_track_index",
     "check_checkpoint_fits",
     "encode_track_users",

@@ -1,9 +1,11 @@
 """The evaluation report: headline figures, slices, plots, and a comparison with the last run.
 
 Inputs are plain arrays: per user, the 0-based rank of its target in each method's top-10
-(-1 = miss) for the methods ``model``, ``popularity``, ``baseline`` (the official-baseline
-preset) and ``oracle`` (any subset; other names are kept too), plus what the slices need
-(history length, the target's training popularity, cold or warm, action type).
+(-1 = miss) for the methods ``model``, ``model_extended`` (the model on the released pool plus
+the targets the warehouse added to it, shown as "model (pool + missing targets)"),
+``popularity``, ``baseline`` (the official-baseline preset) and ``oracle`` (any subset; other
+names are kept too), plus what the slices need (history length, the target's training
+popularity, cold or warm, action type).
 
     slices = slice_frame(history_length, target_popularity, target_is_cold, target_action_type)
     headline = headline_figures({"model": ranks_m, "popularity": ranks_p, "oracle": ranks_o})
@@ -44,9 +46,11 @@ from models.weighted_metrics import K, hits_from_ranks, ndcg_from_ranks, score
 from taac_dagster.atomic import atomic_file, write_text_atomic
 
 FORMAT_VERSION = 1
-METHOD_ORDER = ("model", "popularity", "baseline", "oracle")
-METHOD_LABELS = {"model": "model", "popularity": "popularity", "baseline": "baseline preset", "oracle": "oracle"}
-METHOD_COLORS = {"model": "#1f77b4", "popularity": "#7f7f7f", "baseline": "#ff7f0e", "oracle": "#2ca02c"}
+METHOD_ORDER = ("model", "model_extended", "popularity", "baseline", "oracle")
+METHOD_LABELS = {"model": "model", "model_extended": "model (pool + missing targets)", "popularity": "popularity",
+                 "baseline": "baseline preset", "oracle": "oracle"}
+METHOD_COLORS = {"model": "#1f77b4", "model_extended": "#aec7e8", "popularity": "#7f7f7f", "baseline": "#ff7f0e",
+                 "oracle": "#2ca02c"}
 
 # Slice buckets. History lengths run 0..100 (the holdout keeps at most 100 events).
 HISTORY_EDGES = (0, 10, 30, 60, 90, math.inf)

@@ -30,8 +30,12 @@ Decisions:
   lists in cache, ~25% faster for identical results.
 * Faiss uses every core by default (``threads``); the vectors are float32 and normalized
   once, at build time, and per query batch at search time (scores are cosines).
-* ``torch_exact_search`` is the exact alternative for a GPU (matmul + topk, exclusions
-  masked to -inf instead of over-fetched).
+* **A subset of the pool** (``allowed``, a bool mask of rows: the released pool when the
+  index also holds targets the warehouse added) is searched through a Faiss ``IDSelector``
+  bitmap, without over-fetch; the exact and approximate indexes all honour it.
+* ``torch_exact_search`` / ``torch_index`` are the exact alternative for a GPU
+  (models/torch_search.py: the pool uploaded once, blocked matmul + topk, exclusions masked to
+  -inf instead of over-fetched); faiss-cpu stays for the CPU and for IVF / HNSW.
 
 Saved layout (one folder, written with ``atomic_dir``: the old complete index stays in place
 until the new one is complete):
@@ -405,16 +409,43 @@ def filter_topk(
     return out_labels, out_scores
 
 
-def _faiss_search(index: ItemIndex, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+def allowed_params(index: ItemIndex, allowed: np.ndarray | None) -> tuple[Any, Any]:
+    """Faiss search parameters restricting results to the rows of the bool mask ``allowed``
+    (None, or a mask allowing every row: no parameters). Returns (params, what must stay alive
+    while they are used: the bitmap and its selector)."""
+    if allowed is None:
+        return None, None
+    mask = np.asarray(allowed, dtype=bool)
+    if mask.shape != (index.size,):
+        raise RetrievalError(f"allowed must be a bool mask of the {index.size} pool rows, got shape {mask.shape}")
+    if mask.all():
+        return None, None
+    bits = np.packbits(mask, bitorder="little")
+    selector = faiss.IDSelectorBitmap(index.size, faiss.swig_ptr(bits))
+    if index.spec.kind == "ivf":
+        params = faiss.SearchParametersIVF(sel=selector, nprobe=faiss.extract_index_ivf(index.index).nprobe)
+    elif index.spec.kind == "hnsw":
+        params = faiss.SearchParametersHNSW(sel=selector, efSearch=index.index.hnsw.efSearch)
+    else:
+        params = faiss.SearchParameters(sel=selector)
+    return params, (bits, selector)
+
+
+def _faiss_search(index: ItemIndex, q: np.ndarray, k: int, params: Any = None) -> tuple[np.ndarray, np.ndarray]:
     """``index.index.search``; for IVF, queries are first sorted by their nearest list so that
     neighbouring queries (one thread's share) scan the same lists while they are in cache:
-    the scan is memory-bound, and this saves ~30% at 660K x 64-d. Same results."""
+    the scan is memory-bound, and this saves ~30% at 660K x 64-d. Same results. ``params``:
+    ``allowed_params``'s (Faiss's ``search_preassigned`` takes none, so the lists are then
+    assigned twice: once to sort, once in the search)."""
     if index.spec.kind != "ivf" or len(q) < 256:
-        return index.index.search(q, k)
+        return index.index.search(q, k, params=params) if params is not None else index.index.search(q, k)
     ivf = faiss.extract_index_ivf(index.index)
     coarse_scores, lists = ivf.quantizer.search(q, ivf.nprobe)
     order = np.argsort(lists[:, 0], kind="stable")
-    scores, labels = ivf.search_preassigned(q[order], k, lists[order], coarse_scores[order])
+    if params is not None:
+        scores, labels = index.index.search(q[order], k, params=params)
+    else:
+        scores, labels = ivf.search_preassigned(q[order], k, lists[order], coarse_scores[order])
     inverse = np.empty_like(order)
     inverse[order] = np.arange(len(order))
     return scores[inverse], labels[inverse]
@@ -429,12 +460,15 @@ def search(
     batch_size: int = 16_384,
     threads: int | None = None,
     return_rows: bool = False,
+    allowed: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Top-``k`` ids [nq, k] (best first) and cosine scores [nq, k] for each query vector.
 
     ``exclude``: per-query ids (the index's id space) that must not be returned, e.g. the
-    user's history items. A slot that cannot be filled (pool too small, IVF lists too short)
-    holds id -1 and score -inf. ``return_rows`` returns pool rows instead of ids.
+    user's history items. ``allowed``: a bool mask of the pool rows that may be returned
+    (e.g. the released pool); None: every row. A slot that cannot be filled (pool too small,
+    IVF lists too short) holds id -1 and score -inf. ``return_rows`` returns pool rows instead
+    of ids.
     """
     queries = np.asarray(queries)
     if queries.ndim != 2:
@@ -449,6 +483,7 @@ def search(
     nq = len(queries)
     set_threads(threads)
     csr = as_csr(exclude, nq) if exclude is not None else None
+    params, _alive = allowed_params(index, allowed)
     out_rows = np.full((nq, k), -1, dtype=np.int64)
     out_scores = np.full((nq, k), -np.inf, dtype=np.float32)
     n = index.size
@@ -457,7 +492,7 @@ def search(
         q = normalize_rows(queries[lo:hi], what="queries", normalize=index.spec.normalize)
         keys, extra = batch_exclusions(csr, lo, hi, index.rows_of, n) if csr is not None else (None, 0)
         fetch = min(n, k + extra)
-        scores, labels = _faiss_search(index, q, fetch)
+        scores, labels = _faiss_search(index, q, fetch, params)
         labels, scores = filter_topk(labels, scores, keys, n, k)
         out_rows[lo:hi] = labels
         out_scores[lo:hi] = scores
@@ -467,53 +502,55 @@ def search(
     return ids, out_scores
 
 
+def torch_index(index: ItemIndex | np.ndarray, device: str = "cuda", *, max_score_bytes: int | None = None) -> Any:
+    """A ``TorchExactIndex`` (models/torch_search.py) over the vectors of ``index``, uploaded to
+    ``device`` once: a flat ``ItemIndex``'s own (normalized at build; an IVF / HNSW index's are
+    read back, and searched exactly), excluded by id through its id map; or item vectors
+    [n, dim], normalized here, excluded by row."""
+    from models.torch_search import DEFAULT_SCORE_BYTES, TorchExactIndex  # torch: heavy, only here
+
+    budget = DEFAULT_SCORE_BYTES if max_score_bytes is None else max_score_bytes
+    if isinstance(index, ItemIndex):
+        vectors = flat_like(index).index.reconstruct_n(0, index.size)
+        import torch
+
+        # Taken as stored: the index's own (normalized) vectors, so scores match Faiss's.
+        return TorchExactIndex(torch.from_numpy(np.ascontiguousarray(vectors)), device=device,
+                               normalize=index.spec.normalize, max_score_bytes=budget, rows_of=index.rows_of)
+    return TorchExactIndex(normalize_rows(index, what="item vectors"), device=device, max_score_bytes=budget)
+
+
 def torch_exact_search(
-    index: ItemIndex | np.ndarray,
+    index: Any,
     queries: np.ndarray,
     k: int = 10,
     *,
     exclude: Exclusions | None = None,
+    allowed: np.ndarray | None = None,
     device: str = "cuda",
-    batch_size: int = 4096,
+    batch_size: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Exact top-``k`` pool rows and scores with a torch matmul + topk (for a GPU).
+    """Exact top-``k`` pool rows [nq, k] and scores with a torch matmul + topk (for a GPU).
 
-    ``index``: a flat ``ItemIndex`` (its vectors are read back) or the normalized item
-    vectors [n, dim]. Exclusions are masked to -inf before the top-k, so there is no
-    over-fetch; exclusion ids are mapped to rows through ``index`` (or are rows already when
-    vectors are given). Returns rows (not ids) and scores, like ``search(..., return_rows=True)``.
-    """
-    import torch  # heavy import, only here
+    ``index``: a ``TorchExactIndex`` already on its device (``torch_index``: reuse it across
+    calls, the pool is uploaded once), or what ``torch_index`` takes (uploaded for this call).
+    Exclusions (ids of the index's id space, any form ``search`` takes) and the rows outside
+    ``allowed`` are masked to -inf before the top-k, so there is no over-fetch. ``batch_size``:
+    queries per matmul (default: as many as keep the [batch, pool] scores under 2 GiB).
+    Returns rows (not ids) and scores, like ``search(..., return_rows=True)``: -1 / -inf where
+    nothing is left to return."""
+    from models.torch_search import TorchExactIndex
 
-    if isinstance(index, ItemIndex):
-        vectors = flat_like(index).index.reconstruct_n(0, index.size)  # normalized at build
-        rows_of = index.rows_of
-    else:
-        vectors = normalize_rows(index, what="item vectors")
-        size = len(vectors)
-        rows_of = lambda v: np.where((v >= 0) & (v < size), v, -1)  # noqa: E731
-    n = len(vectors)
-    if queries.shape[1] != vectors.shape[1]:
-        raise RetrievalError(f"query dimension {queries.shape[1]} does not match the item dimension {vectors.shape[1]}")
-    items = torch.from_numpy(np.ascontiguousarray(vectors)).to(device)
-    csr = as_csr(exclude, len(queries)) if exclude is not None else None
-    out_rows = np.empty((len(queries), min(k, n)), dtype=np.int64)
-    out_scores = np.empty((len(queries), min(k, n)), dtype=np.float32)
-    for lo in range(0, len(queries), batch_size):
-        hi = min(len(queries), lo + batch_size)
-        q = torch.from_numpy(normalize_rows(queries[lo:hi], what="queries")).to(device)
-        scores = q @ items.T
-        if csr is not None:
-            rows = rows_of(csr.values[csr.offsets[lo] : csr.offsets[hi]])
-            owner = np.repeat(np.arange(hi - lo), np.diff(csr.offsets[lo : hi + 1]))
-            keep = rows >= 0
-            if keep.any():
-                scores[torch.from_numpy(owner[keep]).to(device), torch.from_numpy(rows[keep]).to(device)] = -torch.inf
-        top_scores, top_rows = torch.topk(scores, min(k, n), dim=1)
-        out_rows[lo:hi] = top_rows.cpu().numpy()
-        out_scores[lo:hi] = top_scores.cpu().numpy()
-    out_rows[~np.isfinite(out_scores)] = -1  # everything excluded
-    return out_rows, out_scores
+    tindex = index if isinstance(index, TorchExactIndex) else torch_index(index, device)
+    queries = np.asarray(queries)
+    if queries.ndim != 2 or queries.shape[1] != tindex.dim:
+        raise RetrievalError(f"query dimension {queries.shape[-1]} does not match the item dimension {tindex.dim}")
+    q = normalize_rows(queries, what="queries", normalize=tindex.normalize)  # refuses NaN / inf
+    rows = None
+    if exclude is not None:
+        csr = as_csr(exclude, len(q))
+        rows = (csr.offsets, tindex.rows_of(csr.values))
+    return tindex.search(q, k, exclude=rows, allowed=allowed, block_rows=batch_size)
 
 
 # --- Recall ------------------------------------------------------------------------------
@@ -727,6 +764,7 @@ __all__ = [
     "IndexSpec",
     "ItemIndex",
     "RetrievalError",
+    "allowed_params",
     "as_csr",
     "auto_nlist",
     "batch_exclusions",
@@ -745,6 +783,7 @@ __all__ = [
     "search",
     "set_threads",
     "torch_exact_search",
+    "torch_index",
     "tune_ef_search",
     "tune_nprobe",
 ]

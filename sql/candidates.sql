@@ -1,7 +1,10 @@
 -- candidates: the retrieval pool. With a published pool (Hub candidate/ or predict_set.jsonl)
 -- it is that pool plus any holdout target missing from it (in_published_pool = false), so the
--- local evaluation can always hit its target; without one, every known item is a candidate.
--- is_cold: the item never occurs in a training sequence (or is unknown to the indexer).
+-- extended row of the local evaluation can hit its target; without one, every known item is a
+-- candidate. released: the pool a submission may recommend and the report's headline scores
+-- against (the published pool, or every candidate when nothing was published); a target
+-- outside it is a miss there. is_cold: the item never occurs in a training sequence (or is
+-- unknown to the indexer).
 CREATE OR REPLACE TABLE candidates AS
 WITH published AS (
     SELECT creative_id, any_value(COLUMNS(* EXCLUDE (creative_id)))
@@ -27,6 +30,7 @@ pool AS (
 ),
 trained AS (SELECT DISTINCT unnest(item_ids) AS item_id FROM sequences)
 SELECT pool.*,
+       (pool.in_published_pool OR NOT (SELECT yes FROM has_published)) AS released,
        (pool.item_id IS NULL OR pool.item_id NOT IN (SELECT item_id FROM trained)) AS is_cold
 FROM pool
 ORDER BY retrieval_id;

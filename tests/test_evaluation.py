@@ -32,10 +32,11 @@ from models.evaluation import (
     fill_lists,
     load_model,
     query_vectors,
+    search_backend,
     submission_for_track,
     track_arrays,
 )
-from models.retrieval import IndexMismatchError
+from models.retrieval import IndexMismatchError, IndexSpec
 from models.submission import read_submission
 from models.user_vectors import UserVectorsMismatchError
 from taac_dagster.errors import DataFormatError
@@ -126,6 +127,10 @@ def test_report_figures_are_consistent_and_between_popularity_and_oracle(chain, 
     con.close()
     assert figures["provenance"]["users"] == holdout_users
     assert figures["provenance"]["exclude_history"] is True
+    # The generated pool holds every target: nothing outside it, no extended row, all released.
+    assert figures["provenance"]["figures"]["targets_outside_pool_share"] == 0
+    assert figures["provenance"]["released_candidates"] == figures["provenance"]["candidates"]
+    assert figures["provenance"]["search_backend"] == "faiss"  # on the CPU
     # Slices: every slice partitions the users.
     slices = {(s["slice"], s["method"]): 0 for s in figures["slices"]}
     for s in figures["slices"]:
@@ -140,6 +145,8 @@ def test_report_figures_are_consistent_and_between_popularity_and_oracle(chain, 
     assert "data:image/png;base64," in (paths.reports / "evaluation.html").read_text()
     meta = _metadata(result, "evaluation_report")
     assert "| model |" in meta["headline"] and meta["score"] == pytest.approx(model["score"], abs=1e-5)
+    assert meta["targets_outside_pool_share"] == 0 and meta["search_backend"] == "faiss"
+    assert "0.0% of the targets are outside it" in markdown
     # The plots, the training loss and the Semantic ID table show in the UI without opening a file.
     assert meta["plots"].count("](data:image/png;base64,") == 2
     assert "](data:image/png;base64," in _metadata(result, "encoder_checkpoint")["loss_curve_plot"]
@@ -228,6 +235,18 @@ def test_submission_is_valid_for_every_holdout_user(chain):
     assert top.shape == (len(users), 10)
     assert (np.sort(top, axis=1)[:, 1:] != np.sort(top, axis=1)[:, :-1]).all()
     assert np.isin(top, _pool_creative_ids(paths)).all()
+
+
+def test_the_search_backend_is_torch_on_cuda_whatever_the_index_unless_set():
+    flat, ivf = IndexSpec(kind="flat"), IndexSpec(kind="ivf", nlist=64)
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+
+    def backend(setting: str, device: torch.device, spec: IndexSpec) -> str:
+        return search_backend(load_settings("1M", {"evaluation": {"search_backend": setting}}), device, spec)
+
+    assert backend("auto", cuda, flat) == backend("auto", cuda, ivf) == "torch-cuda"  # exact on a GPU
+    assert backend("auto", cpu, flat) == backend("auto", cpu, ivf) == backend("faiss", cuda, flat) == "faiss"
+    assert backend("torch", cpu, flat) == "torch-cpu" and backend("torch", cuda, ivf) == "torch-cuda"
 
 
 def test_fill_lists_completes_short_lists_without_repeats():
@@ -338,9 +357,10 @@ def test_checkpoint_from_other_data_and_an_empty_pool_are_refused(chain, tmp_pat
     assert not (paths.indexes / "default").exists()
 
 
-def test_submission_for_a_predict_seq_file_reads_it_like_the_training_data(chain, tmp_path):
+def test_submission_for_a_predict_seq_file_reads_it_like_the_training_data(chain, tmp_path, monkeypatch):
     """A predict_seq.jsonl (competition format) whose users repeat holdout users' histories and
     profiles gets exactly their top-10; an unknown user with unknown items still gets 10."""
+    _env(monkeypatch)  # the chain's settings (validation users: the arrays it trained on)
     paths = TrackPaths(chain["root"] / "data", "1M")
     con = duckdb.connect(str(paths.warehouse), read_only=True)
     rows = con.execute(
@@ -379,3 +399,115 @@ def test_submission_for_a_predict_seq_file_reads_it_like_the_training_data(chain
     with pytest.raises(DataFormatError, match="line 2"):
         submission_for_track(paths, settings, predict_file=broken, path=tmp_path / "never.json")
     assert not (tmp_path / "never.json").exists()
+
+
+# --- A released pool without some holdout targets (real data) --------------------------------
+def _demo_with_a_released_pool(target: Path) -> Path:
+    """The demo sample plus a predict_set.jsonl (the released pool): every item of the sample
+    but the last click of every other user, so about half the holdout targets are outside it."""
+    from taac_dagster.safe_pickle import load_indexer
+    from tests.conftest import DEMO_FIXTURE
+
+    shutil.copytree(DEMO_FIXTURE, target)
+    raw_of = {re_id: raw for raw, re_id in load_indexer(target / "indexer.pkl")["i"].items()}
+    features, left_out = {}, set()
+    for n, line in enumerate((target / "seq.jsonl").read_text().splitlines()):
+        records = [r for r in json.loads(line) if r[1] is not None]
+        for _user, item, _profile, item_features, _action, _ts in records:
+            features.setdefault(item, {k: v for k, v in (item_features or {}).items() if k != "111"})
+        clicks = [r[1] for r in sorted(records, key=lambda r: r[5]) if r[4] == 1]
+        if clicks and n % 2 == 0:
+            left_out.add(clicks[-1])
+    pool = [item for item in sorted(features) if item not in left_out]
+    rows = [{"creative_id": raw_of[item], "retrieval_id": i + 1, "features": features[item]} for i, item in enumerate(pool)]
+    (target / "predict_set.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return target
+
+
+@pytest.fixture(scope="module")
+def released_chain(tmp_path_factory):
+    """The demo sample with a released pool that misses about half the targets, through the chain."""
+    root = tmp_path_factory.mktemp("released_pool")
+    dataset = _demo_with_a_released_pool(root / "demo")
+    with pytest.MonkeyPatch.context() as mp:
+        for key in [k for k in os.environ if k.startswith("TAAC_")]:
+            mp.delenv(key)
+        for key, value in {**ENV, "TAAC_TRAINING__VAL_USERS": "0"}.items():
+            mp.setenv(key, value)
+        config = TaacConfig(data_root=str(root / "data"), source="local", local_path=str(dataset),
+                            training={"max_steps": 4})
+        with DagsterInstance.ephemeral(tempdir=str(root / "home")) as instance:
+            result = materialize(CHAIN, partition_key="1M", resources={"taac": config}, instance=instance)
+        yield {"result": result, "paths": TrackPaths(root / "data", "1M"), "config": config}
+
+
+def _holdout_targets(paths: TrackPaths) -> tuple[list, np.ndarray, np.ndarray, np.ndarray]:
+    """Per holdout user (user order): raw user id, target creative id, whether it is released;
+    and the released pool's creative ids."""
+    con = duckdb.connect(str(paths.warehouse), read_only=True)
+    try:
+        rows = con.execute(
+            """SELECT u.raw_user_id, c.creative_id, c.released
+               FROM holdout h JOIN users u USING (user_id) JOIN candidates c ON c.item_id = h.target_item_id
+               ORDER BY h.user_id"""
+        ).fetchall()
+        released = con.execute("SELECT creative_id FROM candidates WHERE released").fetchnumpy()["creative_id"]
+    finally:
+        con.close()
+    users, target, inside = zip(*rows)
+    return list(users), np.asarray(target, np.int64), np.asarray(inside, bool), released.astype(np.int64)
+
+
+def test_targets_outside_the_released_pool_are_misses_and_the_extended_row_keeps_them(released_chain):
+    """Headline on the released pool: the report's model figures are exactly those of the
+    submission's lists (released items only) against the targets, a target outside the pool
+    never counts; the share of such targets is reported; the extended pool is a row apart."""
+    result, paths = released_chain["result"], released_chain["paths"]
+    assert result.success
+    users, target, inside, released = _holdout_targets(paths)
+    outside_share = 1 - inside.mean()
+    assert 0.3 < outside_share < 0.7  # every other user's target was left out of the release
+    figures = json.loads((paths.reports / "evaluation.json").read_text())
+    assert figures["provenance"]["figures"]["targets_outside_pool_share"] == pytest.approx(outside_share)
+    assert figures["provenance"]["released_candidates"] == len(released) < figures["provenance"]["candidates"]
+    assert set(figures["methods"]) == {"model", "model_extended", "popularity"}
+    meta = _metadata(result, "evaluation_report")
+    assert meta["targets_outside_pool_share"] == pytest.approx(outside_share, abs=1e-5)
+    assert meta["search_backend"] == "faiss" and meta["model_extended_score"] >= 0
+    assert "| model (pool + missing targets) |" in meta["headline"]
+    assert f"{100 * outside_share:.1f}% of the targets are outside it" in (paths.reports / "evaluation.md").read_text()
+
+    # The submission recommends released items only, none of the targets the warehouse added.
+    data = read_submission(paths.reports / "submission.json")
+    assert [str(u) for u in data["user"]] == [str(u) for u in users]
+    top = np.asarray(data["top10s"])
+    assert np.isin(top, released).all() and not np.isin(top, target[~inside]).any()
+    # Its lists are the model row's: HR@10 / NDCG@10 recomputed from them match the headline.
+    hits = top == target[:, None]
+    rank = np.where(hits.any(axis=1), hits.argmax(axis=1), -1)
+    assert (rank[~inside] == -1).all()
+    model = figures["methods"]["model"]
+    assert model["hr@10"] == pytest.approx((rank >= 0).mean())
+    assert model["ndcg@10"] == pytest.approx(np.where(rank >= 0, 1 / np.log2(rank + 2.0), 0).mean())
+    assert model["hr@10"] <= 1 - outside_share
+
+
+def test_the_torch_backend_gives_the_faiss_top_10(released_chain, tmp_path, monkeypatch):
+    """evaluation.search_backend=torch (exact matmul + top-k, on the CPU here): the same report
+    figures and the same submission lists as Faiss, and the backend is recorded."""
+    _env(monkeypatch)
+    monkeypatch.setenv("TAAC_TRAINING__VAL_USERS", "0")
+    paths = released_chain["paths"]
+    overrides = released_chain["config"].overrides()
+    runs = {}
+    for backend in ("faiss", "torch"):
+        settings = load_settings("1M", {**overrides, "evaluation": {"search_backend": backend}})
+        evaluation = evaluate_track(paths, settings)
+        summary = submission_for_track(paths, settings, path=tmp_path / f"{backend}.json")
+        runs[backend] = (evaluation, summary, read_submission(tmp_path / f"{backend}.json"))
+    (faiss_eval, faiss_summary, faiss_lists), (torch_eval, torch_summary, torch_lists) = runs["faiss"], runs["torch"]
+    assert faiss_eval.search_backend == faiss_summary["search_backend"] == "faiss"
+    assert torch_eval.search_backend == torch_summary["search_backend"] == "torch-cpu"
+    assert torch_lists == faiss_lists
+    assert torch_eval.headline == faiss_eval.headline and "model_extended" in torch_eval.headline
+    assert torch_eval.targets_outside_pool_share == faiss_eval.targets_outside_pool_share > 0

@@ -73,6 +73,9 @@ def _reached_the_end(result, paths: TrackPaths) -> None:
     assert holdout_users > 0 and figures["provenance"]["users"] == holdout_users
     model = figures["methods"]["model"]
     assert model["score"] == pytest.approx(0.31 * model["hr@10"] + 0.69 * model["ndcg@10"])
+    # No predict_set.jsonl: every item is a candidate and released, no target is outside the pool.
+    assert figures["provenance"]["figures"]["targets_outside_pool_share"] == 0 and "model_extended" not in figures["methods"]
+    assert figures["provenance"]["released_candidates"] == figures["provenance"]["candidates"]
     top = read_submission(paths.reports / "submission.json")
     assert len(top["user"]) == holdout_users and all(len(set(t)) == 10 for t in top["top10s"])
 

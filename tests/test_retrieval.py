@@ -157,7 +157,75 @@ def test_torch_exact_search_matches_faiss(data, flat):
     history = [row[:4] for row in search(flat, queries, 10)[0]]
     want_rows, want_scores = search(flat, queries, 10, exclude=history, return_rows=True)
     rows, scores = torch_exact_search(flat, queries, 10, exclude=history, device="cpu", batch_size=128)
-    assert recall_at_k(rows, want_rows) > 0.999 and np.allclose(scores, want_scores, atol=1e-5)
+    assert recall_at_k(rows, want_rows) == 1.0 and np.allclose(scores, want_scores, atol=1e-5)
+
+
+def test_torch_exact_search_is_faiss_exact_search_with_history_exclusion():
+    """Random vectors (no ties): torch on the CPU returns faiss's exact top-10, history items
+    excluded, in the same order, whatever the block size; a pool subset (``allowed``) is
+    searched the same way by both."""
+    rng = np.random.default_rng(7)
+    items = rng.standard_normal((5000, 32)).astype(np.float32)
+    queries = rng.standard_normal((400, 32)).astype(np.float32)
+    ids = 30_000_000_000 + rng.permutation(50_000)[:5000].astype(np.int64)
+    flat = build_index(items, ids, IndexSpec(kind="flat"))
+    nearest = search(flat, queries, 30)[0]
+    # Each user's history: some of its own nearest items (so exclusion changes the top-10),
+    # random pool items and an id that is not in the pool.
+    history = [np.concatenate([row[rng.choice(30, 8, replace=False)], rng.choice(ids, 20), [7]]) for row in nearest]
+    want_rows, want_scores = search(flat, queries, 10, exclude=history, return_rows=True)
+    assert not any(np.isin(flat.ids[r], h).any() for r, h in zip(want_rows, history))
+    assert (want_rows != search(flat, queries, 10, return_rows=True)[0]).any(axis=1).mean() > 0.9
+    index = retrieval.torch_index(flat, "cpu", max_score_bytes=64 * 5000 * 4)  # blocks of 64 queries
+    assert index.block_rows == 64
+    rows, scores = torch_exact_search(index, queries, 10, exclude=history)
+    assert recall_at_k(rows, want_rows) == 1.0
+    assert np.array_equal(rows, want_rows) and np.allclose(scores, want_scores, atol=1e-5)
+    assert np.array_equal(torch_exact_search(index, queries, 10, exclude=history, batch_size=400)[0], want_rows)
+
+    allowed = rng.random(5000) < 0.3
+    want_sub, _ = search(flat, queries, 10, exclude=history, return_rows=True, allowed=allowed)
+    got_sub, _ = torch_exact_search(index, queries, 10, exclude=history, allowed=allowed)
+    assert allowed[want_sub].all() and np.array_equal(got_sub, want_sub)
+    # The subset's exact top-10 is the top-10 of an index over the subset alone.
+    sub = build_index(items[allowed], ids[allowed], IndexSpec(kind="flat"))
+    assert np.array_equal(flat.ids[want_sub], search(sub, queries, 10, exclude=history)[0])
+
+
+def test_torch_index_keeps_the_pool_on_its_device_and_bounds_the_score_block(data, flat, monkeypatch):
+    from models.torch_search import TorchExactIndex, block_rows_for
+
+    assert block_rows_for(660_000) == 813 and block_rows_for(3_637_720) == 147  # 2 GiB of float32 scores
+    assert block_rows_for(660_000, 1 << 20) == 1 and block_rows_for(10) == (2 << 30) // 40
+    _, _, queries = data
+    index = retrieval.torch_index(flat, "cpu")
+    uploaded = index.items
+    monkeypatch.setattr(retrieval, "torch_index", lambda *a, **k: pytest.fail("the pool was uploaded again"))
+    first = torch_exact_search(index, queries[:50], 10)[0]
+    assert np.array_equal(torch_exact_search(index, queries[:50], 10)[0], first) and index.items is uploaded
+    # Fewer rows left than k: the rest is -1 / -inf, as Faiss's search.
+    small = TorchExactIndex(np.eye(4, 3, dtype=np.float32), device="cpu")
+    rows, scores = small.search(np.ones((2, 3), np.float32), 5, exclude=(np.array([0, 1, 1]), np.array([0])),
+                                allowed=np.array([True, True, False, True]))
+    # Row 2 is never allowed, row 0 is user 0's history; row 3 (a zero vector) scores 0.
+    assert rows[0].tolist() == [1, 3, -1, -1, -1] and sorted(rows[1, :2]) == [0, 1] and rows[1, 2:].tolist() == [3, -1, -1]
+    assert np.isinf(scores[0, 2:]).all() and np.isinf(scores[1, 3:]).all() and scores[1, 2] == 0
+
+
+def test_faiss_search_keeps_to_the_allowed_rows_in_every_index_kind(data, flat):
+    items, ids, queries = data
+    allowed = np.zeros(len(ids), bool)
+    allowed[::4] = True
+    sub = build_index(items[allowed], ids[allowed], IndexSpec(kind="flat"))
+    want = search(sub, queries[:300], 10)[0]
+    assert np.array_equal(search(flat, queries[:300], 10, allowed=allowed)[0], want)
+    assert np.array_equal(search(flat, queries[:300], 10, allowed=np.ones(len(ids), bool))[0], search(flat, queries[:300], 10)[0])
+    for spec in (IndexSpec(kind="ivf", nlist=16, nprobe=16), IndexSpec(kind="hnsw", M=16, ef_search=256)):
+        index = build_index(items, ids, spec)
+        got = search(index, queries[:300], 10, allowed=allowed)[0]  # 300 queries: IVF's sorted path
+        assert np.isin(got, ids[allowed]).all() and recall_at_k(got, want) > 0.97, spec.kind
+    with pytest.raises(RetrievalError, match="bool mask of the"):
+        search(flat, queries[:3], 10, allowed=allowed[:-1])
 
 
 def test_ivf_exclusion_and_short_pools():

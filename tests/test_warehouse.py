@@ -40,11 +40,12 @@ def test_tiny_hub_10m_tables(tiny_hub, tmp_path):
         (2, [2, 4, 1], [0, 1, 0], 2),
         (3, [5, 4], [0, 0], 1),
     ]
-    # Published pool (items 3 and cold 6) plus user 2's target, added with a fresh retrieval id.
-    assert rows(con, "SELECT creative_id, item_id, retrieval_id, in_published_pool, is_cold FROM candidates ORDER BY retrieval_id") == [
-        (TINY_CREATIVE[3], 3, 1, True, False),
-        (TINY_CREATIVE[6], None, 2, True, True),
-        (TINY_CREATIVE[5], 5, 3, False, False),
+    # Published pool (items 3 and cold 6) plus user 2's target, added with a fresh retrieval id
+    # and not released: a submission never recommends it, the report's headline counts it a miss.
+    assert rows(con, "SELECT creative_id, item_id, retrieval_id, in_published_pool, released, is_cold FROM candidates ORDER BY retrieval_id") == [
+        (TINY_CREATIVE[3], 3, 1, True, True, False),
+        (TINY_CREATIVE[6], None, 2, True, True, True),
+        (TINY_CREATIVE[5], 5, 3, False, False, False),
     ]
     assert rows(con, "SELECT raw_user_id, f103, f106 FROM users ORDER BY user_id") == [
         ("user_001", 1, [1, 2]), ("user_002", 2, None), ("user_003", None, [2])
@@ -99,6 +100,8 @@ def test_real_fixture_invariants(demo_dir, tmp_path):
     assert rows(con, "SELECT max(length) <= 100, min(length) >= 1 FROM sequences") == [(True, True)]
     assert rows(con, "SELECT count(*) FROM sequences s JOIN holdout h USING (user_id) WHERE s.last_position >= h.target_position") == [(0,)]
     assert rows(con, "SELECT count(*) FROM holdout h ANTI JOIN candidates c ON c.item_id = h.target_item_id") == [(0,)]
+    # No published pool: every item is a candidate, and all of them are released.
+    assert rows(con, "SELECT count(*), count(*) FILTER (WHERE released), count(*) FILTER (WHERE in_published_pool) FROM candidates") == [(7500, 7500, 0)]
     # Missing action types never become targets.
     assert rows(con, "SELECT count(*) FROM holdout h JOIN events e ON e.user_id = h.user_id AND e.position = h.target_position WHERE e.action_type_missing") == [(0,)]
     assert rows(con, "SELECT count(*) FROM items WHERE creative_id IS NULL") == [(0,)]
