@@ -11,8 +11,10 @@ figures next to the popularity baseline go to the materialization metadata.
 
 import json
 import os
+import shlex
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from dagster import (
@@ -28,14 +30,14 @@ from dagster import (
 from assets.metadata import image_markdown
 from assets.track_lock import hold_track
 from models.report import figure_png, training_curve_figure
-from models.train import checkpoint_version, prepare_track_arrays, train_track
+from models.train import prepare_track_arrays, train_track
 from taac_dagster.partitions import track_partitions
 from taac_dagster.resources import TaacConfig
 from taac_dagster.settings import TaacSettings, training_overrides
 
 # Bump when the same inputs and settings would train a different model or write a different
 # checkpoint layout (model code, loss, batching, optimizer, array preparation).
-TRAINING_CODE_VERSION = "training-v2"
+TRAINING_CODE_VERSION = "training-v3"
 
 INPUT_TABLES = ("sequences", "holdout", "items", "users", "candidates", "item_embeddings")
 # What the training arrays are prepared from (models.data.prepare_arrays): every step that
@@ -55,6 +57,12 @@ def _log_line(record: dict[str, Any]) -> str:
             f"validation at step {record['step']} ({record['users']} users, previous targets): HR@10 {record['hr@10']:.4f}, "
             f"NDCG@10 {record['ndcg@10']:.4f}, score {record['score']:.4f}; popularity HR@10 "
             f"{record['popularity_hr@10']:.4f}, score {record['popularity_score']:.4f}; best so far: step {record['best_step']}"
+        )
+    if event == "budget":
+        return (
+            f"time budget of {record['minutes']} minutes: {record['steps']} steps of the planned {record['planned_steps']} "
+            f"fit ({record['step_seconds']:.4f} s a step, {record['validation_seconds']:.1f} s a validation); "
+            f"validation every {record['validate_every']} steps"
         )
     return json.dumps(record, default=str)
 
@@ -84,7 +92,7 @@ def encoder_checkpoint(context: AssetExecutionContext, taac: TaacConfig) -> Mate
         )
     result, metrics = run.result, run.result.metrics
     figures = {k: round(float(metrics[k]), 5) for k in metrics if k != "users"}
-    version = checkpoint_version(result.config_hash, run.arrays.data_version, result.best_step)
+    version = result.checkpoint_version
     return MaterializeResult(
         data_version=DataVersion(version),
         metadata={
@@ -122,15 +130,22 @@ def _loss_curve_plot(curve: list[dict[str, float]], preset: str) -> MetadataValu
     return image_markdown({"training loss": figure_png(figure)})
 
 
-def torchrun_command(settings: TaacSettings, track: str, python: str = sys.executable) -> list[str]:
-    """``torchrun -m models.train`` for one node of ``nproc_per_node`` ranks, with the training
-    overrides of the in-process path (``training_overrides``; batch_size is the global batch
-    over all ranks)."""
+def torchrun_command(
+    settings: TaacSettings, track: str, python: str = sys.executable, *, arrays_dir: str | Path | None = None
+) -> list[str]:
+    """``torchrun -m models.train`` for one node of ``nproc_per_node`` ranks, training on what the
+    in-process path would: the prepared ``arrays_dir`` (else the ranks prepare the arrays from
+    these settings), the run's whole settings (``--settings-json``, the secrets left out) and
+    their training overrides (``training_overrides``, also shown as ``--set``; batch_size is the
+    global batch over all ranks)."""
     training = settings.training
     command = [
         python, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={training.nproc_per_node}",
         "-m", "models.train", "--config", training.preset, "--data-root", str(settings.data_root), "--track", track,
+        "--settings-json", settings.model_dump_json(exclude={"hub_token"}),
     ]
+    if arrays_dir is not None:
+        command += ["--arrays", str(arrays_dir)]
     for key, value in training_overrides(settings).items():
         command += ["--set", f"train.{key}={value}"]
     return command
@@ -144,7 +159,7 @@ def _train_with_torchrun(context: AssetExecutionContext, taac: TaacConfig, track
     # The lock is held here, by the launching step, for the whole torchrun job: its ranks write
     # the checkpoint.
     with hold_track(context, taac, track):
-        prepare_track_arrays(taac.paths(track), settings, logger=context.log)
-        command = torchrun_command(settings, track)
-        context.log.info("launching " + " ".join(command))
+        arrays = prepare_track_arrays(taac.paths(track), settings, logger=context.log)
+        command = torchrun_command(settings, track, arrays_dir=arrays.folder)
+        context.log.info("launching " + shlex.join(command))
         return PipesSubprocessClient(env=dict(os.environ)).run(command=command, context=context).get_materialize_result()

@@ -45,10 +45,10 @@ def _peak_rss_mb() -> float:
 
 
 def _child(mode: str, arrays_dir: str, preset_name: str, steps: int, threads: int | None, batch: int | None,
-           malloc: str) -> None:
+           malloc: str, model_json: str = "{}") -> None:
     import numpy as np
     import torch
-    from flops import measure_peak
+    from flops import measure_cuda_bf16_peak, measure_peak
 
     from models import allocator
 
@@ -57,24 +57,33 @@ def _child(mode: str, arrays_dir: str, preset_name: str, steps: int, threads: in
     else:
         allocator.keep_freed_memory()
 
+    from models.auto_settings import matmul_gflops, resolve_train_settings
     from models.data import BatchMaker, load_arrays
     from models.encoder import Encoder, EncoderConfig, ItemTables, count_parameters
     from models.train import load_preset, make_optimizers, negative_spec, resolve_model_settings, to_device, train
 
     if threads:
         torch.set_num_threads(threads)
-    peak = measure_peak() * 1e9
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    # The share of the peak the step runs at: bf16 products on a GPU (the step runs under bf16
+    # autocast there), FP32 on a CPU.
+    peak = (measure_cuda_bf16_peak() if cuda else measure_peak()) * 1e9
     arrays = load_arrays(arrays_dir)
     train_over = {"max_steps": steps, "val_users": 0, "log_every": 0, "threads": torch.get_num_threads()}
     if batch:
         train_over["batch_size"] = batch
+        train_over["cuda_batch_size"] = None
     model_over = {"id_rows": REAL_1M_ITEMS + 1} if mode == "e2e_real_vocab" else {}
+    model_over.update(json.loads(model_json))
+    compiled = bool(model_over.pop("compile", False))
     preset = load_preset(preset_name, {"model": model_over, "train": train_over})
-    tc = preset.train
+    tc = preset.train = resolve_train_settings(preset.train, arrays.meta, device)
     lengths = (np.asarray(arrays.seq_items) > 0).sum(axis=1)
     tokens_per_seq = float(lengths.mean()) + 1  # items + the user token
     out: dict = {"mode": mode, "preset": preset_name, "threads": torch.get_num_threads(), "malloc": malloc,
-                 "fp32_peak_gflops": peak / 1e9, "load_before": os.getloadavg()[0]}
+                 "device": torch.cuda.get_device_name() if cuda else "cpu", "peak_kind": "bf16" if cuda else "fp32",
+                 "peak_gflops": peak / 1e9, "load_before": os.getloadavg()[0], "model_overrides": model_over}
 
     if mode.startswith("e2e"):
         # Warm up on two steps (first-touch of the memory maps, allocator), then measure.
@@ -94,39 +103,53 @@ def _child(mode: str, arrays_dir: str, preset_name: str, steps: int, threads: in
         from torch.utils.flop_counter import FlopCounterMode
 
         torch.manual_seed(0)
-        cfg = EncoderConfig.from_meta(arrays.meta, **resolve_model_settings(preset.model, tc, arrays.meta))
-        model = Encoder(cfg).attach(ItemTables.from_arrays(arrays))
+        rows = int(arrays.meta.get("num_softmax_rows", arrays.meta["num_item_rows"]))
+        gflops = matmul_gflops(device, int(preset.model.get("d_model", 64)), rows)
+        cfg = EncoderConfig.from_meta(arrays.meta, **resolve_model_settings(preset.model, tc, arrays.meta, gflops=gflops))
+        model = Encoder(cfg).to(device).attach(ItemTables.from_arrays(arrays).to(device))
         model.train()
+        if compiled:
+            model.compile_blocks()
         optimizers = make_optimizers(model, tc)
         maker = BatchMaker(arrays, tc.batch_size, seed=0, action_weights=tc.action_weights, negatives=negative_spec(tc))
-        batches = [to_device(maker.batch(i), torch.device("cpu")) for i in range(4)]
+        batches = [to_device(maker.batch(i), device) for i in range(4)]
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda and tc.bf16)
 
         def step(batch):
-            loss, _ = model(batch)
+            with autocast:
+                loss, _ = model(batch)
             loss.backward()
             for opt in optimizers.values():
                 opt.step()
                 opt.zero_grad(set_to_none=True)
 
+        def sync():
+            if cuda:
+                torch.cuda.synchronize()
+
         for b in batches[:2]:
             step(b)
+        sync()
         with FlopCounterMode(display=False) as counter:
             step(batches[0])
-        matmul_flops = counter.get_total_flops()
-        S = batches[0]["items"].shape[1] + 1
-        attention_flops = 12 * tc.batch_size * S * S * cfg.d_model * cfg.n_layers  # QK^T and AV, fwd + bwd
+        flops = counter.get_total_flops()
+        if not cuda:  # on a CPU the counter does not see the attention: QK^T and AV, fwd + bwd
+            S = batches[0]["items"].shape[1] + 1
+            flops += 12 * tc.batch_size * S * S * cfg.d_model * cfg.n_layers
         times = []
         for i in range(steps):
+            sync()
             t0 = time.perf_counter()
             step(batches[i % len(batches)])
+            sync()
             times.append(time.perf_counter() - t0)
         seconds = sum(times)
-        flops = matmul_flops + attention_flops
         out.update(steps=steps, batch=tc.batch_size, seconds=seconds, params=count_parameters(model),
+                   width=cfg.d_model, layers=cfg.n_layers, loss=cfg.loss, compiled=compiled,
                    sequences_per_s=steps * tc.batch_size / seconds, mflop_per_sequence=flops / tc.batch_size / 1e6,
                    median_step_sequences_per_s=tc.batch_size / float(np.median(times)))
         out["gflop_per_s"] = flops * out["median_step_sequences_per_s"] / tc.batch_size / 1e9
-        out["fp32_peak_share"] = out["gflop_per_s"] * 1e9 / peak
+        out["peak_share"] = out["gflop_per_s"] * 1e9 / peak
     out["tokens_per_s"] = out["median_step_sequences_per_s"] * tokens_per_seq
     out["peak_rss_mb"] = _peak_rss_mb()
     out["load_after"] = os.getloadavg()[0]
@@ -163,12 +186,19 @@ def main() -> None:
     parser.add_argument("--work", default=None, help="scratch folder (default: a temp dir, removed)")
     parser.add_argument("--malloc", choices=["tuned", "default"], default="tuned",
                         help="tuned: models/allocator.py's glibc settings, as the pipeline trains; default: glibc's own")
-    parser.add_argument("--child", nargs=7, help=argparse.SUPPRESS)
+    parser.add_argument("--shapes", default="",
+                        help="model shapes to measure besides the preset's, as WIDTHxBLOCKS[,...] (heads: width/64), "
+                             "e.g. 256x4,512x8,1024x8")
+    parser.add_argument("--loss", default=None,
+                        help="force the model's loss (e.g. infonce, what the real catalogues train with), else auto")
+    parser.add_argument("--compile", action="store_true",
+                        help="also measure each model-mode shape with its blocks compiled (Encoder.compile_blocks)")
+    parser.add_argument("--child", nargs=8, help=argparse.SUPPRESS)
     parser.add_argument("--prepare-child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        mode, arrays_dir, preset, steps, threads, batch, malloc = args.child
-        _child(mode, arrays_dir, preset, int(steps), int(threads) or None, int(batch) or None, malloc)
+        mode, arrays_dir, preset, steps, threads, batch, malloc, model_json = args.child
+        _child(mode, arrays_dir, preset, int(steps), int(threads) or None, int(batch) or None, malloc, model_json)
         return
     if args.prepare_child:
         _prepare_child(*args.prepare_child)
@@ -178,8 +208,7 @@ def main() -> None:
 
     from taac_dagster.paths import TrackPaths
 
-    print(f"torch {torch.__version__}, CUDA available: {torch.cuda.is_available()} "
-          f"(no GPU here: CPU figures only), {torch.get_num_threads()} threads")
+    print(f"torch {torch.__version__}, CUDA available: {torch.cuda.is_available()}, {torch.get_num_threads()} threads")
     work = Path(args.work or tempfile.mkdtemp(prefix="bench_training_"))
     try:
         paths = TrackPaths(work, "1M")
@@ -216,24 +245,37 @@ def _build_dataset(args: argparse.Namespace, work: Path, paths, arrays_dir: Path
           f"in {prep['seconds']:.1f}s ({prep['events'] / prep['seconds']:,.0f} events/s), peak RSS {prep['peak_rss_mb']:,.0f} MB")
 
 
+def _shape_overrides(shape: str) -> dict:
+    width, blocks = (int(v) for v in shape.lower().split("x"))
+    return {"d_model": width, "n_layers": blocks, "n_heads": max(1, width // 64)}
+
+
 def _measure(args: argparse.Namespace, arrays_dir: Path) -> None:
     rows = []
+    shapes = [s for s in args.shapes.split(",") if s]
     for preset in args.presets.split(","):
-        for mode in args.modes.split(","):
+        forced = {"loss": args.loss} if args.loss else {}
+        runs = [(mode, dict(forced)) for mode in args.modes.split(",") if mode]
+        runs += [("model", {**_shape_overrides(shape), **forced}) for shape in shapes]
+        if args.compile:
+            runs += [("model", {**model, "compile": True}) for mode, model in list(runs) if mode == "model"]
+        for mode, model in runs:
             steps = args.steps or (20 if preset == "baseline" else 40)
             r = _run(["--child", mode, str(arrays_dir), preset, str(steps), str(args.threads or 0), str(args.batch or 0),
-                      args.malloc])
+                      args.malloc, json.dumps(model)])
             rows.append(r)
             extra = ""
             if "gflop_per_s" in r:
-                extra = (f", {r['mflop_per_sequence']:.2f} MFLOP/sequence, {r['gflop_per_s']:.1f} GFLOP/s "
-                         f"({r['fp32_peak_share']:.0%} of the {r['fp32_peak_gflops']:.0f} GFLOP/s FP32 peak measured now)")
+                extra = (f", width {r['width']} x {r['layers']} blocks{' compiled' if r['compiled'] else ''}, loss {r['loss']}, "
+                         f"{r['mflop_per_sequence']:.2f} MFLOP/sequence, {r['gflop_per_s']:,.1f} GFLOP/s "
+                         f"({r['peak_share']:.1%} of the {r['peak_gflops']:,.0f} GFLOP/s {r['peak_kind']} peak measured now)")
             print(
-                f"[{preset:8s} {mode:15s}] batch {r['batch']}, {r['steps']} steps, {r['threads']} threads: "
+                f"[{preset:8s} {mode:15s}] {r['device']}, batch {r['batch']}, {r['steps']} steps, {r['threads']} threads: "
                 f"{r['median_step_sequences_per_s']:>7,.0f} sequences/s (median step; {r['sequences_per_s']:,.0f} over the "
                 f"whole run), {r['tokens_per_s']:>9,.0f} tokens/s, "
                 f"peak RSS {r['peak_rss_mb']:,.0f} MB, params {r['params']['total']:,} ({r['params']['sparse']:,} sparse){extra}"
-                f" [load average {r['load_before']:.1f} -> {r['load_after']:.1f}]"
+                f" [load average {r['load_before']:.1f} -> {r['load_after']:.1f}]",
+                flush=True,
             )
     print(json.dumps({"runs": rows}))
 

@@ -32,6 +32,8 @@ Files (``<root>/<track>/checkpoints/arrays/``):
     item_creative [N] int64    raw creative id per row
     user_sparse [U, 4] int32, user_multi [U, 4, M] int32   user features (0 = missing)
     cand_rows [C] int32, cand_creative [C] int64, cand_retrieval [C] int64, cand_cold [C] bool
+    cand_released [C] bool     in the released pool (the one a submission may recommend; the
+                               rest are holdout targets the warehouse added, see candidates.sql)
     meta.json                  vocabularies, dims, time origin, data version, source key
 """
 
@@ -58,7 +60,7 @@ from taac_dagster.tracks import get_track
 
 log = logging.getLogger(__name__)
 
-ARRAYS_VERSION = 3
+ARRAYS_VERSION = 4  # 4: cand_released
 # The feature ids the arrays carry, as taac_dagster/formats.py declares them.
 ITEM_FEATURES = ITEM_MODEL_FEATURES
 USER_SPARSE = USER_SPARSE_FEATURES
@@ -550,7 +552,8 @@ def softmax_rows(item_counts: np.ndarray, cand_rows: np.ndarray) -> np.ndarray:
 def _write_candidates(con: duckdb.DuckDBPyConnection, out: Path, space: RowSpace) -> dict[str, Any]:
     """The candidate pool, in retrieval-id order."""
     cand = con.execute(
-        "SELECT coalesce(item_id, -1) AS item_id, creative_id, retrieval_id, is_cold FROM candidates ORDER BY retrieval_id"
+        "SELECT coalesce(item_id, -1) AS item_id, creative_id, retrieval_id, is_cold, released FROM candidates "
+        "ORDER BY retrieval_id"
     ).fetchnumpy()
     cand_rows = space.rows_of(cand["item_id"].astype(np.int64), cand["creative_id"].astype(np.int64))
     if (cand_rows < 0).any():
@@ -559,7 +562,9 @@ def _write_candidates(con: duckdb.DuckDBPyConnection, out: Path, space: RowSpace
     _save(out, "cand_creative", cand["creative_id"].astype(np.int64))
     _save(out, "cand_retrieval", cand["retrieval_id"].astype(np.int64))
     _save(out, "cand_cold", np.asarray(cand["is_cold"], bool))
-    return {"num_candidates": int(len(cand_rows))}
+    released = np.asarray(cand["released"], bool)
+    _save(out, "cand_released", released)
+    return {"num_candidates": int(len(cand_rows)), "num_released": int(released.sum())}
 
 
 def encode_user_features(
@@ -607,12 +612,15 @@ def _relative_times(timestamps: np.ndarray, origin: int) -> np.ndarray:
 class NegativeSpec:
     """Which negatives a batch carries (the loss decides how to use them)."""
 
-    in_batch: int = 0  # target items drawn from other positions of the global batch
+    in_batch: int = 0  # target items drawn from other positions of the global batch (not with batch_items)
     # Distinct items of the global batch's sequences used as negatives (the item tower embeds
     # them anyway): all of them up to this many, else a uniform subset of this size; log Q is
     # then the probability that an item is among them. 0: none.
     batch_items: int = 0
     sampled: int = 0  # items drawn from the sampler, shared by the whole batch
+    # Uniform draws from the candidate pool (cold items included), shared by the whole batch:
+    # the items retrieval scores but training sequences may never hold. 0: none.
+    pool: int = 0
     per_position: int = 0  # one sampled item per position (the official baseline's BCE), 0 or 1
     # Per-position negatives are drawn from a shared pool of this many sampled items (each
     # position's negative is still a draw from the sampler); the item tower then embeds a few
@@ -621,7 +629,9 @@ class NegativeSpec:
     sampler: str = "popularity"  # "popularity" (counts ** alpha) or "uniform" (over trained items)
     alpha: float = 1.0
     logq: bool = True
-    logq_positive: bool = True  # also subtract log Q from the positive's logit (Yi et al.)
+    # Also subtract log Q from the positive's logit (Yi et al.): the same formula as for a
+    # negative, whether or not the positive's item was drawn among this batch's negatives.
+    logq_positive: bool = True
 
 
 class ItemSampler:
@@ -692,12 +702,40 @@ class BatchMaker:
             self.sampler = ItemSampler(counts.sum(axis=1), self.neg.sampler, self.neg.alpha)
         # Share of training positions per item: the chance that one position holds it.
         self.position_p = counts.sum(axis=1) / max(counts.sum(), 1)
+        # The candidate pool's rows (each once) and the chance that one uniform draw gives a row.
+        self.pool_rows = np.unique(np.asarray(arrays.cand_rows).astype(np.int64)) if self.neg.pool else None
+        self.pool_p = None
+        if self.neg.pool:
+            if not len(self.pool_rows):
+                raise ValueError("pool negatives asked for, but the arrays have no candidate rows")
+            self.pool_p = np.zeros(len(counts))
+            self.pool_p[self.pool_rows] = 1.0 / len(self.pool_rows)
         # logQ: log of the expected number of times an item shows up among the negatives.
         expected = self.neg.in_batch * self.target_q
         if self.neg.sampled:
             expected = expected + self.neg.sampled * self.sampler.p
+        if self.neg.pool:
+            expected = expected + self.neg.pool * self.pool_p
         self.log_q = np.log(np.maximum(expected, 1e-12)).astype(np.float32)
         self._order: tuple[int, np.ndarray] | None = None
+
+    def inclusion_log_q(self, rows: np.ndarray, positions: int, keep: float) -> np.ndarray:
+        """log P(item row is among a ``batch_items`` batch's negatives), for any rows:
+
+            P = 1 - (1 - keep * (1 - (1 - p_pos)^positions)) * (1 - p_sampler)^sampled * (1 - p_pool)^pool
+
+        where p_pos is the item's share of training positions, ``positions`` the batch's
+        non-padding positions and ``keep`` the share of its distinct items kept (1: all of
+        them). The same number for a negative and for a positive, drawn or not."""
+        rows = np.asarray(rows, np.int64)
+        absent = positions * np.log1p(-np.minimum(self.position_p[rows], 1 - 1e-9))  # log P(no position holds it)
+        in_batch = -np.expm1(np.minimum(absent, -1e-12))  # P(some position holds it)
+        absent = np.log1p(-np.minimum(keep * in_batch, 1 - 1e-12))  # log P(not in the kept subset)
+        if self.neg.sampled:
+            absent = absent + self.neg.sampled * np.log1p(-np.minimum(self.sampler.p[rows], 1 - 1e-9))
+        if self.neg.pool:
+            absent = absent + self.neg.pool * np.log1p(-np.minimum(self.pool_p[rows], 1 - 1e-9))
+        return np.log(-np.expm1(np.minimum(absent, -1e-12))).astype(np.float32)
 
     def order(self, epoch: int) -> np.ndarray:
         """Epoch ``epoch``'s sequence order; batch i is its i-th slice of ``global_batch`` rows.
@@ -706,7 +744,9 @@ class BatchMaker:
         batches, each chunk is sorted by history length and cut into batches, and the batches
         are shuffled: a batch then holds histories of similar length, so trimming it to its
         longest history leaves little padding, while every batch is still a random draw."""
-        if self._order is None or self._order[0] != epoch:
+        # Read once: worker threads build batches of two epochs at once around a boundary.
+        cached = self._order
+        if cached is None or cached[0] != epoch:
             rng = np.random.default_rng([self.seed, epoch])
             order = rng.permutation(self.arrays.num_sequences)
             if self.length_buckets:
@@ -718,14 +758,20 @@ class BatchMaker:
                     order[lo : lo + len(part)] = part[np.argsort(self.lengths[part], kind="stable")]
                 batches = order[:used].reshape(self.steps_per_epoch, B)[rng.permutation(self.steps_per_epoch)]
                 order[:used] = batches.reshape(-1)
-            self._order = (epoch, order)
-        return self._order[1]
+            cached = self._order = (epoch, order)
+        return cached[1]
 
     def batch(self, step: int) -> dict[str, np.ndarray]:
         epoch, i = divmod(step, self.steps_per_epoch)
         rows = self.order(epoch)[i * self.global_batch : (i + 1) * self.global_batch]
         rows = np.sort(rows)  # sequential reads of the memory maps; the set is what is random
         return self.make(rows, np.random.default_rng([self.seed, 1_000_003, step]))
+
+    def pool_draws(self, rng: np.random.Generator) -> np.ndarray:
+        """``pool`` uniform draws from the candidate pool's rows (none: no random number used)."""
+        if not self.neg.pool:
+            return np.zeros(0, np.int64)
+        return self.pool_rows[rng.integers(0, len(self.pool_rows), self.neg.pool)]
 
     def make(self, rows: np.ndarray, rng: np.random.Generator) -> dict[str, np.ndarray]:
         """Global batch of the training sequences ``rows``; this rank's slice is returned."""
@@ -749,31 +795,28 @@ class BatchMaker:
             in_batch = np.zeros(0, np.int64)
         sampled = self.sampler.sample(rng, self.neg.sampled) if self.neg.sampled else np.zeros(0, np.int64)
         neg = np.concatenate([in_batch, sampled])
-        log_q = self.log_q
+        log_q = lambda rows: self.log_q[rows]  # noqa: E731  (log Q of any item rows)
         if self.neg.batch_items:
-            # Each distinct item once: log Q is the log-probability that the item is in the set,
-            # 1 - P(no position holds it) * P(no sampler draw gives it).
+            # Each distinct item once: log Q is the log-probability that the item is in the set
+            # (inclusion_log_q), for the negatives and for every position's item alike.
             distinct = np.unique(items[items > 0].astype(np.int64))
             keep = min(1.0, self.neg.batch_items / max(1, len(distinct)))
             if keep < 1.0:
                 distinct = np.sort(rng.choice(distinct, self.neg.batch_items, replace=False))
-            neg = np.unique(np.concatenate([distinct, sampled]))
-            absent = int((items > 0).sum()) * np.log1p(-np.minimum(self.position_p[neg], 1 - 1e-9))
-            in_batch_q = -np.expm1(np.minimum(absent, -1e-12)) * keep
-            absent = np.log1p(-in_batch_q)
-            if self.neg.sampled:
-                absent = absent + self.neg.sampled * np.log1p(-np.minimum(self.sampler.p[neg], 1 - 1e-9))
-            log_q = np.zeros(len(self.position_p), np.float32)
-            log_q[neg] = np.log(-np.expm1(np.minimum(absent, -1e-12)))
+            positions = int((items > 0).sum())
+            neg = np.unique(np.concatenate([distinct, sampled, self.pool_draws(rng)]))
+            log_q = lambda rows: self.inclusion_log_q(rows, positions, keep)  # noqa: E731
             out["neg_items"] = neg
-            out["neg_logq"] = log_q[neg] if self.neg.logq else np.zeros(len(neg), np.float32)
-        elif len(neg):
-            # Each distinct negative once (sorted), its multiplicity folded into log Q: a
-            # negative drawn k times weighs k in the softmax denominator, i.e. logit + log k.
-            neg, counts = np.unique(neg, return_counts=True)
-            base = self.log_q[neg] if self.neg.logq else np.zeros(len(neg), np.float32)
-            out["neg_items"] = neg
-            out["neg_logq"] = (base - np.log(counts)).astype(np.float32)
+            out["neg_logq"] = log_q(neg) if self.neg.logq else np.zeros(len(neg), np.float32)
+        else:
+            neg = np.concatenate([neg, self.pool_draws(rng)])
+            if len(neg):
+                # Each distinct negative once (sorted), its multiplicity folded into log Q: a
+                # negative drawn k times weighs k in the softmax denominator, i.e. logit + log k.
+                neg, counts = np.unique(neg, return_counts=True)
+                base = log_q(neg) if self.neg.logq else np.zeros(len(neg), np.float32)
+                out["neg_items"] = neg
+                out["neg_logq"] = (base - np.log(counts)).astype(np.float32)
         if self.neg.per_position:
             if self.neg.per_position_pool:
                 pool = self.sampler.sample(rng, self.neg.per_position_pool)
@@ -794,7 +837,8 @@ class BatchMaker:
             user_sparse=np.asarray(a.user_sparse[users]).astype(np.int64),
             user_multi=np.asarray(a.user_multi[users]).astype(np.int64),
             weights=weights.astype(np.float32),
-            pos_logq=(log_q[items] if (self.neg.logq and self.neg.logq_positive and len(neg))
+            pos_logq=(np.where(items > 0, log_q(items), 0).astype(np.float32)
+                      if (self.neg.logq and self.neg.logq_positive and len(neg))
                       else np.zeros(items.shape, np.float32)),
             # The loss is summed over this rank and divided by the global weight total; DDP
             # averages gradients over ranks, so the world size comes back in here.

@@ -36,7 +36,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from models.data import softmax_rows
-from models.losses import full_softmax, info_nce, sampled_bce
+from models.losses import NegativeQueue, full_softmax, info_nce, sampled_bce
 
 GAP_BUCKETS = 32  # log2 buckets of the gap to the previous event, in seconds
 HOUR_ROWS, WEEKDAY_ROWS = 24, 7
@@ -396,6 +396,9 @@ class Encoder(nn.Module):
             nn.init.zeros_(self.film.weight)
         self.out = nn.Linear(d, d) if cfg.out_proj else nn.Identity()
         self.log_temperature = nn.Parameter(torch.tensor(math.log(cfg.temperature))) if cfg.learn_temperature else None
+        # InfoNCE's bank of earlier batches' negatives (training state, not a parameter: the
+        # trainer sets it and keeps it in its checkpoints). None: the batch's negatives only.
+        self.negative_queue: NegativeQueue | None = None
         for name, p in self.named_parameters():
             if name.startswith(("blocks.", "out.", "mm_proj.", "time.fourier")) and p.dim() == 2:
                 nn.init.normal_(p, std=0.02)
@@ -539,6 +542,17 @@ class Encoder(nn.Module):
             return self.cfg.temperature
         return self.log_temperature.exp().clamp_min(0.01)
 
+    def compile_blocks(self, **options: Any) -> None:
+        """``torch.compile`` each Transformer block in place (regional compilation). The whole
+        step does not compile as one graph: the item tower's ``unique``, the target positions'
+        ``nonzero`` and the sampled loss's own-column search have data-dependent shapes; the
+        blocks hold the step's dense work and compile without a break once their dropout is
+        torch's own (``Dropout``'s int16 mask is a CPU saving that compilation cannot trace).
+        Histories change length from batch to batch, hence ``dynamic=True``."""
+        for block in self.blocks:
+            block.drop = nn.Dropout(block.drop.p).train(block.training)
+            block.compile(**{"dynamic": True, **options})
+
     # -- training ---------------------------------------------------------------------------------
 
     def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -573,15 +587,28 @@ class Encoder(nn.Module):
                 temperature=self.temperature if cosine else 1.0, weights=weights, scale=batch["loss_scale"], cosine=cosine,
             )
         elif cfg.loss == "infonce":
-            neg_ids = batch["neg_items"]
+            neg_ids, neg_log_q = batch["neg_items"], batch["neg_logq"]
             neg = all_emb[B * L : B * L + len(neg_ids)]
+            bank = self.negative_queue
+            fresh = (neg, neg_ids, neg_log_q)
+            if bank is not None and len(bank):
+                # Earlier batches' negatives, detached: S sets of negatives averaged, so every
+                # negative's log Q goes up by log S (models/losses.py); the positive's own item
+                # is masked in each set like in the batch's own.
+                old_emb, old_ids, old_log_q = bank.entries()
+                sets = len(bank) + 1
+                neg = torch.cat([neg, old_emb.to(neg.dtype)])
+                neg_ids = torch.cat([neg_ids, old_ids])
+                neg_log_q = torch.cat([neg_log_q.float(), old_log_q]) + math.log(sets)
             loss = info_nce(
                 query, pick(item_emb), neg,
                 temperature=self.temperature,
-                pos_log_q=pick(batch["pos_logq"]), neg_log_q=batch["neg_logq"],
+                pos_log_q=pick(batch["pos_logq"]), neg_log_q=neg_log_q,
                 pos_ids=pick(items), neg_ids=neg_ids,
                 weights=weights, scale=batch["loss_scale"], cosine=cosine,
             )
+            if bank is not None and self.training:
+                bank.push(*fresh)
         elif cfg.loss == "bce":
             neg = pick(all_emb[all_emb.shape[0] - B * L :].view(B, L, -1))
             loss = sampled_bce(query, pick(item_emb), neg, weights=weights, scale=batch["loss_scale"], cosine=cosine,

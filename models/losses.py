@@ -18,9 +18,17 @@ sampled softmax an unbiased estimate of the full softmax instead of one that pun
 items for being popular (the "logQ correction" of Yi et al., RecSys 2019). A negative that is
 the position's own target is masked out. w_p weighs a position by its target's action type.
 A negative drawn k times can be sent once with log Q lowered by log k: the same loss.
+
+A bank of negatives from earlier batches (``NegativeQueue``) adds S - 1 more sets of negatives
+to the current one. Each set's sum sum_j exp(s_j) / Q_j estimates the same thing (the softmax
+denominator without the positive), so the S sets are averaged: every negative's log Q is raised
+by log S. An item present in several sets then counts once per set, as each set's estimate
+wants, and the positive keeps its own term: with an empty bank the loss is the plain one.
 """
 
 from __future__ import annotations
+
+from collections import deque
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +43,24 @@ def weighted_sum(
     if scale is None:
         scale = 1.0 / weights.sum().clamp_min(1e-12)
     return (per_position * weights).sum() * scale
+
+
+def own_columns(pos_ids: torch.Tensor, neg_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row, column) of every negative that is its position's own target: binary search in the
+    sorted negatives, not a P x M comparison (a bank of negatives makes M large). A sorted,
+    unique ``neg_ids`` (what BatchMaker sends) is searched as it is."""
+    if len(neg_ids) > 1 and bool((neg_ids[1:] > neg_ids[:-1]).all()):
+        order = None
+        ids = neg_ids
+    else:
+        ids, order = torch.sort(neg_ids, stable=True)
+    lo = torch.searchsorted(ids, pos_ids)
+    hits = torch.searchsorted(ids, pos_ids, right=True) - lo  # 0 or the item's copies among the negatives
+    rows = torch.repeat_interleave(torch.arange(len(pos_ids), device=pos_ids.device), hits)
+    starts = torch.repeat_interleave(lo, hits)
+    offsets = torch.arange(len(rows), device=pos_ids.device) - torch.repeat_interleave(hits.cumsum(0) - hits, hits)
+    cols = starts + offsets
+    return rows, (cols if order is None else order[cols])
 
 
 def info_nce(
@@ -66,15 +92,9 @@ def info_nce(
         neg_logit = torch.cat([user, ones], 1) @ torch.cat([neg, -neg_log_q[:, None].float()], 1).T
     else:
         neg_logit = user @ neg.T
-    if pos_ids is not None and neg_ids is not None:
-        if len(neg_ids) > 1 and bool((neg_ids[1:] > neg_ids[:-1]).all()):
-            # Sorted, unique negatives (what BatchMaker sends): a position's own target sits in
-            # at most one column, found by binary search instead of a P x M comparison.
-            col = torch.searchsorted(neg_ids, pos_ids).clamp_max(len(neg_ids) - 1)
-            hit = (neg_ids[col] == pos_ids).nonzero().squeeze(1)
-            neg_logit[hit, col[hit]] = float("-inf")
-        else:
-            neg_logit = neg_logit.masked_fill_(neg_ids[None, :] == pos_ids[:, None], float("-inf"))
+    if pos_ids is not None and neg_ids is not None and len(neg_ids):
+        rows, cols = own_columns(pos_ids, neg_ids)
+        neg_logit[rows, cols] = float("-inf")
     per_position = torch.logaddexp(pos_logit, torch.logsumexp(neg_logit, dim=1)) - pos_logit
     return weighted_sum(per_position, weights, scale)
 
@@ -173,3 +193,45 @@ def sampled_bce(
     neg_logit = (user * neg).sum(-1).float() / temperature
     per_position = F.softplus(-pos_logit) + F.softplus(neg_logit)  # BCE(pos, 1) + BCE(neg, 0)
     return weighted_sum(per_position, weights, scale)
+
+
+class NegativeQueue:
+    """The negatives of the last ``batches`` training batches: their item-tower outputs
+    (detached: no gradient reaches an earlier batch's items), item rows and log Q. Their logits
+    are one GEMM wider, and the item tower never runs on them again: ``batches`` x negatives x d
+    floats of memory for ``batches`` times as many negatives. The vectors are the ones the
+    model produced when the batch was seen, as in cross-batch memory (Wang et al., 2020); the
+    state travels in training checkpoints so a resumed run sees the same bank."""
+
+    def __init__(self, batches: int) -> None:
+        self.batches = int(batches)
+        self.slots: deque[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = deque(maxlen=max(1, self.batches))
+
+    def __len__(self) -> int:
+        return len(self.slots)
+
+    def push(self, emb: torch.Tensor, ids: torch.Tensor, log_q: torch.Tensor) -> None:
+        """Add one batch's negatives; the oldest batch leaves when ``batches`` are held."""
+        if self.batches > 0:
+            self.slots.append((emb.detach(), ids.detach(), log_q.detach().float()))
+
+    def entries(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(vectors [M, d], item rows [M], log Q [M]) of every held batch, oldest first."""
+        emb, ids, log_q = zip(*self.slots)
+        return torch.cat(emb), torch.cat(ids), torch.cat(log_q)
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """Plain CPU tensors (a checkpoint loads with weights_only=True)."""
+        if not self.slots:
+            return {"sizes": torch.zeros(0, dtype=torch.long)}
+        emb, ids, log_q = self.entries()
+        sizes = torch.tensor([len(s[1]) for s in self.slots], dtype=torch.long)
+        return {"sizes": sizes, "emb": emb.float().cpu(), "ids": ids.cpu(), "log_q": log_q.cpu()}
+
+    def load(self, state: dict[str, torch.Tensor] | None, device: torch.device | str = "cpu") -> None:
+        self.slots.clear()
+        if not state or not len(state["sizes"]):
+            return
+        parts = [torch.split(state[k].to(device), state["sizes"].tolist()) for k in ("emb", "ids", "log_q")]
+        for emb, ids, log_q in zip(*parts):
+            self.push(emb, ids, log_q)

@@ -26,12 +26,12 @@ import json
 import logging
 import math
 import os
-import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from queue import Empty, Queue
 from typing import Any
 
 import numpy as np
@@ -40,9 +40,11 @@ import torch.nn as nn
 
 from models import distributed
 from models.allocator import keep_freed_memory
+from models.auto_settings import matmul_gflops, resolve_model_settings, resolve_train_settings
 from models.baselines import popularity_order, popularity_topk
 from models.data import Arrays, BatchMaker, NegativeSpec, PrepareOptions, history_batch, load_arrays, prepare_arrays, trim_padding
 from models.encoder import Encoder, EncoderConfig, ItemTables, count_parameters
+from models.losses import NegativeQueue
 from models.metrics import retrieval_metrics
 from taac_dagster.atomic import atomic_file
 from taac_dagster.paths import TrackPaths
@@ -55,7 +57,14 @@ PRESET_DIR = Path(__file__).resolve().parents[1] / "configs" / "models"
 CHECKPOINT_FORMAT = 1
 LAST = "last.pt"
 # Fields that change how a run is watched, not what it computes: not part of the config hash.
-_NOT_HASHED = {"log_every", "eval_batch", "checkpoint_every", "device", "compile", "threads"}
+_NOT_HASHED = {"log_every", "eval_batch", "checkpoint_every", "checkpoint_minutes", "device", "compile", "threads"}
+# Fields hashed only when set, so that adding them left the hashes of existing runs unchanged.
+_HASHED_WHEN_SET = {"max_minutes"}
+# The time budget (TrainConfig.max_minutes): steps before the speed is measured (allocator,
+# caches, compilation), steps timed, and the fewest validations a shortened run keeps.
+BUDGET_WARMUP_STEPS = 20
+BUDGET_WINDOW_STEPS = 20
+BUDGET_MIN_VALIDATIONS = 10
 
 
 @dataclass
@@ -71,6 +80,10 @@ class TrainConfig:
     budget_sequences: int = 4_000_000
     max_auto_epochs: int = 200
     max_steps: int | None = None  # overrides epochs
+    # Time budget of the training loop in minutes (validations and checkpoints included; None:
+    # none). The run times its first steps and plans min(planned steps, steps that fit): the
+    # warm-up, the cosine schedule and the validation interval follow the new length.
+    max_minutes: float | None = None
     # Early stopping: stop after ``patience`` validations without a better validation score
     # (0: never early); the best weights are what the run returns and saves.
     patience: int = 10
@@ -89,6 +102,12 @@ class TrainConfig:
     # uniform subset of this size); 0: none.
     batch_negatives: int = 0
     sampled_negatives: int = 0
+    # Uniform draws from the candidate pool (cold items included) added to the negatives: the
+    # items retrieval ranks that training sequences may never hold. 0: none.
+    pool_negatives: int = 0
+    # InfoNCE: the negatives of the last this many batches (item-tower outputs, detached) join
+    # the batch's own; the bank is in the checkpoint, so a resumed run sees the same one. 0: off.
+    queue_batches: int = 0
     per_position_negatives: int = 0  # the official baseline's BCE: one sampled item per position
     per_position_pool: int = 4096  # ... drawn from a shared pool of this many samples (0: independent)
     sampler: str = "popularity"  # popularity | uniform
@@ -99,6 +118,12 @@ class TrainConfig:
     # A catalogue of at most this many item rows is trained with the full softmax (every item a
     # negative) when the model's loss is "auto"; a larger one with sampled negatives (InfoNCE).
     full_softmax_items: int = 100_000
+    # ... and whose three products are expected to take at most this many seconds a step on
+    # the training device (measured there; models/auto_settings.py).
+    softmax_step_seconds: float = 1.0
+    # On a GPU: the global batch (None: batch_size), the learning rate scaled by the square
+    # root of the ratio (models/auto_settings.py resolve_train_settings).
+    cuda_batch_size: int | None = None
     # Memory for the item id table with its Adam moments (weights + 2 moments, float32) when
     # the model's id_buckets is "auto"; a larger vocabulary is hashed into what fits.
     max_id_table_bytes: int = 6 << 30
@@ -113,9 +138,10 @@ class TrainConfig:
     eval_every_max: int = 2000
     eval_batch: int = 512
     log_every: int = 10
-    checkpoint_every: int = 0  # 0: at the end (and when stopped) only
+    checkpoint_every: int = 0  # steps between checkpoints (0: by time only)
+    checkpoint_minutes: float = 5.0  # a checkpoint at least this often (0: by steps only); always one at the end
     device: str = "auto"
-    compile: bool = False  # torch.compile on CUDA
+    compile: bool = False  # torch.compile of the Transformer blocks on CUDA (Encoder.compile_blocks)
     bf16: bool = True  # bf16 autocast on CUDA
     threads: int | None = None  # torch CPU threads (None: the cores the load average leaves free)
 
@@ -166,7 +192,7 @@ def checkpoint_version(digest: str, data_version: str, step: int) -> str:
 
 
 def config_hash(model_cfg: EncoderConfig, tc: TrainConfig) -> str:
-    train = {k: v for k, v in asdict(tc).items() if k not in _NOT_HASHED}
+    train = {k: v for k, v in asdict(tc).items() if k not in _NOT_HASHED and not (k in _HASHED_WHEN_SET and v is None)}
     text = json.dumps({"model": model_cfg.to_dict(), "train": train}, sort_keys=True, default=str)
     return hashlib.blake2b(text.encode(), digest_size=8).hexdigest()
 
@@ -212,6 +238,23 @@ def warmup_steps(tc: TrainConfig, steps: int) -> int:
     return int(tc.warmup_steps) if tc.warmup_steps is not None else int(round(tc.warmup_fraction * steps))
 
 
+def budget_plan(
+    *, remaining: float, step_seconds: float, validation_seconds: float, done: int, planned: int, interval: int,
+    min_validations: int = BUDGET_MIN_VALIDATIONS,
+) -> tuple[int, int]:
+    """(steps, validation interval) for a run at step ``done`` with ``remaining`` seconds left:
+    the most steps, up to ``planned``, whose training and validations (one every ``interval``
+    steps, and one at the end, ``validation_seconds`` each) fit. A shortened run validates at
+    least every 1/``min_validations`` of its length (``interval`` 0, at the end only, stays)."""
+    steps, every = planned, interval
+    for _ in range(3):  # the interval depends on the length and the length on the interval
+        per_step = step_seconds + (validation_seconds / every if every else 0.0)
+        fit = int(max(0.0, remaining - validation_seconds) // per_step) if per_step > 0 else planned
+        steps = max(done, min(planned, done + fit))
+        every = min(interval, max(1, steps // min_validations)) if interval and steps < planned else interval
+    return steps, every
+
+
 def lr_at(step: int, tc: TrainConfig, steps: int) -> float:
     warmup = warmup_steps(tc, steps)
     if warmup and step < warmup:
@@ -220,41 +263,6 @@ def lr_at(step: int, tc: TrainConfig, steps: int) -> float:
         progress = (step - warmup) / max(1, steps - warmup)
         return tc.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
     return tc.lr
-
-
-def resolve_model_settings(model: dict[str, Any], tc: TrainConfig, meta: dict[str, Any]) -> dict[str, Any]:
-    """The preset's model settings with the data-dependent ``auto`` values decided:
-
-    * ``loss: auto``: the full softmax when the catalogue (the items that train or are
-      candidates) has at most ``full_softmax_items`` rows, else InfoNCE over the batch's items plus sampled negatives;
-    * ``dropout: auto``: 0.3 up to 1M training events, 0.1 from 100M, log-linear between;
-    * ``id_init_std: auto``: zeros when items have features, multi-modal vectors or Semantic
-      IDs, else a spread of 0.02;
-    * ``id_buckets: auto``: one id row per item while the id table and its two Adam moments fit
-      in ``max_id_table_bytes``, else hashed into as many rows as fit (the 10M track's 17.5M
-      items at width 64 would take 13 GB)."""
-    out = dict(model)
-    rows = int(meta.get("num_softmax_rows", meta["num_item_rows"]))
-    if out.get("loss", "auto") == "auto":
-        out["loss"] = "softmax" if rows <= tc.full_softmax_items else "infonce"
-    if out.get("dropout") == "auto":
-        # Small datasets want strong regularization (Toys, 150K training events: validation
-        # preferred 0.3 at temperature 0.1, of 0.1-0.5), large ones little (0.1 from 100M
-        # events, the 1M track's size): log-linear in between.
-        events = max(1, int(meta.get("num_events", 0)))
-        out["dropout"] = round(float(np.clip(0.3 - 0.1 * math.log10(events / 1e6), 0.1, 0.3)), 3)
-    if out.get("id_init_std", "auto") == "auto":
-        # Ids start at zero when the item has other inputs (an id never trained then adds
-        # nothing; measured better on Toys), with a small spread when the id is all there is
-        # (at zero, cosine similarity gives every item the same direction to learn from).
-        uses = lambda flag, key: out.get(flag, True) and bool(meta.get(key))  # noqa: E731
-        content = uses("use_item_features", "item_vocab") or uses("use_mm", "mm_dims") or uses("use_sids", "sid_vocab")
-        out["id_init_std"] = 0.0 if content else 0.02
-    if out.get("id_buckets", "auto") == "auto":
-        width = int(out.get("d_model", EncoderConfig.d_model))
-        fits = tc.max_id_table_bytes // (3 * 4 * width)
-        out["id_buckets"] = 0 if int(meta["id_rows"]) <= fits else int(fits)
-    return out
 
 
 def make_optimizers(model: Encoder, tc: TrainConfig) -> dict[str, torch.optim.Optimizer]:
@@ -272,47 +280,54 @@ def make_optimizers(model: Encoder, tc: TrainConfig) -> dict[str, torch.optim.Op
     return optimizers
 
 
-def to_device(batch: dict[str, np.ndarray], device: torch.device) -> dict[str, torch.Tensor]:
+# Batches built ahead of a GPU step, by as many worker threads (numpy's indexing and sorting
+# release the GIL): the step never waits for its batch.
+BATCHES_AHEAD = 4
+
+
+def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, torch.Tensor]:
     if device.type != "cuda":
         return {k: torch.as_tensor(v) for k, v in batch.items()}
-    return {k: torch.as_tensor(v).pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
+    return {k: pinned(v).to(device, non_blocking=True) for k, v in batch.items()}
 
 
-def batches(maker: BatchMaker, start: int, stop: int, ahead: int) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
-    """(step, numpy batch) for start <= step < stop. With ``ahead`` > 0 a background thread
-    builds that many batches in advance (numpy indexing releases the GIL), which keeps a GPU
-    fed; on CPU the batches are built inline (they cost ~1% of a step and the cores are busy)."""
+def pinned(value: Any) -> torch.Tensor:
+    """``value`` as a tensor in page-locked memory (a plain tensor where there is no GPU)."""
+    tensor = torch.as_tensor(value)
+    if not torch.cuda.is_available() or tensor.is_pinned():
+        return tensor
+    return tensor.pin_memory()
+
+
+def batches(
+    maker: BatchMaker, start: int, stop: int, ahead: int, *, pin: bool = False,
+) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(step, batch) for start <= step < stop, in order. With ``ahead`` > 0, ``ahead`` worker
+    threads build the next batches while the device runs the current step, each already in
+    pinned memory with ``pin`` (so its copy to the GPU is asynchronous); on a CPU the batches
+    are built inline (they cost ~1% of a step and the cores are busy)."""
+    make = (lambda step: {k: pinned(v) for k, v in maker.batch(step).items()}) if pin else maker.batch
     if ahead <= 0:
         for step in range(start, stop):
-            yield step, maker.batch(step)
+            yield step, make(step)
         return
-    queue: Queue = Queue(maxsize=ahead)
-    done = threading.Event()
-
-    def produce() -> None:
+    with ThreadPoolExecutor(max_workers=ahead, thread_name_prefix="batches") as pool:
+        queued: deque = deque()
+        next_step = start
         try:
-            for step in range(start, stop):
-                if done.is_set():
-                    return
-                queue.put((step, maker.batch(step)))
-        except BaseException as exc:  # surfaced in the consumer
-            queue.put((None, exc))
-
-    thread = threading.Thread(target=produce, daemon=True)
-    thread.start()
-    try:
-        for _ in range(start, stop):
-            step, item = queue.get()
-            if step is None:
-                raise item
-            yield step, item
-    finally:
-        done.set()
-        while thread.is_alive():
-            try:
-                queue.get_nowait()
-            except Empty:
-                thread.join(timeout=0.01)
+            while next_step < stop and len(queued) < ahead:
+                queued.append((next_step, pool.submit(make, next_step)))
+                next_step += 1
+            while queued:
+                step, future = queued.popleft()
+                batch = future.result()  # a worker's exception surfaces here
+                if next_step < stop:
+                    queued.append((next_step, pool.submit(make, next_step)))
+                    next_step += 1
+                yield step, batch
+        finally:
+            for _, future in queued:
+                future.cancel()
 
 
 def negative_spec(tc: TrainConfig) -> NegativeSpec:
@@ -320,6 +335,7 @@ def negative_spec(tc: TrainConfig) -> NegativeSpec:
         in_batch=tc.in_batch_negatives,
         batch_items=tc.batch_negatives,
         sampled=tc.sampled_negatives,
+        pool=tc.pool_negatives,
         per_position=tc.per_position_negatives,
         per_position_pool=tc.per_position_pool,
         sampler=tc.sampler,
@@ -347,7 +363,7 @@ def evaluate(
     batch_size: int = 512,
 ) -> dict[str, float]:
     """HR@k / NDCG@k / score of the model on rows ``index`` of a split (``val``: validation
-    targets, ``hold``: test targets) against the whole candidate pool, with the report's
+    targets, ``hold``: test targets) against the released candidate pool, with the report's
     history filter, next to the report's popularity ranking under the same filter."""
     was_training = model.training
     model.eval()
@@ -357,6 +373,10 @@ def evaluate(
     position = np.full(arrays.meta["num_item_rows"], -1, np.int64)
     position[cand_rows] = np.arange(len(cand_rows))
     targets = position[np.asarray(arrays.a[f"{split}_target"][index]).astype(np.int64)]
+    # Ranked like the report: from the released pool only (the holdout targets the warehouse
+    # added to the pool are not candidates, so validation is not flattered by them).
+    released = np.asarray(arrays.a["cand_released"], bool) if "cand_released" in arrays.a else np.ones(len(cand_rows), bool)
+    hidden = torch.from_numpy(np.flatnonzero(~released)).to(device)
     keys = torch.cat([
         model.item_vectors(torch.from_numpy(cand_rows[i : i + 65_536]).to(device))
         for i in range(0, len(cand_rows), 65_536)
@@ -366,6 +386,8 @@ def evaluate(
     for i in range(0, len(index), chunk):
         batch = trim_padding(history_batch(arrays, split, index[i : i + chunk]))
         scores = model.user_vectors(to_device(batch, device), actions) @ keys.T
+        if len(hidden):
+            scores[:, hidden] = -torch.inf
         history = position[batch["items"]]
         histories.append(np.pad(history, ((0, 0), (arrays.meta["max_len"] - history.shape[1], 0)), constant_values=-1))
         if exclude_history:
@@ -375,6 +397,7 @@ def evaluate(
     model.train(was_training)
     result = retrieval_metrics(np.concatenate(topk), targets, k)
     popular = popularity_order(arrays, actions)
+    popular = popular[released[popular]]
     exclude = np.concatenate(histories) if exclude_history else None
     pool = np.arange(len(cand_rows))
     baseline = retrieval_metrics(popularity_topk(popular, pool, len(targets), k, exclude=exclude), targets, k)
@@ -424,7 +447,10 @@ class TrainResult:
     model_config: dict[str, Any]
     best_step: int = 0  # the step whose weights were kept (the best validation)
     stopped_early: bool = False
-    planned_steps: int = 0
+    planned_steps: int = 0  # the run's length: the time budget's plan when it shortened the run
+    # The settings the run trained with (the device's batch and learning rate decided).
+    train_config: dict[str, Any] = field(default_factory=dict)
+    checkpoint_version: str = ""  # what the checkpoint's weights are (checkpoint_version)
 
     def loss_curve(self, points: int = 200) -> list[dict[str, float]]:
         return loss_curve(self.losses, points)
@@ -455,9 +481,11 @@ def train(
     on_log: Callable[[dict[str, Any]], None] | None = None,
     stop_after: int | None = None,
     info: distributed.DistInfo | None = None,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> TrainResult:
     """Train (or resume) one model on prepared arrays; returns curves, figures and the
-    checkpoint path. ``stop_after`` stops at that step as if interrupted (checkpoint written)."""
+    checkpoint path. ``stop_after`` stops at that step as if interrupted (checkpoint written).
+    ``clock`` (seconds) times the run for the time budget and the periodic checkpoints."""
     tc = preset.train
     info = info or distributed.DistInfo(device=distributed.pick_device(tc.device))
     emit = on_log or (lambda record: log.info(json.dumps(record)))
@@ -466,7 +494,7 @@ def train(
         torch.set_num_threads(cpu_threads(tc.threads))
         keep_freed_memory()  # the step's activations come back from the heap (models/allocator.py)
     try:
-        return _train(arrays, preset, track, checkpoint_dir, resume, emit, stop_after, info)
+        return _train(arrays, preset, track, checkpoint_dir, resume, emit, stop_after, info, clock)
     finally:
         torch.set_num_threads(threads_before)
 
@@ -505,16 +533,19 @@ class EarlyStopping:
 
 
 class Trainer:
-    """One training run: model, optimizers, batches, validation, early stopping, checkpoints."""
+    """One training run: model, optimizers, batches, validation, early stopping, checkpoints,
+    the time budget."""
 
     def __init__(
         self, arrays: Arrays, preset: Preset, track: str, checkpoint_dir: Path | None,
         emit: Callable[[dict[str, Any]], None], info: distributed.DistInfo,
+        clock: Callable[[], float] = time.perf_counter,
     ) -> None:
-        tc = self.tc = preset.train
+        tc = self.tc = resolve_train_settings(preset.train, arrays.meta, info.device)
         self.arrays, self.preset, self.track, self.emit, self.info = arrays, preset, track, emit, info
         self.device = info.device
-        self.cfg = EncoderConfig.from_meta(arrays.meta, **resolve_model_settings(preset.model, tc, arrays.meta))
+        self.cfg = EncoderConfig.from_meta(arrays.meta, **resolve_model_settings(
+            preset.model, tc, arrays.meta, gflops=self.softmax_speed(preset.model, tc, arrays.meta, info)))
         self.digest = config_hash(self.cfg, tc)
         self.actions = tc.retrieval_actions or default_retrieval_actions(track)
         negatives = negative_spec(tc) if self.cfg.loss != "softmax" else NegativeSpec(logq=False)
@@ -527,6 +558,7 @@ class Trainer:
         torch.manual_seed(tc.seed)
         model = self.model = Encoder(self.cfg).to(self.device)
         model.attach(ItemTables.from_arrays(arrays).to(self.device))
+        model.negative_queue = NegativeQueue(tc.queue_batches) if tc.queue_batches and self.cfg.loss == "infonce" else None
         if info.distributed and self.device.type == "cuda":
             # NCCL has no sparse all-reduce for DDP: the big tables take dense gradients there.
             for module in model.modules():
@@ -542,31 +574,75 @@ class Trainer:
         self.start, self.step, self.finished = 0, 0, False
         self.losses: list[float] = []
         self.evals: list[dict[str, Any]] = []
+        # The time budget: ``planned`` is the length without it (what a resumed run compares);
+        # ``steps`` becomes the budget's plan once the speed is measured (once per run).
+        self.clock = clock
+        self.planned = self.steps
+        self.budget_planned = tc.max_minutes is None
+        self.elapsed_before = 0.0  # seconds the run trained in earlier processes (from the checkpoint)
+        self.run_started: float | None = None
+        self.overhead = 0.0  # seconds this process spent validating and writing checkpoints
+        self.validation_seconds: list[float] = []
+        self.checkpoint_seconds: list[float] = []
+        self.last_checkpoint_at = clock()
+
+    @staticmethod
+    def softmax_speed(model: dict[str, Any], tc: TrainConfig, meta: dict[str, Any], info: distributed.DistInfo) -> float | None:
+        """The device's measured GFLOP/s on the full softmax's product, when ``loss: auto`` has
+        to weigh it (rank 0's figure on every rank, so that all ranks build the same model)."""
+        rows = int(meta.get("num_softmax_rows", meta.get("num_item_rows", 0)))
+        if model.get("loss", "auto") != "auto" or rows > tc.full_softmax_items:
+            return None
+        width = int(model.get("d_model", EncoderConfig.d_model))
+        return distributed.broadcast_float(matmul_gflops(info.device, width, rows), info)
 
     # -- checkpoints -------------------------------------------------------------------------
     def resume(self) -> None:
-        """Continue from the last checkpoint of the same config, data and planned length."""
+        """Continue from the last checkpoint of the same config, data and planned length (the
+        length without a time budget; a budget's plan, made once, comes from the checkpoint)."""
         if self.last is None or not self.last.is_file():
             return
         ckpt = torch.load(self.last, map_location="cpu", weights_only=True)
         same = ckpt.get("config_hash") == self.digest and ckpt.get("data_version") == self.arrays.data_version
-        same = same and ckpt["step"] <= self.steps and ckpt.get("total_steps") == self.steps
+        total = ckpt.get("total_steps")
+        same = same and ckpt.get("planned_steps", total) == self.planned and total is not None and ckpt["step"] <= total
         if not same:
             self.emit({"event": "fresh_start", "reason": "the last checkpoint has another config, data or length"})
             return
         self.model.load_state_dict(ckpt["model"])
+        if self.model.negative_queue is not None:
+            self.model.negative_queue.load(ckpt.get("negative_queue"), self.device)
         for name, opt in self.optimizers.items():
             opt.load_state_dict(ckpt["optim"][name])
         self.start = self.step = ckpt["step"]
         self.losses, self.evals = list(ckpt["losses"]), list(ckpt["evals"])
         self.early.load(ckpt.get("early_stopping"))
         self.finished = bool(ckpt.get("finished"))
-        self.emit({"event": "resume", "step": self.start, "finished": self.finished, "checkpoint": str(self.last)})
+        self.steps = int(total)
+        self.interval = int(ckpt.get("validate_every", self.interval))
+        self.budget_planned = bool(ckpt.get("budget_planned", self.budget_planned))
+        self.elapsed_before = float(ckpt.get("elapsed_seconds", 0.0))
+        self.emit({"event": "resume", "step": self.start, "finished": self.finished, "checkpoint": str(self.last),
+                   "steps": self.steps})
 
     @property
     def weights_step(self) -> int:
         """The step whose weights the model holds once finished: the best validation's."""
         return self.early.best_step if (self.finished and self.early.best_step > 0) else self.step
+
+    @property
+    def version_digest(self) -> str:
+        """The config hash, with the length when a time budget shortened the run: the weights
+        then depend on the machine's speed as well as on the config."""
+        return self.digest if self.steps == self.planned else f"{self.digest}n{self.steps}"
+
+    @property
+    def version(self) -> str:
+        return checkpoint_version(self.version_digest, self.arrays.data_version, self.weights_step)
+
+    def elapsed(self) -> float:
+        """Seconds this run has trained, over every process (since its last checkpoint's)."""
+        return self.elapsed_before + (self.clock() - self.run_started if self.run_started is not None else 0.0)
 
     def state(self) -> dict[str, Any]:
         arrays = self.arrays
@@ -576,6 +652,10 @@ class Trainer:
             "weights_step": self.weights_step,
             "finished": self.finished,
             "total_steps": self.steps,
+            "planned_steps": self.planned,  # without the time budget (what resuming compares)
+            "validate_every": self.interval,
+            "budget_planned": self.budget_planned,
+            "elapsed_seconds": self.elapsed(),
             "track": self.track,
             "preset": self.preset.name,
             "model_config": self.cfg.to_dict(),
@@ -587,29 +667,88 @@ class Trainer:
             "data_shape": {key: arrays.meta[key] for key in ("families", "item_features", "user_sparse", "user_multi")},
             "model": self.model.state_dict(),
             "optim": {name: opt.state_dict() for name, opt in self.optimizers.items()},
+            "negative_queue": self.model.negative_queue.state() if self.model.negative_queue is not None else None,
             # A finished checkpoint holds the best weights as "model": no second copy.
             "early_stopping": {**self.early.state(), **({"best_model": None} if self.finished else {})},
             "losses": self.losses,
             "evals": self.evals,
             "retrieval_actions": list(self.actions),
             "params": self.params,
-            "checkpoint_version": checkpoint_version(self.digest, arrays.data_version, self.weights_step),
+            "checkpoint_version": self.version,
         }
 
     def checkpoint(self) -> None:
+        """Write ``last.pt`` (rank 0; atomically: a run killed while writing keeps the previous one)."""
         if self.info.is_main and self.last is not None:
+            began = self.clock()
             save_checkpoint(self.last, self.state())
+            self.last_checkpoint_at = self.clock()
+            spent = self.last_checkpoint_at - began
+            self.checkpoint_seconds.append(spent)
+            self.overhead += spent
+            self.emit({"event": "checkpoint", "step": self.step, "path": str(self.last), "seconds": round(spent, 3)})
+
+    def checkpoint_due(self) -> bool:
+        """Every ``checkpoint_every`` steps, and ``checkpoint_minutes`` after the last one (rank 0,
+        the writer; the other ranks never stop to flush for it)."""
+        tc = self.tc
+        if not self.info.is_main or self.last is None:
+            return False
+        if tc.checkpoint_every and self.step % tc.checkpoint_every == 0:
+            return True
+        return bool(tc.checkpoint_minutes) and self.clock() - self.last_checkpoint_at >= 60 * tc.checkpoint_minutes
+
+    # -- the time budget ---------------------------------------------------------------------
+    def probe_validation(self) -> float:
+        """Seconds one validation of the current weights takes (its figures are not kept):
+        what the budget reserves per validation when the run has not validated yet."""
+        if not (self.info.is_main and len(self.val_index)):
+            return 0.0
+        began = self.clock()
+        evaluate(self.model, self.arrays, self.val_index, self.actions, device=self.device,
+                 exclude_history=self.tc.exclude_history, batch_size=self.tc.eval_batch)
+        spent = self.clock() - began
+        self.overhead += spent
+        return spent
+
+    def plan_budget(self, step_seconds: float) -> None:
+        """Shorten the run to what fits in ``max_minutes``: the time spent so far, then
+        ``step_seconds`` per step, the validations and the periodic checkpoints (rank 0 plans,
+        every rank follows)."""
+        tc = self.tc
+        steps, interval = float(self.steps), float(self.interval)
+        validation = remaining = 0.0
+        if self.info.is_main:
+            validation = max(self.validation_seconds) if self.validation_seconds else self.probe_validation()
+            remaining = 60 * float(tc.max_minutes or 0) - self.elapsed()
+            if self.checkpoint_seconds and tc.checkpoint_minutes:  # the share periodic checkpoints take
+                write = max(self.checkpoint_seconds)
+                remaining *= 60 * tc.checkpoint_minutes / (60 * tc.checkpoint_minutes + write)
+            steps, interval = budget_plan(
+                remaining=remaining, step_seconds=step_seconds, validation_seconds=validation if len(self.val_index) else 0.0,
+                done=self.step, planned=self.steps, interval=self.interval,
+            )
+        steps, interval = distributed.broadcast_float(steps, self.info), distributed.broadcast_float(interval, self.info)
+        before = self.steps
+        self.steps, self.interval, self.budget_planned = int(steps), int(interval), True
+        self.emit({"event": "budget", "minutes": tc.max_minutes, "step": self.step, "planned_steps": before,
+                   "steps": self.steps, "validate_every": self.interval, "step_seconds": round(step_seconds, 5),
+                   "validation_seconds": round(validation, 3), "remaining_seconds": round(remaining, 1)})
 
     # -- steps -------------------------------------------------------------------------------
     def validate(self) -> None:
         """Score the validation split (rank 0) and update early stopping on every rank."""
         score = -math.inf
         if self.info.is_main and len(self.val_index):
+            began = self.clock()
             figures = evaluate(self.model, self.arrays, self.val_index, self.actions, device=self.device,
                                exclude_history=self.tc.exclude_history, batch_size=self.tc.eval_batch)
             record = {"step": self.step, **{k: round(v, 5) if isinstance(v, float) else v for k, v in figures.items()}}
             self.evals.append(record)
             score = figures["score"]
+            spent = self.clock() - began
+            self.validation_seconds.append(spent)
+            self.overhead += spent
         score = distributed.broadcast_float(score, self.info)
         if math.isfinite(score):
             improved = self.early.update(self.step, score, self.model)
@@ -626,15 +765,19 @@ class Trainer:
 
     def run(self, net: nn.Module, stop_after: int | None) -> tuple[float, int]:
         """Train from ``self.step`` until the planned steps, early stopping or ``stop_after``;
-        returns (seconds, tokens seen)."""
+        returns (seconds, tokens seen). With a time budget, the steps from
+        ``BUDGET_WARMUP_STEPS`` to ``+ BUDGET_WINDOW_STEPS`` of this process are timed and the
+        run is planned again for what fits (``plan_budget``)."""
         tc, device, info = self.tc, self.device, self.info
         autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda" and tc.bf16)
         self.emit({"event": "start", "steps": self.steps, "start": self.start, "batch": self.maker.global_batch,
                    "world": info.world, "device": str(device), "validate_every": self.interval,
                    "patience": self.early.patience, "threads": torch.get_num_threads() if device.type == "cpu" else None,
-                   "params": self.params, "sequences": self.arrays.num_sequences})
+                   "params": self.params, "sequences": self.arrays.num_sequences, "max_minutes": tc.max_minutes})
         self.model.train()
         started = time.perf_counter()
+        self.run_started = self.last_checkpoint_at = self.clock()
+        timed = (0.0, 0.0)  # clock and overhead where the budget's timing window opens
         window = {"start": started, "steps": 0, "tokens": 0}
         seen_tokens = 0
         stop = self.steps if stop_after is None else min(self.steps, stop_after)
@@ -647,7 +790,8 @@ class Trainer:
                 if not math.isfinite(self.losses[-1]):
                     raise FloatingPointError(f"the loss is {self.losses[-1]} at step {len(self.losses)}: lower the learning rate")
 
-        for index, raw in batches(self.maker, self.start, stop, ahead=2 if device.type == "cuda" else 0):
+        cuda = device.type == "cuda"
+        for index, raw in batches(self.maker, self.start, stop, ahead=BATCHES_AHEAD if cuda else 0, pin=cuda):
             batch = to_device(raw, device)
             torch.manual_seed(tc.seed * 1_000_003 + index)  # dropout: a function of the step
             lr = self.set_lr(index)
@@ -663,6 +807,7 @@ class Trainer:
             if device.type != "cuda":
                 flush_losses()
             self.step = index + 1
+            done_here = self.step - self.start
             tokens = int((raw["items"] > 0).sum()) + len(raw["items"])
             window["steps"] += 1
             window["tokens"] += tokens
@@ -678,12 +823,21 @@ class Trainer:
                     "tokens_per_s": round(window["tokens"] * info.world / (now - window["start"]), 1),
                 })
                 window = {"start": now, "steps": 0, "tokens": 0}
+            if not self.budget_planned and done_here in (BUDGET_WARMUP_STEPS, BUDGET_WARMUP_STEPS + BUDGET_WINDOW_STEPS):
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                if done_here == BUDGET_WARMUP_STEPS:
+                    timed = (self.clock(), self.overhead)
+                else:
+                    step_seconds = (self.clock() - timed[0] - (self.overhead - timed[1])) / BUDGET_WINDOW_STEPS
+                    self.plan_budget(step_seconds)
+                    stop = min(stop, self.steps)
             if (self.interval and self.step % self.interval == 0) or self.step == self.steps:
                 self.validate()
                 if self.early.stop or self.step == self.steps:
                     self.finished = True
                     break
-            if tc.checkpoint_every and self.step % tc.checkpoint_every == 0:
+            if self.checkpoint_due():
                 flush_losses()
                 self.checkpoint()
         flush_losses()
@@ -706,8 +860,9 @@ def _train(
     emit: Callable[[dict[str, Any]], None],
     stop_after: int | None,
     info: distributed.DistInfo,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> TrainResult:
-    trainer = Trainer(arrays, preset, track, checkpoint_dir, emit, info)
+    trainer = Trainer(arrays, preset, track, checkpoint_dir, emit, info, clock)
     if resume:
         trainer.resume()
     net: nn.Module = trainer.model
@@ -717,7 +872,7 @@ def _train(
             net, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False
         )
     if trainer.tc.compile and info.device.type == "cuda":
-        net = torch.compile(net)
+        trainer.model.compile_blocks()
     was_finished = trainer.finished
     seconds, seen_tokens = (0.0, 0) if was_finished else trainer.run(net, stop_after)
     done = trainer.step - trainer.start
@@ -744,6 +899,8 @@ def _train(
         best_step=trainer.weights_step,
         stopped_early=trainer.finished and trainer.step < trainer.steps,
         planned_steps=trainer.steps,
+        train_config=asdict(trainer.tc),
+        checkpoint_version=trainer.version,
     )
 
 
@@ -796,7 +953,7 @@ def train_track(
         "planned_steps": result.planned_steps,
         "best_step": result.best_step,
         "stopped_early": result.stopped_early,
-        "checkpoint_version": checkpoint_version(result.config_hash, arrays.data_version, result.best_step),
+        "checkpoint_version": result.checkpoint_version,
         "resumed_from": result.resumed_from,
         "metrics": result.metrics,
         "evals": result.evals,
@@ -805,7 +962,7 @@ def train_track(
         "tokens_per_second": result.tokens_per_second,
         "params": result.params,
         "model_config": result.model_config,
-        "train_config": asdict(preset.train),
+        "train_config": result.train_config,
     }
     report_path = checkpoint_dir / "report.json"
     with atomic_file(report_path) as tmp:
@@ -822,7 +979,7 @@ def _parse_value(text: str) -> Any:
     return yaml.safe_load(text)
 
 
-def _report_through_pipes(result: TrainResult, data_version: str) -> None:
+def _report_through_pipes(result: TrainResult) -> None:
     """When Dagster launched this process through Pipes, report the checkpoint (rank 0 only)."""
     if "DAGSTER_PIPES_CONTEXT" not in os.environ:
         return
@@ -833,20 +990,41 @@ def _report_through_pipes(result: TrainResult, data_version: str) -> None:
             metadata={
                 "checkpoint": {"raw_value": str(result.checkpoint), "type": "path"},
                 "steps": result.steps,
+                "planned_steps": result.planned_steps,
                 "samples_per_second": round(result.samples_per_second, 1),
                 "final_loss": round(result.losses[-1], 5) if result.losses else None,
                 **{f"val_{k}": round(float(v), 5) for k, v in result.metrics.items()},
             },
-            data_version=checkpoint_version(result.config_hash, data_version, result.best_step),
+            data_version=result.checkpoint_version,
         )
 
 
-def main(argv: list[str] | None = None) -> None:
+@dataclass
+class Command:
+    """What one ``python -m models.train`` process (or torchrun rank) was asked to do."""
+
+    preset: Preset
+    track: str
+    paths: TrackPaths
+    # The run's settings (--settings-json, from assets.training.torchrun_command); None: the
+    # environment's (TAAC_*) and the track's preset, read when the arrays are prepared.
+    settings: TaacSettings | None
+    arrays_dir: Path
+    prepare: bool  # prepare (or reuse) the arrays first, on rank 0: no --arrays was given
+    checkpoint_dir: Path
+    resume: bool
+    report: Path | None
+
+
+def parse_command(argv: list[str] | None = None) -> Command:
     parser = argparse.ArgumentParser(description="Train the retrieval encoder on a track's warehouse.")
     parser.add_argument("--config", default="default", help="preset name (configs/models/) or YAML path")
-    parser.add_argument("--data-root", default="data")
+    parser.add_argument("--data-root", default=None, help="default: the settings' data_root, else data")
     parser.add_argument("--track", default="1M")
-    parser.add_argument("--arrays", default=None, help="prepared arrays folder (default: <root>/<track>/checkpoints/arrays)")
+    parser.add_argument("--arrays", default=None, help="prepared arrays folder (default: <root>/<track>/checkpoints/arrays, "
+                        "prepared or reused first)")
+    parser.add_argument("--settings-json", default=None, help="the run's settings (TaacSettings as JSON): the arrays are "
+                        "prepared with them and their training overrides apply (under --set)")
     parser.add_argument("--checkpoint-dir", default=None, help="default: <root>/<track>/checkpoints/<preset>")
     parser.add_argument("--report", default=None, help="write losses and figures as JSON here (rank 0)")
     parser.add_argument("--max-steps", type=int, default=None)
@@ -854,9 +1032,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-resume", action="store_true")
     parser.add_argument("--set", action="append", default=[], metavar="model.KEY=VALUE or train.KEY=VALUE")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
 
-    overrides: dict[str, dict[str, Any]] = {"model": {}, "train": {}}
+    settings = TaacSettings.model_validate_json(args.settings_json) if args.settings_json else None
+    overrides: dict[str, dict[str, Any]] = {"model": {}, "train": dict(training_overrides(settings)) if settings else {}}
     for item in args.set:
         key, _, value = item.partition("=")
         section, _, name = key.partition(".")
@@ -868,31 +1046,44 @@ def main(argv: list[str] | None = None) -> None:
     if args.epochs is not None:
         overrides["train"]["epochs"] = args.epochs
     preset = load_preset(args.config, overrides)
-    info = distributed.setup(preset.train.device)
-    try:
-        from taac_dagster.paths import TrackPaths
-        from taac_dagster.settings import load_settings
+    root = args.data_root or (settings.data_root if settings else "data")
+    paths = TrackPaths(root, args.track)
+    return Command(
+        preset=preset, track=args.track, paths=paths, settings=settings,
+        arrays_dir=Path(args.arrays) if args.arrays else paths.checkpoints / "arrays", prepare=not args.arrays,
+        checkpoint_dir=Path(args.checkpoint_dir) if args.checkpoint_dir else paths.checkpoints / preset.name,
+        resume=not args.no_resume, report=Path(args.report) if args.report else None,
+    )
 
-        paths = TrackPaths(args.data_root, args.track)
-        arrays_dir = Path(args.arrays) if args.arrays else paths.checkpoints / "arrays"
-        if info.is_main and not args.arrays:  # same arrays as the asset (same settings: TAAC_*)
-            prepare_track_arrays(paths, load_settings(args.track, {"data_root": args.data_root}))
+
+def main(argv: list[str] | None = None) -> None:
+    command = parse_command(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    info = distributed.setup(command.preset.train.device)
+    try:
+        if info.is_main and command.prepare:  # the asset's arrays: its settings, else TAAC_* and the track's
+            from taac_dagster.settings import load_settings
+
+            settings = command.settings or load_settings(command.track, {"data_root": str(command.paths.data_root)})
+            prepare_track_arrays(command.paths, settings)
         distributed.barrier(info)
-        arrays = load_arrays(arrays_dir)
-        ckpt_dir = Path(args.checkpoint_dir) if args.checkpoint_dir else paths.checkpoints / preset.name
+        arrays = load_arrays(command.arrays_dir)
         result = train(
-            arrays, preset, track=args.track, checkpoint_dir=ckpt_dir, resume=not args.no_resume,
+            arrays, command.preset, track=command.track, checkpoint_dir=command.checkpoint_dir, resume=command.resume,
             info=info, on_log=(lambda r: log.info(json.dumps(r))) if info.is_main else (lambda r: None),
         )
-        if info.is_main and args.report:
+        if info.is_main and command.report:
             report = {
                 "losses": result.losses, "evals": result.evals, "metrics": result.metrics, "steps": result.steps,
-                "samples_per_second": result.samples_per_second, "world": info.world, "params": result.params,
+                "planned_steps": result.planned_steps, "best_step": result.best_step, "seconds": result.seconds,
+                "samples_per_second": result.samples_per_second, "model_config": result.model_config,
+                "world": info.world, "params": result.params, "arrays": str(arrays.folder),
+                "data_version": arrays.data_version, "train_config": result.train_config,
             }
-            with atomic_file(args.report) as tmp:
-                tmp.write_text(json.dumps(report, indent=2))
+            with atomic_file(command.report) as tmp:
+                tmp.write_text(json.dumps(report, indent=2, default=str))
         if info.is_main:
-            _report_through_pipes(result, arrays.data_version)
+            _report_through_pipes(result)
     finally:
         distributed.cleanup(info)
 

@@ -93,6 +93,15 @@ class TrainingSettings(BaseModel):
     epochs: int | None = Field(None, ge=1, description="Most epochs; unset: the preset's (`default`: from the data, "
                                "ended by early stopping).")
     max_steps: int | None = Field(None, ge=1, description="Most optimizer steps; overrides `epochs`.")
+    max_minutes: float | None = Field(
+        None, gt=0, description="Time budget of the training loop, in minutes (validations and checkpoints "
+        "included); unset: none. After 40 steps the run measures its speed and plans the steps that fit (at most "
+        "the planned ones): warm-up, learning-rate schedule and validation interval follow that length."
+    )
+    checkpoint_minutes: float | None = Field(
+        None, ge=0, description="Write the resumable checkpoint at least this often, in minutes (0: only at the "
+        "end and every `checkpoint_every` steps of the preset); unset: the preset's (5)."
+    )
     patience: int | None = Field(
         None, ge=0, description="Validations without a better score before training stops (0: never early); unset: "
         "the preset's. The best validated weights are kept either way."
@@ -147,6 +156,11 @@ class EvaluationSettings(BaseModel):
     )
     max_users: int | None = Field(None, ge=1, description="Score a deterministic sample of this many holdout "
                                   "users; unset: every user.")
+    search_backend: Literal["auto", "faiss", "torch"] = Field(
+        "auto", description="What searches the index for the report's and the submission's top-10: `faiss` (CPU), "
+        "`torch` (exact matmul + top-k on the compute device, over the index's vectors); `auto`: torch (exact) when the "
+        "compute device is CUDA, whatever the index kind; faiss on a CPU. Recorded as `search_backend`."
+    )
 
 
 class TaacSettings(BaseSettings):
@@ -260,7 +274,8 @@ def training_overrides(settings: TaacSettings) -> dict[str, Any]:
         # Validation ranks the way the report does.
         "exclude_history": settings.evaluation.exclude_history,
     }
-    for key in ("epochs", "max_steps", "batch_size", "threads", "patience"):  # unset: the preset's
+    # Unset: the preset's.
+    for key in ("epochs", "max_steps", "max_minutes", "checkpoint_minutes", "batch_size", "threads", "patience"):
         if getattr(training, key) is not None:
             overrides[key] = getattr(training, key)
     return overrides

@@ -14,7 +14,7 @@ import pytest
 import torch
 import yaml
 
-from models.data import BatchMaker, NegativeSpec, PrepareOptions, prepare_arrays
+from models.data import BatchMaker, NegativeSpec, PrepareOptions, load_arrays, prepare_arrays
 from models.train import Preset, TrainConfig, load_encoder, load_preset, train
 from taac_dagster.paths import TrackPaths
 from taac_dagster.raw import materialize_raw
@@ -330,7 +330,9 @@ def test_encoder_checkpoint_asset(tmp_path, monkeypatch):
 
 
 def test_encoder_checkpoint_through_torchrun_and_pipes(tmp_path, monkeypatch):
-    """The cluster path: the asset launches torchrun (2 CPU ranks, DDP); rank 0 reports via Pipes."""
+    """The cluster path: the asset launches torchrun (2 CPU ranks, DDP); rank 0 reports via Pipes.
+    The ranks train on the arrays the asset prepared with the run's settings (its run config,
+    not only TAAC_*)."""
     from dagster import AssetKey, DagsterInstance, materialize
 
     from assets.raw import raw_dataset
@@ -343,7 +345,8 @@ def test_encoder_checkpoint_through_torchrun_and_pipes(tmp_path, monkeypatch):
     monkeypatch.setenv("TAAC_TRAINING__NPROC_PER_NODE", "2")
     monkeypatch.setenv("TAAC_TRAINING__MAX_STEPS", "4")
     monkeypatch.setenv("TAAC_TRAINING__THREADS", "1")
-    config = TaacConfig(data_root=str(tmp_path / "data"), synthetic={"num_users": 300, "num_items": 900})
+    config = TaacConfig(data_root=str(tmp_path / "data"), synthetic={"num_users": 300, "num_items": 900},
+                        max_history=20, training={"val_users": 37})
     chain = [raw_dataset, warehouse_tables, semantic_id_codebooks, encoder_checkpoint]
     with DagsterInstance.ephemeral(tempdir=str(tmp_path / "home")) as instance:
         result = materialize(chain, partition_key="1M", resources={"taac": config}, instance=instance)
@@ -356,6 +359,10 @@ def test_encoder_checkpoint_through_torchrun_and_pipes(tmp_path, monkeypatch):
         assert checkpoint.is_file()
         _, ckpt = load_encoder(checkpoint)
         assert events[0].materialization.tags["dagster/data_version"] == ckpt["checkpoint_version"]
+        arrays = load_arrays(ckpt["arrays_dir"])
+        assert Path(ckpt["arrays_dir"]) == TrackPaths(tmp_path / "data", "1M").checkpoints / "arrays"
+        assert arrays.meta["max_len"] == 20 and ckpt["data_version"] == arrays.data_version
+        assert ckpt["train_config"]["val_users"] == 37 and meta["val_users"].value == 37
 
 
 def test_model_settings_adapt_to_the_catalogue():
