@@ -9,13 +9,11 @@ Progress (steps, loss, samples/s) goes to the Dagster log; the loss curve and th
 figures next to the popularity baseline go to the materialization metadata.
 """
 
-import json
 import os
 import shlex
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 from dagster import (
     AssetExecutionContext,
@@ -30,7 +28,7 @@ from dagster import (
 from assets.metadata import image_markdown
 from assets.track_lock import hold_track
 from models.report import figure_png, training_curve_figure
-from models.train import prepare_track_arrays, train_track
+from models.train import prepare_track_arrays, progress_line, train_track
 from taac_dagster.partitions import track_partitions
 from taac_dagster.resources import TaacConfig
 from taac_dagster.settings import TaacSettings, training_overrides
@@ -43,28 +41,6 @@ INPUT_TABLES = ("sequences", "holdout", "items", "users", "candidates", "item_em
 # What the training arrays are prepared from (models.data.prepare_arrays): every step that
 # loads them (training, the index, the report, the submission) reads these.
 ARRAY_INPUTS = (AssetKey("semantic_id_codebooks"), *(AssetKey(name) for name in INPUT_TABLES))
-
-
-def _log_line(record: dict[str, Any]) -> str:
-    event = record.get("event")
-    if event == "progress":
-        return (
-            f"step {record['step']}/{record['of']} (epoch {record['epoch']}): loss {record['loss']:.4f}, "
-            f"{record['samples_per_s']:.0f} sequences/s, {record['tokens_per_s']:.0f} tokens/s, lr {record['lr']:.2e}"
-        )
-    if event == "validation" and "hr@10" in record:
-        return (
-            f"validation at step {record['step']} ({record['users']} users, previous targets): HR@10 {record['hr@10']:.4f}, "
-            f"NDCG@10 {record['ndcg@10']:.4f}, score {record['score']:.4f}; popularity HR@10 "
-            f"{record['popularity_hr@10']:.4f}, score {record['popularity_score']:.4f}; best so far: step {record['best_step']}"
-        )
-    if event == "budget":
-        return (
-            f"time budget of {record['minutes']} minutes: {record['steps']} steps of the planned {record['planned_steps']} "
-            f"fit ({record['step_seconds']:.4f} s a step, {record['validation_seconds']:.1f} s a validation); "
-            f"validation every {record['validate_every']} steps"
-        )
-    return json.dumps(record, default=str)
 
 
 @asset(
@@ -88,7 +64,7 @@ def encoder_checkpoint(context: AssetExecutionContext, taac: TaacConfig) -> Mate
     with hold_track(context, taac, track):
         run = train_track(
             taac.paths(track), taac.settings(track), logger=context.log,
-            on_log=lambda record: context.log.info(_log_line(record)),
+            on_log=lambda record: context.log.info(progress_line(record)),
         )
     result, metrics = run.result, run.result.metrics
     figures = {k: round(float(metrics[k]), 5) for k in metrics if k != "users"}

@@ -20,6 +20,7 @@ batch (same trajectory, to float tolerance). Only rank 0 evaluates and writes.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -979,24 +980,56 @@ def _parse_value(text: str) -> Any:
     return yaml.safe_load(text)
 
 
-def _report_through_pipes(result: TrainResult) -> None:
-    """When Dagster launched this process through Pipes, report the checkpoint (rank 0 only)."""
-    if "DAGSTER_PIPES_CONTEXT" not in os.environ:
+def progress_line(record: dict[str, Any]) -> str:
+    """One training event as a line for a person (the Dagster log, in-process or through Pipes)."""
+    event = record.get("event")
+    if event == "progress":
+        return (
+            f"step {record['step']}/{record['of']} (epoch {record['epoch']}): loss {record['loss']:.4f}, "
+            f"{record['samples_per_s']:.0f} sequences/s, {record['tokens_per_s']:.0f} tokens/s, lr {record['lr']:.2e}"
+        )
+    if event == "validation" and "hr@10" in record:
+        return (
+            f"validation at step {record['step']} ({record['users']} users, previous targets): HR@10 {record['hr@10']:.4f}, "
+            f"NDCG@10 {record['ndcg@10']:.4f}, score {record['score']:.4f}; popularity HR@10 "
+            f"{record['popularity_hr@10']:.4f}, score {record['popularity_score']:.4f}; best so far: step {record['best_step']}"
+        )
+    if event == "budget":
+        return (
+            f"time budget of {record['minutes']} minutes: {record['steps']} steps of the planned {record['planned_steps']} "
+            f"fit ({record['step_seconds']:.4f} s a step, {record['validation_seconds']:.1f} s a validation); "
+            f"validation every {record['validate_every']} steps"
+        )
+    return json.dumps(record, default=str)
+
+
+@contextlib.contextmanager
+def pipes_session(info: distributed.DistInfo) -> Iterator[Any]:
+    """Dagster Pipes on rank 0 of a process that Dagster launched (``None`` elsewhere): the
+    training events stream to the run's log while the ranks train, and the checkpoint is
+    reported at the end."""
+    if not info.is_main or "DAGSTER_PIPES_CONTEXT" not in os.environ:
+        yield None
         return
     from dagster_pipes import open_dagster_pipes
 
     with open_dagster_pipes() as pipes:
-        pipes.report_asset_materialization(
-            metadata={
-                "checkpoint": {"raw_value": str(result.checkpoint), "type": "path"},
-                "steps": result.steps,
-                "planned_steps": result.planned_steps,
-                "samples_per_second": round(result.samples_per_second, 1),
-                "final_loss": round(result.losses[-1], 5) if result.losses else None,
-                **{f"val_{k}": round(float(v), 5) for k, v in result.metrics.items()},
-            },
-            data_version=result.checkpoint_version,
-        )
+        yield pipes
+
+
+def _report_through_pipes(pipes: Any, result: TrainResult) -> None:
+    """Report the checkpoint as the asset's materialization (rank 0, launched through Pipes)."""
+    pipes.report_asset_materialization(
+        metadata={
+            "checkpoint": {"raw_value": str(result.checkpoint), "type": "path"},
+            "steps": result.steps,
+            "planned_steps": result.planned_steps,
+            "samples_per_second": round(result.samples_per_second, 1),
+            "final_loss": round(result.losses[-1], 5) if result.losses else None,
+            **{f"val_{k}": round(float(v), 5) for k, v in result.metrics.items()},
+        },
+        data_version=result.checkpoint_version,
+    )
 
 
 @dataclass
@@ -1068,10 +1101,19 @@ def main(argv: list[str] | None = None) -> None:
             prepare_track_arrays(command.paths, settings)
         distributed.barrier(info)
         arrays = load_arrays(command.arrays_dir)
-        result = train(
-            arrays, command.preset, track=command.track, checkpoint_dir=command.checkpoint_dir, resume=command.resume,
-            info=info, on_log=(lambda r: log.info(json.dumps(r))) if info.is_main else (lambda r: None),
-        )
+        with pipes_session(info) as pipes:
+
+            def on_log(record: dict[str, Any]) -> None:
+                log.info(json.dumps(record))
+                if pipes is not None:
+                    pipes.log.info(progress_line(record))
+
+            result = train(
+                arrays, command.preset, track=command.track, checkpoint_dir=command.checkpoint_dir, resume=command.resume,
+                info=info, on_log=on_log if info.is_main else (lambda r: None),
+            )
+            if pipes is not None:
+                _report_through_pipes(pipes, result)
         if info.is_main and command.report:
             report = {
                 "losses": result.losses, "evals": result.evals, "metrics": result.metrics, "steps": result.steps,
@@ -1082,8 +1124,6 @@ def main(argv: list[str] | None = None) -> None:
             }
             with atomic_file(command.report) as tmp:
                 tmp.write_text(json.dumps(report, indent=2, default=str))
-        if info.is_main:
-            _report_through_pipes(result)
     finally:
         distributed.cleanup(info)
 

@@ -363,6 +363,15 @@ def test_encoder_checkpoint_through_torchrun_and_pipes(tmp_path, monkeypatch):
         assert Path(ckpt["arrays_dir"]) == TrackPaths(tmp_path / "data", "1M").checkpoints / "arrays"
         assert arrays.meta["max_len"] == 20 and ckpt["data_version"] == arrays.data_version
         assert ckpt["train_config"]["val_users"] == 37 and meta["val_users"].value == 37
+        # Rank 0's training events reached the run's log through Pipes, before its final report.
+        logs = instance.all_logs(result.run_id)
+        lines = [(i, e.user_message) for i, e in enumerate(logs)]
+        progress = [i for i, m in lines if "step 4/4 (epoch" in m and "sequences/s" in m]
+        validation = [i for i, m in lines if m.startswith("validation at step 4 (37 users")]
+        reported = [i for i, e in enumerate(logs) if e.dagster_event and e.dagster_event.is_step_materialization
+                    and e.dagster_event.asset_key == AssetKey("encoder_checkpoint")]
+        assert progress and validation and reported, [m for _, m in lines][-30:]
+        assert max(progress[0], validation[0]) < reported[0]
 
 
 def test_model_settings_adapt_to_the_catalogue():
