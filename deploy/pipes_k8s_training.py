@@ -6,7 +6,7 @@ that pod (the run pod, or the step pod with the k8s_job_executor) must hold the 
 
 The alternative below keeps the Dagster step small (no GPU) and has ``PipesK8sClient`` create a
 dedicated pod for torchrun: the step pod waits, reads the pod's logs and picks up the Pipes
-messages of rank 0 (``models.train._report_through_pipes`` is unchanged: ``open_dagster_pipes()``
+messages of rank 0 (``models.train.pipes_session`` is unchanged: ``open_dagster_pipes()``
 reads the context from the environment PipesK8sClient injects and writes its messages to
 stderr, which PipesK8sClient reads from the pod logs). The training pod needs the same image and
 the shared data volume.
@@ -35,9 +35,10 @@ DATA_VOLUME = "taac-data"  # the PVC of deploy/k8s/taac-data.yaml
 DATA_MOUNT = "/data/taac"  # TAAC_DATA_ROOT in the taac-env ConfigMap
 
 
-def torchrun_command(settings: TaacSettings, track: str, python: str = "python") -> list[str]:
-    """The command assets/training.py runs, for a container (single node, N ranks)."""
-    return asset_torchrun_command(settings, track, python)
+def torchrun_command(settings: TaacSettings, track: str, python: str = "python", *, arrays_dir: str | None = None) -> list[str]:
+    """The command assets/training.py runs, for a container (single node, N ranks). Without
+    ``arrays_dir`` rank 0 prepares the arrays from the settings in the pod."""
+    return asset_torchrun_command(settings, track, python, arrays_dir=arrays_dir)
 
 
 def torchrun_pod_spec(gpus: int, *, claim_name: str = DATA_VOLUME, memory: str = "128Gi") -> dict[str, Any]:

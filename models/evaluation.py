@@ -95,6 +95,8 @@ ITEM_BATCH = 65_536
 REPORT_NAME = "evaluation"
 REJECTED_DIR = "rejected"  # indexes below the recall floor, kept for inspection
 SUBMISSION_FILE = "submission.json"
+# A weighted target that is no candidate: below PAD (-1, also a search hole), so never matched.
+OUTSIDE_POOL = PAD - 1
 # EncoderConfig fields that describe the data, not the architecture: a checkpoint is usable on
 # arrays only when these agree (vocabulary sizes, multi-modal dims, Semantic ID levels, ...).
 SHAPE_FIELDS = (
@@ -683,11 +685,13 @@ def _baseline(paths: Any, settings: Any, arrays: Arrays, device: torch.device,
 def _weighted_targets(
     arrays: Arrays, rows: np.ndarray, position: np.ndarray, relevance: dict[int, float]
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Padded target positions and their relevance weights for the weighted metrics."""
+    """Padded target positions and their relevance weights for the weighted metrics. A target
+    that is no candidate (a later click on an item outside the pool) is a miss that still
+    weighs: its position is ``OUTSIDE_POOL``, never a list entry and not the padding."""
     targets = np.asarray(arrays.hold_targets[rows]).astype(np.int64)
     actions = np.asarray(arrays.hold_target_actions[rows]).astype(np.int64)
     pad = targets == 0
-    target_pos = np.where(pad, PAD, position[targets])
+    target_pos = np.where(pad, PAD, np.where(position[targets] >= 0, position[targets], OUTSIDE_POOL))
     weights = relevance_weights(np.where(pad, PAD, actions), relevance)
     return target_pos, weights
 

@@ -168,7 +168,10 @@ def _point_embeddings_at(database: Path, settings: TaacSettings, folder: Path) -
 
 
 def publish_warehouse(staged: StagedWarehouse, paths: TrackPaths, settings: TaacSettings) -> WarehouseSummary:
-    """Rename a staged warehouse into place: the embedding folder, then the database."""
+    """Rename a staged warehouse into place: the embedding folder, then the database. When a
+    rename fails before the database is in place, the new folder goes back to its staged name
+    and the old one back into place, so readers keep the old database with its own embeddings
+    (the error is raised; the caller discards the staged copy)."""
     _point_embeddings_at(staged.database, settings, paths.embeddings)
     # A write-ahead log left by a crashed writer of the old file must not replay onto the new one.
     Path(str(paths.warehouse) + ".wal").unlink(missing_ok=True)
@@ -176,8 +179,16 @@ def publish_warehouse(staged: StagedWarehouse, paths: TrackPaths, settings: Taac
     if paths.embeddings.exists():
         old = temp_sibling(paths.embeddings, ".old")
         os.replace(paths.embeddings, old)
-    replace_durably(staged.embeddings, paths.embeddings)
-    replace_durably(staged.database, paths.warehouse)
+    try:
+        replace_durably(staged.embeddings, paths.embeddings)
+        replace_durably(staged.database, paths.warehouse)
+    except BaseException:
+        if staged.database.exists():  # the old database is still the published one: roll back
+            if not staged.embeddings.exists() and paths.embeddings.exists():
+                os.replace(paths.embeddings, staged.embeddings)
+            if old is not None:
+                os.replace(old, paths.embeddings)
+        raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
     staged.summary.path = paths.warehouse
@@ -234,7 +245,11 @@ def build_checked_warehouse(
     if any(not o.passed and o.severity == ERROR for o in outcomes):
         rejected = set_aside_warehouse(staged, paths, settings)
         raise BlockingChecksFailed(outcomes, rejected, paths.warehouse)
-    return publish_warehouse(staged, paths, settings), outcomes
+    try:
+        return publish_warehouse(staged, paths, settings), outcomes
+    except BaseException:
+        discard_staged(staged)
+        raise
 
 
 def _build(

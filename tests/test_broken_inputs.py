@@ -62,6 +62,7 @@ def test_broken_input_gets_a_clear_error(defect: Defect, tmp_path, demo_hub_dir)
     assert not paths.warehouse.exists(), "a failed build must publish nothing"
 
 
+@pytest.mark.slow  # each a full checked warehouse build (~3 s here, 6 of them)
 @pytest.mark.parametrize(("name", "kind", "prepare"), VALID_CONTROLS, ids=[f"{k}:{n}" for n, k, _ in VALID_CONTROLS])
 def test_valid_controls_pass(name, kind, prepare, tmp_path, demo_hub_dir):
     source = _copy(kind, tmp_path, demo_hub_dir)

@@ -43,32 +43,15 @@ from taac_dagster.errors import DataFormatError
 from taac_dagster.paths import TrackPaths
 from taac_dagster.resources import TaacConfig
 from taac_dagster.settings import load_settings
+from tests.conftest import CHAIN_ENV
 
 pytestmark = pytest.mark.slow
 
 CHAIN = [raw_dataset, warehouse_tables, semantic_id_codebooks, encoder_checkpoint, faiss_index, user_vectors,
          evaluation_report, submission]
-SCALE = {"num_users": 600, "num_items": 1500}
-ENV = {"TAAC_TRAINING__THREADS": "1", "TAAC_TRAINING__VAL_USERS": "100", "TAAC_TRAINING__PATIENCE": "0"}
-
-
-@pytest.fixture(scope="module")
-def chain(tmp_path_factory):
-    """Both tracks materialized once through the whole chain (60 training steps each)."""
-    root = tmp_path_factory.mktemp("evaluation")
-    with pytest.MonkeyPatch.context() as mp:
-        for key in [k for k in os.environ if k.startswith("TAAC_")]:
-            mp.delenv(key)
-        for key, value in ENV.items():
-            mp.setenv(key, value)
-        config = TaacConfig(data_root=str(root / "data"), training={"max_steps": 60}, synthetic=SCALE)
-        instance = DagsterInstance.ephemeral(tempdir=str(root / "home"))
-        results = {
-            track: materialize(CHAIN, partition_key=track, resources={"taac": config}, instance=instance)
-            for track in ("1M", "10M")
-        }
-        yield {"root": root, "config": config, "instance": instance, "results": results}
-        instance.dispose()
+ENV = CHAIN_ENV
+# ``chain`` (tests/conftest.py): both tracks of the synthetic default through the whole chain,
+# once per session (tests/test_end_to_end_truth.py reads the same run).
 
 
 def _env(mp: pytest.MonkeyPatch) -> None:
@@ -473,7 +456,10 @@ def test_targets_outside_the_released_pool_are_misses_and_the_extended_row_keeps
     assert set(figures["methods"]) == {"model", "model_extended", "popularity"}
     meta = _metadata(result, "evaluation_report")
     assert meta["targets_outside_pool_share"] == pytest.approx(outside_share, abs=1e-5)
-    assert meta["search_backend"] == "faiss" and meta["model_extended_score"] >= 0
+    assert meta["search_backend"] == "faiss"
+    extended = figures["methods"]["model_extended"]
+    assert meta["model_extended_score"] == pytest.approx(extended["score"], abs=1e-4)
+    assert extended["users"] == figures["methods"]["model"]["users"] == len(users)
     assert "| model (pool + missing targets) |" in meta["headline"]
     assert f"{100 * outside_share:.1f}% of the targets are outside it" in (paths.reports / "evaluation.md").read_text()
 

@@ -13,6 +13,7 @@ from taac_dagster.settings import load_settings
 from taac_dagster.warehouse import build_checked_warehouse
 
 
+@pytest.mark.slow  # a full checked warehouse build (~10 s here)
 def test_a_data_root_with_a_quote_builds_and_checks(demo_dir, tmp_path):
     root = tmp_path / "it's [the] data"
     settings = load_settings("1M", {"data_root": str(root)})
@@ -35,6 +36,7 @@ def test_memory_limits_duckdb_accepts_are_accepted(value):
     assert load_settings("1M", {"duckdb_memory_limit": value}).duckdb_memory_limit == value.strip()
 
 
+@pytest.mark.slow  # a full checked warehouse build (~7 s here)
 def test_every_connection_of_the_data_stage_carries_the_settings(demo_dir, tmp_path, monkeypatch):
     """DuckDB's own default is 80% of RAM per connection; the build, its checks and the
     diagnosis of a failed check each open connections, all with the configured limit."""

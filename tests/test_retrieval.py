@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import faiss
 import numpy as np
@@ -126,7 +127,9 @@ def test_tune_nprobe_raises_nprobe_until_the_target(data, flat):
 def test_hnsw_builds_and_is_measured_against_exact(data, flat):
     items, ids, queries = data
     hnsw = build_index(items, ids, IndexSpec(kind="hnsw", M=16, ef_construction=64, ef_search=64))
-    assert 0.5 < measure_recall(hnsw, flat, queries) <= 1.0
+    # Measured 0.9997 (ef_search 16, Faiss's default, gives 0.986; 8 gives 0.93): the margin is for
+    # Faiss versions, not for an ef_search that is not applied.
+    assert 0.99 <= measure_recall(hnsw, flat, queries) <= 1.0
     assert flat_like(hnsw).spec.kind == "flat"
     assert measure_recall(hnsw, flat_like(hnsw), queries[:20]) == measure_recall(hnsw, flat, queries[:20])
 
@@ -312,8 +315,15 @@ def test_recall_at_k_hand_cases():
 
 
 def test_threads_default_to_all_cores():
-    assert retrieval.set_threads() == retrieval.default_threads()
-    assert faiss.omp_get_max_threads() == retrieval.default_threads()
+    """None means every core this process may run on (its CPU affinity, not the machine's count)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    faiss.omp_set_num_threads(1)
+    try:
+        assert retrieval.set_threads() == cores and faiss.omp_get_max_threads() == cores
+        assert retrieval.set_threads(3) == 3 and faiss.omp_get_max_threads() == 3
+        assert retrieval.set_threads(0) == 1 and faiss.omp_get_max_threads() == 1  # never below one
+    finally:
+        retrieval.set_threads()
 
 
 # --- Baselines -----------------------------------------------------------------------------

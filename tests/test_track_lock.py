@@ -67,6 +67,39 @@ def test_a_waiting_writer_goes_on_when_the_holder_is_done(tmp_path, monkeypatch)
     assert any("held by run run-a (step encoder_checkpoint" in line for line in log.lines)
 
 
+HOLD_AND_SLEEP = """
+import sys, time
+from taac_dagster.locks import track_lock
+with track_lock(sys.argv[1], track="1M", step="warehouse_tables", run_id="killed-run", timeout=0):
+    print("held", flush=True)
+    time.sleep(600)
+"""
+
+
+def test_the_lock_of_a_killed_holder_is_free_at_once(tmp_path):
+    """A holder killed with SIGKILL runs no clean-up: the OS lock goes with its process, so the
+    next writer takes the track on its first attempt, without waiting, and names itself."""
+    import signal
+
+    root = tmp_path / "1M"
+    child = subprocess.Popen(
+        [sys.executable, "-c", HOLD_AND_SLEEP, str(root)], cwd=REPO_ROOT, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert child.stdout.readline().strip() == "held"  # blocks until the child holds the lock
+        with pytest.raises(TrackBusyError, match="run killed-run"):
+            with track_lock(root, track="1M", step="raw_dataset", timeout=0):
+                pass
+        assert json.loads((root / HOLDER_NAME).read_text())["pid"] == child.pid
+    finally:
+        child.send_signal(signal.SIGKILL)
+        assert child.wait(timeout=30) == -signal.SIGKILL
+    log = Lines()
+    with track_lock(root, track="1M", step="raw_dataset", run_id="next-run", timeout=5, logger=log) as holder:
+        assert json.loads((root / HOLDER_NAME).read_text()) == holder and holder["pid"] == os.getpid()
+    assert log.lines == []  # taken on the first attempt: no "waiting for track" line
+
+
 def test_the_lock_of_other_tracks_is_independent(tmp_path):
     with track_lock(tmp_path / "1M", track="1M", step="s", timeout=0):
         with track_lock(tmp_path / "10M", track="10M", step="s", timeout=0):

@@ -12,7 +12,7 @@ Screenshots of each step, the server's and the CLI's logs (and a Playwright trac
 fails) land in `test-artifacts/ui/` at the repository root, or in $TAAC_TEST_ARTIFACTS.
 
 Skip it with `pytest -m "not ui"`. It skips itself only when Playwright or a Chromium binary is
-missing (`.ci/run` installs both).
+missing (`.ci/run` installs both), and fails instead under CI (``CI=true``: tests/conftest.py).
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import skip_or_fail_in_ci
 from tests.ui_support import CHROMIUM_ARGS, REPO_ROOT, DagsterDev, find_chromium, isolated_env, run_cli
 
 pytestmark = [pytest.mark.ui, pytest.mark.slow]
@@ -52,7 +53,7 @@ def _playwright():
     try:
         from playwright.sync_api import expect, sync_playwright
     except ImportError as exc:
-        pytest.skip(f"Playwright is not installed ({exc}); `pip install -e '.[test]'` brings it")
+        skip_or_fail_in_ci(f"Playwright is not installed ({exc}); `pip install -e '.[test]'` brings it")
     return sync_playwright, expect
 
 
@@ -60,7 +61,7 @@ def _playwright():
 def chromium() -> str:
     path = find_chromium()
     if path is None:
-        pytest.skip("no Chromium binary (/usr/bin/chromium or on PATH); `apt-get install chromium` (.ci/run does)")
+        skip_or_fail_in_ci("no Chromium binary (/usr/bin/chromium or on PATH); `apt-get install chromium` (.ci/run does)")
     return path
 
 

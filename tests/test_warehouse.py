@@ -8,15 +8,16 @@ import pytest
 from taac_dagster.errors import DataFormatError
 from taac_dagster.paths import TrackPaths
 from taac_dagster.settings import load_settings
-from taac_dagster.warehouse import build_warehouse
+from taac_dagster.warehouse import build_checked_warehouse, build_warehouse
 
 from .conftest import TINY_CREATIVE
 
 
-def build(source, tmp_path, track, **overrides):
+def build(source, tmp_path, track, *, builder=build_warehouse, **overrides):
     settings = load_settings(track, {"data_root": str(tmp_path / "data"), "embedding_families": [81], **overrides})
     paths = TrackPaths(settings.data_root, track)
-    summary = build_warehouse(source, paths, settings)
+    summary = builder(source, paths, settings)
+    summary = summary[0] if isinstance(summary, tuple) else summary  # build_checked_warehouse: (summary, outcomes)
     return summary, duckdb.connect(str(paths.warehouse), read_only=True)
 
 
@@ -176,3 +177,60 @@ def test_a_requested_family_the_dataset_lacks_is_a_clear_error(demo_copy, tmp_pa
     assert str(demo_copy / "creative_emb") in message and f"embeddings of family {family}" in message
     assert found in message and "TAAC_EMBEDDING_FAMILIES" in message
     assert not (tmp_path / "data" / "1M" / "warehouse.duckdb").exists()
+
+
+def _published_pair(root):
+    """What a reader sees: the database's embedding dim and row count, and the file it names."""
+    import pyarrow.parquet as pq
+
+    con = duckdb.connect(str(root / "warehouse.duckdb"), read_only=True)
+    try:
+        [(dim, count, path)] = rows(con, "SELECT dim, rows, path FROM embedding_families")
+    finally:
+        con.close()
+    table = pq.read_table(path)
+    return dim, count, len(table.column("emb")[0]), table.num_rows
+
+
+@pytest.mark.parametrize(
+    ("failing", "builder"),
+    [("embeddings", build_warehouse), ("database", build_warehouse), ("database", build_checked_warehouse)],
+    ids=["embeddings", "database", "database-checked"],
+)
+def test_a_failed_publish_rename_leaves_the_old_pair_in_place(tmp_path, monkeypatch, failing, builder):
+    """The publish renames the embedding folder, then the database: when either rename fails,
+    the error surfaces and readers still see the previous database with its own embeddings,
+    never the old database beside the new embeddings (4-d before, 8-d in the failed build)."""
+    import os
+
+    from .conftest import write_tiny_hub
+
+    build(write_tiny_hub(tmp_path / "old", emb_dim=4), tmp_path, "10M")[1].close()
+    root = tmp_path / "data" / "10M"
+    before = (root / "warehouse.duckdb").read_bytes(), (root / "embeddings" / "emb_81.parquet").read_bytes()
+    assert _published_pair(root) == (4, 6, 4, 6)
+
+    target = root / ("embeddings" if failing == "embeddings" else "warehouse.duckdb")
+    real_replace, calls = os.replace, []
+
+    def replace(src, dst, **kwargs):
+        if os.fspath(dst) == str(target) and not calls:
+            calls.append(src)
+            raise OSError(28, "No space left on device (injected)")
+        return real_replace(src, dst, **kwargs)
+
+    if builder is build_checked_warehouse:  # the publish is under test here, not the checks (test_quality.py)
+        import taac_dagster.quality
+
+        monkeypatch.setattr(taac_dagster.quality, "run_checks", lambda *args, **kwargs: [])
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(OSError, match="injected"):
+        build(write_tiny_hub(tmp_path / "new", emb_dim=8), tmp_path, "10M", builder=builder)
+    assert len(calls) == 1 and ".tmp-" in os.fspath(calls[0])  # the staged copy's rename failed
+    monkeypatch.setattr(os, "replace", real_replace)
+
+    assert ((root / "warehouse.duckdb").read_bytes(), (root / "embeddings" / "emb_81.parquet").read_bytes()) == before
+    assert _published_pair(root) == (4, 6, 4, 6)
+    assert sorted(p.name for p in root.iterdir()) == ["embeddings", "warehouse.duckdb"]  # nothing staged or set aside left
+    build(tmp_path / "new", tmp_path, "10M")[1].close()  # the next publish goes through
+    assert _published_pair(root) == (8, 6, 8, 6)
