@@ -57,6 +57,8 @@ log = logging.getLogger(__name__)
 PRESET_DIR = Path(__file__).resolve().parents[1] / "configs" / "models"
 CHECKPOINT_FORMAT = 1
 LAST = "last.pt"
+# What only resuming training reads from a checkpoint (dropped by load_encoder).
+TRAINING_STATE = ("model", "optim", "negative_queue")
 # Fields that change how a run is watched, not what it computes: not part of the config hash.
 _NOT_HASHED = {"log_every", "eval_batch", "checkpoint_every", "checkpoint_minutes", "device", "compile", "threads"}
 # Fields hashed only when set, so that adding them left the hashes of existing runs unchanged.
@@ -420,11 +422,21 @@ def load_encoder(
     path: str | Path, arrays: Arrays | None = None, device: str | torch.device = "cpu"
 ) -> tuple[Encoder, dict[str, Any]]:
     """Rebuild the model from a checkpoint alone (its config is inside); attach the item tables
-    of ``arrays`` (default: the arrays the checkpoint was trained on) when they can be found."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)  # plain containers and tensors only
+    of ``arrays`` (default: the arrays the checkpoint was trained on) when they can be found.
+
+    The returned dict is the checkpoint without its training state (``TRAINING_STATE``: the
+    optimizer moments, the negative queue, the weights themselves, now in the model): the file
+    is memory-mapped, so what a consumer never reads is never paged in. At the 1M shape the
+    optimizer state is most of an ~8 GB checkpoint; kept, it held that much in every step that
+    scores (measured growth in docs/scaling.md)."""
+    # weights_only: plain containers and tensors only; mmap: read lazily from the file.
+    ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     model = Encoder(EncoderConfig.from_dict(ckpt["model_config"]))
     model.load_state_dict(ckpt["model"])
     model.to(device).eval()
+    ckpt = {key: value for key, value in ckpt.items() if key not in TRAINING_STATE}
+    if isinstance(ckpt.get("early_stopping"), dict):
+        ckpt["early_stopping"] = {k: v for k, v in ckpt["early_stopping"].items() if k != "best_model"}
     if arrays is None and ckpt.get("arrays_dir") and Path(ckpt["arrays_dir"], "meta.json").is_file():
         arrays = load_arrays(ckpt["arrays_dir"])
     if arrays is not None:

@@ -222,6 +222,11 @@ def test_a_checkpoint_rebuilds_the_model_on_its_own(arrays_1m, tmp_path):
     result = train(arrays_1m, tiny_preset(max_steps=2), track="1M", checkpoint_dir=tmp_path)
     model, ckpt = load_encoder(result.checkpoint)  # no preset, no config file
     assert ckpt["step"] == 2 and ckpt["data_version"] == arrays_1m.data_version
+    # A consumer keeps what describes the model, not the state only resuming needs.
+    assert not {"model", "optim", "negative_queue"} & set(ckpt) and "best_model" not in ckpt["early_stopping"]
+    saved = torch.load(result.checkpoint, weights_only=True)
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, saved["model"][name]), name
     rows = torch.from_numpy(arrays_1m.cand_rows[:50].astype(np.int64))
     vectors = model.item_vectors(rows)
     assert vectors.shape == (50, 16) and torch.isfinite(vectors).all()
