@@ -17,8 +17,8 @@
 #    default and at wider/deeper shapes, compiled and not.
 # 3. Exact top-10 with history exclusion in torch on the GPU: 1M users x 660K candidates.
 # 4. The compiled blocks against the plain ones, at the widest shape.
-# 5. Toys A/B, concurrently (quality only: their times share the GPU): the full softmax at the
-#    CPU's batch of 256, and the sampled loss (what real data trains with) against it.
+# 5. Toys A/B, concurrently (quality only: their times share the GPU): larger GPU batches, and
+#    the sampled loss (what real data trains with) against phase 1's full softmax.
 set -uo pipefail
 TOYS=${1:?Toys arrays tarball}
 OUT=${2:?output folder}
@@ -72,8 +72,9 @@ if has ab; then
     export OMP_NUM_THREADS=2
     pids=()
     arm() { T=${AB_SECONDS:-220} toys "$@" & pids+=($!); }
-    # Batch on the GPU (full softmax, Toys' auto loss):
-    arm b256 --set train.cuda_batch_size=256
+    # Batch on the GPU (full softmax, Toys' auto loss; the default is the CPU's 256, phase 1):
+    arm b1024 --set train.cuda_batch_size=1024
+    arm b2048 --set train.cuda_batch_size=2048
     # The sampled loss at batch 256 against b256's full softmax. Toys batches hold 700-2,300
     # distinct items: batch_negatives 128 keeps ~10% of them, about what 2,048 keeps of a real
     # 1M-track batch, so the subset (and its log Q) behaves as on real data.
