@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from flops import achieved, flops_of, measure_peak
+from flops import achieved, flops_of, measure_cuda_bf16_peak, measure_peak
 
 from models.data import holdout_batch
 from models.evaluation import (
@@ -76,8 +76,11 @@ def main() -> None:
             build_warehouse(Path(manifest.root), paths, settings)
             build_semantic_ids(paths, settings)
         print(f"data: {args.users:,} users, {args.items:,} items ready in {time.perf_counter() - t:.1f}s")
-        peak = measure_peak()
-        print(f"FP32 peak at {torch.get_num_threads()} threads: {peak:.0f} GFLOP/s")
+        cuda = compute_device(settings).type == "cuda"
+        # On a GPU the share is of its bf16 peak (what the hardware offers), on a CPU of FP32.
+        peak = measure_cuda_bf16_peak() if cuda else measure_peak()
+        print(f"{'bf16 peak of ' + torch.cuda.get_device_name() if cuda else f'FP32 peak at {torch.get_num_threads()} threads'}: "
+              f"{peak:,.0f} GFLOP/s")
         for preset in args.presets.split(","):
             settings = load_settings(args.track, {**base, "training": {**base["training"], "preset": preset}})
             train_track(paths, settings)
@@ -98,6 +101,8 @@ def main() -> None:
                 "users": n,
                 "pool": build.pool_size,
                 "index": build.spec.describe(),
+                "search_backend": evaluation.search_backend,
+                "device": str(compute_device(settings)),
                 "recall@10": round(build.recall, 4),
                 "index_s": round(index_s, 2),
                 "encode_s": round(encode_s, 2),
