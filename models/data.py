@@ -541,6 +541,12 @@ def _write_sequences(
     return {"num_sequences": n_seq, "num_events": events}
 
 
+def released_mask(arrays: Arrays) -> np.ndarray | None:
+    """Pool position -> in the released pool; None when every candidate is (nothing was added)."""
+    released = np.asarray(arrays.cand_released, dtype=bool)
+    return None if released.all() else released
+
+
 def softmax_rows(item_counts: np.ndarray, cand_rows: np.ndarray) -> np.ndarray:
     """The full softmax's classes: row 0 (padding), then, sorted, every row that occurs in a
     training sequence or is a candidate. Rows in neither (an indexer may name far more items

@@ -47,7 +47,7 @@ import torch
 
 from models.allocator import keep_freed_memory
 from models.baselines import oracle_topk, popularity_order, popularity_topk
-from models.data import Arrays, holdout_batch, trim_padding
+from models.data import Arrays, holdout_batch, released_mask, trim_padding
 from models.distributed import pick_device
 from models.encoder import Encoder, EncoderConfig
 from models.metrics import K, score, target_ranks
@@ -255,12 +255,6 @@ def pool_positions(arrays: Arrays) -> np.ndarray:
 
 def _as_ids(positions: np.ndarray, ids: np.ndarray) -> np.ndarray:
     return np.where(positions >= 0, ids[np.maximum(positions, 0)], -1)
-
-
-def released_mask(arrays: Arrays) -> np.ndarray | None:
-    """Pool position -> in the released pool; None when every candidate is (nothing was added)."""
-    released = np.asarray(arrays.cand_released, dtype=bool)
-    return None if released.all() else released
 
 
 # --- Search backends ---------------------------------------------------------------------

@@ -43,7 +43,17 @@ from models import distributed
 from models.allocator import keep_freed_memory
 from models.auto_settings import matmul_gflops, resolve_model_settings, resolve_train_settings
 from models.baselines import popularity_order, popularity_topk
-from models.data import Arrays, BatchMaker, NegativeSpec, PrepareOptions, history_batch, load_arrays, prepare_arrays, trim_padding
+from models.data import (
+    Arrays,
+    BatchMaker,
+    NegativeSpec,
+    PrepareOptions,
+    history_batch,
+    load_arrays,
+    prepare_arrays,
+    released_mask,
+    trim_padding,
+)
 from models.encoder import Encoder, EncoderConfig, ItemTables, count_parameters
 from models.losses import NegativeQueue
 from models.metrics import retrieval_metrics
@@ -378,8 +388,8 @@ def evaluate(
     targets = position[np.asarray(arrays.a[f"{split}_target"][index]).astype(np.int64)]
     # Ranked like the report: from the released pool only (the holdout targets the warehouse
     # added to the pool are not candidates, so validation is not flattered by them).
-    released = np.asarray(arrays.a["cand_released"], bool) if "cand_released" in arrays.a else np.ones(len(cand_rows), bool)
-    hidden = torch.from_numpy(np.flatnonzero(~released)).to(device)
+    released = released_mask(arrays)
+    hidden = torch.from_numpy(np.flatnonzero(~released)).to(device) if released is not None else None
     keys = torch.cat([
         model.item_vectors(torch.from_numpy(cand_rows[i : i + 65_536]).to(device))
         for i in range(0, len(cand_rows), 65_536)
@@ -389,7 +399,7 @@ def evaluate(
     for i in range(0, len(index), chunk):
         batch = trim_padding(history_batch(arrays, split, index[i : i + chunk]))
         scores = model.user_vectors(to_device(batch, device), actions) @ keys.T
-        if len(hidden):
+        if hidden is not None:
             scores[:, hidden] = -torch.inf
         history = position[batch["items"]]
         histories.append(np.pad(history, ((0, 0), (arrays.meta["max_len"] - history.shape[1], 0)), constant_values=-1))
@@ -400,7 +410,8 @@ def evaluate(
     model.train(was_training)
     result = retrieval_metrics(np.concatenate(topk), targets, k)
     popular = popularity_order(arrays, actions)
-    popular = popular[released[popular]]
+    if released is not None:
+        popular = popular[released[popular]]
     exclude = np.concatenate(histories) if exclude_history else None
     pool = np.arange(len(cand_rows))
     baseline = retrieval_metrics(popularity_topk(popular, pool, len(targets), k, exclude=exclude), targets, k)
@@ -717,12 +728,17 @@ class Trainer:
         what the budget reserves per validation when the run has not validated yet."""
         if not (self.info.is_main and len(self.val_index)):
             return 0.0
+        return self.timed_validation()[1]
+
+    def timed_validation(self) -> tuple[dict[str, float], float]:
+        """(figures, seconds) of one validation of the current weights, counted as overhead
+        (time the budget's step timing leaves out)."""
         began = self.clock()
-        evaluate(self.model, self.arrays, self.val_index, self.actions, device=self.device,
-                 exclude_history=self.tc.exclude_history, batch_size=self.tc.eval_batch)
+        figures = evaluate(self.model, self.arrays, self.val_index, self.actions, device=self.device,
+                           exclude_history=self.tc.exclude_history, batch_size=self.tc.eval_batch)
         spent = self.clock() - began
         self.overhead += spent
-        return spent
+        return figures, spent
 
     def plan_budget(self, step_seconds: float) -> None:
         """Shorten the run to what fits in ``max_minutes``: the time spent so far, then
@@ -753,15 +769,11 @@ class Trainer:
         """Score the validation split (rank 0) and update early stopping on every rank."""
         score = -math.inf
         if self.info.is_main and len(self.val_index):
-            began = self.clock()
-            figures = evaluate(self.model, self.arrays, self.val_index, self.actions, device=self.device,
-                               exclude_history=self.tc.exclude_history, batch_size=self.tc.eval_batch)
+            figures, spent = self.timed_validation()
             record = {"step": self.step, **{k: round(v, 5) if isinstance(v, float) else v for k, v in figures.items()}}
             self.evals.append(record)
             score = figures["score"]
-            spent = self.clock() - began
             self.validation_seconds.append(spent)
-            self.overhead += spent
         score = distributed.broadcast_float(score, self.info)
         if math.isfinite(score):
             improved = self.early.update(self.step, score, self.model)
@@ -837,7 +849,7 @@ class Trainer:
                 })
                 window = {"start": now, "steps": 0, "tokens": 0}
             if not self.budget_planned and done_here in (BUDGET_WARMUP_STEPS, BUDGET_WARMUP_STEPS + BUDGET_WINDOW_STEPS):
-                if device.type == "cuda":
+                if cuda:
                     torch.cuda.synchronize(device)
                 if done_here == BUDGET_WARMUP_STEPS:
                     timed = (self.clock(), self.overhead)
