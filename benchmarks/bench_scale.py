@@ -382,17 +382,24 @@ print(json.dumps({"seconds": arrays.meta["seconds"], "families": arrays.meta["fa
 
 
 def measure_phase(name: str, *args: str, settings: dict[str, str] | None = None) -> dict[str, Any]:
-    """Run one phase alone in a fresh process: its output, wall time and peak RSS (wait4)."""
+    """Run one phase alone in a fresh process: its output, wall time and peak RSS (wait4). A
+    phase that fails, or ends without its JSON line, gives an ``error`` with its stderr's tail
+    instead of stopping the phases after it."""
     env = {**{k: v for k, v in os.environ.items() if not k.startswith("TAAC_")}, **(settings or {})}
     started = time.perf_counter()
-    process = subprocess.Popen([sys.executable, "-c", PHASE_CODE[name], *args], cwd=REPO, env=env,
-                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    output = process.stdout.read() if process.stdout else ""
-    _, status, usage = os.wait4(process.pid, 0)
-    if status != 0:
-        raise SystemExit(f"{name} {args} failed (status {status})")
-    return {"wall_s": round(time.perf_counter() - started, 1), "peak_rss_gb": round(usage.ru_maxrss * 1024 / 1e9, 2),
-            **json.loads([line for line in output.splitlines() if line.startswith("{")][-1])}
+    with tempfile.TemporaryFile("w+") as errors:
+        process = subprocess.Popen([sys.executable, "-c", PHASE_CODE[name], *args], cwd=REPO, env=env,
+                                   stdout=subprocess.PIPE, stderr=errors, text=True)
+        output = process.stdout.read() if process.stdout else ""
+        _, status, usage = os.wait4(process.pid, 0)
+        errors.seek(0)
+        tail = errors.read()[-2000:]
+    figures = {"wall_s": round(time.perf_counter() - started, 1), "peak_rss_gb": round(usage.ru_maxrss * 1024 / 1e9, 2)}
+    lines = [line for line in output.splitlines() if line.startswith("{")]
+    code = os.waitstatus_to_exitcode(status)
+    if code != 0 or not lines:
+        return {**figures, "error": f"exit code {code}" + ("" if lines else ", no result line"), "stderr_tail": tail}
+    return {**figures, **json.loads(lines[-1])}
 
 
 def measure_phases(work: Path, settings: dict[str, str]) -> None:

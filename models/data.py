@@ -43,6 +43,7 @@ import hashlib
 import json
 import logging
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -55,7 +56,7 @@ import pyarrow.compute as pc
 from taac_dagster.atomic import atomic_dir
 from taac_dagster.db import connect
 from taac_dagster.formats import ITEM_MODEL_FEATURES, USER_ARRAY_FEATURES, USER_SPARSE_FEATURES
-from taac_dagster.readers.embeddings import read_embedding_matrix
+from taac_dagster.readers.embeddings import iter_embedding_blocks
 from taac_dagster.tracks import get_track
 
 log = logging.getLogger(__name__)
@@ -66,7 +67,6 @@ ITEM_FEATURES = ITEM_MODEL_FEATURES
 USER_SPARSE = USER_SPARSE_FEATURES
 USER_MULTI = USER_ARRAY_FEATURES
 SID_TABLE = "item_semantic_ids"
-CHUNK_ROWS = 65_536  # sequences per Arrow record batch while preparing
 
 
 @dataclass(frozen=True)
@@ -80,6 +80,10 @@ class PrepareOptions:
     # A family whose [item rows, dim] float32 matrix would exceed this is left out of training
     # (with a warning; its Semantic IDs still reach the model): 4.8M items x 4096-d is 78 GB.
     max_mm_bytes: int = 4 << 30
+    # Users per block while the holdout and the sequences are streamed to disk: the preparation's
+    # memory for them is this times max_len (~70 MB of arrays per 65,536 users at 100), whatever
+    # the number of users or events.
+    chunk_users: int = 65_536
 
 
 # --- Padding: lists -> matrices, all vectorized ------------------------------------------------
@@ -157,7 +161,8 @@ def source_key(warehouse: Path, codebooks_json: Path | None, track: str, options
     """Cheap identity of the inputs: the warehouse file (size, mtime), the codebooks, the options."""
     stat = warehouse.stat()
     digest = hashlib.blake2b(digest_size=12)
-    digest.update(json.dumps([ARRAYS_VERSION, track, stat.st_size, stat.st_mtime_ns, asdict(options)], default=str).encode())
+    identity = {k: v for k, v in asdict(options).items() if k != "chunk_users"}  # chunking changes no byte
+    digest.update(json.dumps([ARRAYS_VERSION, track, stat.st_size, stat.st_mtime_ns, identity], default=str).encode())
     if codebooks_json is not None and codebooks_json.is_file():
         digest.update(codebooks_json.read_bytes())
     return digest.hexdigest()
@@ -288,12 +293,14 @@ def _prepare(
     meta.update(_write_multimodal(con, out, space, options, logger))
     meta.update(_write_semantic_ids(con, out, space, options, codebooks_json, logger))
     meta.update(_write_users(con, out, vocab, options))
-    holdout = _write_holdout(con, out, options.max_len, time_origin)
-    validation = _write_validation(out, holdout, spec.target_priority, options)
-    meta.update(_write_sequences(con, out, options.max_len, time_origin, space.n_rows, n_actions, validation))
+    holdout = _write_holdout(con, out, options.max_len, time_origin, spec.target_priority, options.chunk_users)
+    validation = _write_validation(out, holdout, options)
+    meta.update(_write_sequences(
+        con, out, options.max_len, time_origin, space.n_rows, n_actions, validation, options.chunk_users
+    ))
     meta.update(_write_candidates(con, out, space))
     meta["num_softmax_rows"] = len(softmax_rows(np.load(out / "item_counts.npy"), np.load(out / "cand_rows.npy")))
-    meta.update(num_holdout=len(holdout["hold_users"]), num_val=len(validation["val_users"]),
+    meta.update(num_holdout=holdout["rows"], num_val=len(validation["val_users"]),
                 num_val_eligible=int(validation["eligible"]))
     logger.info(
         f"arrays: {meta['num_sequences']} sequences ({meta['num_events']} events), {meta['num_holdout']} holdout users "
@@ -342,7 +349,8 @@ def _write_item_features(
 def _write_multimodal(
     con: duckdb.DuckDBPyConnection, out: Path, space: RowSpace, options: PrepareOptions, logger: Any
 ) -> dict[str, Any]:
-    """One matrix per family present (zeros where an item has none) and the presence mask."""
+    """One matrix per family present (zeros where an item has none) and the presence mask; the
+    family's file is read in blocks, so the matrix is the only copy of the family held."""
     present = {row[0]: (row[1], row[2]) for row in con.execute("SELECT family, dim, path FROM embedding_families").fetchall()}
     families = sorted(present) if options.families is None else [f for f in options.families if f in present]
     for family in list(families):
@@ -357,15 +365,15 @@ def _write_multimodal(
     mm_dims = []
     for j, family in enumerate(families):
         dim, path = present[family]
-        cids, iids, matrix = read_embedding_matrix(Path(path))
-        rows = space.rows_of(iids.astype(np.int64), cids.astype(np.int64))
-        ok = rows >= 0
         table = np.zeros((space.n_rows, dim), np.float32)
-        table[rows[ok]] = matrix[ok]
-        mm_mask[rows[ok], j] = True
+        for cids, iids, matrix in iter_embedding_blocks(Path(path)):
+            rows = space.rows_of(iids.astype(np.int64), cids.astype(np.int64))
+            ok = np.flatnonzero(rows >= 0)
+            table[rows[ok]] = matrix[ok]
+            mm_mask[rows[ok], j] = True
         _save(out, f"item_mm_{family}", table)
         mm_dims.append(int(dim))
-        del table, matrix
+        del table
     _save(out, "item_mm_mask", mm_mask)
     return {"families": families, "mm_dims": mm_dims}
 
@@ -421,29 +429,98 @@ def _write_users(con: duckdb.DuckDBPyConnection, out: Path, vocab: dict[str, int
     return {"num_user_rows": max_user + 1, "user_vocab": user_vocab}
 
 
-def _write_holdout(con: duckdb.DuckDBPyConnection, out: Path, L: int, time_origin: int) -> dict[str, np.ndarray]:
-    """The test targets: the history before each target, the target, every positive from it on."""
-    hold = con.sql(
-        """SELECT user_id, target_item_id, target_action_type, history_item_ids, history_action_types,
-                  history_timestamps, target_item_ids, target_action_types FROM holdout ORDER BY user_id"""
-    ).to_arrow_table()
-    lengths, flat = list_parts(hold.column("history_item_ids"))
-    arrays = {"hold_items": pad_lists(lengths, flat.astype(np.int32), L, np.int32, left=True)}
-    _, flat = list_parts(hold.column("history_action_types"))
-    arrays["hold_actions"] = pad_lists(lengths, flat.astype(np.int8), L, np.int8, left=True)
-    _, flat = list_parts(hold.column("history_timestamps"))
-    arrays["hold_times"] = pad_lists(lengths, _relative_times(flat, time_origin), L, np.int32, left=True)
-    arrays["hold_users"] = hold.column("user_id").to_numpy().astype(np.int32)
-    arrays["hold_target"] = hold.column("target_item_id").to_numpy().astype(np.int32)
-    arrays["hold_target_action"] = hold.column("target_action_type").to_numpy().astype(np.int8)
-    t_lengths, flat = list_parts(hold.column("target_item_ids"))
-    width = int(max(1, min(L, t_lengths.max(initial=1))))
-    arrays["hold_targets"] = pad_lists(t_lengths, flat.astype(np.int32), width, np.int32, left=False)
-    _, flat = list_parts(hold.column("target_action_types"))
-    arrays["hold_target_actions"] = pad_lists(t_lengths, flat.astype(np.int8), width, np.int8, left=False)
-    for name, array in arrays.items():
-        _save(out, name, array)
-    return arrays
+class NpyAppender:
+    """A ``.npy`` file of a known shape written in row blocks through a plain file handle, so
+    that what has been written leaves the process (page cache, not the process's memory, as a
+    memory map's dirty pages would be)."""
+
+    def __init__(self, path: Path, dtype: Any, shape: tuple[int, ...]) -> None:
+        self.path, self.dtype, self.shape = path, np.dtype(dtype), shape
+        self.rows = 0
+        self.handle = open(path, "wb")
+        header = {"descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False, "shape": shape}
+        np.lib.format.write_array_header_1_0(self.handle, header)
+
+    def append(self, block: np.ndarray) -> None:
+        block = np.ascontiguousarray(block, dtype=self.dtype)
+        if block.shape[1:] != self.shape[1:]:
+            raise ValueError(f"{self.path.name}: block of shape {block.shape}, expected rows of {self.shape[1:]}")
+        self.handle.write(block.data)
+        self.rows += len(block)
+
+    def close(self) -> None:
+        self.handle.close()
+        if self.rows != self.shape[0]:
+            raise ValueError(f"{self.path.name}: {self.rows} rows written, {self.shape[0]} declared")
+
+
+def user_blocks(
+    con: duckdb.DuckDBPyConnection, table: str, columns: str, chunk_users: int
+) -> Iterator[pa.RecordBatch]:
+    """``table`` in user-id order, one range of about ``chunk_users`` users per batch.
+
+    Each range is its own query (``user_id`` bounds, sorted inside the range), so the sort never
+    holds more than a range: memory is bounded by ``chunk_users`` times the longest history, not
+    by the table. The warehouse writes these tables in user order, so the bounds prune whole row
+    groups and a range reads little more than its own rows."""
+    ids = np.sort(con.execute(f"SELECT user_id FROM {table}").fetchnumpy()["user_id"].astype(np.int64))
+    if not len(ids):
+        return
+    bounds = np.unique(ids[:: max(1, chunk_users)])
+    for j, lo in enumerate(bounds):
+        upper = "" if j + 1 == len(bounds) else f" AND user_id < {int(bounds[j + 1])}"
+        sql = f"SELECT {columns} FROM {table} WHERE user_id >= {int(lo)}{upper} ORDER BY user_id"
+        yield from con.sql(sql).to_arrow_reader(chunk_users)
+
+
+def _write_holdout(
+    con: duckdb.DuckDBPyConnection, out: Path, L: int, time_origin: int, target_priority: tuple[int, ...],
+    chunk_users: int,
+) -> dict[str, Any]:
+    """The test targets: the history before each target, the target, every positive from it on,
+    streamed to disk in ranges of users. Returns the holdout's size and, per row, the column of
+    the history's own previous target (``previous_target_columns``; -1: none), which validation
+    samples from."""
+    n = int(_scalar(con, "SELECT count(*) FROM holdout"))
+    width = int(max(1, min(L, _scalar(con, "SELECT coalesce(max(len(target_item_ids)), 1) FROM holdout") or 1)))
+    shapes = {
+        "hold_items": (np.int32, (n, L)), "hold_actions": (np.int8, (n, L)), "hold_times": (np.int32, (n, L)),
+        "hold_users": (np.int32, (n,)), "hold_target": (np.int32, (n,)), "hold_target_action": (np.int8, (n,)),
+        "hold_targets": (np.int32, (n, width)), "hold_target_actions": (np.int8, (n, width)),
+    }
+    files = {name: NpyAppender(out / f"{name}.npy", dtype, shape) for name, (dtype, shape) in shapes.items()}
+    previous = np.full(n, -1, np.int64)
+    lo = 0
+    columns = """user_id, target_item_id, target_action_type, history_item_ids, history_action_types,
+                 history_timestamps, target_item_ids, target_action_types"""
+    try:
+        for batch in user_blocks(con, "holdout", columns, chunk_users):
+            lengths, flat = list_parts(batch.column("history_item_ids"))
+            items = pad_lists(lengths, flat.astype(np.int32), L, np.int32, left=True)
+            _, flat = list_parts(batch.column("history_action_types"))
+            actions = pad_lists(lengths, flat.astype(np.int8), L, np.int8, left=True)
+            _, flat = list_parts(batch.column("history_timestamps"))
+            times = pad_lists(lengths, _relative_times(flat, time_origin), L, np.int32, left=True)
+            t_lengths, flat = list_parts(batch.column("target_item_ids"))
+            targets = pad_lists(t_lengths, flat.astype(np.int32), width, np.int32, left=False)
+            _, flat = list_parts(batch.column("target_action_types"))
+            target_actions = pad_lists(t_lengths, flat.astype(np.int8), width, np.int8, left=False)
+            files["hold_items"].append(items)
+            files["hold_actions"].append(actions)
+            files["hold_times"].append(times)
+            files["hold_users"].append(batch.column("user_id").to_numpy().astype(np.int32))
+            files["hold_target"].append(batch.column("target_item_id").to_numpy().astype(np.int32))
+            files["hold_target_action"].append(batch.column("target_action_type").to_numpy().astype(np.int8))
+            files["hold_targets"].append(targets)
+            files["hold_target_actions"].append(target_actions)
+            previous[lo:lo + batch.num_rows] = previous_target_columns(items, actions, target_priority)
+            lo += batch.num_rows
+    finally:
+        for file in files.values():
+            file.handle.close()
+    for file in files.values():
+        file.close()
+    return {"rows": n, "previous_column": previous}
 
 
 def previous_target_columns(items: np.ndarray, actions: np.ndarray, target_priority: tuple[int, ...]) -> np.ndarray:
@@ -466,28 +543,27 @@ def cut_before(matrix: np.ndarray, column: np.ndarray) -> np.ndarray:
     return np.where(source >= 0, np.take_along_axis(matrix, np.maximum(source, 0), axis=1), 0).astype(matrix.dtype)
 
 
-def _write_validation(
-    out: Path, holdout: dict[str, np.ndarray], target_priority: tuple[int, ...], options: PrepareOptions
-) -> dict[str, Any]:
+def _write_validation(out: Path, holdout: dict[str, Any], options: PrepareOptions) -> dict[str, Any]:
     """Validation that never sees a test target: for a deterministic sample of ``val_users``
     holdout users, the target *before* their test target (chosen by the holdout's own rule)
     with the history strictly before it. Those users' training sequences are cut at the same
     point (``_write_sequences``), so the validation target is never trained on; the test
-    history still holds it, as input."""
-    column = previous_target_columns(holdout["hold_items"], holdout["hold_actions"], target_priority)
+    history still holds it, as input. Only the sampled rows are read back from the holdout."""
+    column = holdout["previous_column"]
     eligible = np.flatnonzero(column >= 0)
     rng = np.random.default_rng(options.val_seed)
     rows = np.sort(rng.permutation(eligible)[: options.val_users]) if len(eligible) else eligible
     col = column[rows]
-    take = lambda name: np.asarray(holdout[name][rows])  # noqa: E731
+    take = lambda name: np.asarray(np.load(out / f"{name}.npy", mmap_mode="r")[rows])  # noqa: E731
+    hold_items, hold_actions = take("hold_items"), take("hold_actions")
     val = {
         "val_hold_row": rows.astype(np.int32),
         "val_users": take("hold_users"),
-        "val_items": cut_before(take("hold_items"), col),
-        "val_actions": cut_before(take("hold_actions"), col),
+        "val_items": cut_before(hold_items, col),
+        "val_actions": cut_before(hold_actions, col),
         "val_times": cut_before(take("hold_times"), col),
-        "val_target": np.take_along_axis(take("hold_items"), col[:, None], axis=1)[:, 0].astype(np.int32),
-        "val_target_action": np.take_along_axis(take("hold_actions"), col[:, None], axis=1)[:, 0].astype(np.int8),
+        "val_target": np.take_along_axis(hold_items, col[:, None], axis=1)[:, 0].astype(np.int32),
+        "val_target_action": np.take_along_axis(hold_actions, col[:, None], axis=1)[:, 0].astype(np.int8),
     }
     for name, array in val.items():
         _save(out, name, array)
@@ -496,47 +572,48 @@ def _write_validation(
 
 def _write_sequences(
     con: duckdb.DuckDBPyConnection, out: Path, L: int, time_origin: int, n_rows: int, n_actions: int,
-    validation: dict[str, Any],
+    validation: dict[str, Any], chunk_users: int,
 ) -> dict[str, Any]:
-    """Training sequences, streamed in record batches straight into memory-mapped matrices; a
-    validation user's sequence is its validation history (it ends before the validation target).
-    Item popularity per action type counts what training sees."""
+    """Training sequences, streamed in ranges of users straight to disk; a validation user's
+    sequence is its validation history (it ends before the validation target). Item popularity
+    per action type counts what training sees."""
     n_seq = int(_scalar(con, "SELECT count(*) FROM sequences"))
-    seq_items = np.lib.format.open_memmap(out / "seq_items.npy", "w+", np.int32, (n_seq, L))
-    seq_actions = np.lib.format.open_memmap(out / "seq_actions.npy", "w+", np.int8, (n_seq, L))
-    seq_times = np.lib.format.open_memmap(out / "seq_times.npy", "w+", np.int32, (n_seq, L))
-    seq_users = np.zeros(n_seq, np.int32)
+    files = {
+        "seq_items": NpyAppender(out / "seq_items.npy", np.int32, (n_seq, L)),
+        "seq_actions": NpyAppender(out / "seq_actions.npy", np.int8, (n_seq, L)),
+        "seq_times": NpyAppender(out / "seq_times.npy", np.int32, (n_seq, L)),
+        "seq_users": NpyAppender(out / "seq_users.npy", np.int32, (n_seq,)),
+    }
     counts = np.zeros(n_rows * n_actions, np.int64)
-    val_users = validation["val_users"].astype(np.int64)  # sorted: the holdout is ordered by user
-    reader = con.sql(
-        "SELECT user_id, item_ids, action_types, timestamps FROM sequences ORDER BY user_id"
-    ).to_arrow_reader(CHUNK_ROWS)
-    lo = 0
+    val_users = validation["val_users"].astype(np.int64)  # sorted: the holdout is in user order
     events = 0
-    for batch in reader:
-        hi = lo + batch.num_rows
-        users = batch.column("user_id").to_numpy().astype(np.int64)
-        seq_users[lo:hi] = users
-        lengths, items_flat = list_parts(batch.column("item_ids"))
-        _, actions_flat = list_parts(batch.column("action_types"))
-        _, times_flat = list_parts(batch.column("timestamps"))
-        items = pad_lists(lengths, items_flat.astype(np.int32), L, np.int32, left=True)
-        actions = pad_lists(lengths, actions_flat.astype(np.int8), L, np.int8, left=True)
-        times = pad_lists(lengths, _relative_times(times_flat, time_origin), L, np.int32, left=True)
-        if len(val_users):
-            pos = np.minimum(np.searchsorted(val_users, users), len(val_users) - 1)
-            hit = np.flatnonzero(val_users[pos] == users)
-            items[hit] = validation["val_items"][pos[hit]]
-            actions[hit] = validation["val_actions"][pos[hit]]
-            times[hit] = validation["val_times"][pos[hit]]
-        seq_items[lo:hi], seq_actions[lo:hi], seq_times[lo:hi] = items, actions, times
-        kept = items > 0
-        counts += np.bincount(items[kept].astype(np.int64) * n_actions + actions[kept], minlength=n_rows * n_actions)
-        events += int(kept.sum())
-        lo = hi
-    seq_items.flush(), seq_actions.flush(), seq_times.flush()
-    del seq_items, seq_actions, seq_times
-    _save(out, "seq_users", seq_users)
+    try:
+        for batch in user_blocks(con, "sequences", "user_id, item_ids, action_types, timestamps", chunk_users):
+            users = batch.column("user_id").to_numpy().astype(np.int64)
+            lengths, items_flat = list_parts(batch.column("item_ids"))
+            _, actions_flat = list_parts(batch.column("action_types"))
+            _, times_flat = list_parts(batch.column("timestamps"))
+            items = pad_lists(lengths, items_flat.astype(np.int32), L, np.int32, left=True)
+            actions = pad_lists(lengths, actions_flat.astype(np.int8), L, np.int8, left=True)
+            times = pad_lists(lengths, _relative_times(times_flat, time_origin), L, np.int32, left=True)
+            if len(val_users):
+                pos = np.minimum(np.searchsorted(val_users, users), len(val_users) - 1)
+                hit = np.flatnonzero(val_users[pos] == users)
+                items[hit] = validation["val_items"][pos[hit]]
+                actions[hit] = validation["val_actions"][pos[hit]]
+                times[hit] = validation["val_times"][pos[hit]]
+            files["seq_items"].append(items)
+            files["seq_actions"].append(actions)
+            files["seq_times"].append(times)
+            files["seq_users"].append(users.astype(np.int32))
+            kept = items > 0
+            counts += np.bincount(items[kept].astype(np.int64) * n_actions + actions[kept], minlength=n_rows * n_actions)
+            events += int(kept.sum())
+    finally:
+        for file in files.values():
+            file.handle.close()
+    for file in files.values():
+        file.close()
     _save(out, "item_counts", counts.reshape(n_rows, n_actions))
     return {"num_sequences": n_seq, "num_events": events}
 

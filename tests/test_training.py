@@ -133,6 +133,17 @@ def test_arrays_are_reused_and_rebuilt_when_the_warehouse_changes(track_1m, arra
     assert other.seq_items.shape[1] == 20 and other.data_version != arrays_1m.data_version
 
 
+def test_arrays_streamed_in_small_user_ranges_are_byte_identical(track_1m, arrays_1m, tmp_path):
+    """The holdout and the sequences are read one range of users at a time (bounded memory at
+    any size); ranges of 37 users, none aligned with anything, give the same bytes as one range."""
+    options = PrepareOptions(val_users=300, chunk_users=37)
+    small = prepare_arrays(track_1m.warehouse, tmp_path / "small", "1M", options)
+    whole = prepare_arrays(track_1m.warehouse, tmp_path / "whole", "1M", PrepareOptions(val_users=300, chunk_users=10**7))
+    assert len(small.seq_users) > 37 * 10
+    assert small.data_version == whole.data_version == arrays_1m.data_version
+    assert np.all(np.diff(small.seq_users) > 0) and np.all(np.diff(small.hold_users) > 0)
+
+
 def test_batches_are_vectorized_slices_and_ranks_split_the_global_batch(arrays_1m):
     spec = NegativeSpec(in_batch=16, sampled=16)
     single = BatchMaker(arrays_1m, 64, seed=3, negatives=spec).batch(5)

@@ -9,7 +9,7 @@ creative id, so the file is the same for the same input.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -299,12 +299,22 @@ def _raise_pickle_element(source: EmbeddingSource, data: dict) -> None:
 
 def read_embedding_matrix(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(creative_ids, item_ids with -1 for unknown, float32 matrix) of one family file."""
+    blocks = list(iter_embedding_blocks(path))
+    if not blocks:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros((0, 0), np.float32)
+    return tuple(np.concatenate(part) for part in zip(*blocks))  # type: ignore[return-value]
+
+
+def iter_embedding_blocks(path: Path, rows: int = 262_144) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """``read_embedding_matrix`` in blocks of ``rows`` items, so that a reader that scatters the
+    vectors into its own matrix holds that matrix and one block, never the whole file twice."""
     import pyarrow.parquet as pq
 
-    table = pq.read_table(path)
-    emb = table.column("emb").combine_chunks()
-    dim = emb.type.list_size if pa.types.is_fixed_size_list(emb.type) else len(emb[0])
-    matrix = emb.flatten().to_numpy(zero_copy_only=False).reshape(-1, dim).astype(np.float32, copy=False)
-    creative = table.column("creative_id").to_numpy()
-    items = table.column("item_id").fill_null(-1).to_numpy()
-    return creative, items, matrix
+    with pq.ParquetFile(path) as handle:
+        for batch in handle.iter_batches(batch_size=rows, columns=["creative_id", "item_id", "emb"]):
+            emb = batch.column("emb")
+            dim = emb.type.list_size if pa.types.is_fixed_size_list(emb.type) else (len(emb[0]) if len(emb) else 0)
+            matrix = emb.flatten().to_numpy(zero_copy_only=False).reshape(-1, dim).astype(np.float32, copy=False)
+            creative = batch.column("creative_id").to_numpy()
+            items = batch.column("item_id").fill_null(-1).to_numpy()
+            yield creative, items, matrix
