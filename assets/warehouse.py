@@ -28,11 +28,11 @@ from assets.raw import raw_dataset
 from assets.track_lock import hold_track
 from taac_dagster.partitions import track_partitions
 from taac_dagster.quality import CHECKS, ERROR, CheckOutcome
-from taac_dagster.raw import RawManifest
+from taac_dagster.raw import RawManifest, verify_raw_files
 from taac_dagster.readers.embeddings import families_text
 from taac_dagster.resources import TaacConfig
 from taac_dagster.sql import sql_fingerprint
-from taac_dagster.warehouse import WAREHOUSE_TABLES, BlockingChecksFailed, build_checked_warehouse
+from taac_dagster.warehouse import WAREHOUSE_TABLES, BlockingChecksFailed, build_checked_warehouse, embedding_paths
 
 # The code version follows the SQL: editing a table's SQL file marks the tables stale.
 WAREHOUSE_CODE_VERSION = "warehouse-v2-" + sql_fingerprint(*WAREHOUSE_TABLES)
@@ -82,7 +82,10 @@ def warehouse_tables(context: AssetExecutionContext, taac: TaacConfig) -> Iterat
     with hold_track(context, taac, track):
         manifest = RawManifest.read(paths.raw_manifest)
         try:
-            summary, outcomes = build_checked_warehouse(Path(manifest.root), paths, settings, logger=context.log)
+            summary, outcomes = build_checked_warehouse(
+                Path(manifest.root), paths, settings, logger=context.log,
+                verify_source=lambda: verify_raw_files(manifest, paths.raw_manifest),
+            )
         except BlockingChecksFailed as failed:
             # The checks' verdicts are recorded (UI, automation) though nothing is published.
             yield from _check_results(failed.outcomes, rejected=str(failed.rejected))
@@ -104,11 +107,11 @@ def warehouse_tables(context: AssetExecutionContext, taac: TaacConfig) -> Iterat
         asset_key="item_embeddings",
         metadata={
             **shared,
-            **parquet_metadata([paths.embedding_file(family) for family in summary.families]),
+            **parquet_metadata(list(embedding_paths(paths.warehouse, settings).values())),
             "families": MetadataValue.json({str(k): v for k, v in summary.embeddings.items()}),
             "families_selected": MetadataValue.json(summary.families),
             "families_requested": families_text(summary.families_requested),
-            "folder": MetadataValue.path(str(paths.embeddings)),
+            "folder": MetadataValue.path(str(summary.embeddings_folder or paths.embeddings)),
         },
     )
     yield from _check_results(outcomes)

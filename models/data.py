@@ -67,6 +67,7 @@ ITEM_FEATURES = ITEM_MODEL_FEATURES
 USER_SPARSE = USER_SPARSE_FEATURES
 USER_MULTI = USER_ARRAY_FEATURES
 SID_TABLE = "item_semantic_ids"
+SID_INFO_TABLE = "item_semantic_ids_info"  # the codebooks' description, committed with the codes
 
 
 @dataclass(frozen=True)
@@ -389,7 +390,7 @@ def _write_semantic_ids(
     none = {"sid_levels": 0, "sid_vocab": [], "codebooks": {}}
     if not (options.use_semantic_ids and _has_table(con, SID_TABLE)):
         return none
-    info = json.loads(codebooks_json.read_text()) if codebooks_json is not None and codebooks_json.is_file() else {}
+    info = _semantic_id_info(con, codebooks_json, logger)
     sid = con.sql(f"SELECT coalesce(item_id, -1) AS item_id, creative_id, codes FROM {SID_TABLE}").to_arrow_table()
     lengths, flat = list_parts(sid.column("codes"))
     if not (len(lengths) and lengths.min() == lengths.max() and lengths[0] > 0):
@@ -407,6 +408,22 @@ def _write_semantic_ids(
         "sid_vocab": [int(v) + 1 for v in sids.max(axis=0)],
         "codebooks": {k: info[k] for k in ("levels", "codebook_size", "family", "source") if k in info},
     }
+
+
+def _semantic_id_info(con: duckdb.DuckDBPyConnection, codebooks_json: Path | None, logger: Any) -> dict[str, Any]:
+    """The description of the Semantic IDs in the warehouse: the one committed with the codes
+    (a warehouse from before that table: the codebooks folder's). A codebooks folder of another
+    build (a crash between its publish and the table's) is named in a warning and not used."""
+    folder = json.loads(codebooks_json.read_text()) if codebooks_json is not None and codebooks_json.is_file() else {}
+    if not _has_table(con, SID_INFO_TABLE):
+        return folder
+    info = json.loads(_scalar(con, f"SELECT info FROM {SID_INFO_TABLE}"))
+    if folder and folder.get("build_id") != info.get("build_id"):
+        logger.warning(
+            f"{codebooks_json} is of Semantic ID build {folder.get('build_id')}, the warehouse's codes of build "
+            f"{info.get('build_id')}: training follows the warehouse; rerun semantic_id_codebooks to align them"
+        )
+    return info
 
 
 def _write_users(con: duckdb.DuckDBPyConnection, out: Path, vocab: dict[str, int], options: PrepareOptions) -> dict[str, Any]:

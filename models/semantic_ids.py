@@ -46,6 +46,7 @@ import json
 import logging
 import math
 import time
+import uuid
 import warnings
 from dataclasses import asdict, dataclass, field
 from functools import partial
@@ -66,6 +67,7 @@ log = logging.getLogger(__name__)
 FALLBACK_FEATURE = "102"  # the advertiser: items without an embedding borrow its mean embedding
 CODEBOOKS_NPZ = "codebooks.npz"
 CODEBOOKS_JSON = "codebooks.json"
+INFO_TABLE = "item_semantic_ids_info"  # the codebooks' JSON, committed with the codes
 TABLE = "item_semantic_ids"
 _CHUNK_VALUES = 1 << 24  # rows per encoding chunk = this / dim (64 MiB of float32)
 _SINGLE_THREAD_WORK = 1 << 27  # n * K * d below this: one faiss thread (threads cost more)
@@ -708,9 +710,13 @@ def _connect_for_write(path: Path, settings: Any, attempts: int = 20, wait: floa
 
 
 def write_item_semantic_ids(
-    path: Path, settings: Any, creative_ids: np.ndarray, item_ids: np.ndarray, codes: np.ndarray, has_embedding: np.ndarray
+    path: Path, settings: Any, creative_ids: np.ndarray, item_ids: np.ndarray, codes: np.ndarray, has_embedding: np.ndarray,
+    info: dict[str, Any] | None = None,
 ) -> None:
-    """Replace ``item_semantic_ids`` in one transaction, on a connection opened for it alone."""
+    """Replace ``item_semantic_ids`` and its description ``item_semantic_ids_info`` (the
+    codebooks' JSON: levels, size, family, build id) in one transaction, on a connection
+    opened for it alone: that commit is the Semantic IDs' publish, so a reader never sees
+    codes of one build described by another."""
     import pyarrow as pa
 
     levels = codes.shape[1]
@@ -737,6 +743,8 @@ def write_item_semantic_ids(
                     SELECT creative_id, item_id, CAST(codes AS INTEGER[]), has_embedding
                     FROM _semantic_ids ORDER BY creative_id"""
             )
+            con.execute(f"CREATE OR REPLACE TABLE {INFO_TABLE} (info VARCHAR NOT NULL)")
+            con.execute(f"INSERT INTO {INFO_TABLE} VALUES (?)", [json.dumps(info or {}, sort_keys=True, default=str)])
             con.execute("COMMIT")
         except BaseException:
             con.execute("ROLLBACK")
@@ -1058,22 +1066,24 @@ def _write(
     paths: TrackPaths, settings: TaacSettings, codebooks: RQCodebooks, vectors: ItemVectors, item_codes: ItemCodes,
     metrics: dict[str, Any],
 ) -> None:
-    """The codebooks (atomically) and the item_semantic_ids table (one transaction)."""
+    """The codebooks folder (atomically), then the item_semantic_ids table with the codebooks'
+    description (one transaction, the commit point). Both carry one build id: a crash between
+    the two leaves the table and its description of the previous build, which is what training
+    reads (``models.data``); the codebooks folder alone may then be newer."""
     from taac_dagster.atomic import atomic_dir
 
+    metadata = {
+        "build_id": uuid.uuid4().hex[:12],
+        "source": vectors.source,
+        "family": vectors.family,
+        "family_dim": vectors.dim if vectors.family is not None else None,
+        "track": paths.track,
+        "content_coverage": vectors.coverage.to_metadata(),
+        "metrics": metrics,
+    }
     with atomic_dir(paths.codebooks) as tmp:
-        codebooks.save(
-            tmp,
-            {
-                "source": vectors.source,
-                "family": vectors.family,
-                "family_dim": vectors.dim if vectors.family is not None else None,
-                "track": paths.track,
-                "content_coverage": vectors.coverage.to_metadata(),
-                "metrics": metrics,
-            },
-        )
-        write_item_semantic_ids(
-            paths.warehouse, settings, vectors.universe["creative_id"], vectors.universe["item_id"], item_codes.codes,
-            vectors.reader.has_embedding,
-        )
+        codebooks.save(tmp, metadata)
+    write_item_semantic_ids(
+        paths.warehouse, settings, vectors.universe["creative_id"], vectors.universe["item_id"], item_codes.codes,
+        vectors.reader.has_embedding, json.loads((paths.codebooks / CODEBOOKS_JSON).read_text()),
+    )

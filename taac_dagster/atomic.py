@@ -10,10 +10,14 @@ leave a renamed-but-empty file behind.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
+import functools
 import os
 import re
 import shutil
 import socket
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -22,6 +26,7 @@ from pathlib import Path
 # A temporary whose writer runs on another machine (a shared volume) cannot be probed; it is
 # taken as abandoned once nothing in it has changed for this long.
 FOREIGN_TEMP_GRACE_SECONDS = 24 * 3600
+OLD_SUFFIX = ".old"  # a published copy moved aside while its successor is renamed in
 
 _HOST = re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname())[:64] or "host"
 _TEMP = re.compile(r"^\..+\.tmp-(?:(?P<host>[A-Za-z0-9_.]+)-(?P<pid>\d+)-)?[0-9a-f]{8}(?:\..*)?$")
@@ -87,12 +92,39 @@ def atomic_file(target: str | Path) -> Iterator[Path]:
             tmp.unlink()
 
 
+def exchange_paths(first: Path, second: Path) -> bool:
+    """Swap two existing paths in one atomic step (Linux ``renameat2`` with RENAME_EXCHANGE);
+    False where the platform or file system cannot (macOS, NFS, old kernels), so the caller
+    falls back to two renames."""
+    function = getattr(_libc(), "renameat2", None) if sys.platform.startswith("linux") else None
+    if function is None:
+        return False
+    function.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    if function(_AT_FDCWD, os.fsencode(first), _AT_FDCWD, os.fsencode(second), _RENAME_EXCHANGE) == 0:
+        return True
+    error = ctypes.get_errno()
+    if error in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP):
+        return False
+    raise OSError(error, os.strerror(error), str(first), None, str(second))
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(None, use_errno=True)
+
+
+_AT_FDCWD, _RENAME_EXCHANGE = -100, 2
+
+
 @contextlib.contextmanager
 def atomic_dir(target: str | Path) -> Iterator[Path]:
     """Yield an empty temporary folder beside ``target``; on success it replaces ``target``.
 
-    The old folder is moved aside first and deleted only after the new one is in place, so
-    at every instant either the complete old or the complete new folder sits at ``target``.
+    The swap is one atomic exchange where the file system has one, so at every instant either
+    the complete old or the complete new folder sits at ``target``. Elsewhere the old folder is
+    renamed aside (``.<name>.tmp-<writer>.old``) and the new one into place; a crash between
+    the two renames leaves no target for an instant, and the clean-up of leftovers
+    (``remove_stale_temps``) puts the old folder back.
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -102,16 +134,19 @@ def atomic_dir(target: str | Path) -> Iterator[Path]:
     try:
         yield tmp
         fsync_tree(tmp)
-        if target.exists():
-            old = temp_sibling(target, ".old")
-            os.replace(target, old)
-        os.replace(tmp, target)
+        if target.exists() and exchange_paths(tmp, target):
+            old = tmp  # the exchange left the previous folder under the temporary name
+        else:
+            if target.exists():
+                old = temp_sibling(target, OLD_SUFFIX)
+                os.replace(target, old)
+            os.replace(tmp, target)
         fsync_dir(target.parent)
     finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
         if old is not None and old.exists():
             shutil.rmtree(old, ignore_errors=True)
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def write_text_atomic(target: str | Path, text: str) -> Path:
@@ -157,18 +192,42 @@ def temp_owner_gone(path: Path, *, now: float | None = None) -> bool:
     return (now or time.time()) - _last_change(path) > FOREIGN_TEMP_GRACE_SECONDS
 
 
+def target_of(temporary: Path) -> Path | None:
+    """The path a temporary sibling was written for (``.<name>.tmp-...`` -> ``<name>``)."""
+    match = _TEMP.match(temporary.name)
+    return temporary.with_name(temporary.name[1:temporary.name.index(".tmp-")]) if match else None
+
+
 def remove_stale_temps(folder: str | Path) -> int:
     """Delete leftovers of interrupted atomic writes (``.<name>.tmp-*``) in ``folder`` whose
-    writer is gone; a temporary a running writer still owns is left alone."""
+    writer is gone; a temporary a running writer still owns is left alone. An old copy set
+    aside by a publish that died before its new copy was in place (``.old``, its target
+    missing) is put back instead: it is the last complete state."""
     folder = Path(folder)
     removed = 0
     if folder.is_dir():
-        for leftover in folder.glob(".*.tmp-*"):
+        for leftover in sorted(folder.glob(".*.tmp-*")):
             if not temp_owner_gone(leftover):
+                continue
+            target = target_of(leftover)
+            if leftover.name.endswith(OLD_SUFFIX) and target is not None and not target.exists():
+                os.replace(leftover, target)
+                fsync_dir(folder)
                 continue
             if leftover.is_dir():
                 shutil.rmtree(leftover, ignore_errors=True)
             else:
                 leftover.unlink(missing_ok=True)
             removed += 1
+    return removed
+
+
+def recover_interrupted_writes(root: str | Path) -> int:
+    """``remove_stale_temps`` in every folder under ``root`` (a track's folder): what a killed
+    writer left anywhere among the track's artifacts is rolled back or removed before the next
+    writer starts. Folders that are themselves temporaries are handled by their parent's turn."""
+    removed = 0
+    for dirpath, dirnames, _ in os.walk(root):
+        dirnames[:] = [d for d in dirnames if _TEMP.match(d) is None]
+        removed += remove_stale_temps(dirpath)
     return removed

@@ -62,3 +62,17 @@ class SourceUnavailableError(TaacError):
     def __init__(self, message: str, *, transient: bool = False) -> None:
         super().__init__(message)
         self.transient = transient
+
+
+class RawDataChangedError(TaacError):
+    """The raw files differ from what ``raw_dataset`` recorded: building from them would
+    publish a warehouse that carries a fingerprint it was not built from."""
+
+    def __init__(self, manifest: str | Path, changes: list[str]) -> None:
+        self.changes = changes
+        shown = "\n".join(f"- {change}" for change in changes[:10])
+        more = f"\n- ... and {len(changes) - 10} more" if len(changes) > 10 else ""
+        super().__init__(
+            f"the raw files changed since {manifest} was written ({len(changes)} difference(s)):\n{shown}{more}\n"
+            "materialize raw_dataset again (it records the files as they are now), then this step"
+        )

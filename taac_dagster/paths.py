@@ -43,9 +43,6 @@ class TrackPaths:
     def embeddings(self) -> Path:
         return self.root / "embeddings"
 
-    def embedding_file(self, family: int) -> Path:
-        return self.embeddings / f"emb_{family}.parquet"
-
     @property
     def codebooks(self) -> Path:
         return self.root / "codebooks"

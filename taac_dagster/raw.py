@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from taac_dagster.atomic import atomic_dir, remove_stale_temps, write_text_atomic
-from taac_dagster.errors import SourceUnavailableError
+from taac_dagster.errors import RawDataChangedError, SourceUnavailableError
 from taac_dagster.fingerprint import fingerprint_tree
 from taac_dagster.formats import DEFAULT_FETCH_FAMILIES, HUB_FORMAT, hub_embedding_dirs, jsonl_embedding_sources
 from taac_dagster.paths import TrackPaths
@@ -49,6 +49,9 @@ class RawManifest:
     seconds: float
     details: dict[str, Any] = field(default_factory=dict)
     families_requested: list[int] | None = None  # the setting; None: auto (every family found)
+    # [relative path, size, mtime in ns] of every file the fingerprint covers, to re-check cheaply
+    # that the files are still the ones fingerprinted (empty in manifests from before it).
+    file_stats: list[list[Any]] = field(default_factory=list)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)
@@ -75,6 +78,51 @@ def dataset_files(root: Path, dataset_format: str, families: list[int]) -> list[
             path = emb[family][1]
             files.extend(sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path])
     return files
+
+
+def file_stats(root: Path, files: list[Path]) -> list[list[Any]]:
+    """[path relative to ``root``, size, mtime in ns] per file, sorted; a missing file has size -1."""
+    stats = []
+    for path in files:
+        try:
+            stat = path.stat()
+            size, mtime = stat.st_size, stat.st_mtime_ns
+        except FileNotFoundError:
+            size, mtime = -1, 0
+        stats.append([path.relative_to(root).as_posix(), size, mtime])
+    return sorted(stats)
+
+
+def verify_raw_files(manifest: RawManifest, manifest_path: Path) -> None:
+    """Raise ``RawDataChangedError`` unless the raw files are the ones ``manifest`` recorded:
+    the same files with the same sizes and modification times (the full fingerprint again for
+    a manifest from before those were recorded)."""
+    root = Path(manifest.root)
+    if not root.is_dir():
+        raise RawDataChangedError(manifest_path, [f"{root} is missing"])
+    files = dataset_files(root, manifest.dataset_format, manifest.families)
+    if not manifest.file_stats:
+        digest = fingerprint_tree(root, [f for f in files if f.exists()]).digest
+        if digest != manifest.digest:
+            raise RawDataChangedError(manifest_path, [f"fingerprint {digest[:12]}, recorded {manifest.digest[:12]}"])
+        return
+    recorded = {path: (size, mtime) for path, size, mtime in manifest.file_stats}
+    now = {path: (size, mtime) for path, size, mtime in file_stats(root, files)}
+    changes = []
+    for path in sorted(set(recorded) | set(now)):
+        before, after = recorded.get(path), now.get(path)
+        if before == after:
+            continue
+        if before is None:
+            changes.append(f"{root / path}: new file")
+        elif after is None or after[0] < 0:
+            changes.append(f"{root / path}: missing")
+        else:
+            changes.append(
+                f"{root / path}: {after[0]:,} bytes modified at {after[1]} ns, recorded {before[0]:,} bytes at {before[1]} ns"
+            )
+    if changes:
+        raise RawDataChangedError(manifest_path, changes)
 
 
 def _adopt_legacy_hub_download(paths: TrackPaths, logger: Any) -> None:
@@ -146,7 +194,11 @@ def materialize_raw(settings: TaacSettings, paths: TrackPaths, *, logger: Any = 
         + ("(auto: every family found)" if requested is None else f"(requested {requested})")
     )
     print_progress = settings.source != "synthetic"
-    fingerprint = fingerprint_tree(root, dataset_files(root, dataset_format, families), progress=print_progress)
+    files = dataset_files(root, dataset_format, families)
+    stats = file_stats(root, files)
+    fingerprint = fingerprint_tree(root, files, progress=print_progress)
+    if file_stats(root, files) != stats:
+        raise RawDataChangedError(paths.raw_manifest, ["the files changed while they were fingerprinted"])
     manifest = RawManifest(
         track=paths.track,
         source=settings.source,
@@ -160,6 +212,7 @@ def materialize_raw(settings: TaacSettings, paths: TrackPaths, *, logger: Any = 
         seconds=round(time.perf_counter() - started, 2),
         details=details,
         families_requested=None if requested is None else list(requested),
+        file_stats=stats,
     )
     write_text_atomic(paths.raw_manifest, manifest.to_json())
     return manifest

@@ -16,14 +16,15 @@ import os
 import re
 import shutil
 import time
-from collections.abc import Iterator
+import uuid
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import duckdb
 
-from taac_dagster.atomic import remove_stale_temps, replace_durably, temp_sibling
+from taac_dagster.atomic import remove_stale_temps, replace_durably, temp_owner_gone, temp_sibling
 from taac_dagster.db import connect as connect_duckdb
 from taac_dagster.errors import DataFormatError, TaacError
 from taac_dagster.formats import HUB_FORMAT, JSONL_FORMAT
@@ -47,6 +48,7 @@ log = logging.getLogger(__name__)
 
 SPILL_DIR = ".duckdb_spill"  # DuckDB's out-of-core scratch space, removed after each build
 REJECTED_DIR = "rejected"  # staged warehouses that failed a blocking check, kept for inspection
+BUILD_PREFIX = "build-"  # embeddings/build-<id>: one warehouse build's embedding files
 
 # Built in this order; each reads the staging tables and the tables before it.
 WAREHOUSE_TABLES = ("feature_vocab", "events", "items", "users", "holdout", "sequences", "candidates")
@@ -61,6 +63,7 @@ class WarehouseSummary:
     seconds: dict[str, float] = field(default_factory=dict)
     missing_action_types: int = 0
     families_requested: list[int] | None = None  # the setting; None: auto (every family found)
+    embeddings_folder: Path | None = None  # where the published database reads its embedding files
 
     @property
     def families(self) -> list[int]:
@@ -81,12 +84,15 @@ class WarehouseSummary:
 
 @dataclass
 class StagedWarehouse:
-    """A built warehouse not yet published: its database and embedding folder sit under
-    temporary names beside their targets; the database records the staged embedding paths."""
+    """A built warehouse not yet published: its database sits under a temporary name beside
+    its target and its embeddings in a temporary folder under ``embeddings/``; ``build_id``
+    names the folder they are published in (``embeddings/build-<id>``)."""
 
     database: Path
     embeddings: Path
     summary: WarehouseSummary
+    build_id: str = ""
+    published: bool = False
 
 
 class BlockingChecksFailed(TaacError):
@@ -136,9 +142,11 @@ def stage_warehouse(
     removed = remove_stale_temps(paths.root)
     if removed:
         logger.warning(f"removed {removed} leftovers of interrupted builds in {paths.root}")
+    collect_embedding_builds(paths, settings, logger=logger)
+    build_id = uuid.uuid4().hex[:12]
     database = temp_sibling(paths.warehouse, paths.warehouse.suffix)
-    embeddings = temp_sibling(paths.embeddings)
-    embeddings.mkdir()
+    embeddings = temp_sibling(paths.embeddings / f"{BUILD_PREFIX}{build_id}")
+    embeddings.mkdir(parents=True)
     try:
         summary = _build(source_root, dataset_format, paths, settings, params, database, embeddings, logger)
     except BaseException:
@@ -146,10 +154,12 @@ def stage_warehouse(
         raise
     finally:
         shutil.rmtree(paths.root / SPILL_DIR, ignore_errors=True)
-    return StagedWarehouse(database, embeddings, summary)
+    return StagedWarehouse(database, embeddings, summary, build_id)
 
 
 def discard_staged(staged: StagedWarehouse) -> None:
+    if staged.published:
+        return
     Path(str(staged.database) + ".wal").unlink(missing_ok=True)
     staged.database.unlink(missing_ok=True)
     shutil.rmtree(staged.embeddings, ignore_errors=True)
@@ -167,31 +177,65 @@ def _point_embeddings_at(database: Path, settings: TaacSettings, folder: Path) -
         con.close()
 
 
+def embedding_paths(database: Path, settings: TaacSettings) -> dict[int, Path]:
+    """family -> the embedding file ``database`` reads (empty without families)."""
+    con = connect_duckdb(database, settings, read_only=True)
+    try:
+        rows = con.execute("SELECT family, path FROM embedding_families ORDER BY family").fetchall()
+    finally:
+        con.close()
+    return {int(family): Path(path) for family, path in rows}
+
+
+def collect_embedding_builds(paths: TrackPaths, settings: TaacSettings, *, logger: Any = None) -> int:
+    """Remove what under ``embeddings/`` the published database does not read: builds a
+    crashed or superseded publish left, loose files of the layout before builds, temporaries
+    whose writer is gone. Only the database decides what is kept, so the folder it reads is
+    never removed, whatever state a crash left. Returns how many entries were removed."""
+    folder = paths.embeddings
+    if not folder.is_dir():
+        return 0
+    files = embedding_paths(paths.warehouse, settings).values() if paths.warehouse.is_file() else []
+    kept = {path.parent.resolve() for path in files}
+    loose_layout = folder.resolve() in kept  # a database from before builds reads emb_*.parquet here
+    removed = 0
+    for entry in folder.iterdir():
+        if entry.resolve() in kept or (entry.is_file() and loose_layout):
+            continue
+        if entry.name.startswith(".") and not temp_owner_gone(entry):
+            continue  # a build being written right now
+        if entry.is_dir():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+        removed += 1
+    if removed:
+        (logger or log).info(f"removed {removed} embedding builds or leftovers in {folder} that the warehouse does not read")
+    return removed
+
+
 def publish_warehouse(staged: StagedWarehouse, paths: TrackPaths, settings: TaacSettings) -> WarehouseSummary:
-    """Rename a staged warehouse into place: the embedding folder, then the database. When a
-    rename fails before the database is in place, the new folder goes back to its staged name
-    and the old one back into place, so readers keep the old database with its own embeddings
-    (the error is raised; the caller discards the staged copy)."""
-    _point_embeddings_at(staged.database, settings, paths.embeddings)
+    """Publish a staged warehouse with one commit point: the rename of the database.
+
+    The embeddings go first to ``embeddings/build-<id>``, a folder no published database reads
+    yet, and the staged database already names that folder; renaming the database over the
+    published one switches both at once. A crash before that rename leaves the old database
+    with its own embeddings (the unread build is collected by the next build); a crash after
+    it leaves the new pair (the old build is collected). Old builds are removed only after the
+    switch, and only those the published database does not read."""
+    target = paths.embeddings / f"{BUILD_PREFIX}{staged.build_id}"
+    _point_embeddings_at(staged.database, settings, target)
+    replace_durably(staged.embeddings, target)
+    staged.embeddings = target
     # A write-ahead log left by a crashed writer of the old file must not replay onto the new one.
     Path(str(paths.warehouse) + ".wal").unlink(missing_ok=True)
-    old = None
-    if paths.embeddings.exists():
-        old = temp_sibling(paths.embeddings, ".old")
-        os.replace(paths.embeddings, old)
+    replace_durably(staged.database, paths.warehouse)  # the commit point
+    staged.published = True  # from here on nothing of the new build may be discarded
     try:
-        replace_durably(staged.embeddings, paths.embeddings)
-        replace_durably(staged.database, paths.warehouse)
-    except BaseException:
-        if staged.database.exists():  # the old database is still the published one: roll back
-            if not staged.embeddings.exists() and paths.embeddings.exists():
-                os.replace(paths.embeddings, staged.embeddings)
-            if old is not None:
-                os.replace(old, paths.embeddings)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-    staged.summary.path = paths.warehouse
+        collect_embedding_builds(paths, settings)
+    except OSError as error:  # the next build collects them
+        log.warning(f"old embedding builds in {paths.embeddings} were not removed: {error}")
+    staged.summary.path, staged.summary.embeddings_folder = paths.warehouse, target
     return staged.summary
 
 
@@ -224,14 +268,19 @@ def build_warehouse(
 
 
 def build_checked_warehouse(
-    source_root: Path, paths: TrackPaths, settings: TaacSettings, *, logger: Any = None
+    source_root: Path, paths: TrackPaths, settings: TaacSettings, *, logger: Any = None,
+    verify_source: Callable[[], None] | None = None,
 ) -> tuple[WarehouseSummary, list[Any]]:
     """Write, audit, publish: stage the warehouse, run every data-quality check on the staged
     copy, and publish it only when every blocking (ERROR) check passes. Returns the summary and
-    the check outcomes; raises ``BlockingChecksFailed`` (the copy set aside) otherwise."""
+    the check outcomes; raises ``BlockingChecksFailed`` (the copy set aside) otherwise.
+    ``verify_source`` (raising when the source changed) runs before staging and again before
+    the publish, so a warehouse is never published from files that changed under the build."""
     from taac_dagster.quality import ERROR, run_checks
 
     logger = logger or log
+    verify_source = verify_source or (lambda: None)
+    verify_source()
     staged = stage_warehouse(source_root, paths, settings, logger=logger)
     try:
         logger.info(f"running data-quality checks on the staged warehouse {staged.database}")
@@ -239,6 +288,7 @@ def build_checked_warehouse(
             staged.database, paths.track, max_history=settings.max_history,
             sample_users=settings.check_sample_users, settings=settings,
         )
+        verify_source()
     except BaseException:
         discard_staged(staged)
         raise

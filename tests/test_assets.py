@@ -11,6 +11,8 @@ from assets.raw import raw_dataset
 from assets.warehouse import WAREHOUSE_ASSETS, warehouse_tables
 from taac_dagster.paths import TrackPaths
 from taac_dagster.resources import TaacConfig
+from taac_dagster.settings import TaacSettings
+from taac_dagster.warehouse import embedding_paths
 
 pytestmark = pytest.mark.slow
 
@@ -46,7 +48,7 @@ def test_chain_materializes_both_partitions(tmp_path, instance):
             assert {"events": "action_type", "items": "creative_id", "item_embeddings": "emb"}.get(
                 event.asset_key.path[-1], columns[0]) in columns, (event.asset_key, columns)
         paths = TrackPaths(tmp_path / "data", track)
-        assert paths.warehouse.is_file() and paths.embedding_file(81).is_file()
+        assert paths.warehouse.is_file() and embedding_paths(paths.warehouse, TaacSettings())[81].is_file()
         manifest = json.loads(paths.raw_manifest.read_text())
         # The raw data version recorded by Dagster is the content fingerprint.
         raw_events = [m for m in result.get_asset_materialization_events() if m.asset_key == AssetKey("raw_dataset")]
@@ -101,7 +103,7 @@ def test_failed_blocking_check_publishes_nothing(tmp_path, instance, demo_hub_co
     good = small_config(tmp_path)
     assert materialize([raw_dataset, warehouse_tables], partition_key="1M", resources={"taac": good}, instance=instance).success
     paths = TrackPaths(tmp_path / "data", "1M")
-    published = {p: _digest(p) for p in [paths.warehouse, *paths.embeddings.iterdir()]}
+    published = {p: _digest(p) for p in [paths.warehouse, *paths.embeddings.rglob("*.parquet")]}
 
     hub_duplicate_row(9)(demo_hub_copy)
     broken = small_config(tmp_path, source="local", local_path=str(demo_hub_copy))
@@ -117,6 +119,7 @@ def test_failed_blocking_check_publishes_nothing(tmp_path, instance, demo_hub_co
     assert materialized == {AssetKey("raw_dataset")}
     # The published warehouse and embeddings are byte for byte the good ones.
     assert {p: _digest(p) for p in published} == published
+    assert set(paths.embeddings.rglob("*.parquet")) == set(published) - {paths.warehouse}  # nothing new beside them
     [rejected] = (paths.root / "rejected").glob("warehouse-*.duckdb")
     message = failure_text(result)
     assert str(rejected) in message and "events_valid" in message and "seq/part-0.parquet row 9" in message
@@ -148,3 +151,30 @@ def test_a_dataset_of_the_other_track_is_refused_before_anything_is_published(tm
     assert meta["file"].endswith("seq/part-0.parquet") and meta["row"] == 0 and meta["field"] == "seq[3].action_type"
     assert meta["error"] == "DataFormatError" and "re-materialize raw_dataset" in meta["fix"]
     assert ran == [] and not TrackPaths(tmp_path / "data", "1M").warehouse.exists()
+
+
+def test_raw_files_changed_after_their_manifest_are_refused(tmp_path, instance, demo_hub_copy):
+    """The warehouse re-checks the raw files against the manifest raw_dataset wrote (sizes and
+    modification times): sequences swapped for other files after it are refused with the file
+    named, and nothing is published."""
+    import shutil
+
+    from .conftest import write_tiny_hub
+
+    config = small_config(tmp_path, source="local", local_path=str(demo_hub_copy))
+    assert materialize([raw_dataset], partition_key="1M", resources={"taac": config}, instance=instance).success
+    other = write_tiny_hub(tmp_path / "other", track="1M")
+    shutil.move(demo_hub_copy / "seq", tmp_path / "seq_original")
+    shutil.copytree(other / "seq", demo_hub_copy / "seq")
+    result = materialize([warehouse_tables], partition_key="1M", resources={"taac": config}, instance=instance,
+                         raise_on_error=False)
+    message = failure_text(result)
+    assert not result.success and "the raw files changed since" in message
+    assert f"{demo_hub_copy / 'seq' / 'part-0.parquet'}: " in message and "materialize raw_dataset again" in message
+    assert not TrackPaths(tmp_path / "data", "1M").warehouse.exists()
+    # The original files back (new modification times): raw_dataset records them again, then
+    # the warehouse builds.
+    shutil.rmtree(demo_hub_copy / "seq")
+    shutil.copytree(tmp_path / "seq_original", demo_hub_copy / "seq")
+    assert materialize([raw_dataset, warehouse_tables], partition_key="1M", resources={"taac": config},
+                       instance=instance).success

@@ -243,7 +243,8 @@ def test_hub_string_raw_ids_read_as_integers(tiny_hub, tmp_path):
     _hub_ids_as_strings(tiny_hub, "candidate", "item_id")
     summary = _build(tiny_hub, tmp_path)
     assert summary.embeddings[81]["rows"] == 6 and summary.embeddings[81]["indexed_items"] == 5
-    creative, items, _ = read_embedding_matrix(tmp_path / "data" / "10M" / "embeddings" / "emb_81.parquet")
+    [path] = (tmp_path / "data" / "10M" / "embeddings").glob("build-*/emb_81.parquet")
+    creative, items, _ = read_embedding_matrix(path)
     assert creative.dtype == "int64" and sorted(creative.tolist()) == sorted(TINY_CREATIVE.values())
     con = duckdb.connect(str(summary.path), read_only=True)
     pool = con.execute("SELECT creative_id FROM candidates WHERE in_published_pool ORDER BY retrieval_id").fetchall()

@@ -267,8 +267,10 @@ def test_tiny_warehouse_with_small_codebooks(tiny_warehouse, monkeypatch):
 
 def test_family_reader_matches_the_file(tiny_warehouse, monkeypatch):
     from taac_dagster.readers.embeddings import read_embedding_matrix
+    from taac_dagster.settings import TaacSettings
+    from taac_dagster.warehouse import embedding_paths
 
-    path = tiny_warehouse.embedding_file(81)
+    path = embedding_paths(tiny_warehouse.warehouse, TaacSettings())[81]
     creative, _, matrix = read_embedding_matrix(path)
     wanted_ids = np.array([creative[4], 123, creative[1], creative[5]], np.int64)  # 123: no vector
     monkeypatch.setattr("models.semantic_ids._CHUNK_VALUES", 4)  # one row per batch
@@ -321,3 +323,36 @@ def test_asset_writes_unique_ids_for_every_item_and_candidate(tmp_path):
     assert missing_candidates == 0 and missing_items == 0
     assert without_embedding > 0  # the synthetic family covers ~90%: the fallback ran
     assert (paths.codebooks / "codebooks.npz").is_file() and (paths.codebooks / "codebooks.json").is_file()
+
+
+def test_a_publish_killed_before_the_table_leaves_arrays_on_the_tables_levels(tiny_warehouse, monkeypatch, caplog):
+    """The codebooks folder is renamed in first and the table with its description committed
+    last (the commit point). Killed between the two (here: the table's write fails), training
+    reads the levels the table's codes were built with, not the newer folder's, and says so."""
+    import models.semantic_ids as sid
+    from models.data import PrepareOptions, prepare_arrays
+
+    def settings(levels: int):
+        return load_settings("10M", {"data_root": str(tiny_warehouse.data_root),
+                                     "semantic_ids": {"codebook_size": 2, "min_items": 2, "levels": levels}})
+
+    build_semantic_ids(tiny_warehouse, settings(2))
+    con = duckdb.connect(str(tiny_warehouse.warehouse), read_only=True)
+    committed = json.loads(con.execute("SELECT info FROM item_semantic_ids_info").fetchall()[0][0])
+    con.close()
+    assert committed["levels"] == 2 and committed["build_id"] == json.loads((tiny_warehouse.codebooks / "codebooks.json").read_text())["build_id"]
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt("killed before the table's commit")
+
+    monkeypatch.setattr(sid, "write_item_semantic_ids", killed)
+    with pytest.raises(KeyboardInterrupt):
+        build_semantic_ids(tiny_warehouse, settings(3))
+    folder = json.loads((tiny_warehouse.codebooks / "codebooks.json").read_text())
+    assert folder["levels"] == 3 and folder["build_id"] != committed["build_id"]  # the folder alone moved on
+
+    arrays = prepare_arrays(tiny_warehouse.warehouse, tiny_warehouse.checkpoints / "arrays", "10M",
+                            PrepareOptions(val_users=1), codebooks_json=tiny_warehouse.codebooks / "codebooks.json")
+    assert arrays.meta["sid_levels"] == 2 and arrays.item_sids.shape[1] == 2
+    assert arrays.meta["codebooks"]["levels"] == 2
+    assert f"Semantic ID build {folder['build_id']}" in caplog.text

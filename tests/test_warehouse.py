@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import duckdb
 import pytest
 
@@ -126,7 +128,8 @@ def test_failed_build_keeps_the_previous_warehouse(demo_copy, tmp_path):
     assert summary.path.read_bytes() == before
     leftovers = [p.name for p in summary.path.parent.iterdir() if ".tmp-" in p.name]
     assert leftovers == []
-    assert (summary.path.parent / "embeddings" / "emb_81.parquet").exists()
+    [(path,)] = duckdb.connect(str(summary.path), read_only=True).execute("SELECT path FROM embedding_families").fetchall()
+    assert Path(path).is_file()
 
 
 def test_leftovers_of_a_crashed_build_are_cleared(demo_dir, tmp_path):
@@ -198,23 +201,33 @@ def _published_pair(root):
     ids=["embeddings", "database", "database-checked"],
 )
 def test_a_failed_publish_rename_leaves_the_old_pair_in_place(tmp_path, monkeypatch, failing, builder):
-    """The publish renames the embedding folder, then the database: when either rename fails,
-    the error surfaces and readers still see the previous database with its own embeddings,
-    never the old database beside the new embeddings (4-d before, 8-d in the failed build)."""
+    """The publish renames the embeddings into a build folder no database reads yet, then the
+    database (the commit point): when either rename fails, the error surfaces and readers still
+    see the previous database with its own embeddings (4-d before, 8-d in the failed build).
+    Kills at every point: tests/test_crash_points.py."""
     import os
+
+    from taac_dagster.settings import TaacSettings
+    from taac_dagster.warehouse import embedding_paths
 
     from .conftest import write_tiny_hub
 
     build(write_tiny_hub(tmp_path / "old", emb_dim=4), tmp_path, "10M")[1].close()
     root = tmp_path / "data" / "10M"
-    before = (root / "warehouse.duckdb").read_bytes(), (root / "embeddings" / "emb_81.parquet").read_bytes()
+    published = lambda: embedding_paths(root / "warehouse.duckdb", TaacSettings())[81]  # noqa: E731
+    before = (root / "warehouse.duckdb").read_bytes(), published().read_bytes()
     assert _published_pair(root) == (4, 6, 4, 6)
 
-    target = root / ("embeddings" if failing == "embeddings" else "warehouse.duckdb")
+    def is_target(dst) -> bool:
+        dst = Path(dst)
+        if failing == "embeddings":
+            return dst.parent == root / "embeddings" and dst.name.startswith("build-")
+        return dst == root / "warehouse.duckdb"
+
     real_replace, calls = os.replace, []
 
     def replace(src, dst, **kwargs):
-        if os.fspath(dst) == str(target) and not calls:
+        if is_target(dst) and not calls:
             calls.append(src)
             raise OSError(28, "No space left on device (injected)")
         return real_replace(src, dst, **kwargs)
@@ -229,8 +242,9 @@ def test_a_failed_publish_rename_leaves_the_old_pair_in_place(tmp_path, monkeypa
     assert len(calls) == 1 and ".tmp-" in os.fspath(calls[0])  # the staged copy's rename failed
     monkeypatch.setattr(os, "replace", real_replace)
 
-    assert ((root / "warehouse.duckdb").read_bytes(), (root / "embeddings" / "emb_81.parquet").read_bytes()) == before
+    assert ((root / "warehouse.duckdb").read_bytes(), published().read_bytes()) == before
     assert _published_pair(root) == (4, 6, 4, 6)
     assert sorted(p.name for p in root.iterdir()) == ["embeddings", "warehouse.duckdb"]  # nothing staged or set aside left
+    assert [p for p in (root / "embeddings").iterdir()] == [published().parent]  # nor an unread build
     build(tmp_path / "new", tmp_path, "10M")[1].close()  # the next publish goes through
     assert _published_pair(root) == (8, 6, 8, 6)

@@ -1,0 +1,161 @@
+"""A kill at any instant of a publish leaves a state a reader can trust.
+
+Each test runs the writer in a child process that SIGKILLs itself right before or right after
+the N-th rename, exchange or fsync it performs, once per point (the points are counted by a
+first run that kills nothing). After each kill a reader sees the complete previous state or the
+complete new one, and the next writer (after the clean-up every step runs under its track
+lock) ends in the new state with nothing left over."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import duckdb
+import pyarrow.parquet as pq
+import pytest
+
+from taac_dagster.atomic import atomic_dir, recover_interrupted_writes
+from taac_dagster.paths import TrackPaths
+from taac_dagster.settings import load_settings
+from taac_dagster.warehouse import build_warehouse
+
+from .conftest import write_tiny_hub
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Installed in the child before the writer runs: every rename, exchange and fsync is a point.
+KILL_HARNESS = """
+import json, os, signal, sys
+import taac_dagster.atomic as atomic
+
+points = []
+kill_at, when = int(os.environ["KILL_AT"]), os.environ["KILL_WHEN"]
+
+def counted(name, function):
+    def call(*args, **kwargs):
+        points.append(name)
+        if len(points) == kill_at and when == "before":
+            os.kill(os.getpid(), signal.SIGKILL)
+        result = function(*args, **kwargs)
+        if len(points) == kill_at and when == "after":
+            os.kill(os.getpid(), signal.SIGKILL)
+        return result
+    return call
+
+os.replace = counted("replace", os.replace)
+os.rename = counted("rename", os.rename)
+os.fsync = counted("fsync", os.fsync)
+if os.environ.get("NO_EXCHANGE"):  # a file system without an atomic exchange (NFS, macOS)
+    atomic.exchange_paths = lambda first, second: False
+else:
+    atomic.exchange_paths = counted("exchange", atomic.exchange_paths)
+"""
+
+WAREHOUSE_WRITER = """
+from pathlib import Path
+from taac_dagster.paths import TrackPaths
+from taac_dagster.settings import load_settings
+from taac_dagster.warehouse import build_warehouse
+settings = load_settings("10M", {"data_root": sys.argv[1], "embedding_families": [81]})
+build_warehouse(Path(sys.argv[2]), TrackPaths(settings.data_root, "10M"), settings)
+print(json.dumps(points))
+"""
+
+FOLDER_WRITER = """
+from pathlib import Path
+with atomic.atomic_dir(Path(sys.argv[1])) as tmp:
+    for name in ("a", "b", "c"):
+        (tmp / name).write_text("new")
+print(json.dumps(points))
+"""
+
+
+def run_writer(code: str, *args: str, kill_at: int = 0, when: str = "before", exchange: bool = True) -> tuple[int, list]:
+    env = {**os.environ, "KILL_AT": str(kill_at), "KILL_WHEN": when, "NO_EXCHANGE": "" if exchange else "1"}
+    done = subprocess.run([sys.executable, "-c", KILL_HARNESS + code, *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=120)
+    points = json.loads(done.stdout.strip().splitlines()[-1]) if done.returncode == 0 else []
+    assert done.returncode in (0, -9), done.stderr[-2000:]
+    return done.returncode, points
+
+
+def warehouse_view(root: Path) -> tuple[int, int, int, int]:
+    """What a reader sees: the database's embedding dim and rows, and those of the file it names
+    (a missing or mismatched file fails here)."""
+    con = duckdb.connect(str(root / "warehouse.duckdb"), read_only=True)
+    try:
+        [(dim, count, path)] = con.execute("SELECT dim, rows, path FROM embedding_families").fetchall()
+    finally:
+        con.close()
+    table = pq.read_table(path)
+    return dim, count, len(table.column("emb")[0]), table.num_rows
+
+
+def test_a_warehouse_publish_killed_at_any_point_leaves_the_old_or_the_new_pair(tmp_path):
+    """The database names its embeddings folder (embeddings/build-<id>) and its rename is the
+    one commit point: killed anywhere, the reader sees the 4-d pair or the 8-d one, never the
+    old database beside the new vectors; the next build collects what the kill left."""
+    old, new = write_tiny_hub(tmp_path / "old", emb_dim=4), write_tiny_hub(tmp_path / "new", emb_dim=8)
+    settings = load_settings("10M", {"data_root": str(tmp_path / "data"), "embedding_families": [81]})
+    paths = TrackPaths(settings.data_root, "10M")
+    build_warehouse(old, paths, settings)
+    code, points = run_writer(WAREHOUSE_WRITER, str(tmp_path / "data"), str(new))
+    assert code == 0 and points.count("replace") >= 2 and "fsync" in points
+    assert warehouse_view(paths.root) == (8, 6, 8, 6)
+    outcomes = {}
+    for kill_at in range(1, len(points) + 1):
+        for when in ("before", "after"):
+            build_warehouse(old, paths, settings)
+            assert warehouse_view(paths.root) == (4, 6, 4, 6)
+            code, _ = run_writer(WAREHOUSE_WRITER, str(tmp_path / "data"), str(new), kill_at=kill_at, when=when)
+            assert code == -9
+            seen = warehouse_view(paths.root)
+            assert seen in ((4, 6, 4, 6), (8, 6, 8, 6)), (kill_at, when, points[kill_at - 1], seen)
+            outcomes[(kill_at, when)] = seen[0]
+            recover_interrupted_writes(paths.root)
+            assert warehouse_view(paths.root) == seen  # the clean-up never changes what a reader sees
+            build_warehouse(new, paths, settings)
+            assert warehouse_view(paths.root) == (8, 6, 8, 6)
+            assert sorted(p.name for p in paths.root.iterdir()) == ["embeddings", "warehouse.duckdb"]
+            assert len(list(paths.embeddings.iterdir())) == 1  # only the build the database reads
+    # The switch happens at the database's rename, not before and not after.
+    commit = max(i for i, name in enumerate(points, 1) if name == "replace")
+    assert outcomes[(commit, "before")] == 4 and outcomes[(commit, "after")] == 8
+
+
+@pytest.mark.parametrize("exchange", [True, False], ids=["exchange", "two-renames"])
+def test_a_folder_replaced_atomically_is_never_half_written(tmp_path, exchange):
+    """atomic_dir swaps a folder in one exchange (Linux): killed anywhere, the target is the
+    complete old or new folder. Where the file system cannot exchange, it is missing for an
+    instant between two renames, and the clean-up under the next writer's lock puts the old
+    folder back."""
+    target = tmp_path / "artifact"
+
+    def publish_old() -> None:
+        with atomic_dir(target) as tmp:
+            for name in ("a", "b"):
+                (tmp / name).write_text("old")
+
+    def contents() -> dict[str, str] | None:
+        return {p.name: p.read_text() for p in target.iterdir()} if target.exists() else None
+
+    publish_old()
+    code, points = run_writer(FOLDER_WRITER, str(target), exchange=exchange)
+    assert code == 0 and contents() == {"a": "new", "b": "new", "c": "new"}
+    missing_seen = 0
+    for kill_at in range(1, len(points) + 1):
+        for when in ("before", "after"):
+            publish_old()
+            run_writer(FOLDER_WRITER, str(target), kill_at=kill_at, when=when, exchange=exchange)
+            seen = contents()
+            missing_seen += seen is None
+            if exchange:
+                assert seen is not None
+            recover_interrupted_writes(tmp_path)
+            assert contents() in ({"a": "old", "b": "old"}, {"a": "new", "b": "new", "c": "new"}), (kill_at, when)
+            assert sorted(p.name for p in tmp_path.iterdir()) == ["artifact"]
+    assert ("exchange" in points) == exchange and (missing_seen > 0) == (not exchange)
