@@ -53,11 +53,12 @@ import hashlib
 import json
 import math
 import os
+import struct
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, BinaryIO, Literal
 
 import faiss
 import numpy as np
@@ -703,6 +704,89 @@ def save_index(path: str | Path, index: ItemIndex, metadata: Mapping[str, Any]) 
     return path
 
 
+_FLAT_FOURCCS = (b"IxFI", b"IxF2", b"IxFl")
+
+
+class _IndexFileWalk:
+    """Reads an index file's header fields and steps over its arrays, refusing any part that runs
+    past the end of the file (the layout: faiss/impl/index_read.cpp, read_index)."""
+
+    def __init__(self, handle: BinaryIO, path: Path) -> None:
+        self.handle, self.path, self.left = handle, path, path.stat().st_size
+
+    def _refuse(self, expected: str, found: str) -> IndexMismatchError:
+        return IndexMismatchError(
+            f"{self.path}: expected {expected}; found {found}: the file is damaged or not one save_index wrote; "
+            "rebuild the index"
+        )
+
+    def _claim(self, size: int, what: str) -> None:
+        if size > self.left:
+            found = f"{what} of {size:,} bytes where {self.left:,} are left"
+            raise self._refuse("a faiss index whose parts fit in the file", found)
+        self.left -= size
+
+    def read(self, size: int, what: str) -> bytes:
+        self._claim(size, what)
+        return self.handle.read(size)
+
+    def fields(self, layout: str, what: str) -> tuple[Any, ...]:
+        return struct.unpack("<" + layout, self.read(struct.calcsize("<" + layout), what))
+
+    def array(self, item_size: int, what: str) -> int:
+        """Step over a faiss vector (its item count, uint64, then its items); its item count."""
+        (count,) = self.fields("Q", what)
+        self._claim(count * item_size, what)
+        self.handle.seek(count * item_size, os.SEEK_CUR)
+        return count
+
+    def index(self, kinds: tuple[bytes, ...] = (*_FLAT_FOURCCS, b"IHNf", b"IwFl")) -> int:
+        """Walk one index of a kind build_index writes (flat; HNSW or IVF over flat); its ntotal."""
+        (fourcc,) = self.fields("4s", "index type")
+        if fourcc not in kinds:
+            raise self._refuse(f"a faiss index of type {' or '.join(k.decode() for k in kinds)}", f"type {fourcc!r}")
+        d, ntotal, _, _, _, metric = self.fields("iqqq?i", "index header")  # 2 dummies, is_trained
+        if metric > 1:
+            self.fields("f", "metric argument")
+        if fourcc in _FLAT_FOURCCS:
+            floats = self.array(4, "vectors")
+            if d < 1 or floats != ntotal * d:  # faiss checks this after reading; IVF needs it before
+                raise self._refuse(f"{ntotal:,} vectors of dimension {d}", f"{floats:,} floats")
+        elif fourcc == b"IHNf":
+            for item_size, what in ((8, "level probabilities"), (4, "neighbours per level"), (4, "levels"),
+                                    (8, "offsets"), (4, "neighbours")):
+                self.array(item_size, f"HNSW {what}")
+            self.fields("5i", "HNSW parameters")
+            self.index(_FLAT_FOURCCS)  # the vectors
+        else:  # IVF-flat
+            nlist, _ = self.fields("QQ", "IVF header")
+            self.inverted_lists(nlist, centroids=self.index(_FLAT_FOURCCS))
+        return ntotal
+
+    def inverted_lists(self, nlist: int, centroids: int) -> None:
+        (direct_map,) = self.fields("b", "IVF direct map")
+        self.array(8, "IVF direct map")
+        if direct_map == 2:  # a hash table: (id, offset) pairs
+            self.array(16, "IVF direct map")
+        fourcc, lists, code_size, layout = self.fields("4sQQ4s", "IVF lists header")
+        # faiss makes a table per list before it reads any: the lists must be the centroids'
+        if fourcc != b"ilar" or not lists == nlist <= centroids or layout not in (b"full", b"sprs"):
+            found = f"{fourcc!r} {layout!r} with {lists:,} lists"
+            raise self._refuse(f"IVF lists ('ilar'), one per centroid ({centroids:,})", found)
+        (count,) = self.fields("Q", "IVF list sizes")
+        sizes = np.frombuffer(self.read(8 * count, "IVF list sizes"), dtype=np.uint64)
+        if layout == b"sprs":  # (list, size) pairs for the lists that are not empty
+            sizes = sizes[1::2]
+        self._claim(sum(int(size) for size in sizes) * (code_size + 8), "IVF lists (codes and ids)")
+
+
+def check_index_file(path: Path) -> None:
+    """Refuse an index file whose header declares more data than the file holds: faiss sizes its
+    arrays from the header before reading them, so a 365-byte file could make it allocate 1 GB."""
+    with open(path, "rb") as handle:
+        _IndexFileWalk(handle, path).index()
+
+
 def read_index_metadata(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     meta_path = path / METADATA_FILE
@@ -739,6 +823,7 @@ def load_index(
                 f"{path}: index metadata {key}={meta.get(key)!r}, expected {want!r}; rebuild the index"
             )
     set_threads(threads)
+    check_index_file(path / INDEX_FILE)
     raw = faiss.read_index(str(path / INDEX_FILE))
     ids = np.load(path / IDS_FILE)
     spec = IndexSpec.from_json(meta["spec"])
