@@ -23,6 +23,7 @@ import duckdb
 import pandas as pd
 
 from taac_dagster.formats import ITEM_SPARSE_FEATURES, USER_ARRAY_FEATURES, USER_SPARSE_FEATURES, feature_column
+from taac_dagster.sql import read_path
 from taac_dagster.tracks import get_track
 
 if TYPE_CHECKING:
@@ -527,7 +528,7 @@ def check_embeddings(ctx: CheckContext) -> CheckOutcome:
             """SELECT creative_id, item_id, len(emb) AS dim,
                       NOT isfinite(coalesce(list_sum(emb), 'nan'::DOUBLE)) OR list_count(emb) <> len(emb) AS non_finite
                FROM read_parquet(?) WHERE hash(creative_id) % ? = 0""",
-            [path, ctx.modulus],
+            [read_path(path), ctx.modulus],
         )
         suites[str(family)] = validate_frame(
             f"embeddings_{family}",
@@ -539,14 +540,16 @@ def check_embeddings(ctx: CheckContext) -> CheckOutcome:
                 E.ExpectColumnValuesToBeInSet(column="non_finite", value_set=[False]),
             ],
         )
-        counts[f"family_{family}_wrong_dim"] = ctx.count("SELECT count(*) FROM read_parquet(?) WHERE len(emb) <> ?", [path, dim])
+        counts[f"family_{family}_wrong_dim"] = ctx.count(
+            "SELECT count(*) FROM read_parquet(?) WHERE len(emb) <> ?", [read_path(path), dim]
+        )
         # The sum of a vector is finite exactly when every element is (float32 values summed in
         # double cannot overflow), so one aggregate over the whole file finds NaN and infinities.
         non_finite = ctx.rows(
             """SELECT creative_id FROM read_parquet(?)
                WHERE NOT isfinite(coalesce(list_sum(emb), 'nan'::DOUBLE)) OR list_count(emb) <> len(emb)
                ORDER BY creative_id""",
-            [path],
+            [read_path(path)],
         )
         counts[f"family_{family}_non_finite"] = len(non_finite)
         if non_finite:

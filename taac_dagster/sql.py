@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import re
 
@@ -41,10 +42,29 @@ def sql_fingerprint(*names: str) -> str:
 
 def sql_literal(value: object) -> str:
     """``value`` as a SQL string literal (quotes doubled): for paths in statements that take no
-    parameters (COPY ... TO, table functions built into a larger query)."""
+    parameters (COPY ... TO); a path a table function reads takes ``sql_read_path``."""
     return "'" + str(value).replace("'", "''") + "'"
 
 
 def sql_literal_list(values: list) -> str:
     """A DuckDB list literal of string literals: ``['a', 'b''s']``."""
     return "[" + ", ".join(sql_literal(v) for v in values) + "]"
+
+
+def read_path(path: object) -> str:
+    """``path`` as DuckDB's file readers (read_parquet, read_ndjson_objects, ...) must be given it to
+    read that one file: they expand ``*``, ``?`` and ``[...]`` in every path, each path of a list
+    too, so a data root named ``a[1]`` reads the files of a sibling ``a1`` where it has them.
+    glob.escape makes each such character a one-character class (``[[]``) that matches only itself.
+    Not for paths written to (COPY ... TO takes the path as it is)."""
+    return glob.escape(str(path))
+
+
+def sql_read_path(path: object) -> str:
+    """``path`` as a SQL string literal naming that one file to DuckDB's readers (see read_path)."""
+    return sql_literal(read_path(path))
+
+
+def sql_read_paths(paths: list) -> str:
+    """The files as a DuckDB list literal, each naming that one file to DuckDB's readers."""
+    return sql_literal_list([read_path(path) for path in paths])

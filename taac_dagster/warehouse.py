@@ -41,7 +41,7 @@ from taac_dagster.readers.json_lines import short
 from taac_dagster.readers.jsonl import stage_jsonl_dataset
 from taac_dagster.readers.staging import drop_staging
 from taac_dagster.settings import TaacSettings
-from taac_dagster.sql import load_sql, sql_literal
+from taac_dagster.sql import load_sql, read_path, sql_read_path
 from taac_dagster.tracks import get_track
 
 log = logging.getLogger(__name__)
@@ -397,7 +397,7 @@ def validate_events(
             event_field = "action_type" if name == "action_type" else name
             value = con.execute(
                 f"""SELECT CAST(seq[?].{'"timestamp"' if event_field == 'timestamp' else event_field} AS VARCHAR)
-                    FROM read_parquet({sql_literal(filename)}, file_row_number=true) WHERE file_row_number = ?""",
+                    FROM read_parquet({sql_read_path(filename)}, file_row_number=true) WHERE file_row_number = ?""",
                 [int(position) + 1, row],
             ).fetchall()
             found = value[0][0] if value and name != "user_id" else str(user_id)
@@ -432,7 +432,7 @@ def _write_embeddings(
         out = embeddings_dir / f"emb_{family}.parquet"
         counts = write_family_embeddings(con, source, out)
         covered = con.execute(
-            "SELECT count(*) FROM items WHERE item_id IN (SELECT item_id FROM read_parquet(?))", [str(out)]
+            "SELECT count(*) FROM items WHERE item_id IN (SELECT item_id FROM read_parquet(?))", [read_path(out)]
         ).fetchall()[0][0]
         coverage = covered / n_items if n_items else 0.0
         con.execute(

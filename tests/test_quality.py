@@ -130,3 +130,19 @@ def test_sampling_validates_a_deterministic_subset(fixture_warehouse):
     assert first.metadata["sample_modulus"] == 1 and sampled.metadata["sample_modulus"] == 5
     assert 0 < sampled.metadata["ge"]["rows_validated"] < first.metadata["ge"]["rows_validated"]
     assert sampled.metadata["ge"]["rows_validated"] == again.metadata["ge"]["rows_validated"]
+
+
+def test_embedding_file_in_a_folder_named_like_a_glob_is_the_one_checked(tmp_path):
+    # DuckDB would read a[1]/emb_81.parquet as the pattern it looks like, matching a1's file.
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from taac_dagster.quality import CheckContext, check_embeddings
+
+    for folder, dim in (("a[1]", 4), ("a1", 3)):
+        (tmp_path / folder).mkdir()
+        emb = pa.array([[0.5] * dim] * 2, pa.list_(pa.float32()))
+        pq.write_table(pa.table({"creative_id": [1, 2], "item_id": [1, 2], "emb": emb}), tmp_path / folder / "emb_81.parquet")
+    ctx = CheckContext(duckdb.connect(), "1M", 100, 1, [(81, 4, str(tmp_path / "a[1]" / "emb_81.parquet"))])
+    outcome = check_embeddings(ctx)
+    assert outcome.passed, outcome.description

@@ -307,6 +307,24 @@ def test_pickle_embedding_keys_as_strings_and_a_bad_one(tmp_path):
     assert err.value.row == 1 and str(path) in str(err.value) and "'cid_2'" in str(err.value)
 
 
+def test_one_long_string_in_a_pickled_family_is_named_not_sized_into_every_cell(tmp_path):
+    """numpy would size every cell of the [items, dim] matrix to the longest string (2,000
+    vectors x 32 x 1 MB here): the element is named before numpy sees the values."""
+    import pickle
+
+    from taac_dagster.readers.embeddings import EmbeddingSource
+
+    con = duckdb.connect()
+    con.execute("CREATE TABLE stg_item_index AS SELECT 1001::BIGINT AS creative_id, 1::BIGINT AS item_id")
+    family = {1000 + i: [0.5] * 32 for i in range(2000)}
+    family[1500] = [0.5] * 31 + ["x" * 1_000_000]
+    path = tmp_path / "emb_81_32.pkl"
+    path.write_bytes(pickle.dumps(family))
+    with pytest.raises(DataFormatError) as err:
+        write_family_embeddings(con, EmbeddingSource(81, 32, path, "pickle"), tmp_path / "out.parquet")
+    assert err.value.row == 500 and "element 31" in str(err.value) and str(path) in str(err.value)
+
+
 def test_running_out_of_memory_while_copying_embeddings_is_not_called_bad_data(tmp_path, monkeypatch):
     """DuckDB's memory limit hit while writing a family is the limit's doing, not the file's: it
     passes through as itself, not as a DataFormatError blaming the embeddings."""
@@ -329,3 +347,48 @@ def test_running_out_of_memory_while_copying_embeddings_is_not_called_bad_data(t
     with pytest.raises(duckdb.OutOfMemoryException):
         write_family_embeddings(con, source, tmp_path / "oom.parquet")
     assert not (tmp_path / "oom.parquet").exists()
+
+
+# --- folders named like glob patterns ---------------------------------------------------------
+# DuckDB expands *, ? and [...] in every path it reads, lists of files too: without care a folder
+# a[1] reads the files of its sibling a1. Each test gives a1 different data and reads a[1].
+def _keep_first_rows(path, n):
+    pq.write_table(pq.read_table(path).slice(0, n), path)
+
+
+def test_hub_folder_named_like_a_glob_reads_only_its_own_files(tmp_path):
+    from tests.conftest import write_tiny_hub
+
+    own = write_tiny_hub(tmp_path / "a[1]")
+    other = write_tiny_hub(tmp_path / "a1")
+    for path in other.rglob("*.parquet"):
+        _keep_first_rows(path, 1)
+    con = duckdb.connect()
+    stage_hub_dataset(con, own)
+    assert count(con, "SELECT count(*) FROM stg_events") == 12
+    assert count(con, "SELECT count(*) FROM stg_candidates") == 2
+    source = find_embedding_source(own, HUB_FORMAT, 81)
+    out = tmp_path / "out[1]" / "emb_81.parquet"  # the written file is read back too
+    out.parent.mkdir()
+    assert write_family_embeddings(con, source, out)["rows"] == sum(pq.read_metadata(f).num_rows for f in source.path.glob("*.parquet"))
+
+
+def test_jsonl_folder_named_like_a_glob_reads_only_its_own_files(demo_dir, tmp_path):
+    import shutil
+
+    from taac_dagster.readers.jsonl import locate_users_jsonl
+
+    own, other = tmp_path / "a[1]", tmp_path / "a1"
+    shutil.copytree(demo_dir, own)
+    shutil.copytree(demo_dir, other)
+    lines = (other / "seq.jsonl").read_text().splitlines()
+    (other / "seq.jsonl").write_text("\n".join(lines[:3]) + "\n")
+    [part] = (other / "creative_emb" / "emb_81_32").iterdir()
+    part.write_text("\n".join(part.read_text().splitlines()[:2]) + "\n")
+    con = duckdb.connect()
+    stage_jsonl_dataset(con, own)
+    assert count(con, "SELECT count(*) FROM stg_events") == 7956
+    last_user = json.loads(lines[-1])[0][0]
+    assert last_user in locate_users_jsonl(con, own / "seq.jsonl", [last_user])
+    counts = write_family_embeddings(con, find_embedding_source(own, JSONL_FORMAT, 81), tmp_path / "emb_81.parquet")
+    assert counts["rows"] == 479

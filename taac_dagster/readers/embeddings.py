@@ -24,7 +24,7 @@ from taac_dagster.formats import RAW_ID_TYPE, hub_embedding_dirs, jsonl_embeddin
 from taac_dagster.readers import json_lines
 from taac_dagster.readers.hub_parquet import RAW_ID, check_schema, files_sql, locate_bad_raw_id, parquet_files
 from taac_dagster.safe_pickle import load_plain_pickle
-from taac_dagster.sql import sql_literal
+from taac_dagster.sql import read_path, sql_literal
 
 
 @dataclass(frozen=True)
@@ -151,7 +151,7 @@ def _diagnose_jsonl(con: duckdb.DuckDBPyConnection, parts: list[Path], dim: int)
                         SELECT ordinality, {_jsonl_columns_sql(dim)}
                         FROM read_ndjson_objects(?, maximum_object_size={json_lines.MAX_LINE_BYTES}) WITH ORDINALITY)
                     WHERE creative_id IS NULL OR emb IS NULL ORDER BY ordinality LIMIT 1""",
-                [str(part)],
+                [read_path(part)],
             ).fetchall()
         except duckdb.Error:
             json_lines.diagnose_lines(part, expected)
@@ -241,7 +241,7 @@ def write_family_embeddings(
                 ) from None
             # A value of the wrong type or range is NULL after the conversion: find it and name it.
             bad = con.execute(
-                "SELECT count(*) FROM read_parquet(?) WHERE creative_id IS NULL OR emb IS NULL", [str(tmp)]
+                "SELECT count(*) FROM read_parquet(?) WHERE creative_id IS NULL OR emb IS NULL", [read_path(tmp)]
             ).fetchall()[0][0]
             if bad:
                 diagnose()
@@ -249,7 +249,7 @@ def write_family_embeddings(
                     source.path, f"family {source.family} embeddings, each with an id and a vector", f"{bad} rows without"
                 )
         counts = con.execute(
-            "SELECT count(*), count(item_id), count(*) - count(DISTINCT creative_id) FROM read_parquet(?)", [str(tmp)]
+            "SELECT count(*), count(item_id), count(*) - count(DISTINCT creative_id) FROM read_parquet(?)", [read_path(tmp)]
         ).fetchall()[0]
     return {"rows": int(counts[0]), "indexed_items": int(counts[1]), "duplicate_ids": int(counts[2])}
 
@@ -269,8 +269,11 @@ def _write_pickle_embeddings(con: duckdb.DuckDBPyConnection, source: EmbeddingSo
             raise DataFormatError(
                 source.path, f"an embedding of length {source.dim} for creative id {cid}", found, row=position
             )
-    # Inferred, not forced: a string such as "0.5" must be an error, not a float.
+    # Inferred, not forced: a string such as "0.5" must be an error, not a float. Checked before
+    # numpy sees them: one long string would make numpy size every cell of the matrix to it.
     values = list(data.values())
+    if not {type(v) for emb in values for v in emb} <= {int, float}:
+        _raise_pickle_element(source, data)
     inferred = np.array(values) if values else np.zeros((0, source.dim))
     if inferred.dtype.kind not in "fiu" or inferred.ndim != 2:
         _raise_pickle_element(source, data)

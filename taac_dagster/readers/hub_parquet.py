@@ -27,7 +27,7 @@ from taac_dagster.formats import (
     raw_id_sql,
 )
 from taac_dagster.readers.staging import create_empty_candidates, stage_indexer
-from taac_dagster.sql import sql_literal_list
+from taac_dagster.sql import sql_read_paths
 
 log = logging.getLogger(__name__)
 
@@ -100,8 +100,8 @@ def check_schema(
 
 
 def files_sql(files: list[Path]) -> str:
-    """The files as a DuckDB list literal, quotes in their paths escaped."""
-    return sql_literal_list(files)
+    """The files as a DuckDB list literal, read as exactly those files (no glob expansion)."""
+    return sql_read_paths(files)
 
 
 def locate_first(

@@ -31,7 +31,7 @@ from taac_dagster.formats import (
 from taac_dagster.readers import json_lines
 from taac_dagster.readers.json_lines import json_integer_sql
 from taac_dagster.readers.staging import create_empty_candidates, stage_indexer, user_feature_select
-from taac_dagster.sql import sql_literal
+from taac_dagster.sql import read_path, sql_read_path
 from taac_dagster.tracks import CLICK, CONVERSION, EXPOSURE
 
 log = logging.getLogger(__name__)
@@ -114,7 +114,7 @@ def _records_sql(path: Path, rules: tuple[RecordRule, ...]) -> str:
     CREATE OR REPLACE TABLE stg_jsonl_records AS
     WITH lines AS (
         SELECT ordinality AS line, TRY_CAST(json AS JSON[][]) AS recs
-        FROM read_ndjson_objects({sql_literal(path)}, maximum_object_size={json_lines.MAX_LINE_BYTES}) WITH ORDINALITY
+        FROM read_ndjson_objects({sql_read_path(path)}, maximum_object_size={json_lines.MAX_LINE_BYTES}) WITH ORDINALITY
     ), split AS (
         SELECT line,
                CASE WHEN recs IS NULL OR len(recs) = 0 THEN [NULL::JSON[]]
@@ -316,7 +316,7 @@ def locate_users_jsonl(con: duckdb.DuckDBPyConnection, path: Path, user_ids: lis
                 SELECT ordinality, {json_integer_sql("json->>'$[0][0]'")} AS user_id
                 FROM read_ndjson_objects(?, maximum_object_size={json_lines.MAX_LINE_BYTES}) WITH ORDINALITY)
             WHERE list_contains(?, user_id) ORDER BY ordinality""",
-        [str(path), list(user_ids)],
+        [read_path(path), list(user_ids)],
     ).fetchall()
     numbers = json_lines.physical_lines(path, {int(ordinal) for ordinal, _ in rows})
     found: dict[int, list[str]] = {}
@@ -367,7 +367,7 @@ def stage_predict_set(con: duckdb.DuckDBPyConnection, path: Path) -> None:
                        CASE WHEN json_type(json, '$.creative_id') IN ('BIGINT', 'UBIGINT', 'VARCHAR')
                             THEN {raw_id_sql("json->>'$.creative_id'")} END AS creative_id,
                        {json_integer_sql("(json->'$.retrieval_id')::VARCHAR")} AS retrieval_id
-                FROM read_ndjson_objects({sql_literal(path)}, maximum_object_size={json_lines.MAX_LINE_BYTES})
+                FROM read_ndjson_objects({sql_read_path(path)}, maximum_object_size={json_lines.MAX_LINE_BYTES})
                      WITH ORDINALITY
             )
             SELECT line, creative_id, retrieval_id, {feats}, CASE {problem} END::UTINYINT AS problem FROM typed
