@@ -15,8 +15,9 @@ from taac_dagster.resources import TaacConfig
 def hold_track(context: AssetExecutionContext, taac: TaacConfig, track: str) -> Iterator[None]:
     """Hold ``<data root>/<track>/.lock`` for the step (see taac_dagster.locks); the project's
     errors raised inside, the lock's own included, leave the step as ``dagster.Failure`` with
-    the file, line and fix in its metadata (``assets.failures``). Under the lock, what an
-    earlier writer killed mid-publish left is rolled back or removed first."""
+    the file, line and fix in its metadata (``assets.failures``). The step also claims the
+    track's run lease, so no other run's step comes between two steps of this run. Under the
+    lock, what an earlier writer killed mid-publish left is rolled back or removed first."""
     with explained_failures(), track_lock(
         taac.paths(track).root,
         track=track,
@@ -24,8 +25,17 @@ def hold_track(context: AssetExecutionContext, taac: TaacConfig, track: str) -> 
         run_id=context.run_id,
         timeout=taac.settings(track).track_lock_timeout,
         logger=context.log,
+        run_finished=lambda run_id: _run_finished(context, run_id),
+        lease_ttl=taac.settings(track).run_lease_ttl,
     ):
         removed = recover_interrupted_writes(taac.paths(track).root)
         if removed:
             context.log.warning(f"removed {removed} leftovers of interrupted writes under {taac.paths(track).root}")
         yield
+
+
+def _run_finished(context: AssetExecutionContext, run_id: str) -> bool | None:
+    """Whether the run ``run_id`` has ended, as this step's instance knows it (None: unknown,
+    e.g. a run of another instance)."""
+    run = context.instance.get_run_by_id(run_id)
+    return None if run is None else run.is_finished

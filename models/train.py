@@ -59,12 +59,11 @@ from models.losses import NegativeQueue
 from models.metrics import retrieval_metrics
 from taac_dagster.atomic import atomic_file
 from taac_dagster.paths import TrackPaths
-from taac_dagster.settings import TaacSettings, training_overrides
+from taac_dagster.settings import TaacSettings, model_preset_file, model_preset_name, training_overrides
 from taac_dagster.tracks import get_track
 
 log = logging.getLogger(__name__)
 
-PRESET_DIR = Path(__file__).resolve().parents[1] / "configs" / "models"
 CHECKPOINT_FORMAT = 1
 LAST = "last.pt"
 # What only resuming training reads from a checkpoint (dropped by load_encoder).
@@ -183,19 +182,14 @@ class Preset:
 def load_preset(name_or_path: str | Path, overrides: dict[str, Any] | None = None) -> Preset:
     """A preset from configs/models/<name>.yaml (or a path): ``model:`` and ``train:`` sections.
     ``overrides`` = {"model": {...}, "train": {...}} on top."""
-    path = Path(name_or_path)
-    if not path.suffix:
-        path = PRESET_DIR / f"{name_or_path}.yaml"
-    if not path.is_file():
-        known = ", ".join(sorted(p.stem for p in PRESET_DIR.glob("*.yaml")))
-        raise FileNotFoundError(f"no model preset {path}; known presets: {known}")
+    path = model_preset_file(name_or_path)
     import yaml
 
     data = yaml.safe_load(path.read_text()) or {}
     overrides = overrides or {}
     model = {**(data.get("model") or {}), **(overrides.get("model") or {})}
     train = {**(data.get("train") or {}), **(overrides.get("train") or {})}
-    return Preset(path.stem, model, TrainConfig.from_dict(train))
+    return Preset(model_preset_name(path), model, TrainConfig.from_dict(train))
 
 
 def checkpoint_version(digest: str, data_version: str, step: int) -> str:

@@ -8,17 +8,26 @@ it is released when its holder dies, however it dies.
 
 Beside the lock, ``.lock.holder`` names the holder (run, step, process, machine, since when),
 so whoever waits, or is refused, is told who holds the track.
+
+The lock is per step; a run is several steps, and between two of them another run could take
+the track and republish what the first one reads next. So a step of a Dagster run also claims
+the track's *run lease* (``.run_lease``: run id, renewed at each of its steps' start and end)
+while it holds the lock. A step of another run finds the lease taken and waits, lock released,
+until the owner run has ended (its status in the instance, when the lease was written by the
+same instance) or the lease has not been renewed for ``lease_ttl`` seconds (a run of another
+instance, or one that died without its status being updated).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,10 +42,16 @@ LOCK_NAME = ".lock"
 HOLDER_NAME = ".lock.holder"
 # While waiting, a line naming the holder is logged this often (seconds).
 WAIT_REPORT_SECONDS = 30.0
+# How often a step waiting for another run's lease looks again (the lock is free meanwhile).
+LEASE_POLL_SECONDS = 5.0
 
 
 class TrackBusyError(TaacError):
     """Another run holds the track's lock and did not release it in time."""
+
+
+class LockUnsupportedError(TaacError):
+    """The data root's file system has no ``flock``: no lock that ends with its holder."""
 
 
 def lock_path(track_root: Path) -> Path:
@@ -61,6 +76,48 @@ def describe_holder(holder: dict[str, Any] | None) -> str:
     )
 
 
+LEASE_NAME = ".run_lease"
+
+
+def _os_lock(path: Path) -> FileLock:
+    """An OS lock (``flock``) on ``path``, never filelock's soft fallback (a marker file) on a file
+    system without flock: a soft lock outlives a killed holder. Older filelock versions have no
+    fallback to turn off."""
+    try:
+        return FileLock(path, thread_local=False, fallback_to_soft=False)
+    except TypeError:
+        return FileLock(path, thread_local=False)
+
+
+def read_lease(track_root: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads((Path(track_root) / LEASE_NAME).read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) and data.get("run_id") else None
+
+
+def lease_blocks(
+    lease: dict[str, Any] | None, run_id: str, run_finished: Callable[[str], bool | None] | None, ttl: float,
+    *, now: float | None = None,
+) -> bool:
+    """Whether ``lease`` (another run's) keeps ``run_id`` out of the track: its run has not ended
+    (``run_finished``: True ended, False running, None unknown to this instance) and it was
+    renewed less than ``ttl`` seconds ago."""
+    if lease is None or lease.get("run_id") == run_id:
+        return False
+    if (now or time.time()) - float(lease.get("renewed", 0)) > ttl:
+        return False
+    return not (run_finished is not None and run_finished(str(lease["run_id"])) is True)
+
+
+def _write_lease(root: Path, run_id: str, since: str | None) -> None:
+    now = time.time()
+    lease = {"run_id": run_id, "since": since or time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now)), "renewed": now,
+             "host": socket.gethostname()}
+    write_text_atomic(root / LEASE_NAME, json.dumps(lease, indent=1))
+
+
 @contextlib.contextmanager
 def track_lock(
     track_root: str | Path,
@@ -70,30 +127,53 @@ def track_lock(
     run_id: str | None = None,
     timeout: float = 3600.0,
     logger: Any = None,
+    run_finished: Callable[[str], bool | None] | None = None,
+    lease_ttl: float = 600.0,
 ) -> Iterator[dict[str, Any]]:
     """Hold the track's lock for the body; wait up to ``timeout`` seconds (0: refuse at once)
-    for another holder, logging who it is, then raise ``TrackBusyError`` naming it."""
+    for another holder, logging who it is, then raise ``TrackBusyError`` naming it. With
+    ``run_finished`` (a Dagster run's step: it tells whether a run id has ended) the step also
+    claims the track's run lease (see the module doc)."""
     logger = logger or log
+    leased = run_id is not None and run_finished is not None
     root = Path(track_root)
     root.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(lock_path(root), thread_local=False)
+    lock = _os_lock(lock_path(root))
     deadline = time.monotonic() + timeout
     wait = 0.0  # the first attempt does not wait: a busy track is reported at once
     while True:
         try:
             lock.acquire(timeout=wait)
-            break
         except Timeout:
             holder = describe_holder(read_holder(root))
-            if time.monotonic() >= deadline:
-                raise TrackBusyError(
-                    f"track {track} is being written by {holder}; step {step}"
-                    + (f" of run {run_id}" if run_id else "")
-                    + f" gave up after waiting {timeout:.0f}s for {lock_path(root)}. Let that run finish (or stop "
-                    "it) and re-run; TAAC_TRACK_LOCK_TIMEOUT sets how long a step waits."
-                ) from None
-            logger.info(f"waiting for track {track}: {lock_path(root)} is held by {holder}")
+        except (NotImplementedError, OSError) as error:  # after Timeout, itself an OSError
+            if isinstance(error, OSError) and error.errno != errno.ENOSYS:
+                raise
+            raise LockUnsupportedError(
+                f"the file system under {root} does not support flock, so {lock_path(root)} cannot be a lock that "
+                "ends with its holder (a soft lock left by a killed step would block the track until removed by hand): "
+                "put the data root on a local disk or a file system with flock (NFSv4, not NFSv3 mounted with nolock)"
+            ) from error
+        else:
+            lease = read_lease(root) if leased else None
+            if not leased or not lease_blocks(lease, str(run_id), run_finished, lease_ttl):
+                break
+            lock.release()
+            holder = f"run {lease['run_id']} (between its steps: it holds the track's run lease since {lease.get('since')})"
             wait = max(0.0, min(WAIT_REPORT_SECONDS, deadline - time.monotonic()))
+            if time.monotonic() < deadline:
+                logger.info(f"waiting for track {track}: {holder}")
+                time.sleep(min(LEASE_POLL_SECONDS, wait))
+                continue
+        if time.monotonic() >= deadline:
+            raise TrackBusyError(
+                f"track {track} is being written by {holder}; step {step}"
+                + (f" of run {run_id}" if run_id else "")
+                + f" gave up after waiting {timeout:.0f}s for {lock_path(root)}. Let that run finish (or stop "
+                "it) and re-run; TAAC_TRACK_LOCK_TIMEOUT sets how long a step waits."
+            ) from None
+        logger.info(f"waiting for track {track}: {lock_path(root)} is held by {holder}")
+        wait = max(0.0, min(WAIT_REPORT_SECONDS, deadline - time.monotonic()))
     holder = {
         "track": track,
         "run_id": None if run_id is None else str(run_id),
@@ -104,7 +184,13 @@ def track_lock(
     }
     try:
         write_text_atomic(root / HOLDER_NAME, json.dumps(holder, indent=1))
+        if leased:
+            previous = read_lease(root)
+            since = previous.get("since") if previous and previous.get("run_id") == str(run_id) else None
+            _write_lease(root, str(run_id), since)
         yield holder
+        if leased:
+            _write_lease(root, str(run_id), (read_lease(root) or {}).get("since"))  # renewed at the step's end
     finally:
         with contextlib.suppress(OSError):
             (root / HOLDER_NAME).unlink()

@@ -177,6 +177,8 @@ def materialize_raw(settings: TaacSettings, paths: TrackPaths, *, logger: Any = 
             fetch,
             token=settings.hub_token.get_secret_value() if settings.hub_token else None,
             log=logger,
+            timeout=settings.hub_timeout_seconds,
+            deadline=settings.hub_deadline_seconds,
         )
         details = {
             "repo_id": download.repo_id,

@@ -12,7 +12,9 @@ description, unset by default. A run config overrides only what it sets::
           retrieval: {index: ivf}
 
 Everything else falls back to the environment (``TAAC_*``, ``.env``) and the track's preset
-in ``configs/tracks/``. The resource is also the assets' one way to DuckDB: ``duckdb()``
+in ``configs/tracks/``. A secret (``hub_token``) is never a value here, only where to read it
+(``{env: HF_TOKEN}``, ``{file: /run/secrets/hf_token}``): Dagster stores a run's config and shows it.
+The resource is also the assets' one way to DuckDB: ``duckdb()``
 opens a connection with the memory and thread settings of the track, as every connection of
 the plain code does (``taac_dagster.db.connect``).
 """
@@ -20,23 +22,44 @@ the plain code does (``taac_dagster.db.connect``).
 from __future__ import annotations
 
 import enum
+import os
 import types
 import typing
 from pathlib import Path
 from typing import Any, Literal, Optional, get_args, get_origin
 
 import duckdb
-from dagster import Config, ConfigurableResource
-from pydantic import BaseModel, Field, SecretStr, create_model
+from dagster import Config, ConfigurableResource, EnvVar
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, create_model, field_validator
 
 from taac_dagster.db import connect
 from taac_dagster.paths import TrackPaths
 from taac_dagster.settings import ENV_ONLY_SETTINGS, TaacSettings, load_settings
 
 
+class SecretSource(Config):
+    """Where the run reads a secret when it starts: an environment variable or a file, never the
+    secret itself, which Dagster would store with the run and show in the UI."""
+
+    env: Optional[str] = Field(None, description="The environment variable holding it, e.g. `HF_TOKEN`.")  # noqa: UP045
+    file: Optional[str] = Field(None, description="The file holding it, e.g. a mounted `/run/secrets/hf_token`.")  # noqa: UP045
+
+    def read(self, setting: str) -> str:
+        if (self.env is None) == (self.file is None):
+            raise ValueError(f"{setting}: give exactly one of env (a variable's name) and file (a path)")
+        if self.env is not None:
+            if not os.environ.get(self.env):
+                raise ValueError(f"{setting}: the environment variable {self.env} is not set")
+            return os.environ[self.env]
+        try:
+            return Path(self.file).expanduser().read_text().strip()
+        except OSError as error:
+            raise ValueError(f"{setting}: cannot read the file {self.file} ({error.strerror or error})") from None
+
+
 def _config_type(annotation: Any, name: str) -> Any:
     """The Dagster config type of a settings field's type: Literal -> an Enum of its values (the
-    Launchpad offers them), Path and SecretStr -> str, X | None -> X."""
+    Launchpad offers them), Path -> str, SecretStr -> SecretSource, X | None -> X."""
     if get_origin(annotation) is typing.Annotated:
         annotation = get_args(annotation)[0]
     if get_origin(annotation) in (typing.Union, types.UnionType):
@@ -44,7 +67,9 @@ def _config_type(annotation: Any, name: str) -> Any:
     if get_origin(annotation) is Literal:
         values = get_args(annotation)
         return enum.Enum(name, {value: value for value in values}, type=str, module=__name__)
-    if annotation in (Path, SecretStr):
+    if annotation is SecretStr:
+        return SecretSource
+    if annotation is Path:
         return str
     return annotation
 
@@ -77,7 +102,11 @@ def set_values(config: BaseModel) -> dict[str, Any]:
     values: dict[str, Any] = {}
     for name in type(config).model_fields:
         value = getattr(config, name)
-        if isinstance(value, BaseModel):
+        if isinstance(value, EnvVar):  # set in Python and read outside a run, where Dagster has not resolved it
+            value = SecretSource(env=value.env_var_name)
+        if isinstance(value, SecretSource):
+            value = value.read(name)
+        elif isinstance(value, BaseModel):
             value = set_values(value)
             if not value:
                 continue
@@ -96,6 +125,22 @@ _TaacRunConfig = run_config_model(TaacSettings, "TaacRunConfig", base=Configurab
 class TaacConfig(_TaacRunConfig):  # type: ignore[misc,valid-type]  (fields derived from TaacSettings)
     """Overrides of the TAAC_* settings for the runs that use this resource (fields left unset
     fall back to the environment and the track's preset; see docs/settings.md)."""
+
+    model_config = ConfigDict(hide_input_in_errors=True)  # an error must not show a token it refuses
+
+    @field_validator("hub_token", mode="before")
+    @classmethod
+    def _no_literal_secret(cls, value: Any) -> Any:
+        if isinstance(value, EnvVar):  # Dagster puts the EnvVar itself back after validation (see set_values)
+            return {"env": value.env_var_name}
+        if isinstance(value, str):
+            raise ValueError(
+                "hub_token must not be written into run config: Dagster stores a run's config and shows it in the UI. "
+                "Set TAAC_HUB_TOKEN (or HF_TOKEN) in the environment of the Dagster processes, or say where the run reads "
+                "it: `hub_token: {env: HF_TOKEN}`, `hub_token: {file: /run/secrets/hf_token}` (EnvVar(\"HF_TOKEN\") in "
+                "Python)."
+            )
+        return value
 
     def overrides(self) -> dict[str, Any]:
         """The settings this run config sets, nested as in ``TaacSettings``."""

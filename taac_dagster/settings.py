@@ -24,6 +24,44 @@ _MEMORY_SIZE = re.compile(r"\s*\d+(\.\d+)?\s*((K|M|G|T)i?B|B|%)\s*", re.IGNORECA
 CONFIG_DIR = PROJECT_ROOT / "configs"
 # Read when the definitions load (the schedule), not per run: no run-config field.
 ENV_ONLY_SETTINGS = frozenset({"retrain_cron", "retrain_schedule_enabled"})
+MODEL_PRESET_DIR = CONFIG_DIR / "models"
+# A model preset's name is also its folders' (checkpoints/<name>/, indexes/<name>/, vectors/<name>/),
+# beside checkpoints/arrays/ (models/train.py) and indexes/rejected/ (models/evaluation.py).
+_PRESET_NAME = re.compile(r"[a-z0-9][a-z0-9_-]*")
+PRESET_FOLDERS_TAKEN = frozenset({"arrays", "rejected"})
+# Defaults of hub_timeout_seconds and hub_deadline_seconds, also those of sources.hub.download_hub_dataset.
+HUB_TIMEOUT_SECONDS = 60.0
+HUB_DEADLINE_SECONDS = 12 * 3600.0
+
+
+def model_preset_name(name_or_path: str | Path) -> str:
+    """A model preset's name (a YAML path's stem); a ValueError when it cannot name the preset's folders."""
+    path = Path(name_or_path)
+    name = path.stem if path.suffix else str(name_or_path)
+    if not _PRESET_NAME.fullmatch(name):
+        raise ValueError(
+            f"model preset {str(name_or_path)!r}: its name {name!r} also names its folders (checkpoints/<name>/, "
+            "indexes/<name>/), so it must be lower-case letters, digits, '_' and '-', starting with a letter or digit"
+        )
+    if name in PRESET_FOLDERS_TAKEN:
+        raise ValueError(
+            f"model preset {name!r} would share its folders with the artifacts in checkpoints/arrays/ and "
+            f"indexes/rejected/: rename it (names taken: {', '.join(sorted(PRESET_FOLDERS_TAKEN))})"
+        )
+    return name
+
+
+def model_preset_file(name_or_path: str | Path) -> Path:
+    """``configs/models/<name>.yaml`` for a name, the file itself for a YAML path; a
+    FileNotFoundError naming the available presets when it does not exist."""
+    model_preset_name(name_or_path)
+    path = Path(name_or_path)
+    if not path.suffix:
+        path = MODEL_PRESET_DIR / f"{name_or_path}.yaml"
+    if not path.is_file():
+        known = ", ".join(sorted(p.stem for p in MODEL_PRESET_DIR.glob("*.yaml")))
+        raise FileNotFoundError(f"no model preset {path}; the presets available: {known}")
+    return path
 
 
 class SyntheticSettings(BaseModel):
@@ -121,6 +159,15 @@ class TrainingSettings(BaseModel):
     )
     nproc_per_node: int = Field(1, ge=1, description="Processes (GPUs) per node with the torchrun launcher.")
 
+    @field_validator("preset")
+    @classmethod
+    def _existing_preset(cls, value: str) -> str:
+        try:  # now, not after the arrays are prepared
+            model_preset_file(value)
+        except FileNotFoundError as error:
+            raise ValueError(str(error)) from None
+        return value
+
 
 class RetrievalSettings(BaseModel):
     """The Faiss index over the candidate pool (models/retrieval.py, models/evaluation.py)."""
@@ -162,6 +209,13 @@ class EvaluationSettings(BaseModel):
         "compute device is CUDA, whatever the index kind; faiss on a CPU. Recorded as `search_backend`."
     )
 
+    @field_validator("baseline_preset")
+    @classmethod
+    def _preset_name(cls, value: str | None) -> str | None:
+        if value:
+            model_preset_name(value)
+        return value
+
 
 class TaacSettings(BaseSettings):
     """Every setting of the project; environment variables ``TAAC_<FIELD>`` and
@@ -183,8 +237,17 @@ class TaacSettings(BaseSettings):
                                     "TAAC2025/TencentGR-1M or -10M.")
     hub_revision: str = Field("main", description="Hub revision: a commit sha pins the download; a branch is "
                               "resolved and its sha recorded.")
-    hub_token: SecretStr | None = Field(None, description="Hub token, for gated or private copies; never printed "
-                                        "(in run config: `{env: HF_TOKEN}`).")
+    hub_token: SecretStr | None = Field(None, description="Hub token, for gated or private copies; never printed. "
+                                        "Run config takes only where to read it, `{env: HF_TOKEN}` or `{file: "
+                                        "/run/secrets/hf_token}`, never the token (Dagster stores and shows run config).")
+    hub_timeout_seconds: float = Field(
+        HUB_TIMEOUT_SECONDS, gt=0, description="Seconds one Hub request may wait to connect or for the next bytes of "
+        "its answer before it fails naming the endpoint (a server that accepts and never answers)."
+    )
+    hub_deadline_seconds: float = Field(
+        HUB_DEADLINE_SECONDS, gt=0, description="Seconds the whole Hub fetch (resolve, listing, download, retries "
+        "included) may take before it stops with an error; finished files are kept and a re-run fetches the rest."
+    )
     embedding_families: Annotated[list[int] | None, NoDecode] = Field(
         None, description="Multi-modal families to read; unset (`auto`): every family the dataset holds, possibly "
         "none. A list (`81`, `81,82`) reads exactly those, `none` no family. The synthetic and Hub sources fetch "
@@ -209,6 +272,10 @@ class TaacSettings(BaseSettings):
     track_lock_timeout: float = Field(
         3600.0, ge=0, description="Seconds a step waits for its track's lock while another run writes that track, "
         "before it stops naming the holder; 0 refuses at once."
+    )
+    run_lease_ttl: float = Field(
+        600.0, gt=0, description="Seconds a run keeps its track between two of its steps (the run lease) when its "
+        "end cannot be seen in this Dagster instance (a run of another instance, or one that died unrecorded)."
     )
 
     @field_validator("duckdb_memory_limit")

@@ -54,7 +54,8 @@ resources:
 A run config sets only what it names; the resource's fields are derived from the models
 (`taac_dagster/resources.py`), so every setting below can be set per run, except the two marked
 "environment only", which the definitions read when they load. Secrets (`hub_token`) belong in
-the environment, or in the run config as `{env: VARIABLE}`.
+the environment; a run config names only where to read one, `{env: VARIABLE}` or `{file: PATH}`,
+and refuses the secret itself (Dagster stores a run's config and shows it in the UI).
 """
 
 

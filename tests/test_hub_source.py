@@ -19,6 +19,7 @@ import os
 import socket
 import struct
 import threading
+import time
 import urllib.parse
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -107,6 +108,9 @@ class FakeHub:
         self.fail_get: set[str] = set()  # files whose GET answers HTTP 500
         # files whose next n GETs send bytes of the right size that do not match their sha256
         self.corrupt_gets: dict[str, int] = {}
+        self.hang_api: set[str] = set()  # /api routes ("revision", "tree") that accept and never answer
+        self.trickle: set[str] = set()  # files whose GET sends one byte every 0.2 s
+        self.closed = threading.Event()  # ends the hung and trickling answers
         hub = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -134,6 +138,7 @@ class FakeHub:
         return [path for m, path, _ in self.requests if m == method and "/resolve/" in path]
 
     def close(self) -> None:
+        self.closed.set()
         self.server.shutdown()
         self.server.server_close()
 
@@ -166,6 +171,9 @@ class FakeHub:
             if self.api_status is not None:
                 return self._send(handler, self.api_status, b"unavailable", self.api_headers, head)
             repo_id, route, revision = "/".join(parts[2:4]), parts[4], "/".join(parts[5:]) or "main"
+            if route in self.hang_api:
+                self.closed.wait()
+                return None
             if repo_id not in self.commits:
                 return self._send(handler, 404, b"", {"X-Error-Code": "RepoNotFound"}, head)
             sha = self._commit(repo_id, revision)
@@ -192,6 +200,19 @@ class FakeHub:
                 return self._send(handler, 404, b"", {"X-Error-Code": "EntryNotFound"}, head)
             headers = {"X-Repo-Commit": sha, "ETag": f'"{hashlib.sha256(content).hexdigest()}"'}
             range_header = handler.headers.get("Range")
+            if file_path in self.trickle and not head:
+                handler.send_response(200)
+                for key, value in {**headers, "Content-Length": str(len(content))}.items():
+                    handler.send_header(key, value)
+                handler.end_headers()
+                with contextlib.suppress(OSError):  # the client gave up
+                    for byte in content:
+                        if self.closed.wait(0.2):
+                            break
+                        handler.wfile.write(bytes([byte]))
+                        handler.wfile.flush()
+                handler.close_connection = True
+                return None
             if file_path in self.fail_get and not head:
                 return self._send(handler, 500, b"storage error")
             if file_path in self.cut_once and not head and not range_header:
@@ -278,6 +299,56 @@ class ResettingPort:
             self.sock.shutdown(socket.SHUT_RDWR)
         self.sock.close()
         self.thread.join(5)
+
+
+class SilentPort:
+    """A port that accepts every connection and never answers: a Hub hung mid-request."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.held: list[socket.socket] = []
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                self.held.append(self.sock.accept()[0])
+            except OSError:  # closed
+                return
+
+    def __enter__(self) -> SilentPort:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+        self.sock.close()
+        self.thread.join(5)
+        for conn in self.held:
+            conn.close()
+
+
+def finished_within(seconds: float, call):
+    """``call()``'s result or error, failing the test if it still waits after ``seconds`` (a hang)."""
+    outcome: dict[str, object] = {}
+
+    def run() -> None:
+        try:
+            outcome["value"] = call()
+        except BaseException as error:  # handed to the test below
+            outcome["error"] = error
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), f"still waiting on the Hub after {seconds} s"
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
 
 
 def closed_port_endpoint() -> str:
@@ -429,6 +500,38 @@ def test_unreachable_endpoint_raises_source_unavailable_after_one_attempt(tmp_pa
     assert REPO in message and "'v1.0'" in message
     assert endpoint in message and "could not be reached" in message
     assert "HF_ENDPOINT" in message and "TAAC_SOURCE=local" in message
+
+
+def test_a_hub_that_never_answers_fails_within_the_timeout_naming_the_endpoint(tmp_path):
+    with SilentPort() as port:
+        started = time.monotonic()
+        with pytest.raises(SourceUnavailableError) as caught:
+            finished_within(20, lambda: download_hub_dataset(REPO, "main", tmp_path / "raw", [81], endpoint=port.url, timeout=1))
+        assert time.monotonic() - started < 5
+    message = str(caught.value)
+    assert port.url in message and "did not answer within 1 s" in message and "TAAC_HUB_TIMEOUT_SECONDS" in message
+    assert caught.value.transient
+
+
+@pytest.mark.parametrize(
+    ("stall", "timeout", "within", "said"),
+    # A hung listing is retried on timeouts (huggingface_hub's backoff): the deadline ends the
+    # retries. A trickling download sends each byte well within the timeout: only the deadline stops it.
+    [("tree", 1, 12, "deadline"), ("download", 5, 15, "cannot download")],
+)
+def test_a_stalled_hub_stops_at_the_deadline(tmp_path, fake_hub, stall, timeout, within, said):
+    fake_hub.publish(REPO, release_files())
+    (fake_hub.hang_api if stall == "tree" else fake_hub.trickle).add("tree" if stall == "tree" else "seq/part-0.parquet")
+    started = time.monotonic()
+    with pytest.raises(SourceUnavailableError) as caught:
+        finished_within(60, lambda: download_hub_dataset(
+            REPO, "main", tmp_path / "raw", [81], endpoint=fake_hub.url, timeout=timeout, deadline=3
+        ))
+    assert time.monotonic() - started < within
+    message = str(caught.value)
+    assert said in message and "deadline" in message and "TAAC_HUB_DEADLINE_SECONDS" in message
+    if stall == "tree":
+        assert fake_hub.url in message
 
 
 def test_complete_local_copy_is_used_offline(tmp_path, monkeypatch):

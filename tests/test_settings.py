@@ -57,3 +57,58 @@ def test_semantic_id_source_from_the_environment_and_the_run_config(monkeypatch)
     assert TaacConfig(semantic_ids={"source": "collaborative"}).settings("1M").semantic_ids.source == "collaborative"
     with pytest.raises(ValueError, match="collaborative"):
         TaacConfig(semantic_ids={"source": "text"}).settings("1M")
+
+
+def test_run_config_takes_where_to_read_the_hub_token_never_the_token(monkeypatch, tmp_path):
+    import dagster as dg
+    from pydantic import ValidationError
+
+    from taac_dagster.resources import TaacConfig
+
+    monkeypatch.setenv("MY_HF_TOKEN", "hf_from_env")
+    (tmp_path / "token").write_text("hf_from_file\n")
+    assert TaacConfig(hub_token={"env": "MY_HF_TOKEN"}).settings("1M").hub_token.get_secret_value() == "hf_from_env"
+    assert TaacConfig(hub_token={"file": str(tmp_path / "token")}).settings("1M").hub_token.get_secret_value() == "hf_from_file"
+    assert TaacConfig(hub_token=dg.EnvVar("MY_HF_TOKEN")).settings("1M").hub_token.get_secret_value() == "hf_from_env"
+    with pytest.raises(ValidationError, match=r"must not be written into run config.*TAAC_HUB_TOKEN.*\{env: HF_TOKEN\}") as refused:
+        TaacConfig(hub_token="hf_literal")
+    assert "hf_literal" not in str(refused.value)
+    with pytest.raises(ValueError, match="NOT_SET_ANYWHERE is not set"):
+        TaacConfig(hub_token={"env": "NOT_SET_ANYWHERE"}).settings("1M")
+
+    @dg.op(required_resource_keys={"taac"})
+    def token(context) -> str:
+        return context.resources.taac.settings("1M").hub_token.get_secret_value()
+
+    @dg.job(resource_defs={"taac": TaacConfig()})
+    def job():
+        token()
+
+    def run(value):
+        return job.execute_in_process(run_config={"resources": {"taac": {"config": {"hub_token": value}}}})
+
+    assert run({"env": "MY_HF_TOKEN"}).output_for_node("token") == "hf_from_env"
+    # A literal is refused when the run config is checked, before Dagster stores the run.
+    with pytest.raises(dg.DagsterInvalidConfigError, match=r"hub_token must be dict.*env.*file"):
+        run("hf_literal")
+
+
+@pytest.mark.parametrize(
+    ("preset", "phrase"),
+    [
+        ("arrays", "checkpoints/arrays/"),  # would train into the arrays' folder
+        ("rejected", "indexes/rejected/"),
+        ("Default", "lower-case letters"),
+        ("../default", "lower-case letters"),
+        ("no_such_preset", "the presets available: baseline, default"),
+    ],
+)
+def test_a_model_preset_must_name_its_own_folders_and_exist(preset, phrase):
+    with pytest.raises(ValueError, match=f"{preset!r}.*{phrase}|{phrase}"):
+        load_settings("1M", {"training": {"preset": preset}})
+
+
+def test_the_baseline_preset_is_a_folder_name_too():
+    assert load_settings("1M", {"evaluation": {"baseline_preset": ""}}).evaluation.baseline_preset == ""
+    with pytest.raises(ValueError, match="indexes/rejected/"):
+        load_settings("1M", {"evaluation": {"baseline_preset": "rejected"}})

@@ -119,6 +119,48 @@ def test_local_instance_config_queues_one_run_per_track(tmp_path, monkeypatch):
     assert "cp deploy/dagster.local.yaml .dagster_home/dagster.yaml" in readme
 
 
+# --- the run lease ---------------------------------------------------------------------------------
+def test_a_run_keeps_the_track_between_its_steps(tmp_path, monkeypatch):
+    """A step of run A ends; until run A has ended (or its lease expired), a step of run B is
+    refused (timeout 0) or waits, naming run A; A's own next step goes on at once."""
+    monkeypatch.setattr(locks, "LEASE_POLL_SECONDS", 0.05)
+    root, ended = tmp_path / "1M", set()
+    step = lambda run, name, **kw: track_lock(  # noqa: E731
+        root, track="1M", step=name, run_id=run, run_finished=lambda r: r in ended, **kw
+    )
+    with step("run-a", "raw_dataset", timeout=0):
+        pass
+    with pytest.raises(TrackBusyError, match=r"run run-a \(between its steps: it holds the track's run lease"):
+        with step("run-b", "raw_dataset", timeout=0):
+            pass
+    with step("run-a", "warehouse_tables", timeout=0):  # the lease's own run
+        pass
+    lines = Lines()
+    threading.Timer(0.3, lambda: ended.add("run-a")).start()
+    started = time.monotonic()
+    with step("run-b", "raw_dataset", timeout=30, logger=lines):
+        assert time.monotonic() - started >= 0.3
+        assert json.loads((root / locks.LEASE_NAME).read_text())["run_id"] == "run-b"
+    assert any("waiting for track 1M: run run-a" in line for line in lines.lines)
+
+
+def test_a_lease_not_renewed_in_time_expires(tmp_path):
+    """A run of another instance (its status unknown here) or one that died without its status
+    being updated: its lease lapses ``lease_ttl`` seconds after its last step."""
+    root = tmp_path / "1M"
+    unknown = lambda run_id: None  # noqa: E731
+    with track_lock(root, track="1M", step="raw_dataset", run_id="elsewhere", run_finished=unknown, timeout=0):
+        pass
+    with pytest.raises(TrackBusyError):
+        with track_lock(root, track="1M", step="raw_dataset", run_id="here", run_finished=unknown, timeout=0,
+                        lease_ttl=60):
+            pass
+    time.sleep(0.3)
+    with track_lock(root, track="1M", step="raw_dataset", run_id="here", run_finished=unknown, timeout=0,
+                    lease_ttl=0.2):
+        pass
+
+
 # --- two real runs of one track -------------------------------------------------------------------
 def _instance_home(tmp_path: Path) -> None:
     """A DAGSTER_HOME whose storage exists before the runs start: two processes creating the
@@ -167,6 +209,16 @@ def test_two_runs_of_one_track_at_once_both_complete_one_after_the_other(tmp_pat
     codes = [run.wait(timeout=600) for run in runs]
     logs = [(tmp_path / f"{name}.log").read_text() for name in ("first", "second")]
     assert codes == [0, 0], logs
+    # One run's steps all come before the other's (the run lease): no step of one run read what
+    # the other had written between two of its own steps.
+    from dagster import DagsterEventType, DagsterInstance, EventRecordsFilter
+
+    with DagsterInstance.from_config(str(tmp_path / "home")) as instance:
+        records = instance.get_event_records(EventRecordsFilter(DagsterEventType.ASSET_MATERIALIZATION))
+    order = [r.event_log_entry.run_id for r in sorted(records, key=lambda r: r.event_log_entry.timestamp)]
+    assert len(order) == 2 * (1 + 7 + 1)  # raw_dataset, the seven tables and the embeddings, per run
+    assert order == sorted(order, key=order.index), order  # [A..., B...], never interleaved
+    assert any("holds the track's run lease" in log for log in logs)
     paths = TrackPaths(tmp_path / "data", "1M")
     manifest = RawManifest.read(paths.raw_manifest)
     assert Path(manifest.root).is_relative_to(paths.raw) and Path(manifest.root).is_dir()
@@ -185,3 +237,18 @@ def test_a_run_that_may_not_wait_is_refused_naming_the_holder(tmp_path):
     assert code != 0
     assert "track 1M is being written by run holder-run (step encoder_checkpoint" in log, log[-3000:]
     assert not (tmp_path / "data" / "1M" / "raw_manifest.json").exists()
+
+
+def test_a_file_system_without_flock_is_refused_not_soft_locked(tmp_path, monkeypatch):
+    """filelock would fall back to a soft lock (a marker file a killed holder leaves behind):
+    the step stops instead, saying what the data root needs."""
+    import errno
+    import fcntl
+
+    def no_flock(fd, operation):
+        raise OSError(errno.ENOSYS, "Function not implemented")
+
+    monkeypatch.setattr(fcntl, "flock", no_flock)
+    with pytest.raises(locks.LockUnsupportedError, match="does not support flock.*NFSv4"):
+        with track_lock(tmp_path / "1M", track="1M", step="raw_dataset", run_id="run-a", timeout=0):
+            pass

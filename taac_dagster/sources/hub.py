@@ -19,10 +19,15 @@ Every file stored in Git LFS (the parquet parts and ``indexer.pkl``) is verified
 the Hub lists for it, not only by its size: a same-size corrupt or stale file is removed and
 fetched again. Hashes already checked are remembered (``VERIFIED_NAME``: size, mtime, ctime
 and digest per file), so a re-run rehashes only files written since, not the whole release.
+
+Every Hub request waits at most ``timeout`` seconds to connect or for the next bytes of its answer,
+and the whole fetch stops at ``deadline`` seconds (``hub_timeout_seconds``, ``hub_deadline_seconds``):
+the caller holds the track's lock meanwhile, and huggingface_hub sets no timeout on some calls.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fnmatch
 import hashlib
@@ -31,8 +36,9 @@ import logging
 import os
 import re
 import shutil
+import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -40,6 +46,7 @@ from typing import Any, Protocol
 from taac_dagster.atomic import write_text_atomic
 from taac_dagster.errors import SourceUnavailableError
 from taac_dagster.formats import EMBEDDING_FAMILY_DIMS, hub_embedding_dirs
+from taac_dagster.settings import HUB_DEADLINE_SECONDS, HUB_TIMEOUT_SECONDS
 
 logger = logging.getLogger(__name__)
 
@@ -369,6 +376,16 @@ def _transport_errors() -> tuple[type[BaseException], ...]:
     return tuple(found)
 
 
+def _timeout_errors() -> tuple[type[BaseException], ...]:
+    """A request that got no answer in time, whichever HTTP client raised it."""
+    found: list[type[BaseException]] = [TimeoutError]
+    for module_name in ("httpx2", "httpx"):
+        module = sys.modules.get(module_name)
+        if isinstance(getattr(module, "TimeoutException", None), type):
+            found.append(module.TimeoutException)
+    return tuple(found)
+
+
 def _catchable() -> tuple[type[BaseException], ...]:
     return tuple(_hub_errors().values()) + _transport_errors()
 
@@ -403,7 +420,9 @@ def _is_unreachable(error: BaseException) -> bool:
     return isinstance(error, _catchable())
 
 
-def _explain(error: BaseException, repo_id: str, revision: str, endpoint: str | None, stage: str) -> tuple[str, bool]:
+def _explain(
+    error: BaseException, repo_id: str, revision: str, endpoint: str | None, stage: str, timeout: float | None = None
+) -> tuple[str, bool]:
     """What went wrong and how to fix it, and whether a retry may succeed (the network, the
     Hub's own errors) or not (a wrong name, a token, the disk, offline mode)."""
     from huggingface_hub import constants
@@ -428,6 +447,14 @@ def _explain(error: BaseException, repo_id: str, revision: str, endpoint: str | 
     ):
         what = "huggingface_hub offline mode is on (HF_HUB_OFFLINE=1) and local_dir holds no complete copy"
         todo = f"unset HF_HUB_OFFLINE to download, {fallback}"
+    elif isinstance(error, HubDeadlineExceeded) or isinstance(cause, HubDeadlineExceeded):
+        what = f"the fetch from {where} ran past its deadline (TAAC_HUB_DEADLINE_SECONDS)"
+        todo = f"re-run to fetch the rest (finished files are kept), raise TAAC_HUB_DEADLINE_SECONDS on a slow link, {fallback}"
+        transient = True
+    elif isinstance(error, _timeout_errors()) or isinstance(cause, _timeout_errors()):
+        what = f"the Hub at {where} did not answer" + (f" within {timeout:g} s (TAAC_HUB_TIMEOUT_SECONDS)" if timeout else "")
+        todo = f"check the network, HF_ENDPOINT and any proxy, then re-run (finished files are kept), {fallback}"
+        transient = True
     elif isinstance(error, OSError) and error.errno == errno.ENOSPC:
         what = "the disk filled up during the download"
         todo = "free space (finished files are kept), or choose another TAAC_DATA_ROOT"
@@ -447,6 +474,83 @@ def _explain(error: BaseException, repo_id: str, revision: str, endpoint: str | 
         f"Underlying error: {type(error).__name__}: {underlying}. To fix: {todo}."
     )
     return message, transient
+
+
+# --- time limits ---------------------------------------------------------------------------
+
+
+class HubDeadlineExceeded(TimeoutError):
+    """The whole Hub fetch ran past ``hub_deadline_seconds``."""
+
+
+@dataclass(frozen=True)
+class _TimeLimits:
+    """``timeout``: seconds any request may wait to connect or for the next bytes of its answer;
+    ``deadline``: the time.monotonic() past which no request starts and no answer is read."""
+
+    timeout: float
+    deadline_seconds: float
+    deadline: float
+
+    @classmethod
+    def starting_now(cls, timeout: float, deadline_seconds: float) -> _TimeLimits:
+        return cls(timeout, deadline_seconds, time.monotonic() + deadline_seconds)
+
+    def seconds_left(self, url: object) -> float:
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise HubDeadlineExceeded(f"{self.deadline_seconds:g} s were over at {url}")
+        return left
+
+    def on_request(self, request: Any) -> None:
+        """Bound the request's waits: huggingface_hub passes ``timeout=None`` (none) on some calls."""
+        wait = min(self.timeout, self.seconds_left(request.url))
+        asked = request.extensions.get("timeout") or {}
+        bounded = {key: wait if asked.get(key) is None else min(asked[key], wait) for key in ("connect", "read", "write", "pool")}
+        request.extensions = {**request.extensions, "timeout": bounded}
+
+    def on_response(self, response: Any) -> None:
+        """Stop reading an answer at the deadline, however steadily its bytes trickle in."""
+        http = sys.modules[type(response).__module__.partition(".")[0]]  # httpx (huggingface_hub 1.x) or httpx2
+        inner, url, limits = response.stream, response.request.url, self
+
+        class DeadlineStream(http.SyncByteStream):
+            def __iter__(self) -> Iterator[bytes]:
+                for chunk in inner:
+                    limits.seconds_left(url)
+                    yield chunk
+
+            def close(self) -> None:
+                inner.close()
+
+        response.stream = DeadlineStream()
+
+
+@contextlib.contextmanager
+def _time_limits(limits: _TimeLimits) -> Iterator[None]:
+    """Every HTTP client huggingface_hub makes in the block keeps ``limits``. It shares one client
+    per process, so they bind every Hub request of the process meanwhile."""
+    try:
+        from huggingface_hub import set_client_factory
+        from huggingface_hub.utils import _http
+    except ImportError:  # huggingface_hub < 1.0 (requests): only the timeouts passed to each call apply
+        yield
+        return
+    previous = _http._GLOBAL_CLIENT_FACTORY  # no public getter; kept so a factory set by others still applies
+
+    def limited_client() -> Any:
+        client = previous()
+        hooks = client.event_hooks
+        client.event_hooks = {
+            "request": [*hooks["request"], limits.on_request], "response": [*hooks["response"], limits.on_response]
+        }
+        return client
+
+    set_client_factory(limited_client)
+    try:
+        yield
+    finally:
+        set_client_factory(previous)
 
 
 # --- download ------------------------------------------------------------------------------
@@ -546,6 +650,7 @@ class _HubRequest:
     endpoint: str | None
     max_workers: int
     log: LogLike
+    limits: _TimeLimits
 
     @property
     def patterns(self) -> list[str]:
@@ -560,7 +665,7 @@ class _HubRequest:
         )
         if local is not None:
             return local
-        message, transient = _explain(error, self.repo_id, self.revision, self.endpoint, stage)
+        message, transient = _explain(error, self.repo_id, self.revision, self.endpoint, stage, self.limits.timeout)
         if why_not:
             message += f" No local fallback: {why_not}."
         raise SourceUnavailableError(message, transient=transient) from error
@@ -577,29 +682,37 @@ def download_hub_dataset(
     log: LogLike | None = None,
     include_candidates: bool = True,
     endpoint: str | None = None,
+    timeout: float = HUB_TIMEOUT_SECONDS,
+    deadline: float = HUB_DEADLINE_SECONDS,
 ) -> HubDownload:
     """Download (or resume, or re-verify) the release into ``local_dir`` and verify it.
 
     Raises SourceUnavailableError naming the repo, the revision, the failure and the fix,
     unless the Hub is unreachable and ``local_dir`` already holds a complete copy, which is
-    then used with a warning. ``endpoint`` overrides HF_ENDPOINT (mirrors, tests).
+    then used with a warning. ``endpoint`` overrides HF_ENDPOINT (mirrors, tests). ``timeout``
+    bounds each request's waits and ``deadline`` the whole call, in seconds.
     """
-    from huggingface_hub import HfApi
-
     request = _HubRequest(
         repo_id=repo_id, revision=revision, local_dir=Path(local_dir), families=_check_families(families),
         include_candidates=include_candidates, token=token, endpoint=endpoint, max_workers=max_workers,
-        log=log or logger,
+        log=log or logger, limits=_TimeLimits.starting_now(timeout, deadline),
     )
-    resolved = _resolve_release(request, HfApi(endpoint=endpoint, token=token))
+    with _time_limits(request.limits):
+        return _download(request)
+
+
+def _download(request: _HubRequest) -> HubDownload:
+    from huggingface_hub import HfApi
+
+    resolved = _resolve_release(request, HfApi(endpoint=request.endpoint, token=request.token))
     if isinstance(resolved, HubDownload):  # the Hub failed; a verified local copy is used
         return resolved
     commit_sha, expected, digests = resolved
     _check_release_layout(request, commit_sha, expected)
     to_fetch = _check_free_space(request, commit_sha, expected)
     download = HubDownload(
-        repo_id=repo_id,
-        revision=revision,
+        repo_id=request.repo_id,
+        revision=request.revision,
         commit_sha=commit_sha,
         local_dir=request.local_dir,
         files=list(expected),
@@ -609,9 +722,9 @@ def download_hub_dataset(
     fallback = _fetch_and_verify(request, commit_sha, expected, digests)
     if fallback is not None:
         return fallback
-    _write_manifest(download, request.families, include_candidates, expected, complete=True, digests=digests)
+    _write_manifest(download, request.families, request.include_candidates, expected, complete=True, digests=digests)
     request.log.info(
-        f"Hub {repo_id} at commit {commit_sha} verified in {request.local_dir} ({len(expected)} files, "
+        f"Hub {request.repo_id} at commit {commit_sha} verified in {request.local_dir} ({len(expected)} files, "
         f"{len(digests)} by sha256)"
     )
     return download
@@ -622,7 +735,7 @@ def _resolve_release(request: _HubRequest, api: Any) -> tuple[str, dict[str, int
     fallback when the Hub cannot be asked. Resolving first means the download takes that exact
     commit: a branch that moves mid-download cannot mix files of two commits."""
     try:
-        info = api.dataset_info(request.repo_id, revision=request.revision)
+        info = api.dataset_info(request.repo_id, revision=request.revision, timeout=request.limits.timeout)
         commit_sha = info.sha
         if not commit_sha:
             raise SourceUnavailableError(f"the Hub returned no commit sha for {request.repo_id!r} at {request.revision!r}")
@@ -699,6 +812,7 @@ def _fetch_and_verify(
                 token=request.token,
                 max_workers=request.max_workers,
                 endpoint=request.endpoint,
+                etag_timeout=request.limits.timeout,
             )
         except _catchable() as error:
             # A connection lost mid-way: finished files stay, the next run fetches the rest.
