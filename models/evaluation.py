@@ -83,6 +83,7 @@ from models.user_vectors import (
     write_user_vectors,
 )
 from models.weighted_metrics import PAD, relevance_weights, weighted_per_user
+from taac_dagster.atomic import keep_newest
 from taac_dagster.errors import TaacError
 from taac_dagster.paths import TrackPaths
 from taac_dagster.settings import TaacSettings
@@ -446,6 +447,8 @@ def build_track_index(paths: TrackPaths, settings: TaacSettings, *, logger: Any 
         loaded, arrays, recall=recall, recall_queries=queries, tuned=tuned,
         exclude_history_in_recall=es.exclude_history,
     ))
+    if not published:
+        keep_newest(destination.parent, settings.rejected_keep)
     seconds["total"] = time.perf_counter() - started
     build = IndexBuild(
         path=destination, spec=index.spec, recall=recall, recall_queries=queries, tuned=tuned,

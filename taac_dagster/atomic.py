@@ -231,3 +231,27 @@ def recover_interrupted_writes(root: str | Path) -> int:
         dirnames[:] = [d for d in dirnames if _TEMP.match(d) is None]
         removed += remove_stale_temps(dirpath)
     return removed
+
+
+def keep_newest(folder: str | Path, keep: int, *, stamp: str = r"(\d{8}T\d{6}Z[-\w]*)") -> int:
+    """Keep the ``keep`` newest builds set aside in ``folder`` (``rejected/``), each the entries
+    whose names carry one time stamp (a database and its embeddings folder), and remove the
+    rest: a track that keeps failing its checks must not fill the disk. Returns how many
+    entries were removed."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return 0
+    groups: dict[str, list[Path]] = {}
+    for entry in folder.iterdir():
+        match = re.search(stamp, entry.name)
+        if match is not None:
+            groups.setdefault(match.group(1), []).append(entry)
+    removed = 0
+    for key in sorted(groups, reverse=True)[max(0, keep):]:
+        for entry in groups[key]:
+            if entry.is_dir():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+            removed += 1
+    return removed

@@ -273,6 +273,10 @@ class TaacSettings(BaseSettings):
         3600.0, ge=0, description="Seconds a step waits for its track's lock while another run writes that track, "
         "before it stops naming the holder; 0 refuses at once."
     )
+    rejected_keep: int = Field(
+        3, ge=0, description="Builds that failed their checks kept for inspection per folder (`rejected/` of the "
+        "warehouse and of the indexes), the newest first; older ones are removed."
+    )
     run_lease_ttl: float = Field(
         600.0, gt=0, description="Seconds a run keeps its track between two of its steps (the run lease) when its "
         "end cannot be seen in this Dagster instance (a run of another instance, or one that died unrecorded)."

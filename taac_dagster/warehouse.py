@@ -24,7 +24,7 @@ from typing import Any
 
 import duckdb
 
-from taac_dagster.atomic import remove_stale_temps, replace_durably, temp_owner_gone, temp_sibling
+from taac_dagster.atomic import keep_newest, remove_stale_temps, replace_durably, temp_owner_gone, temp_sibling
 from taac_dagster.db import connect as connect_duckdb
 from taac_dagster.errors import DataFormatError, TaacError
 from taac_dagster.formats import HUB_FORMAT, JSONL_FORMAT
@@ -241,7 +241,7 @@ def publish_warehouse(staged: StagedWarehouse, paths: TrackPaths, settings: Taac
 
 def set_aside_warehouse(staged: StagedWarehouse, paths: TrackPaths, settings: TaacSettings) -> Path:
     """Move a staged warehouse that failed its checks to ``<root>/rejected/warehouse-<time>.duckdb``
-    (its embeddings beside it); returns the database's new path."""
+    (its embeddings beside it), keeping the ``rejected_keep`` newest; returns the database's new path."""
     folder = paths.root / REJECTED_DIR
     folder.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + f"-{os.getpid()}"
@@ -251,6 +251,7 @@ def set_aside_warehouse(staged: StagedWarehouse, paths: TrackPaths, settings: Ta
     os.replace(staged.embeddings, embeddings)
     os.replace(staged.database, database)
     staged.summary.path = database
+    keep_newest(folder, settings.rejected_keep)
     return database
 
 

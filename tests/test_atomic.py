@@ -67,3 +67,22 @@ def test_artifacts_are_flushed_before_the_rename_that_publishes_them(tmp_path, m
     assert events.index(("fsync", str(folder / "index.faiss"))) < renamed
     assert events.index(("fsync", str(folder))) < renamed
     assert flushed[-1] == str(tmp_path)
+
+
+def test_only_the_newest_rejected_builds_are_kept(tmp_path):
+    """rejected/ keeps the N newest builds, each a database and its embeddings folder sharing
+    one stamp, so a track that keeps failing its checks does not fill the disk."""
+    from taac_dagster.atomic import keep_newest
+
+    stamps = ["20261201T100000Z-7", "20261203T090000Z-12", "20261202T235959Z-3", "20261203T090000Z-13"]
+    for stamp in stamps:
+        (tmp_path / f"warehouse-{stamp}.duckdb").write_text("db")
+        (tmp_path / f"embeddings-{stamp}").mkdir()
+    (tmp_path / "default-20261130T000000Z").mkdir()  # an index set aside: same rule
+    (tmp_path / "notes.txt").write_text("not a build")
+    assert keep_newest(tmp_path, 2) == 2 * 2 + 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "embeddings-20261203T090000Z-12", "embeddings-20261203T090000Z-13", "notes.txt",
+        "warehouse-20261203T090000Z-12.duckdb", "warehouse-20261203T090000Z-13.duckdb",
+    ]
+    assert keep_newest(tmp_path, 0) == 4 and [p.name for p in tmp_path.iterdir()] == ["notes.txt"]

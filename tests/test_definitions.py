@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from pathlib import Path
+
 from dagster import AssetKey, Definitions
 
 from taac_dagster.definitions import defs
@@ -33,3 +35,16 @@ def test_quality_checks_are_blocking_where_they_guard_data():
     assert checks["index_recall_at_10"].blocking
     assert not checks["semantic_ids_content_coverage"].blocking  # low coverage: collaborative codes
     assert len(checks) == 10
+
+
+def test_every_job_has_a_maximum_run_time_that_the_instance_enforces():
+    """A hung step must not hold its track for good: each job carries dagster/max_runtime and the
+    local instance config turns on the run monitoring that acts on it."""
+    import yaml
+
+    for job in defs.resolve_all_job_defs():
+        if job.name.startswith("__"):
+            continue
+        assert int(job.tags["dagster/max_runtime"]) >= 3600, job.name
+    instance = yaml.safe_load((Path(__file__).resolve().parents[1] / "deploy" / "dagster.local.yaml").read_text())
+    assert instance["run_monitoring"]["enabled"] is True
