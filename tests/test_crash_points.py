@@ -159,3 +159,104 @@ def test_a_folder_replaced_atomically_is_never_half_written(tmp_path, exchange):
             assert contents() in ({"a": "old", "b": "old"}, {"a": "new", "b": "new", "c": "new"}), (kill_at, when)
             assert sorted(p.name for p in tmp_path.iterdir()) == ["artifact"]
     assert ("exchange" in points) == exchange and (missing_seen > 0) == (not exchange)
+
+
+SEMANTIC_ID_WRITER = """
+from taac_dagster.paths import TrackPaths
+from taac_dagster.settings import load_settings
+import models.semantic_ids as sid
+from models.semantic_ids import build_semantic_ids
+# The table's transaction runs inside DuckDB: its call is a point too (before: not committed).
+sid.write_item_semantic_ids = counted("commit", sid.write_item_semantic_ids)
+settings = load_settings("10M", {"data_root": sys.argv[1],
+                                 "semantic_ids": {"codebook_size": 2, "min_items": 2, "levels": int(sys.argv[2])}})
+build_semantic_ids(TrackPaths(settings.data_root, "10M"), settings)
+print(json.dumps(points))
+"""
+
+RAW_WRITER = """
+from taac_dagster.paths import TrackPaths
+from taac_dagster.raw import materialize_raw
+from taac_dagster.settings import load_settings
+settings = load_settings("1M", {"data_root": sys.argv[1], "synthetic": {"num_users": 60, "num_items": 200,
+                                                                           "seed": int(sys.argv[2])}})
+materialize_raw(settings, TrackPaths(settings.data_root, "1M"))
+print(json.dumps(points))
+"""
+
+
+def test_semantic_ids_killed_at_any_point_train_on_one_build(tmp_path):
+    """The codebooks folder, then the table with its description (the commit point): killed
+    anywhere, the arrays training reads carry the levels of the codes in the table, of the
+    old build (2 levels) or the new one (3)."""
+    from models.data import PrepareOptions, prepare_arrays
+    from models.semantic_ids import build_semantic_ids
+
+    def settings(levels: int):
+        return load_settings("10M", {"data_root": str(tmp_path / "data"),
+                                     "semantic_ids": {"codebook_size": 2, "min_items": 2, "levels": levels}})
+
+    paths = TrackPaths(tmp_path / "data", "10M")
+    build_warehouse(write_tiny_hub(tmp_path / "hub"), paths, settings(2))
+
+    def levels_trained_on() -> int:
+        arrays = prepare_arrays(paths.warehouse, tmp_path / "arrays", "10M", PrepareOptions(val_users=1),
+                                codebooks_json=paths.codebooks / "codebooks.json", reuse=False)
+        con = duckdb.connect(str(paths.warehouse), read_only=True)
+        [(width,)] = con.execute("SELECT DISTINCT len(codes) FROM item_semantic_ids").fetchall()
+        con.close()
+        assert arrays.meta["sid_levels"] == width - 1 == arrays.meta["codebooks"]["levels"]
+        return width - 1
+
+    build_semantic_ids(paths, settings(2))
+    code, points = run_writer(SEMANTIC_ID_WRITER, str(tmp_path / "data"), "3")
+    assert code == 0 and "exchange" in points and points[-1] == "commit" and levels_trained_on() == 3
+    seen = {}
+    for kill_at in range(1, len(points) + 1):
+        for when in ("before", "after"):
+            build_semantic_ids(paths, settings(2))
+            run_writer(SEMANTIC_ID_WRITER, str(tmp_path / "data"), "3", kill_at=kill_at, when=when)
+            recover_interrupted_writes(paths.root)
+            seen[(points[kill_at - 1], when)] = levels_trained_on()
+    # The new build counts from the table's commit on, whatever the codebooks folder holds.
+    assert seen.pop(("commit", "after")) == 3 and set(seen.values()) == {2}
+
+
+def test_raw_data_killed_at_any_point_is_the_old_or_the_new_dataset(tmp_path):
+    """The generated dataset (one folder exchange), then its manifest (one replace): killed at
+    any rename or exchange (the fsyncs between them are covered by the tests above), the
+    manifest describes the files that are there, of the old seed or the new one, or, killed
+    between the two, the warehouse refuses the files as changed since the manifest."""
+    from taac_dagster.errors import RawDataChangedError
+    from taac_dagster.raw import RawManifest, materialize_raw, verify_raw_files
+
+    data = str(tmp_path / "data")
+    paths = TrackPaths(tmp_path / "data", "1M")
+
+    def generate(seed: int) -> str:
+        settings = load_settings("1M", {"data_root": data, "synthetic": {"num_users": 60, "num_items": 200, "seed": seed}})
+        return materialize_raw(settings, paths).digest
+
+    first = generate(1)
+    code, points = run_writer(RAW_WRITER, data, "2")
+    second = RawManifest.read(paths.raw_manifest).digest
+    assert code == 0 and first != second and points.count("exchange") == 1
+    exchange = points.index("exchange") + 1
+    outcomes = {}
+    for kill_at in [i for i, name in enumerate(points, 1) if name != "fsync"]:
+        for when in ("before", "after"):
+            generate(1)
+            run_writer(RAW_WRITER, data, "2", kill_at=kill_at, when=when)
+            recover_interrupted_writes(paths.root)
+            manifest = RawManifest.read(paths.raw_manifest)
+            folder_is_new = kill_at > exchange or (kill_at == exchange and when == "after")
+            if manifest.digest == first and folder_is_new:
+                with pytest.raises(RawDataChangedError):
+                    verify_raw_files(manifest, paths.raw_manifest)
+                outcomes[(points[kill_at - 1], kill_at, when)] = "refused"
+                continue
+            verify_raw_files(manifest, paths.raw_manifest)
+            outcomes[(points[kill_at - 1], kill_at, when)] = "new" if manifest.digest == second else "old"
+    assert outcomes[("exchange", exchange, "before")] == "old"
+    assert outcomes[("exchange", exchange, "after")] == "refused"
+    assert outcomes[max(outcomes)] in ("new", "refused") and "new" in outcomes.values()
