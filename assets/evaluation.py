@@ -17,13 +17,15 @@ from assets.metadata import data_version_of, image_files_markdown
 from assets.track_lock import hold_track
 from assets.training import ARRAY_INPUTS
 from models.evaluation import encode_track_users, evaluate_track, submission_for_track
+from taac_dagster.automation import downstream_condition
+from taac_dagster.code_versions import code_version
 from taac_dagster.partitions import track_partitions
 from taac_dagster.resources import TaacConfig
 
 # Bump when the same checkpoint, index and settings would give other figures or files.
-USER_VECTORS_CODE_VERSION = "user-vectors-v1"
-EVALUATION_CODE_VERSION = "evaluation-v3"  # v3: headline on the released pool, extended row apart
-SUBMISSION_CODE_VERSION = "submission-v3"  # v3: released-pool items only
+USER_VECTORS_CODE_VERSION = code_version("user-vectors", __name__, data_files=["configs/tracks/*.yaml", "configs/models/*.yaml"])
+EVALUATION_CODE_VERSION = code_version("evaluation", __name__, data_files=["configs/tracks/*.yaml", "configs/models/*.yaml"])
+SUBMISSION_CODE_VERSION = code_version("submission", __name__, data_files=["configs/tracks/*.yaml", "configs/models/*.yaml"])
 PLOT_TITLES = {"slices": "score by slice", "training_curve": "training loss"}
 
 
@@ -39,6 +41,7 @@ def _figure_metadata(headline: dict, share: dict) -> dict:
 
 @asset(
     partitions_def=track_partitions,
+    automation_condition=downstream_condition(),
     code_version=USER_VECTORS_CODE_VERSION,
     group_name="evaluation",
     # encoder_checkpoint: the configured preset's checkpoint, and the baseline preset's when it exists.
@@ -71,6 +74,7 @@ def user_vectors(context: AssetExecutionContext, taac: TaacConfig) -> Materializ
 
 @asset(
     partitions_def=track_partitions,
+    automation_condition=downstream_condition(),
     code_version=EVALUATION_CODE_VERSION,
     group_name="evaluation",
     # encoder_checkpoint: the configured preset's checkpoint, and the baseline preset's when it exists.
@@ -115,6 +119,7 @@ def evaluation_report(context: AssetExecutionContext, taac: TaacConfig) -> Mater
 
 @asset(
     partitions_def=track_partitions,
+    automation_condition=downstream_condition(),
     code_version=SUBMISSION_CODE_VERSION,
     group_name="evaluation",
     deps=[AssetKey("user_vectors"), AssetKey("faiss_index"), AssetKey("encoder_checkpoint"), *ARRAY_INPUTS],

@@ -13,12 +13,13 @@ from dagster import (
 )
 
 from assets.track_lock import hold_track
+from taac_dagster.code_versions import code_version
 from taac_dagster.partitions import track_partitions
 from taac_dagster.raw import materialize_raw
 from taac_dagster.readers.embeddings import families_text
 from taac_dagster.resources import TaacConfig
 
-RAW_CODE_VERSION = "raw-v2"
+RAW_CODE_VERSION = code_version("raw", __name__, data_files=["configs/tracks/*.yaml"])
 # The Hub download meets the network: a lost connection or an HTTP 5xx / 429 is retried after
 # about 30 s, 1 and 2 minutes (finished files are kept, so a retry fetches only the rest). The
 # project's own errors are retried only when transient (SourceUnavailableError.transient): a

@@ -30,16 +30,19 @@ from assets.training import ARRAY_INPUTS
 from models.evaluation import IndexBuild, IndexRecallBelowFloor, build_track_index
 from models.report import figure_png, recall_tuning_figure
 from models.retrieval import read_index_metadata
+from taac_dagster.automation import downstream_condition
+from taac_dagster.code_versions import code_version
 from taac_dagster.partitions import track_partitions
 from taac_dagster.resources import TaacConfig
 
 # Bump when the same checkpoint and settings would give a different index or layout.
-RETRIEVAL_CODE_VERSION = "retrieval-v1"
+RETRIEVAL_CODE_VERSION = code_version("retrieval", __name__, data_files=["configs/tracks/*.yaml", "configs/models/*.yaml"])
 RECALL_CHECK = "index_recall_at_10"
 
 
 @asset(
     partitions_def=track_partitions,
+    automation_condition=downstream_condition(),
     code_version=RETRIEVAL_CODE_VERSION,
     group_name="retrieval",
     deps=[AssetKey("encoder_checkpoint"), *ARRAY_INPUTS],

@@ -22,6 +22,8 @@ from dagster import (
 from assets.metadata import table_metadata
 from assets.track_lock import hold_track
 from models.semantic_ids import TABLE, build_semantic_ids
+from taac_dagster.automation import downstream_condition
+from taac_dagster.code_versions import code_version
 from taac_dagster.partitions import track_partitions
 from taac_dagster.resources import TaacConfig
 
@@ -29,13 +31,14 @@ from taac_dagster.resources import TaacConfig
 # codebook layout (algorithm, defaults, collision or fallback rule, schema); not for logging,
 # metadata or refactors that leave the outputs byte-for-byte the same.
 # v2: source auto (collaborative fallback), families on auto; v3: co-occurrence before each holdout user's own last target.
-SEMANTIC_IDS_CODE_VERSION = "semantic-ids-v3"
+SEMANTIC_IDS_CODE_VERSION = code_version("semantic-ids", __name__, data_files=["configs/tracks/*.yaml"])
 
 COVERAGE_CHECK = "semantic_ids_content_coverage"
 
 
 @asset(
     partitions_def=track_partitions,
+    automation_condition=downstream_condition(),
     code_version=SEMANTIC_IDS_CODE_VERSION,
     group_name="semantic_ids",
     deps=[AssetKey("item_embeddings"), AssetKey("items"), AssetKey("candidates"), AssetKey("sequences")],

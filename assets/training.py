@@ -29,13 +29,15 @@ from assets.metadata import image_markdown
 from assets.track_lock import hold_track
 from models.report import figure_png, training_curve_figure
 from models.train import prepare_track_arrays, progress_line, train_track
+from taac_dagster.automation import downstream_condition
+from taac_dagster.code_versions import code_version
 from taac_dagster.partitions import track_partitions
 from taac_dagster.resources import TaacConfig
 from taac_dagster.settings import TaacSettings, training_overrides
 
 # Bump when the same inputs and settings would train a different model or write a different
 # checkpoint layout (model code, loss, batching, optimizer, array preparation).
-TRAINING_CODE_VERSION = "training-v3"
+TRAINING_CODE_VERSION = code_version("training", __name__, data_files=["configs/tracks/*.yaml", "configs/models/*.yaml"])
 
 INPUT_TABLES = ("sequences", "holdout", "items", "users", "candidates", "item_embeddings")
 # What the training arrays are prepared from (models.data.prepare_arrays): every step that
@@ -45,6 +47,7 @@ ARRAY_INPUTS = (AssetKey("semantic_id_codebooks"), *(AssetKey(name) for name in 
 
 @asset(
     partitions_def=track_partitions,
+    automation_condition=downstream_condition(),
     code_version=TRAINING_CODE_VERSION,
     group_name="training",
     deps=list(ARRAY_INPUTS),

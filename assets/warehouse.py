@@ -26,16 +26,17 @@ from dagster import (
 from assets.metadata import parquet_metadata, table_metadata
 from assets.raw import raw_dataset
 from assets.track_lock import hold_track
+from taac_dagster.automation import downstream_condition
+from taac_dagster.code_versions import code_version
 from taac_dagster.partitions import track_partitions
 from taac_dagster.quality import CHECKS, ERROR, CheckOutcome
 from taac_dagster.raw import RawManifest, verify_raw_files
 from taac_dagster.readers.embeddings import families_text
 from taac_dagster.resources import TaacConfig
-from taac_dagster.sql import sql_fingerprint
 from taac_dagster.warehouse import WAREHOUSE_TABLES, BlockingChecksFailed, build_checked_warehouse, embedding_paths
 
 # The code version follows the SQL: editing a table's SQL file marks the tables stale.
-WAREHOUSE_CODE_VERSION = "warehouse-v2-" + sql_fingerprint(*WAREHOUSE_TABLES)
+WAREHOUSE_CODE_VERSION = code_version("warehouse", __name__, data_files=["configs/tracks/*.yaml", "sql/*.sql"])
 
 TABLE_DESCRIPTIONS = {
     "feature_vocab": "Vocabulary size of every feature (re-ids run 1..size).",
@@ -55,6 +56,7 @@ warehouse_specs = [
         deps=[raw_dataset],
         group_name="warehouse",
         code_version=WAREHOUSE_CODE_VERSION,
+        automation_condition=downstream_condition(),
         description=TABLE_DESCRIPTIONS[name],
         kinds={"duckdb"} if name != "item_embeddings" else {"parquet"},
         partitions_def=track_partitions,

@@ -3,7 +3,7 @@
 Load it with ``dagster dev`` (workspace.yaml) or ``dagster job execute -m taac_dagster.definitions``.
 """
 
-from dagster import AssetKey, AssetSpec, Definitions
+from dagster import Definitions
 
 from assets.evaluation import evaluation_report, submission, user_vectors
 from assets.raw import raw_dataset
@@ -11,20 +11,13 @@ from assets.retrieval import faiss_index
 from assets.semantic_ids import semantic_id_codebooks
 from assets.training import encoder_checkpoint
 from assets.warehouse import warehouse_tables
-from taac_dagster.automation import automation_sensor, downstream_condition
+from taac_dagster.automation import automation_sensor
 from taac_dagster.jobs import data_job, main_job, retrain_job
 from taac_dagster.resources import TaacConfig
 from taac_dagster.schedules import build_retraining_schedule
 from taac_dagster.settings import TaacSettings
 
 _settings = TaacSettings()
-
-
-def _automate_below_raw(spec: AssetSpec) -> AssetSpec:
-    # The raw data is materialized on purpose (CLI, UI, schedule); everything below follows it.
-    if spec.key == AssetKey("raw_dataset"):
-        return spec
-    return spec.replace_attributes(automation_condition=downstream_condition())
 
 
 defs = Definitions(
@@ -38,4 +31,4 @@ defs = Definitions(
     ],
     sensors=[automation_sensor],
     resources={"taac": TaacConfig()},
-).map_asset_specs(func=_automate_below_raw)
+)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import glob
-import hashlib
 import re
 
 from taac_dagster.settings import PROJECT_ROOT
@@ -30,14 +29,6 @@ def load_sql(name: str, **params: object) -> str:
         return str(params[key])
 
     return _PLACEHOLDER.sub(fill, text)
-
-
-def sql_fingerprint(*names: str) -> str:
-    """Short hash of the named SQL files: part of the code version of assets that run them."""
-    digest = hashlib.sha256()
-    for name in names:
-        digest.update(sql_path(name).read_bytes())
-    return digest.hexdigest()[:12]
 
 
 def sql_literal(value: object) -> str:

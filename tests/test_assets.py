@@ -36,6 +36,9 @@ def test_chain_materializes_both_partitions(tmp_path, instance):
         assert len(checks) == 8 and all(e.passed for e in checks.values()), track
         materialized = {event.asset_key for event in result.get_asset_materialization_events()}
         assert materialized == {AssetKey("raw_dataset"), *(AssetKey(n) for n in WAREHOUSE_ASSETS)}
+        tags = instance.get_run_by_id(result.run_id).tags  # what makes runs of one partition comparable
+        assert tags["taac/data_root"] == str(tmp_path / "data") and tags["taac/source"] == "synthetic"
+        assert tags["taac/preset"] == "default"
         # Every table shows its row count and columns on its asset page.
         for event in result.get_asset_materialization_events():
             if event.asset_key == AssetKey("raw_dataset"):

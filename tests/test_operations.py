@@ -27,14 +27,11 @@ def test_schedule_requests_one_run_per_track():
 
 
 def _data_assets():
-    """raw_dataset and the warehouse tables, with the automation conditions definitions.py sets."""
-    from dagster import map_asset_specs
-
+    """raw_dataset and the warehouse tables, with their automation conditions."""
     from assets.raw import raw_dataset
     from assets.warehouse import warehouse_tables
-    from taac_dagster.definitions import _automate_below_raw
 
-    return list(map_asset_specs(_automate_below_raw, [raw_dataset, warehouse_tables]))
+    return [raw_dataset, warehouse_tables]
 
 
 
