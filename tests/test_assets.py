@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import time
 
 import pytest
 from dagster import AssetKey, DagsterInstance, asset, materialize
@@ -181,3 +183,31 @@ def test_raw_files_changed_after_their_manifest_are_refused(tmp_path, instance, 
     shutil.copytree(tmp_path / "seq_original", demo_hub_copy / "seq")
     assert materialize([raw_dataset, warehouse_tables], partition_key="1M", resources={"taac": config},
                        instance=instance).success
+
+
+def test_a_step_clears_what_killed_writers_left_anywhere_in_its_track(tmp_path, instance):
+    """Leftovers of interrupted writes under checkpoints/, indexes/ and vectors/ (their writers
+    gone) are removed by the next writing step of the track, under its lock; a folder set aside
+    by a two-rename publish that died between its renames is put back; the other track's are
+    left alone."""
+    paths = TrackPaths(tmp_path / "data", "1M")
+    dead = "deadhost-999999-0123abcd"  # a writer on another machine whose trace is older than the grace
+    leftovers = [paths.checkpoints / "default" / f".last.pt.tmp-{dead}.pt", paths.indexes / f".default.tmp-{dead}",
+                 paths.vectors / "default" / f".holdout.npy.tmp-{dead}.npy"]
+    for path in leftovers:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.mkdir() if not path.suffix else path.write_bytes(b"half")
+    aside = paths.root / f".codebooks.tmp-{dead}.old"
+    aside.mkdir()
+    (aside / "codebooks.json").write_text("{}")
+    other = TrackPaths(tmp_path / "data", "10M").checkpoints / f".last.pt.tmp-{dead}.pt"
+    other.parent.mkdir(parents=True)
+    other.write_bytes(b"half")
+    old = time.time() - 2 * 24 * 3600
+    for path in [*leftovers, aside, aside / "codebooks.json", other]:
+        os.utime(path, (old, old))
+    assert materialize([raw_dataset], partition_key="1M", resources={"taac": small_config(tmp_path)},
+                       instance=instance).success
+    assert not any(path.exists() for path in leftovers)
+    assert (paths.codebooks / "codebooks.json").read_text() == "{}" and not aside.exists()
+    assert other.exists()
