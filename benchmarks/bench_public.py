@@ -6,10 +6,17 @@ split) in the competition format, run with the pipeline's defaults, next to publ
 
 The dataset is read through the ``local`` source from a temporary data root, and ``taac_main``
 runs for the 1M track with ``dagster job execute`` (in-process executor), exactly as a user runs
-it. The protocol is the standard full-ranking one of this split: each user's last item is the
-test target (the 1M track's holdout: the last click), the item before it the validation target
-(the training's model selection; see docs/training.md), every item of the catalogue ranked, the
-user's history items excluded (the report's default history filter).
+it. The protocol is the published full-ranking one of this split (``--protocol published``, the
+default): each user's last item is the test target (the 1M track's holdout: the last click), and
+the item before it is **every** user's validation target, held out of training and of
+everything learned from the data (Semantic IDs, popularity, the id table's counts): the
+pipeline's ``training.val_users`` set to the number of users, so that every training sequence
+ends before its user's validation target (RecTools' leave-one-out with a validation mask on all
+users; S3-Rec trains on ``items[:-2]``). Every item of the catalogue is ranked, the user's
+history items excluded (the report's default history filter). ``--protocol product`` keeps the
+pipeline's own default (4,096 validation users, the other users train on their second-to-last
+item too): more training pairs, so its test figures are **not** comparable with the published
+rows; it is printed with that label.
 
 Printed: HR@10 and NDCG@10 of the model and of popularity (test and validation), the
 published full-ranking figures on the same split, the training time (and its steps, the kept
@@ -91,11 +98,17 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help=f"the benchmark folder (default {DEFAULT_DATA})")
     parser.add_argument("--set", action="append", default=[], metavar="TAAC_KEY=VALUE")
     parser.add_argument("--work", type=Path, default=None, help="scratch folder, kept (default: a temp dir, removed)")
+    parser.add_argument("--protocol", choices=["published", "product"], default="published",
+                        help="published: every user's second-to-last item held out for validation (comparable with "
+                        "the published rows); product: the pipeline's default validation sample (not comparable)")
     args = parser.parse_args()
     if not (args.data / "seq.jsonl").is_file():
         raise SystemExit(f"{args.data}: no seq.jsonl; pass --data with the toys_and_games folder (competition format)")
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("TAAC_")}
+    if args.protocol == "published":
+        with open(args.data / "seq.jsonl") as lines:
+            env["TAAC_TRAINING__VAL_USERS"] = str(sum(1 for line in lines if line.strip()))
     for item in args.set:
         key, _, value = item.partition("=")
         env[key] = value
@@ -108,14 +121,17 @@ def main() -> None:
 
     report, training = result["report"], result["training"]
     methods, validation = report["methods"], report.get("validation") or {}
+    label = "published protocol" if args.protocol == "published" else "product protocol: NOT comparable"
     print(f"\n{'':34} {'HR@10':>8} {'NDCG@10':>8}")
-    print(f"{'taac-dagster (test)':34} {methods['model']['hr@10']:8.4f} {methods['model']['ndcg@10']:8.4f}")
+    print(f"{'taac-dagster (test)':34} {methods['model']['hr@10']:8.4f} {methods['model']['ndcg@10']:8.4f}   {label}")
     if validation:
         print(f"{'taac-dagster (validation)':34} {validation['hr@10']:8.4f} {validation['ndcg@10']:8.4f}")
     print(f"{'popularity (test)':34} {methods['popularity']['hr@10']:8.4f} {methods['popularity']['ndcg@10']:8.4f}")
     for name, hr, nd, source in PUBLISHED:
         print(f"{name:34} {hr:8.4f} {nd:8.4f}   {source}")
     print(json.dumps({
+        "protocol": args.protocol,
+        "validation_users": validation.get("users") or env.get("TAAC_TRAINING__VAL_USERS"),
         "users": report["provenance"].get("users"),
         "candidates": report["provenance"].get("candidates"),
         "train_s": training.get("train_seconds"),
