@@ -5,6 +5,7 @@ shape (or a fraction of it), with per-step wall time, peak memory and disk writt
     .venv/bin/python benchmarks/bench_scale.py --scale 1.0 --work /data/rehearsal     # the real shape, kept
     .venv/bin/python benchmarks/bench_scale.py --scale 0.3 --job taac_data            # raw data + warehouse only
     .venv/bin/python benchmarks/bench_scale.py --phases /data/rehearsal               # two phases alone, again
+    .venv/bin/python benchmarks/bench_scale.py --track 10M --scale 0.05 --job taac_data --work /data/s10m  # a 10M slice
 
 The dataset is the generator's (the synthetic source, so the report has its oracle row) in the
 Hub parquet layout, at ``--scale`` times the real 1M shape: 1,001,845 users, 4,783,154 items,
@@ -63,13 +64,13 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 DAGSTER = str(Path(sys.executable).parent / "dagster")
-TRACK = "1M"
+TRACK = "1M"  # --track sets it
 
-# The real TencentGR-1M shape (docs/domain.md).
-REAL_USERS = 1_001_845
-REAL_ITEMS = 4_783_154
-REAL_CANDIDATES = 660_000
-REAL_MEAN_HISTORY = 91.06
+# The real shapes (docs/domain.md): users, items, candidates, mean history.
+REAL_SHAPES = {
+    "1M": (1_001_845, 4_783_154, 660_000, 91.06),
+    "10M": (10_139_575, 17_487_676, 3_637_720, 97.24),  # ~986M events
+}
 REAL_CLICK_RATE = 0.0981
 COLD_ITEMS = 100  # the generator's default; part of the candidate pool
 FAMILIES = "81,82"  # 32-d on ~90% of the items, 1,024-d on ~35%
@@ -85,15 +86,16 @@ PHASES = (
 )
 
 
-def scaled_settings(scale: float, train_minutes: float) -> dict[str, str]:
-    users = max(10, round(REAL_USERS * scale))
-    items = max(50, round(REAL_ITEMS * scale))
-    candidates = max(COLD_ITEMS + 10, round(REAL_CANDIDATES * scale))
+def scaled_settings(scale: float, train_minutes: float, track: str = "1M") -> dict[str, str]:
+    real_users, real_items, real_candidates, mean_history = REAL_SHAPES[track]
+    users = max(10, round(real_users * scale))
+    items = max(50, round(real_items * scale))
+    candidates = max(COLD_ITEMS + 10, round(real_candidates * scale))
     return {
         "TAAC_SOURCE": "synthetic",
         "TAAC_SYNTHETIC__NUM_USERS": str(users),
         "TAAC_SYNTHETIC__NUM_ITEMS": str(items),
-        "TAAC_SYNTHETIC__MEAN_HISTORY": str(REAL_MEAN_HISTORY),
+        "TAAC_SYNTHETIC__MEAN_HISTORY": str(mean_history),
         "TAAC_SYNTHETIC__CLICK_RATE": str(REAL_CLICK_RATE),
         "TAAC_SYNTHETIC__COLD_ITEMS": str(COLD_ITEMS),
         "TAAC_SYNTHETIC__CANDIDATE_POOL_SIZE": str(candidates - COLD_ITEMS),  # warm part of the pool
@@ -361,7 +363,7 @@ from taac_dagster.settings import TaacSettings
 settings = TaacSettings()
 started = time.perf_counter()
 names = None if sys.argv[2] == "all" else [sys.argv[2]]
-[outcome, *_] = run_checks(Path(sys.argv[1]), "1M", max_history=settings.max_history,
+[outcome, *_] = run_checks(Path(sys.argv[1]), sys.argv[3], max_history=settings.max_history,
                            sample_users=settings.check_sample_users, names=names, settings=settings)
 print(json.dumps({"seconds": round(time.perf_counter() - started, 2), "passed": outcome.passed}))
 """,
@@ -372,7 +374,7 @@ from models.data import PrepareOptions, prepare_arrays
 from taac_dagster.settings import TaacSettings
 settings = TaacSettings()
 families = tuple(int(f) for f in sys.argv[3].split(","))
-arrays = prepare_arrays(Path(sys.argv[1]), Path(sys.argv[2]), "1M", PrepareOptions(families=families),
+arrays = prepare_arrays(Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[4], PrepareOptions(families=families),
                         codebooks_json=Path(sys.argv[1]).parent / "codebooks" / "codebooks.json",
                         reuse=False, settings=settings)
 print(json.dumps({"seconds": arrays.meta["seconds"], "families": arrays.meta["families"],
@@ -409,18 +411,20 @@ def measure_phases(work: Path, settings: dict[str, str]) -> None:
     from taac_dagster.quality import CHECKS
 
     for name in ["all", *(check.name for check in CHECKS)]:
-        result = measure_phase("checks", str(warehouse), name, settings=settings)
+        result = measure_phase("checks", str(warehouse), name, TRACK, settings=settings)
         print(json.dumps({"phase": f"quality checks: {name}", **result}), flush=True)
     for families in (FAMILIES, "81"):
         with tempfile.TemporaryDirectory(prefix="bench_scale_arrays_") as scratch:
-            result = measure_phase("arrays", str(warehouse), str(Path(scratch) / "arrays"), families,
+            result = measure_phase("arrays", str(warehouse), str(Path(scratch) / "arrays"), families, TRACK,
                                    settings=settings)
         print(json.dumps({"phase": f"array preparation, families {families}", **result}), flush=True)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--scale", type=float, default=0.01, help="users, items and candidates x this (1.0: real 1M)")
+    parser.add_argument("--scale", type=float, default=0.01, help="users, items and candidates x this (1.0: real shape)")
+    parser.add_argument("--track", choices=sorted(REAL_SHAPES), default="1M",
+                        help="whose real shape --scale multiplies, and the partition run (default 1M)")
     parser.add_argument("--train-minutes", type=float, default=None,
                         help="training.max_minutes (default: max(2, 60 x scale))")
     parser.add_argument("--work", type=Path, default=None, help="folder for the data root and instance (kept)")
@@ -434,7 +438,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    global TRACK
     args = parse_args(argv)
+    TRACK = args.track
     if args.phases is not None:
         measure_phases(args.phases, dict(item.partition("=")[::2] for item in args.set))
         return 0
@@ -442,7 +448,7 @@ def main(argv: list[str] | None = None) -> int:
 
     minutes = args.train_minutes if args.train_minutes is not None else max(2.0, 60.0 * args.scale)
     env = {k: v for k, v in os.environ.items() if not k.startswith("TAAC_")}
-    env.update(scaled_settings(args.scale, minutes))
+    env.update(scaled_settings(args.scale, minutes, args.track))
     for item in args.set:
         key, _, value = item.partition("=")
         env[key] = value
