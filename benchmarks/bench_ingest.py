@@ -49,7 +49,7 @@ def _child(step: str, root: str, fmt: str, work: str) -> None:
 
     from taac_dagster.paths import TrackPaths
     from taac_dagster.settings import load_settings
-    from taac_dagster.warehouse import build_warehouse, connect
+    from taac_dagster.warehouse import build_warehouse, connect_warehouse
 
     settings = load_settings("1M", {"data_root": work, "source": "local", "local_path": root})
     db = Path(work) / f"{step}.duckdb"
@@ -64,7 +64,7 @@ def _child(step: str, root: str, fmt: str, work: str) -> None:
         from taac_dagster.sql import load_sql
         from taac_dagster.warehouse import table_params
 
-        con = connect(db, settings)
+        con = connect_warehouse(db, settings)
         if fmt == "hub_parquet":
             stage_seq(con, Path(root) / "seq")
         else:

@@ -579,13 +579,13 @@ class SemanticIdResult:
 
 
 def _read_inputs(paths: Any, settings: Any) -> tuple[list[tuple], dict[str, np.ndarray]]:
-    from taac_dagster.warehouse import connect
+    from taac_dagster.warehouse import connect_warehouse
 
     if not paths.warehouse.is_file():
         raise SemanticIdInputError(
             f"{paths.warehouse} is missing: materialize the warehouse tables of track {paths.track} first"
         )
-    con = connect(paths.warehouse, settings, read_only=True)
+    con = connect_warehouse(paths.warehouse, settings, read_only=True)
     try:
         tables = {row[0] for row in con.execute("SELECT table_name FROM duckdb_tables()").fetchall()}
         if "embedding_families" not in tables:
@@ -676,7 +676,7 @@ def sequence_batches(warehouse: Path, settings: Any, target_priority: tuple[int,
     last event of the first action type of ``target_priority`` present): training may validate
     on that target (models/data.py), so codes learned from co-occurrence must not have seen it.
     The test target is never in ``sequences`` in the first place."""
-    from taac_dagster.warehouse import connect
+    from taac_dagster.warehouse import connect_warehouse
 
     last = ", ".join(f"len(action_types) + 1 - list_position(list_reverse(action_types), {a})" for a in target_priority)
     query = f"""
@@ -684,7 +684,7 @@ def sequence_batches(warehouse: Path, settings: Any, target_priority: tuple[int,
                     ELSE s.item_ids[1 : coalesce({last}) - 1] END AS item_ids
         FROM sequences s LEFT JOIN (SELECT user_id FROM holdout) h USING (user_id)
         ORDER BY s.user_id"""
-    con = connect(warehouse, settings, read_only=True)
+    con = connect_warehouse(warehouse, settings, read_only=True)
     try:
         for batch in con.sql(query).to_arrow_reader(users_per_batch):
             items = batch.column(0)
@@ -697,11 +697,11 @@ def _connect_for_write(path: Path, settings: Any, attempts: int = 20, wait: floa
     """A read-write connection; retries while another process holds the file's lock."""
     import duckdb
 
-    from taac_dagster.warehouse import connect
+    from taac_dagster.warehouse import connect_warehouse
 
     for attempt in range(attempts):
         try:
-            return connect(path, settings)
+            return connect_warehouse(path, settings)
         except duckdb.IOException as exc:
             if "lock" not in str(exc).lower() or attempt == attempts - 1:
                 raise

@@ -16,10 +16,9 @@ from typing import Any
 
 import numpy as np
 
+from models.metrics import K
 from taac_dagster.atomic import atomic_file
 from taac_dagster.errors import TaacError
-
-K = 10
 
 
 class SubmissionError(TaacError, ValueError):

@@ -111,7 +111,7 @@ class BlockingChecksFailed(TaacError):
         )
 
 
-def connect(path: Path, settings: TaacSettings, *, read_only: bool = False) -> duckdb.DuckDBPyConnection:
+def connect_warehouse(path: Path, settings: TaacSettings, *, read_only: bool = False) -> duckdb.DuckDBPyConnection:
     """A connection to a warehouse file with the settings' memory and threads; a writer spills
     to ``.duckdb_spill`` beside it."""
     spill = None if read_only else path.parent / SPILL_DIR
@@ -315,7 +315,7 @@ def _build(
 ) -> WarehouseSummary:
     seconds: dict[str, float] = {}
     actions = get_track(paths.track).allowed_actions
-    con = connect(database, settings)
+    con = connect_warehouse(database, settings)
     try:
         started = time.perf_counter()
         logger.info(f"staging {dataset_format} dataset from {source_root}")

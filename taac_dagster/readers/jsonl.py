@@ -325,11 +325,6 @@ def locate_users_jsonl(con: duckdb.DuckDBPyConnection, path: Path, user_ids: lis
     return found
 
 
-def diagnose_seq_jsonl(path: Path) -> None:
-    """Raise a DataFormatError at the first line of ``seq.jsonl`` DuckDB cannot parse; return if none."""
-    json_lines.diagnose_lines(path, _RECORD)
-
-
 # --- predict_set.jsonl ---------------------------------------------------------------------
 _CANDIDATE = (
     f"a JSON object {{creative_id: {RAW_ID_TYPE}, retrieval_id: integer, features: object of integer re-ids}}"

@@ -56,10 +56,6 @@ def drop_staging(con: duckdb.DuckDBPyConnection) -> None:
             con.execute(f"DROP {'VIEW' if kinds[name] == 'VIEW' else 'TABLE'} {name}")
 
 
-def item_feature_columns_sql(prefix: str = "") -> str:
-    return ", ".join(f"{prefix}{feature_column(f)}" for f in ITEM_SPARSE_FEATURES)
-
-
 def create_empty_candidates(con: duckdb.DuckDBPyConnection) -> None:
     cols = ", ".join(f"{feature_column(f)} BIGINT" for f in ITEM_SPARSE_FEATURES)
     con.execute(
