@@ -57,10 +57,10 @@ class EncoderConfig:
     max_len: int = 100
     time_origin: int = 0  # seconds; data times are relative to it
     # --- architecture ---------------------------------------------------------------------------
-    d_model: int = 64
-    n_layers: int = 2
-    n_heads: int = 2
-    mlp_ratio: float = 4.0
+    d_model: int = 64  # width of every embedding and of the Transformer
+    n_layers: int = 2  # Transformer blocks (pre-norm, causal)
+    n_heads: int = 2  # attention heads per block
+    mlp_ratio: float = 4.0  # hidden width of a block's MLP over d_model
     mlp: str = "gelu"  # relu | gelu | swiglu
     norm: str = "layernorm"  # layernorm | rmsnorm
     dropout: float = 0.1  # on embeddings and residual branches
@@ -71,13 +71,13 @@ class EncoderConfig:
     # Embedding tables with more rows get sparse gradients and row-wise SparseAdam updates. Below
     # it a dense gradient is cheaper than coalescing a sparse one of batch x features rows.
     sparse_threshold: int = 500_000
-    use_ids: bool = True
-    use_item_features: bool = True
-    use_mm: bool = True
-    use_sids: bool = True
-    use_user_features: bool = True
-    use_time: bool = True
-    use_actions: bool = True
+    use_ids: bool = True  # an item's id embedding in its token
+    use_item_features: bool = True  # its sparse features
+    use_mm: bool = True  # its multi-modal embeddings, projected
+    use_sids: bool = True  # its Semantic ID codes
+    use_user_features: bool = True  # a user token of the user's features
+    use_time: bool = True  # time features of each event (hour, weekday, gap to the previous, absolute time)
+    use_actions: bool = True  # each event's action type
     n_fourier: int = 8  # Fourier frequencies of absolute time (periods from 1 hour to 1 year)
     action_conditioning: bool = True  # FiLM of the output by the action asked for
     # Also tell every token, inside the Transformer, which action its next item is asked for
@@ -89,8 +89,8 @@ class EncoderConfig:
     # correction (huge catalogues); bce: the official baseline's one negative per position.
     loss: str = "infonce"
     similarity: str = "cosine"  # cosine | dot (used by the loss and by retrieval)
-    temperature: float = 0.05
-    learn_temperature: bool = False
+    temperature: float = 0.05  # logits = similarity / temperature
+    learn_temperature: bool = False  # learn it instead (from the value above)
 
     @classmethod
     def from_meta(cls, meta: dict[str, Any], **arch: Any) -> EncoderConfig:

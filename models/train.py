@@ -89,8 +89,8 @@ class TrainConfig:
     # training sequences, between 1 and ``max_auto_epochs`` (a small dataset needs many
     # passes, a large one few); early stopping usually ends the run before.
     epochs: int | None = None
-    budget_sequences: int = 4_000_000
-    max_auto_epochs: int = 200
+    budget_sequences: int = 4_000_000  # training sequences shown when epochs is unset
+    max_auto_epochs: int = 200  # the most epochs that budget may ask for
     max_steps: int | None = None  # overrides epochs
     # Time budget of the training loop in minutes (validations and checkpoints included; None:
     # none). The run times its first steps and plans min(planned steps, steps that fit): the
@@ -99,21 +99,21 @@ class TrainConfig:
     # Early stopping: stop after ``patience`` validations without a better validation score
     # (0: never early); the best weights are what the run returns and saves.
     patience: int = 10
-    lr: float = 1e-3
+    lr: float = 1e-3  # AdamW's peak learning rate
     sparse_lr: float | None = None  # SparseAdam's learning rate (None: lr)
     weight_decay: float = 0.0  # AdamW, matrices only
-    betas: tuple[float, float] = (0.9, 0.98)
+    betas: tuple[float, float] = (0.9, 0.98)  # AdamW's (and SparseAdam's) betas
     warmup_steps: int | None = None  # None: warmup_fraction of the planned steps
-    warmup_fraction: float = 0.0
+    warmup_fraction: float = 0.0  # linear warm-up over this share of the planned steps
     schedule: str = "constant"  # constant | cosine (to 10% of lr)
     grad_clip: float = 0.0  # max norm of the dense gradients (0: off)
     # Loss weight per target action type; an action of weight 0 is never a training target.
     action_weights: dict[int, float] = field(default_factory=lambda: {0: 1.0, 1: 1.0, 2: 2.5})
-    in_batch_negatives: int = 0
+    in_batch_negatives: int = 0  # target items of other positions of the global batch used as negatives
     # Sampled losses: distinct items of the batch used as negatives (all up to this many, else a
     # uniform subset of this size); 0: none.
     batch_negatives: int = 0
-    sampled_negatives: int = 0
+    sampled_negatives: int = 0  # items drawn by the sampler (below) as negatives, shared by the batch
     # Uniform draws from the candidate pool (cold items included) added to the negatives: the
     # items retrieval ranks that training sequences may never hold. 0: none.
     pool_negatives: int = 0
@@ -123,9 +123,9 @@ class TrainConfig:
     per_position_negatives: int = 0  # the official baseline's BCE: one sampled item per position
     per_position_pool: int = 4096  # ... drawn from a shared pool of this many samples (0: independent)
     sampler: str = "popularity"  # popularity | uniform
-    sampler_alpha: float = 1.0
-    logq: bool = True
-    logq_positive: bool = True
+    sampler_alpha: float = 1.0  # popularity sampler: probability ~ count ** alpha
+    logq: bool = True  # subtract log Q (the sampling probability) from the logits of sampled negatives
+    logq_positive: bool = True  # ... and from the positive's, whether or not it was drawn
     retrieval_actions: tuple[int, ...] | None = None  # None: the track's target actions
     # A catalogue of at most this many item rows is trained with the full softmax (every item a
     # negative) when the model's loss is "auto"; a larger one with sampled negatives (InfoNCE).
@@ -139,7 +139,7 @@ class TrainConfig:
     # Memory for the item id table with its Adam moments (weights + 2 moments, float32) when
     # the model's id_buckets is "auto"; a larger vocabulary is hashed into what fits.
     max_id_table_bytes: int = 6 << 30
-    seed: int = 0
+    seed: int = 0  # weights, batch order and negatives: the same seed trains the same model
     val_users: int = 4096  # validation users (at most the arrays' validation split)
     # Validation ranks like the report: the user's history items excluded (the report's
     # TAAC_EVALUATION__EXCLUDE_HISTORY is passed in by train_track), so the figures compare.
@@ -147,12 +147,12 @@ class TrainConfig:
     # Steps between validations. None: once per epoch, and at least every ``eval_every_max``
     # steps; 0: at the end only.
     eval_every: int | None = None
-    eval_every_max: int = 2000
-    eval_batch: int = 512
-    log_every: int = 10
+    eval_every_max: int = 2000  # the longest gap between validations (steps)
+    eval_batch: int = 512  # users encoded per pass while validating
+    log_every: int = 10  # steps between progress lines
     checkpoint_every: int = 0  # steps between checkpoints (0: by time only)
     checkpoint_minutes: float = 5.0  # a checkpoint at least this often (0: by steps only); always one at the end
-    device: str = "auto"
+    device: str = "auto"  # auto (CUDA when present) | cpu | cuda | cuda:N
     compile: bool = False  # torch.compile of the Transformer blocks on CUDA (Encoder.compile_blocks)
     bf16: bool = True  # bf16 autocast on CUDA
     threads: int | None = None  # torch CPU threads (None: the cores the load average leaves free)

@@ -4,7 +4,8 @@
     python -m taac_dagster.settings_docs --check  exit 1 when it differs from the models
 
 ``tests/test_settings_docs.py`` fails when the file drifts from the models, so a setting is
-described once, in its field's ``description``.
+described once, in its field's ``description``; a model or training knob (``EncoderConfig``,
+``TrainConfig``) in its field's comment.
 """
 
 from __future__ import annotations
@@ -144,6 +145,80 @@ def _track_presets() -> list[str]:
     return rows
 
 
+def field_comments(cls: type) -> dict[str, tuple[str, str]]:
+    """Each dataclass field's (block, comment) in its source: the block is the title of the
+    ``# --- title ---`` line above it, the comment the lines right above it and the one at the
+    end of its line (the model and training knobs are described there, once)."""
+    import inspect
+
+    comments: dict[str, tuple[str, str]] = {}
+    block, above = "", []
+    for line in inspect.getsourcelines(cls)[0][1:]:
+        text = line.strip()
+        if text.startswith("# ---"):
+            block, above = text.strip("#- ").split(":")[0], []
+        elif text.startswith("#"):
+            above.append(text.lstrip("# "))
+        elif ":" in text and text.split(":")[0].isidentifier():
+            trailing = text.split("  # ", 1)[1] if "  # " in text else ""
+            comments[text.split(":")[0]] = (block, " ".join([*above, trailing]).strip())
+            above = []
+        elif text.startswith(("def ", "@")):
+            break
+        else:
+            above = []
+    return comments
+
+
+def _preset_values() -> dict[str, dict[str, Any]]:
+    import yaml
+
+    presets = sorted((CONFIG_DIR / "models").glob("*.yaml"))
+    return {path.stem: _flatten(yaml.safe_load(path.read_text()) or {}) for path in presets}
+
+
+def _knob_rows(section: str, cls: type, skip: str, presets: dict[str, dict[str, Any]]) -> list[str]:
+    import dataclasses
+
+    names = sorted(presets)
+    rows = [f"| key | code default | {' | '.join(f'`{n}` preset' for n in names)} | what it does |",
+            "| --- | --- |" + " --- |" * len(names) + " --- |"]
+    comments = field_comments(cls)
+    for field in dataclasses.fields(cls):
+        if comments.get(field.name, ("", ""))[0] == skip:
+            continue
+        default = field.default if field.default is not dataclasses.MISSING else (
+            field.default_factory() if field.default_factory is not dataclasses.MISSING else None)  # type: ignore[misc]
+        cells = [f"`{presets[n][f'{section}.{field.name}']}`" if f"{section}.{field.name}" in presets[n] else "–"
+                 for n in names]
+        described = _cell(comments.get(field.name, ("", ""))[1])
+        rows.append(f"| `{section}.{field.name}` | `{default}` | {' | '.join(cells)} | {described} |")
+    return rows
+
+
+KNOBS_INTRO = """## Model and training knobs (presets)
+
+The encoder and its training are configured by a model preset, `configs/models/<preset>.yaml`
+(`training.preset` above picks it), with a `model:` and a `train:` section. What is set there
+wins over the code default; the settings of the `training` section above (`epochs`, `max_steps`,
+`max_minutes`, `checkpoint_minutes`, `batch_size`, `threads`, `patience`, `device`, `val_users`,
+and `evaluation.exclude_history`) win over the preset when they are set; on the command line,
+`python -m models.train --config <preset> --set train.KEY=VALUE --set model.KEY=VALUE` wins over
+both. "–": the preset leaves the code default. `auto` values adapt to the data
+(`models/auto_settings.py`, `docs/training.md`). The data shapes (vocabularies, dimensions) are
+not knobs: they come from the prepared arrays.
+"""
+
+
+def knobs_markdown() -> list[str]:
+    from models.encoder import EncoderConfig
+    from models.train import TrainConfig
+
+    presets = _preset_values()
+    return [KNOBS_INTRO, "### `model:`", "", *_knob_rows("model", EncoderConfig, "data shapes", presets), "",
+            "### `train:`", "", *_knob_rows("train", TrainConfig, "data shapes", presets), ""]
+
+
 def settings_markdown() -> str:
     """The whole of docs/settings.md."""
     lines = [HEADER, "## Project", "", *_table(TaacSettings, None), ""]
@@ -159,6 +234,7 @@ def settings_markdown() -> str:
         "",
         *_track_presets(),
         "",
+        *knobs_markdown(),
     ]
     return "\n".join(lines)
 

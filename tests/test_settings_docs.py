@@ -60,3 +60,25 @@ def test_docs_settings_md_is_generated_from_the_models():
     assert DOC.read_text() == settings_markdown(), (
         "docs/settings.md differs from the settings models: run `python -m taac_dagster.settings_docs`"
     )
+
+
+def test_every_model_and_training_knob_is_on_the_page_with_what_it_does():
+    """One configuration story: every field of EncoderConfig and TrainConfig a preset may set
+    (not the data shapes, which come from the arrays) has a row with its code default, each
+    preset's value and a description taken from its comment in the source."""
+    import dataclasses
+
+    from models.encoder import EncoderConfig
+    from models.train import TrainConfig
+    from taac_dagster.settings_docs import field_comments, knobs_markdown
+
+    rows = {line.split("|")[1].strip().strip("`"): line for line in knobs_markdown() if line.startswith("| `")}
+    for section, cls in (("model", EncoderConfig), ("train", TrainConfig)):
+        comments = field_comments(cls)
+        for field in dataclasses.fields(cls):
+            if comments[field.name][0] == "data shapes":
+                assert f"{section}.{field.name}" not in rows
+                continue
+            row = rows[f"{section}.{field.name}"]
+            assert row.rstrip(" |").split("|")[-1].strip(), f"{section}.{field.name} has no description"
+    assert "| `train.lr` | `0.001` | `0.001` | `0.002` |" in rows["train.lr"]  # code default, baseline, default
