@@ -136,7 +136,8 @@ def test_materialize_from_ui_and_read_the_report(dagster_ui, chromium, artifacts
 
             # 2. Jobs -> taac_data -> Materialize all..., partition 1M, launch.
             page.get_by_role("link", name=re.compile(r"\bJobs$")).first.click()
-            page.get_by_role("link", name=re.compile(r"\btaac_data$")).click()
+            # By its address: the row's accessible name also carries its icons ("taac_data info").
+            page.locator('a[href$="/jobs/taac_data"]').first.click()
             expect(page).to_have_url(re.compile(r"/jobs/taac_data"))
             page.get_by_role("button", name=re.compile(r"\bMaterialize all")).click()
             dialog = page.get_by_role("dialog").filter(has_text="Launch runs to materialize")
