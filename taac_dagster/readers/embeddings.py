@@ -308,12 +308,16 @@ def read_embedding_matrix(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarra
     return tuple(np.concatenate(part) for part in zip(*blocks))  # type: ignore[return-value]
 
 
-def iter_embedding_blocks(path: Path, rows: int = 262_144) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """``read_embedding_matrix`` in blocks of ``rows`` items, so that a reader that scatters the
-    vectors into its own matrix holds that matrix and one block, never the whole file twice."""
+def iter_embedding_blocks(path: Path, block_bytes: int = 64 << 20) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """``read_embedding_matrix`` in blocks of about ``block_bytes`` of vectors, so that a reader
+    that scatters the vectors into its own matrix holds that matrix and one block (a few copies
+    of it while converting), never the whole file twice."""
     import pyarrow.parquet as pq
 
     with pq.ParquetFile(path) as handle:
+        kind = handle.schema_arrow.field("emb").type
+        dim = kind.list_size if pa.types.is_fixed_size_list(kind) else 1024
+        rows = max(1024, block_bytes // (4 * max(1, dim)))
         for batch in handle.iter_batches(batch_size=rows, columns=["creative_id", "item_id", "emb"]):
             emb = batch.column("emb")
             dim = emb.type.list_size if pa.types.is_fixed_size_list(emb.type) else (len(emb[0]) if len(emb) else 0)
