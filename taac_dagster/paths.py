@@ -31,6 +31,12 @@ class TrackPaths:
         its own folder, so switching sources never deletes (or reads) the other's files."""
         return self.raw / source
 
+    def raw_published(self, source: str) -> Path:
+        """The complete copy of a download that the warehouse reads (``raw/<source>-published/``):
+        hard links to the files of ``raw_for(source)``, switched in at once after each verified
+        download (``taac_dagster.raw.publish_download``)."""
+        return self.raw / f"{source}-published"
+
     @property
     def raw_manifest(self) -> Path:
         return self.root / "raw_manifest.json"

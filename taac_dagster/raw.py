@@ -3,7 +3,10 @@
 - ``synthetic``: generate a dataset in the real formats under ``<root>/<track>/raw/synthetic``
   (atomic).
 - ``local``: use an existing copy in place (either real format, detected), nothing copied.
-- ``hub``: download the release into ``<root>/<track>/raw/hub`` (resumable).
+- ``hub``: download the release into ``<root>/<track>/raw/hub`` (resumable), then publish it
+  complete as ``raw/hub-published`` (hard links to the downloaded files, one folder switch):
+  the warehouse reads the published copy, so a later download that fails or is killed half-way
+  never changes the files a manifest describes.
 
 The two sources that write keep separate folders: generating a synthetic dataset never
 replaces a (137 GB) download, and a download never mixes with generated files.
@@ -15,6 +18,7 @@ DataVersion, so a changed input marks everything downstream stale.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -142,6 +146,61 @@ def _adopt_legacy_hub_download(paths: TrackPaths, logger: Any) -> None:
     logger.info(f"moved the Hub download found in {paths.raw} to {paths.raw_for('hub')}")
 
 
+# Hard links cannot be made here (another file system, a file system without them): the
+# download is then read in place and only the raw verification guards the warehouse.
+_NO_LINKS = (errno.EXDEV, errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK, errno.ENOSYS)
+
+
+def _visible_files(folder: Path) -> list[Path]:
+    """Every file under ``folder`` outside hidden names (huggingface_hub's ``.cache``, the
+    download's own manifests), relative to it, sorted."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames[:] = sorted(name for name in dirnames if not name.startswith("."))
+        found += [Path(dirpath, name).relative_to(folder) for name in filenames if not name.startswith(".")]
+    return sorted(found)
+
+
+def _same_files(download: Path, published: Path, files: list[Path]) -> bool:
+    """Whether ``published`` holds exactly ``files``, each the very file (inode) of the download."""
+    if not published.is_dir() or _visible_files(published) != files:
+        return False
+    for relative in files:
+        first, second = (download / relative).stat(), (published / relative).stat()
+        if (first.st_dev, first.st_ino) != (second.st_dev, second.st_ino):
+            return False
+    return True
+
+
+def publish_download(download: Path, published: Path, logger: Any = None) -> Path:
+    """Publish the verified download as a complete copy the warehouse reads: a folder of hard
+    links to its files, switched into ``published`` at once (``atomic_dir``). A later download
+    replaces files in ``download`` by renaming new ones over them (huggingface_hub never writes
+    into a finished file), so the published links keep the bytes this manifest describes until
+    the next publish. No data is copied. Returns the folder to read: ``published``, or
+    ``download`` itself where hard links are not possible (with a warning)."""
+    logger = logger or log
+    files = _visible_files(download)
+    if _same_files(download, published, files):
+        return published
+    try:
+        with atomic_dir(published) as staging:
+            for relative in files:
+                (staging / relative).parent.mkdir(parents=True, exist_ok=True)
+                os.link(download / relative, staging / relative)
+    except OSError as error:
+        if error.errno not in _NO_LINKS:
+            raise
+        logger.warning(
+            f"cannot hard-link the download in {download} ({error.strerror}): the warehouse reads it in "
+            "place, so a later download that fails half-way leaves files the raw manifest does not "
+            "describe (the warehouse then refuses them until raw_dataset is run again)"
+        )
+        return download
+    logger.info(f"published the download: {len(files)} files linked into {published}")
+    return published
+
+
 def materialize_raw(settings: TaacSettings, paths: TrackPaths, *, logger: Any = None) -> RawManifest:
     logger = logger or log
     started = time.perf_counter()
@@ -177,9 +236,11 @@ def materialize_raw(settings: TaacSettings, paths: TrackPaths, *, logger: Any = 
             fetch,
             token=settings.hub_token.get_secret_value() if settings.hub_token else None,
             log=logger,
+            endpoint=settings.hub_endpoint,
             timeout=settings.hub_timeout_seconds,
             deadline=settings.hub_deadline_seconds,
         )
+        root = publish_download(root, paths.raw_published("hub"), logger)
         details = {
             "repo_id": download.repo_id,
             "revision": download.revision,

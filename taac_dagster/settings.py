@@ -240,6 +240,10 @@ class TaacSettings(BaseSettings):
     hub_token: SecretStr | None = Field(None, description="Hub token, for gated or private copies; never printed. "
                                         "Run config takes only where to read it, `{env: HF_TOKEN}` or `{file: "
                                         "/run/secrets/hf_token}`, never the token (Dagster stores and shows run config).")
+    hub_endpoint: str | None = Field(
+        None, pattern=r"^https?://\S+$", description="Base URL of the Hub or of a mirror of it (for example "
+        "`https://hf-mirror.com`); unset: huggingface_hub's own (`HF_ENDPOINT`, else huggingface.co)."
+    )
     hub_timeout_seconds: float = Field(
         HUB_TIMEOUT_SECONDS, gt=0, description="Seconds one Hub request may wait to connect or for the next bytes of "
         "its answer before it fails naming the endpoint (a server that accepts and never answers)."

@@ -957,16 +957,12 @@ def test_fingerprint_of_chosen_files_and_progress(tmp_path, capsys):
 def test_hub_source_with_families_on_auto_fetches_family_81_alone(tmp_path, fake_hub, monkeypatch):
     """Auto (the default) must not start a 137 GB download: the Hub source fetches family 81
     alone, and the raw manifest records what was selected and that the setting was auto."""
-    from functools import partial
-
-    import taac_dagster.sources.hub as hub
     from taac_dagster.paths import TrackPaths
     from taac_dagster.raw import materialize_raw
     from taac_dagster.settings import load_settings
 
     fake_hub.publish(REPO, release_files())
-    monkeypatch.setattr(hub, "download_hub_dataset", partial(hub.download_hub_dataset, endpoint=fake_hub.url, max_workers=2))
-    settings = load_settings("1M", {"data_root": str(tmp_path / "data"), "source": "hub"})
+    settings = load_settings("1M", {"data_root": str(tmp_path / "data"), "source": "hub", "hub_endpoint": fake_hub.url})
     assert settings.embedding_families is None
     paths = TrackPaths(settings.data_root, "1M")
     manifest = materialize_raw(settings, paths)
@@ -979,19 +975,16 @@ def test_hub_source_with_families_on_auto_fetches_family_81_alone(tmp_path, fake
 def test_switching_source_never_deletes_the_download(tmp_path, fake_hub, monkeypatch):
     """The synthetic and Hub sources keep separate folders (raw/synthetic, raw/hub): generating
     a dataset after a download leaves the download as it was, and back again fetches nothing."""
-    from functools import partial
-
-    import taac_dagster.sources.hub as hub
     from taac_dagster.paths import TrackPaths
     from taac_dagster.raw import materialize_raw
     from taac_dagster.settings import load_settings
 
     fake_hub.publish(REPO, release_files())
-    monkeypatch.setattr(hub, "download_hub_dataset", partial(hub.download_hub_dataset, endpoint=fake_hub.url, max_workers=2))
-    base = {"data_root": str(tmp_path / "data"), "synthetic": {"num_users": 50, "num_items": 200}}
+    base = {"data_root": str(tmp_path / "data"), "synthetic": {"num_users": 50, "num_items": 200},
+            "hub_endpoint": fake_hub.url}
     paths = TrackPaths(tmp_path / "data", "1M")
     from_hub = materialize_raw(load_settings("1M", {**base, "source": "hub"}), paths)
-    assert from_hub.root == str(paths.raw_for("hub"))
+    assert from_hub.root == str(paths.raw_published("hub"))
     download = fingerprint_tree(paths.raw_for("hub")).digest
     synthetic = materialize_raw(load_settings("1M", base), paths)
     assert synthetic.root == str(paths.raw_for("synthetic"))
@@ -1002,9 +995,6 @@ def test_switching_source_never_deletes_the_download(tmp_path, fake_hub, monkeyp
 
 
 def test_a_download_in_the_old_raw_folder_is_moved_not_fetched_again(tmp_path, fake_hub, monkeypatch):
-    from functools import partial
-
-    import taac_dagster.sources.hub as hub
     from taac_dagster.paths import TrackPaths
     from taac_dagster.raw import materialize_raw
     from taac_dagster.settings import load_settings
@@ -1012,9 +1002,52 @@ def test_a_download_in_the_old_raw_folder_is_moved_not_fetched_again(tmp_path, f
     fake_hub.publish(REPO, release_files())
     paths = TrackPaths(tmp_path / "data", "1M")
     download_hub_dataset(REPO, "main", paths.raw, [81], endpoint=fake_hub.url)  # the layout before raw/hub
-    monkeypatch.setattr(hub, "download_hub_dataset", partial(hub.download_hub_dataset, endpoint=fake_hub.url, max_workers=2))
     fake_hub.requests.clear()
-    manifest = materialize_raw(load_settings("1M", {"data_root": str(tmp_path / "data"), "source": "hub"}), paths)
-    assert manifest.root == str(paths.raw_for("hub")) and (paths.raw_for("hub") / MANIFEST_NAME).is_file()
+    settings = load_settings("1M", {"data_root": str(tmp_path / "data"), "source": "hub", "hub_endpoint": fake_hub.url})
+    manifest = materialize_raw(settings, paths)
+    assert manifest.root == str(paths.raw_published("hub")) and (paths.raw_for("hub") / MANIFEST_NAME).is_file()
     assert fake_hub.resolve_requests("GET") == []
-    assert sorted(p.name for p in paths.raw.iterdir()) == ["hub"]
+    assert sorted(p.name for p in paths.raw.iterdir()) == ["hub", "hub-published"]
+
+
+def test_a_failed_update_leaves_the_published_copy_the_manifest_describes(tmp_path, fake_hub, monkeypatch):
+    """The warehouse reads the published copy (hard links, one folder switch), not the folder a
+    download writes into: an update that replaced some files and then failed leaves the files
+    the raw manifest describes, and the next complete download publishes the new release."""
+    from taac_dagster.paths import TrackPaths
+    from taac_dagster.raw import RawManifest, materialize_raw, verify_raw_files
+    from taac_dagster.settings import load_settings
+
+    files = release_files()
+    fake_hub.publish(REPO, files)
+    settings = load_settings("1M", {"data_root": str(tmp_path / "data"), "source": "hub", "hub_repo_id": REPO,
+                                    "hub_endpoint": fake_hub.url})
+    paths = TrackPaths(settings.data_root, "1M")
+    first = materialize_raw(settings, paths)
+    published, download = paths.raw_published("hub"), paths.raw_for("hub")
+    assert Path(first.root) == published
+    part = "seq/part-1.parquet"
+    assert (published / part).stat().st_ino == (download / part).stat().st_ino  # linked, not copied
+    assert not any(p.name.startswith(".") for p in published.iterdir())  # no download state published
+
+    update = dict(files)
+    update[part] = b"PAR1 updated " * 60
+    update["item_feat/part-0.parquet"] = b"PAR1 updated features " * 40
+    fake_hub.publish(REPO, update)
+    fake_hub.fail_get.add("item_feat/part-0.parquet")
+    with pytest.raises(SourceUnavailableError):
+        materialize_raw(settings, paths)
+    assert (download / part).read_bytes() == update[part]  # the download did replace a file
+    manifest = RawManifest.read(paths.raw_manifest)
+    assert manifest.digest == first.digest
+    verify_raw_files(manifest, paths.raw_manifest)  # ... and the published copy is still the old release
+    assert (published / part).read_bytes() == files[part]
+
+    fake_hub.fail_get.clear()
+    second = materialize_raw(settings, paths)
+    verify_raw_files(RawManifest.read(paths.raw_manifest), paths.raw_manifest)
+    assert second.digest != first.digest and Path(second.root) == published
+    assert (published / part).read_bytes() == update[part]
+    assert (published / "item_feat/part-0.parquet").read_bytes() == update["item_feat/part-0.parquet"]
+    again = materialize_raw(settings, paths)  # nothing new: the published folder is kept as is
+    assert again.digest == second.digest and (published / part).stat().st_ino == (download / part).stat().st_ino
