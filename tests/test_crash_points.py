@@ -260,3 +260,43 @@ def test_raw_data_killed_at_any_point_is_the_old_or_the_new_dataset(tmp_path):
     assert outcomes[("exchange", exchange, "before")] == "old"
     assert outcomes[("exchange", exchange, "after")] == "refused"
     assert outcomes[max(outcomes)] in ("new", "refused") and "new" in outcomes.values()
+
+
+CHECKPOINT_WRITER = """
+import torch
+from pathlib import Path
+from models.train import save_checkpoint
+save_checkpoint(Path(sys.argv[1]), {"step": 2, "model": {"w": torch.full((64, 64), 2.0)}})
+print(json.dumps(points))
+"""
+
+
+def test_a_checkpoint_killed_at_any_point_is_the_old_or_the_new_one(tmp_path):
+    """Checkpoints (and every file the steps publish: reports, the submission, manifests) are
+    written to a temporary sibling, flushed, and renamed over the target: killed at any point,
+    torch.load reads the complete old checkpoint or the complete new one, and the next writer's
+    clean-up removes the temporary."""
+    import torch
+
+    from models.train import save_checkpoint
+
+    target = tmp_path / "last.pt"
+
+    def seen() -> tuple[int, float]:
+        state = torch.load(target, weights_only=True)
+        return state["step"], float(state["model"]["w"].sum())
+
+    save_checkpoint(target, {"step": 1, "model": {"w": torch.ones(64, 64)}})
+    code, points = run_writer(CHECKPOINT_WRITER, str(target))
+    assert code == 0 and seen() == (2, 2.0 * 64 * 64) and "replace" in points and "fsync" in points
+    outcomes = []
+    for kill_at in range(1, len(points) + 1):
+        for when in ("before", "after"):
+            save_checkpoint(target, {"step": 1, "model": {"w": torch.ones(64, 64)}})
+            assert run_writer(CHECKPOINT_WRITER, str(target), kill_at=kill_at, when=when)[0] == -9
+            outcomes.append(seen())
+            recover_interrupted_writes(tmp_path)
+            assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]
+    assert set(outcomes) == {(1, 64.0 * 64), (2, 2.0 * 64 * 64)}
+    replace = points.index("replace")
+    assert outcomes[2 * replace] == (1, 64.0 * 64) and outcomes[2 * replace + 1] == (2, 2.0 * 64 * 64)
