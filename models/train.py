@@ -992,10 +992,18 @@ def train_track(
 # --- Command line (also the torchrun entry point) -----------------------------------------------
 
 
-def _parse_value(text: str) -> Any:
+def parse_set_value(text: str) -> Any:
+    """A ``--set`` value as YAML reads it, except that ``1e-3`` is a number: YAML 1.1 (PyYAML)
+    reads a float only with a dot (``1.0e-3``) and would hand the optimizer a string."""
     import yaml
 
-    return yaml.safe_load(text)
+    value = yaml.safe_load(text)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
 
 
 def progress_line(record: dict[str, Any]) -> str:
@@ -1091,7 +1099,7 @@ def parse_command(argv: list[str] | None = None) -> Command:
         section, _, name = key.partition(".")
         if section not in overrides or not name:
             raise SystemExit(f"--set {item!r}: expected model.KEY=VALUE or train.KEY=VALUE")
-        overrides[section][name] = _parse_value(value)
+        overrides[section][name] = parse_set_value(value)
     if args.max_steps is not None:
         overrides["train"]["max_steps"] = args.max_steps
     if args.epochs is not None:

@@ -247,3 +247,16 @@ def test_a_checkpoint_trained_on_other_arrays_is_refused(small_track, small_arra
     assert small_arrays.data_version in message and other.data_version in message
     assert isinstance(error.value, CheckpointMismatchError)  # what the report's optional presets leave out
     assert load_model(paths, "tiny", small_arrays, torch.device("cpu")).warnings == []
+
+
+def test_set_values_in_exponent_notation_are_numbers(tmp_path):
+    """PyYAML reads ``1e-3`` as a string (YAML 1.1 needs ``1.0e-3``); ``--set`` must hand the
+    optimizer a number, and leave real strings and other types as YAML reads them."""
+    from models.train import parse_command
+
+    command = parse_command(["--data-root", str(tmp_path), "--arrays", str(tmp_path), "--set", "train.lr=1e-3",
+                             "--set", "train.sampler=uniform", "--set", "train.batch_size=128",
+                             "--set", "model.dropout=auto"])
+    tc = command.preset.train
+    assert tc.lr == 0.001 and isinstance(tc.lr, float)
+    assert (tc.sampler, tc.batch_size, command.preset.model["dropout"]) == ("uniform", 128, "auto")
