@@ -144,6 +144,7 @@ def resolve_model_settings(
     * ``dropout: auto``: 0.3 up to 1M training events, 0.1 from 100M, log-linear between;
     * ``id_init_std: auto``: zeros when items have features, multi-modal vectors or Semantic
       IDs, else a spread of 0.02;
+    * ``loss_excludes_history: auto``: the evaluation's history filter (``exclude_history``);
     * ``id_buckets: auto``: one id row per item while the id table and its two Adam moments fit
       in ``max_id_table_bytes``, else hashed into as many rows as fit (the 10M track's 17.5M
       items at width 64 would take 13 GB)."""
@@ -165,6 +166,11 @@ def resolve_model_settings(
         uses = lambda flag, key: out.get(flag, True) and bool(meta.get(key))  # noqa: E731
         content = uses("use_item_features", "item_vocab") or uses("use_mm", "mm_dims") or uses("use_sids", "sid_vocab")
         out["id_init_std"] = 0.0 if content else 0.02
+    if out.get("loss_excludes_history") == "auto":
+        # Train for the ranking that is scored: when the report leaves history items out
+        # (TAAC_EVALUATION__EXCLUDE_HISTORY, passed in as the training's exclude_history), the
+        # softmax leaves them out too instead of spending the loss on pushing them down.
+        out["loss_excludes_history"] = bool(getattr(tc, "exclude_history", False))
     if out.get("id_buckets", "auto") == "auto":
         fits = tc.max_id_table_bytes // (3 * 4 * width)
         out["id_buckets"] = 0 if int(meta["id_rows"]) <= fits else int(fits)

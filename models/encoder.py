@@ -88,6 +88,9 @@ class EncoderConfig:
     # softmax: over every item row (catalogues that fit); infonce: sampled negatives with logQ
     # correction (huge catalogues); bce: the official baseline's one negative per position.
     loss: str = "infonce"
+    # softmax: leave each position's own history items out of its softmax, the way ranking
+    # excludes them (the report's history filter), instead of pushing them down.
+    loss_excludes_history: bool = False
     similarity: str = "cosine"  # cosine | dot (used by the loss and by retrieval)
     temperature: float = 0.05  # logits = similarity / temperature
     learn_temperature: bool = False  # learn it instead (from the value above)
@@ -123,6 +126,20 @@ class EncoderConfig:
             if f.name in data and isinstance(data[f.name], list):
                 data[f.name] = tuple(data[f.name])
         return cls(**data)
+
+
+def history_pairs(classes: torch.Tensor, targeted: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(position, class - 1) of every item that comes before a target position in its row, for
+    the positions of ``targeted`` [B, L] in row-major order (the loss's order), sorted by
+    position; ``classes`` [B, L] holds class numbers (0: padding). A position's own target
+    class is never among them (an item bought again stays a target)."""
+    B, L = classes.shape
+    earlier = torch.ones(L, L, dtype=torch.bool, device=classes.device).tril(-1)  # [t, s]: s < t
+    b, t, s = (targeted[:, :, None] & earlier[None] & (classes > 0)[:, None, :]).nonzero(as_tuple=True)
+    position = torch.cumsum(targeted.reshape(-1), 0) - 1
+    rows, cols, own = position[b * L + t], classes[b, s] - 1, classes[b, t] - 1
+    keep = cols != own
+    return rows[keep], cols[keep]
 
 
 @dataclass
@@ -585,6 +602,7 @@ class Encoder(nn.Module):
             loss = full_softmax(
                 query, table[1:], pick(targets) - 1,
                 temperature=self.temperature if cosine else 1.0, weights=weights, scale=batch["loss_scale"], cosine=cosine,
+                excluded=history_pairs(targets, batch["weights"] > 0) if cfg.loss_excludes_history else None,
             )
         elif cfg.loss == "infonce":
             neg_ids, neg_log_q = batch["neg_items"], batch["neg_logq"]

@@ -109,7 +109,7 @@ class _ChunkedSoftmaxCE(torch.autograd.Function):
     chunk's logits (one more matmul, but memory stays at a chunk). Backward runs once."""
 
     @staticmethod
-    def forward(ctx, user, items, targets, weights, chunk, keep_bytes):  # noqa: ANN001, ANN205
+    def forward(ctx, user, items, targets, weights, chunk, keep_bytes, mask_rows, mask_cols):  # noqa: ANN001, ANN205
         keep = len(user) * len(items) * user.element_size() <= keep_bytes
         lse = torch.empty(len(user), dtype=user.dtype, device=user.device)
         probs = torch.empty((len(user), len(items)) if keep else (0, 0), dtype=user.dtype, device=user.device)
@@ -118,20 +118,21 @@ class _ChunkedSoftmaxCE(torch.autograd.Function):
             if keep:  # one exp per logit: softmax and log-sum-exp from the same exponentials
                 rows = probs[lo:hi]
                 torch.mm(user[lo:hi], items.T, out=rows)
+                _mask_logits(rows, lo, hi, mask_rows, mask_cols)
                 top = rows.amax(dim=1, keepdim=True)
                 total = rows.sub_(top).exp_().sum(dim=1, keepdim=True)
                 rows.div_(total)
                 lse[lo:hi] = (top + total.log()).squeeze(1)
             else:
-                lse[lo:hi] = torch.logsumexp(user[lo:hi] @ items.T, dim=1)
+                lse[lo:hi] = torch.logsumexp(_mask_logits(user[lo:hi] @ items.T, lo, hi, mask_rows, mask_cols), dim=1)
         target_logit = (user * items[targets]).sum(-1)
-        ctx.save_for_backward(user, items, targets, weights, lse, probs)
+        ctx.save_for_backward(user, items, targets, weights, lse, probs, mask_rows, mask_cols)
         ctx.chunk, ctx.keep = chunk, keep
         return ((lse - target_logit) * weights).sum()
 
     @staticmethod
     def backward(ctx, grad):  # noqa: ANN001, ANN205
-        user, items, targets, weights, lse, probs = ctx.saved_tensors
+        user, items, targets, weights, lse, probs, mask_rows, mask_cols = ctx.saved_tensors
         w = weights * grad
         grad_user = torch.empty_like(user)
         grad_items = torch.zeros_like(items)
@@ -140,12 +141,22 @@ class _ChunkedSoftmaxCE(torch.autograd.Function):
             if ctx.keep:
                 p = probs[lo:hi].mul_(w[lo:hi, None])  # w * softmax, in the kept buffer
             else:
-                p = user[lo:hi] @ items.T
+                p = _mask_logits(user[lo:hi] @ items.T, lo, hi, mask_rows, mask_cols)
                 p.sub_(lse[lo:hi, None]).exp_().mul_(w[lo:hi, None])
             p[torch.arange(hi - lo, device=p.device), targets[lo:hi]] -= w[lo:hi]
             grad_user[lo:hi] = p @ items
             grad_items.addmm_(p.T, user[lo:hi])
-        return grad_user, grad_items, None, None, None, None
+        return grad_user, grad_items, None, None, None, None, None, None
+
+
+def _mask_logits(logits: torch.Tensor, lo: int, hi: int, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """Set to -inf, in place, the logits of rows ``lo:hi`` that (``rows``, ``cols``) name
+    (``rows`` sorted): classes left out of those positions' softmax."""
+    if len(rows):
+        start, stop = torch.searchsorted(rows, torch.tensor([lo, hi], device=rows.device)).tolist()
+        if stop > start:
+            logits[rows[start:stop] - lo, cols[start:stop]] = float("-inf")
+    return logits
 
 
 def full_softmax(
@@ -159,11 +170,13 @@ def full_softmax(
     cosine: bool = True,
     chunk_bytes: int = 8 << 20,
     keep_bytes: int = 512 << 20,
+    excluded: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Weighted cross-entropy of P positions (user [P, d]) over every item (items [N, d]);
     ``targets`` [P] are row numbers into ``items``. No sampling, so no logQ correction. The
     logits are computed ``chunk_bytes`` at a time; the softmax is kept for the backward when it
-    fits ``keep_bytes`` (``_ChunkedSoftmaxCE``)."""
+    fits ``keep_bytes`` (``_ChunkedSoftmaxCE``). ``excluded``: (position, item) pairs, positions
+    sorted, left out of those positions' softmax (never a position's own target)."""
     if cosine:
         user, items = F.normalize(user, dim=-1), F.normalize(items, dim=-1)
     user = user.float() / temperature
@@ -172,7 +185,9 @@ def full_softmax(
     if scale is None:
         scale = 1.0 / weights.sum().clamp_min(1e-12)
     chunk = max(16, chunk_bytes // (4 * max(1, len(items))))
-    return _ChunkedSoftmaxCE.apply(user, items.float(), targets, weights.float(), chunk, keep_bytes) * scale
+    none = torch.empty(0, dtype=torch.long, device=user.device)
+    rows, cols = excluded if excluded is not None else (none, none)
+    return _ChunkedSoftmaxCE.apply(user, items.float(), targets, weights.float(), chunk, keep_bytes, rows, cols) * scale
 
 
 def sampled_bce(

@@ -312,6 +312,43 @@ def test_chunked_full_softmax_equals_autograd_cross_entropy(keep_bytes):
         torch.testing.assert_close(got, t.grad, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("keep_bytes", [0, 1 << 20])
+def test_full_softmax_leaves_each_positions_history_out(keep_bytes):
+    """With ``excluded`` pairs the loss and its gradients are those of a cross-entropy whose
+    excluded logits are -inf, chunk by chunk, in both backward paths."""
+    from models.encoder import history_pairs
+    from models.losses import full_softmax
+
+    torch.manual_seed(1)
+    classes = torch.tensor([[0, 0, 3, 5, 3, 9], [0, 2, 4, 6, 8, 10], [0, 0, 0, 0, 7, 1]])  # class 0: padding
+    targeted = (classes > 0) & torch.tensor([[0, 0, 0, 1, 1, 1], [0, 0, 1, 1, 1, 1], [0, 0, 0, 0, 0, 1]]).bool()
+    rows, cols = history_pairs(classes, targeted)
+    # (position, class - 1). Position 1 (row 0, target 3 after 3, 5): 5 only, its own 3 stays;
+    # position 2 (target 9 after 3, 5, 3): 3 twice and 5; position 6 (row 1, target 10): 2, 4, 6, 8.
+    pairs = sorted(zip(rows.tolist(), cols.tolist()))
+    assert pairs == [(0, 2), (1, 4), (2, 2), (2, 2), (2, 4), (3, 1), (4, 1), (4, 3), (5, 1), (5, 3), (5, 5),
+                     (6, 1), (6, 3), (6, 5), (6, 7), (7, 6)]
+    assert rows.tolist() == sorted(rows.tolist())
+    targets = classes[targeted] - 1
+    user = torch.randn(len(targets), 8, requires_grad=True)
+    items = torch.randn(10, 8, requires_grad=True)
+    loss = full_softmax(user, items, targets, temperature=0.2, cosine=True, chunk_bytes=1, keep_bytes=keep_bytes,
+                        excluded=(rows, cols))
+    loss.backward()
+    grads = [t.grad.clone() for t in (user, items)]
+    for t in (user, items):
+        t.grad = None
+    u, v = torch.nn.functional.normalize(user, dim=-1), torch.nn.functional.normalize(items, dim=-1)
+    logits = (u @ v.T / 0.2).index_put((rows, cols), torch.tensor(float("-inf")))
+    reference = torch.nn.functional.cross_entropy(logits, targets)
+    reference.backward()
+    assert loss.item() == pytest.approx(reference.item(), rel=1e-5)
+    plain = full_softmax(user.detach(), items.detach(), targets, temperature=0.2, cosine=True)
+    assert plain.item() > loss.item() + 0.05  # the history's logits did count before
+    for got, t in zip(grads, (user, items)):
+        torch.testing.assert_close(got, t.grad, rtol=1e-4, atol=1e-6)
+
+
 def test_trimmed_batches_give_the_same_user_vectors():
     from models.data import trim_padding
 
