@@ -494,6 +494,20 @@ def test_the_torch_backend_gives_the_faiss_top_10(released_chain, tmp_path, monk
     (faiss_eval, faiss_summary, faiss_lists), (torch_eval, torch_summary, torch_lists) = runs["faiss"], runs["torch"]
     assert faiss_eval.search_backend == faiss_summary["search_backend"] == "faiss"
     assert torch_eval.search_backend == torch_summary["search_backend"] == "torch-cpu"
-    assert torch_lists == faiss_lists
-    assert torch_eval.headline == faiss_eval.headline and "model_extended" in torch_eval.headline
+    assert torch_lists["user"] == faiss_lists["user"]
+    # Both searches are exact, but they sum the inner products in different orders: two items
+    # whose scores tie to float precision may come out in either order, nothing else may differ.
+    swapped = 0
+    for mine, theirs in zip(torch_lists["top10s"], faiss_lists["top10s"], strict=True):
+        moved = [i for i, (a, b) in enumerate(zip(mine, theirs)) if a != b]
+        if moved:
+            i = moved[0]
+            assert moved == [i, i + 1] and (mine[i], mine[i + 1]) == (theirs[i + 1], theirs[i]), (mine, theirs)
+            swapped += 1
+    assert swapped <= max(1, len(faiss_lists["user"]) // 50)
+    assert torch_eval.headline.keys() == faiss_eval.headline.keys() and "model_extended" in torch_eval.headline
+    users = len(faiss_lists["user"])
+    for method, figures in faiss_eval.headline.items():
+        # A swap moves a target at most one rank: NDCG by under 1 / users, HR@10 not at all.
+        assert torch_eval.headline[method] == pytest.approx(figures, abs=swapped / users + 1e-12), method
     assert torch_eval.targets_outside_pool_share == faiss_eval.targets_outside_pool_share > 0
