@@ -198,6 +198,14 @@ def target_of(temporary: Path) -> Path | None:
     return temporary.with_name(temporary.name[1:temporary.name.index(".tmp-")]) if match else None
 
 
+def remove_entry(path: Path) -> None:
+    """Remove ``path``, a folder with its contents or a file; nothing when it is already gone."""
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
 def remove_stale_temps(folder: str | Path) -> int:
     """Delete leftovers of interrupted atomic writes (``.<name>.tmp-*``) in ``folder`` whose
     writer is gone; a temporary a running writer still owns is left alone. An old copy set
@@ -214,10 +222,7 @@ def remove_stale_temps(folder: str | Path) -> int:
                 os.replace(leftover, target)
                 fsync_dir(folder)
                 continue
-            if leftover.is_dir():
-                shutil.rmtree(leftover, ignore_errors=True)
-            else:
-                leftover.unlink(missing_ok=True)
+            remove_entry(leftover)
             removed += 1
     return removed
 
@@ -249,9 +254,6 @@ def keep_newest(folder: str | Path, keep: int, *, stamp: str = r"(\d{8}T\d{6}Z[-
     removed = 0
     for key in sorted(groups, reverse=True)[max(0, keep):]:
         for entry in groups[key]:
-            if entry.is_dir():
-                shutil.rmtree(entry, ignore_errors=True)
-            else:
-                entry.unlink(missing_ok=True)
+            remove_entry(entry)
             removed += 1
     return removed

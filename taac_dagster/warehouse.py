@@ -24,7 +24,14 @@ from typing import Any
 
 import duckdb
 
-from taac_dagster.atomic import keep_newest, remove_stale_temps, replace_durably, temp_owner_gone, temp_sibling
+from taac_dagster.atomic import (
+    keep_newest,
+    remove_entry,
+    remove_stale_temps,
+    replace_durably,
+    temp_owner_gone,
+    temp_sibling,
+)
 from taac_dagster.db import connect as connect_duckdb
 from taac_dagster.errors import DataFormatError, TaacError
 from taac_dagster.formats import HUB_FORMAT, JSONL_FORMAT
@@ -204,10 +211,7 @@ def collect_embedding_builds(paths: TrackPaths, settings: TaacSettings, *, logge
             continue
         if entry.name.startswith(".") and not temp_owner_gone(entry):
             continue  # a build being written right now
-        if entry.is_dir():
-            shutil.rmtree(entry, ignore_errors=True)
-        else:
-            entry.unlink(missing_ok=True)
+        remove_entry(entry)
         removed += 1
     if removed:
         (logger or log).info(f"removed {removed} embedding builds or leftovers in {folder} that the warehouse does not read")
