@@ -44,17 +44,22 @@ def _is_hidden(relative: Path) -> bool:
     return any(part.startswith(".") for part in relative.parts)
 
 
+def visible_files(root: Path) -> list[Path]:
+    """Every file under ``root`` outside hidden names (see ``_is_hidden``), relative to it,
+    sorted by path."""
+    found: list[Path] = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        # Prune hidden folders so a 100 GB .cache of partial downloads is never walked.
+        dirnames[:] = sorted(name for name in dirnames if not name.startswith("."))
+        found += [Path(dirpath, name).relative_to(root) for name in filenames if not name.startswith(".")]
+    return sorted(found, key=Path.as_posix)
+
+
 def _collect(root: Path, files: Iterable[Path] | None) -> list[tuple[str, Path]]:
     """(posix relative path, absolute path) for every file to hash, sorted, hidden ones out."""
     chosen: dict[str, Path] = {}
     if files is None:
-        for dirpath, dirnames, filenames in os.walk(root):
-            # Prune hidden folders so a 100 GB .cache of partial downloads is never walked.
-            dirnames[:] = sorted(name for name in dirnames if not name.startswith("."))
-            for name in filenames:
-                if not name.startswith("."):
-                    path = Path(dirpath) / name
-                    chosen[path.relative_to(root).as_posix()] = path
+        chosen = {relative.as_posix(): root / relative for relative in visible_files(root)}
     else:
         for given in files:
             path = Path(given)

@@ -29,7 +29,7 @@ from typing import Any
 
 from taac_dagster.atomic import atomic_dir, remove_stale_temps, write_text_atomic
 from taac_dagster.errors import RawDataChangedError, SourceUnavailableError
-from taac_dagster.fingerprint import fingerprint_tree
+from taac_dagster.fingerprint import fingerprint_tree, visible_files
 from taac_dagster.formats import DEFAULT_FETCH_FAMILIES, HUB_FORMAT, hub_embedding_dirs, jsonl_embedding_sources
 from taac_dagster.paths import TrackPaths
 from taac_dagster.readers.detect import detect_format
@@ -151,19 +151,9 @@ def _adopt_legacy_hub_download(paths: TrackPaths, logger: Any) -> None:
 _NO_LINKS = (errno.EXDEV, errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK, errno.ENOSYS)
 
 
-def _visible_files(folder: Path) -> list[Path]:
-    """Every file under ``folder`` outside hidden names (huggingface_hub's ``.cache``, the
-    download's own manifests), relative to it, sorted."""
-    found = []
-    for dirpath, dirnames, filenames in os.walk(folder):
-        dirnames[:] = sorted(name for name in dirnames if not name.startswith("."))
-        found += [Path(dirpath, name).relative_to(folder) for name in filenames if not name.startswith(".")]
-    return sorted(found)
-
-
 def _same_files(download: Path, published: Path, files: list[Path]) -> bool:
     """Whether ``published`` holds exactly ``files``, each the very file (inode) of the download."""
-    if not published.is_dir() or _visible_files(published) != files:
+    if not published.is_dir() or visible_files(published) != files:
         return False
     for relative in files:
         first, second = (download / relative).stat(), (published / relative).stat()
@@ -180,7 +170,7 @@ def publish_download(download: Path, published: Path, logger: Any = None) -> Pat
     the next publish. No data is copied. Returns the folder to read: ``published``, or
     ``download`` itself where hard links are not possible (with a warning)."""
     logger = logger or log
-    files = _visible_files(download)
+    files = visible_files(download)
     if _same_files(download, published, files):
         return published
     try:
