@@ -28,19 +28,6 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 
-def parse_overrides(pairs: list[str]) -> dict[str, dict]:
-    from models.train import parse_set_value
-
-    overrides: dict[str, dict] = {"model": {}, "train": {}}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        section, dot, name = key.partition(".")
-        if not sep or not dot or section not in overrides:
-            raise SystemExit(f"--set {pair!r}: expected model.KEY=VALUE or train.KEY=VALUE")
-        overrides[section][name] = parse_set_value(value)
-    return overrides
-
-
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--arrays", required=True, help="a prepared arrays folder (checkpoints/arrays of a run)")
@@ -54,10 +41,10 @@ def main(argv: list[str] | None = None) -> dict:
     import torch
 
     from models.data import load_arrays
-    from models.train import default_retrieval_actions, evaluate, load_encoder, load_preset, train
+    from models.train import apply_set_options, default_retrieval_actions, evaluate, load_encoder, load_preset, train
 
     arrays = load_arrays(args.arrays)
-    overrides = parse_overrides(args.set)
+    overrides = apply_set_options(args.set, {"model": {}, "train": {}})
     overrides["train"].setdefault("val_users", int(arrays.meta.get("num_val", 0)))
     preset = load_preset(args.config, overrides)
     started = time.perf_counter()

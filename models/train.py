@@ -1006,6 +1006,18 @@ def parse_set_value(text: str) -> Any:
     return value
 
 
+def apply_set_options(items: list[str], overrides: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Put each ``--set model.KEY=VALUE`` / ``train.KEY=VALUE`` into ``overrides`` (its
+    ``model`` and ``train`` sections) and return it; a malformed one stops the command."""
+    for item in items:
+        key, sep, value = item.partition("=")
+        section, _, name = key.partition(".")
+        if not sep or section not in overrides or not name:
+            raise SystemExit(f"--set {item!r}: expected model.KEY=VALUE or train.KEY=VALUE")
+        overrides[section][name] = parse_set_value(value)
+    return overrides
+
+
 def progress_line(record: dict[str, Any]) -> str:
     """One training event as a line for a person (the Dagster log, in-process or through Pipes)."""
     event = record.get("event")
@@ -1094,12 +1106,7 @@ def parse_command(argv: list[str] | None = None) -> Command:
 
     settings = TaacSettings.model_validate_json(args.settings_json) if args.settings_json else None
     overrides: dict[str, dict[str, Any]] = {"model": {}, "train": dict(training_overrides(settings)) if settings else {}}
-    for item in args.set:
-        key, _, value = item.partition("=")
-        section, _, name = key.partition(".")
-        if section not in overrides or not name:
-            raise SystemExit(f"--set {item!r}: expected model.KEY=VALUE or train.KEY=VALUE")
-        overrides[section][name] = parse_set_value(value)
+    apply_set_options(args.set, overrides)
     if args.max_steps is not None:
         overrides["train"]["max_steps"] = args.max_steps
     if args.epochs is not None:
