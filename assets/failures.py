@@ -13,7 +13,8 @@ from typing import Any
 
 from dagster import Failure, MetadataValue
 
-from taac_dagster.errors import DataFormatError, SourceUnavailableError, TaacError
+from models.errors import ModelError
+from taac_dagster.errors import PROJECT_ERRORS, DataFormatError, SourceUnavailableError, TaacError
 from taac_dagster.locks import TrackBusyError
 
 # How to fix an error of each kind, most specific first (the messages themselves say what
@@ -26,6 +27,7 @@ FIXES: tuple[tuple[type[BaseException], str], ...] = (
                              "docs/settings.md), then re-materialize raw_dataset."),
     (TrackBusyError, "Wait for the run named above to end (or stop it), or raise TAAC_TRACK_LOCK_TIMEOUT."),
     (TaacError, "Do what the message says, then re-materialize this asset."),
+    (ModelError, "Do what the message says, then re-materialize this asset."),
 )
 
 
@@ -33,7 +35,7 @@ def fix_for(error: BaseException) -> str:
     return next(fix for kind, fix in FIXES if isinstance(error, kind))
 
 
-def failure_metadata(error: TaacError) -> dict[str, Any]:
+def failure_metadata(error: TaacError | ModelError) -> dict[str, Any]:
     """Where the error points (file, line or row, record, field), what was expected and found, the fix."""
     metadata: dict[str, Any] = {"error": type(error).__name__}
     if isinstance(error, DataFormatError):
@@ -48,7 +50,7 @@ def failure_metadata(error: TaacError) -> dict[str, Any]:
     return metadata
 
 
-def as_failure(error: TaacError) -> Failure:
+def as_failure(error: TaacError | ModelError) -> Failure:
     """A Failure that carries the error's message and metadata; only an error a retry may cure
     (a transient Hub failure) lets a retry policy retry the step."""
     return Failure(
@@ -63,5 +65,5 @@ def explained_failures() -> Iterator[None]:
     """Re-raise the project's errors raised inside as ``dagster.Failure`` (see ``as_failure``)."""
     try:
         yield
-    except TaacError as error:
+    except PROJECT_ERRORS as error:
         raise as_failure(error) from error

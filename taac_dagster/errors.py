@@ -4,9 +4,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from models.errors import ModelError
+
 
 class TaacError(Exception):
     """Base class for errors this project raises on purpose."""
+
+
+# Errors raised on purpose, by the pipeline or by the model code it runs (models/ does not
+# import the pipeline, so its errors have their own base).
+PROJECT_ERRORS: tuple[type[Exception], ...] = (TaacError, ModelError)
 
 
 class DataFormatError(TaacError):
