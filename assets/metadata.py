@@ -38,7 +38,7 @@ def table_metadata(con: duckdb.DuckDBPyConnection, table: str, rows: int | None 
         [table],
     ).fetchall()
     if rows is None:
-        rows = int(con.execute(f'SELECT count(*) FROM "{table}"').fetchone()[0])  # a name from the code, not input
+        (rows,) = con.execute(f'SELECT count(*) FROM "{table}"').fetchall()[0]  # a name from the code, not input
     schema = TableSchema(columns=[TableColumn(name, str(kind)) for name, kind in columns])
     return {ROW_COUNT: int(rows), COLUMN_SCHEMA: MetadataValue.table_schema(schema)}
 

@@ -10,6 +10,7 @@ so nothing downstream runs, and the previous warehouse stays what the chain read
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from dagster import (
     AssetCheckResult,
@@ -96,7 +97,7 @@ def warehouse_tables(context: AssetExecutionContext, taac: TaacConfig) -> Iterat
                 metadata={"rejected_warehouse": MetadataValue.path(str(failed.rejected)),
                           "failed_checks": MetadataValue.json([o.name for o in failed.failed])},
             ) from None
-    shared = {"warehouse": MetadataValue.path(str(summary.path)), "raw_fingerprint": manifest.digest}
+    shared: dict[str, Any] = {"warehouse": MetadataValue.path(str(summary.path)), "raw_fingerprint": manifest.digest}
     with taac.duckdb(track) as con:  # the published warehouse: row counts and columns for the UI
         tables = {name: table_metadata(con, name, rows=summary.row_counts[name]) for name in WAREHOUSE_TABLES}
     for name in WAREHOUSE_TABLES:

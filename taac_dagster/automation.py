@@ -19,7 +19,7 @@ def downstream_condition() -> AutomationCondition:
         AutomationCondition.newly_missing()
         | AutomationCondition.any_deps_updated()
         | AutomationCondition.code_version_changed()
-    ).since_last_handled()
+    ).since_last_handled()  # type: ignore[misc]  # dagster types it for asset-or-check conditions only
     return (
         AutomationCondition.in_latest_time_window()
         & inputs_or_code_changed.with_label("inputs or code changed")

@@ -51,8 +51,9 @@ class SecretSource(Config):
             if not os.environ.get(self.env):
                 raise ValueError(f"{setting}: the environment variable {self.env} is not set")
             return os.environ[self.env]
+        file = str(self.file)  # set: exactly one of the two is, and env is not
         try:
-            return Path(self.file).expanduser().read_text().strip()
+            return Path(file).expanduser().read_text().strip()
         except OSError as error:
             raise ValueError(f"{setting}: cannot read the file {self.file} ({error.strerror or error})") from None
 
@@ -103,7 +104,7 @@ def set_values(config: BaseModel) -> dict[str, Any]:
     for name in type(config).model_fields:
         value = getattr(config, name)
         if isinstance(value, EnvVar):  # set in Python and read outside a run, where Dagster has not resolved it
-            value = SecretSource(env=value.env_var_name)
+            value = SecretSource(env=value.env_var_name, file=None)
         if isinstance(value, SecretSource):
             value = value.read(name)
         elif isinstance(value, BaseModel):
@@ -122,7 +123,7 @@ def set_values(config: BaseModel) -> dict[str, Any]:
 _TaacRunConfig = run_config_model(TaacSettings, "TaacRunConfig", base=ConfigurableResource, skip=ENV_ONLY_SETTINGS)
 
 
-class TaacConfig(_TaacRunConfig):  # type: ignore[misc,valid-type]  (fields derived from TaacSettings)
+class TaacConfig(_TaacRunConfig):  # type: ignore[misc,valid-type]  # fields derived from TaacSettings
     """Overrides of the TAAC_* settings for the runs that use this resource (fields left unset
     fall back to the environment and the track's preset; see docs/settings.md)."""
 

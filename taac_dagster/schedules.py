@@ -1,13 +1,20 @@
 """The retraining schedule: one run of the retraining job per track on a cron (default weekly)."""
 
-from dagster import DefaultScheduleStatus, JobDefinition, RunRequest, ScheduleEvaluationContext, schedule
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from dagster import DefaultScheduleStatus, RunRequest, ScheduleEvaluationContext, schedule
 
 from taac_dagster.tracks import TRACK_NAMES
+
+if TYPE_CHECKING:  # what define_asset_job returns; dagster exports no public name for it
+    from dagster._core.definitions.unresolved_asset_job_definition import UnresolvedAssetJobDefinition
 
 RETRAIN_SCHEDULE_NAME = "taac_retraining"
 
 
-def build_retraining_schedule(job: JobDefinition | object, cron: str, *, enabled: bool = False):
+def build_retraining_schedule(job: UnresolvedAssetJobDefinition, cron: str, *, enabled: bool = False):
     @schedule(
         name=RETRAIN_SCHEDULE_NAME,
         job=job,

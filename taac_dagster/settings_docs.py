@@ -152,7 +152,7 @@ def field_comments(cls: type) -> dict[str, tuple[str, str]]:
     import inspect
 
     comments: dict[str, tuple[str, str]] = {}
-    block, above = "", []
+    block, above = "", list[str]()
     for line in inspect.getsourcelines(cls)[0][1:]:
         text = line.strip()
         if text.startswith("# ---"):
@@ -188,7 +188,7 @@ def _knob_rows(section: str, cls: type, skip: str, presets: dict[str, dict[str, 
         if comments.get(field.name, ("", ""))[0] == skip:
             continue
         default = field.default if field.default is not dataclasses.MISSING else (
-            field.default_factory() if field.default_factory is not dataclasses.MISSING else None)  # type: ignore[misc]
+            field.default_factory() if field.default_factory is not dataclasses.MISSING else None)
         cells = [f"`{presets[n][f'{section}.{field.name}']}`" if f"{section}.{field.name}" in presets[n] else "–"
                  for n in names]
         described = _cell(comments.get(field.name, ("", ""))[1])
