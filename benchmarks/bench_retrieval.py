@@ -84,13 +84,13 @@ def make_users(nq: int, centres: np.ndarray, item_topic: np.ndarray, history: in
     pick = (rng.random(len(owner))[:, None] > np.cumsum(mix, axis=1)[owner]).sum(axis=1).clip(0, slots - 1)
     t = user_topics[owner, pick]
     rows = by_topic[start[t] + (rng.random(len(owner)) * (start[t + 1] - start[t])).astype(np.int64)]
-    from models.retrieval import ExclusionCSR
+    from models.exclusions import ExclusionCSR
 
     return q.astype(np.float32), ExclusionCSR(np.concatenate([[0], np.cumsum(lengths)]), rows.astype(np.int64))
 
 
 def subset(csr: Any, n: int) -> Any:
-    from models.retrieval import ExclusionCSR
+    from models.exclusions import ExclusionCSR
 
     return ExclusionCSR(csr.offsets[: n + 1], csr.values[: csr.offsets[n]])
 
@@ -227,15 +227,9 @@ def main() -> None:
             parser.error("--torch-only needs --torch-device (e.g. cuda, or cpu for a small check)")
         torch_only(args)
         return
-    from models.retrieval import (
-        IndexSpec,
-        build_index,
-        default_index_spec,
-        recall_at_k,
-        search,
-        set_threads,
-        tune_nprobe,
-    )
+    from models.index_spec import IndexSpec, default_index_spec
+    from models.index_tuning import recall_at_k, tune_nprobe
+    from models.retrieval import build_index, search, set_threads
 
     args.eval_users = args.eval_users or 100_000
     item_noise = args.item_noise if args.item_noise is not None else (1.2 if args.hard else 0.9)

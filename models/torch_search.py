@@ -24,6 +24,7 @@ machine without the pipeline. ``models.retrieval.torch_exact_search`` wraps it f
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -122,26 +123,21 @@ class TorchExactIndex:
         if queries.ndim != 2 or queries.shape[1] != self.dim:
             raise ValueError(f"queries must be [nq, {self.dim}], got shape {queries.shape}")
         nq, n = len(queries), self.size
-        fetch = min(int(k), n)
-        device = self.device
-        q = torch.from_numpy(_unit_rows(queries) if self.normalize else np.ascontiguousarray(queries)).to(device)
-        counts = values = None
-        if exclude is not None:
-            offsets, rows = (np.asarray(a, dtype=np.int64) for a in exclude)
-            if len(offsets) != nq + 1:
-                raise ValueError(f"exclusions are given for {len(offsets) - 1} queries, expected {nq}")
-            rows = rows[offsets[0] : offsets[-1]]
-            owner = np.repeat(np.arange(nq, dtype=np.int64), np.diff(offsets))
-            keep = (rows >= 0) & (rows < n)
-            owner, rows = owner[keep], rows[keep]
-            if len(rows):  # uploaded once per call; each block slices its own part on the device
-                offsets = np.concatenate([[0], np.cumsum(np.bincount(owner, minlength=nq))])
-                counts = torch.from_numpy(np.diff(offsets)).to(device)
-                values = torch.from_numpy(rows).to(device)
+        q = torch.from_numpy(_unit_rows(queries) if self.normalize else np.ascontiguousarray(queries)).to(self.device)
+        excluded = _DeviceExclusions.upload(exclude, nq, n, self.device) if exclude is not None else None
         blocked = self._blocked_columns(allowed)
-        out_rows = torch.empty((nq, fetch), dtype=torch.int64, device=device)
-        out_scores = torch.empty((nq, fetch), dtype=torch.float32, device=device)
         step = max(1, int(block_rows or self.block_rows))
+        top_rows, top_scores = self._blocked_topk(q, min(int(k), n), step, blocked, excluded)
+        return _padded(top_rows, top_scores, k)
+
+    def _blocked_topk(
+        self, q: torch.Tensor, fetch: int, step: int, blocked: torch.Tensor | None, excluded: _DeviceExclusions | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-``fetch`` rows and scores of ``q`` [nq, d], ``step`` queries per matmul, with the
+        ``blocked`` columns and each query's ``excluded`` rows at -inf."""
+        nq = len(q)
+        out_rows = torch.empty((nq, fetch), dtype=torch.int64, device=self.device)
+        out_scores = torch.empty((nq, fetch), dtype=torch.float32, device=self.device)
         tf32 = torch.backends.cuda.matmul.allow_tf32
         torch.backends.cuda.matmul.allow_tf32 = False  # exact float32 products
         try:
@@ -150,24 +146,62 @@ class TorchExactIndex:
                 scores = q[lo:hi] @ self.items.T
                 if blocked is not None:
                     scores.index_fill_(1, blocked, -torch.inf)
-                if values is not None:
-                    start, stop = int(offsets[lo]), int(offsets[hi])
-                    if stop > start:
-                        owner_t = torch.repeat_interleave(
-                            torch.arange(hi - lo, device=device), counts[lo:hi], output_size=stop - start
-                        )
-                        scores[owner_t, values[start:stop]] = -torch.inf
+                if excluded is not None:
+                    excluded.mask(scores, lo, hi)
                 top_scores, top_rows = torch.topk(scores, fetch, dim=1)
                 out_scores[lo:hi] = top_scores
                 out_rows[lo:hi] = top_rows
         finally:
             torch.backends.cuda.matmul.allow_tf32 = tf32
-        rows_np = np.full((nq, k), -1, dtype=np.int64)
-        scores_np = np.full((nq, k), -np.inf, dtype=np.float32)
-        rows_np[:, :fetch] = out_rows.cpu().numpy()
-        scores_np[:, :fetch] = out_scores.cpu().numpy()
-        rows_np[~np.isfinite(scores_np)] = -1  # excluded or outside ``allowed``: nothing to return
-        return rows_np, scores_np
+        return out_rows, out_scores
+
+
+@dataclass(frozen=True)
+class _DeviceExclusions:
+    """One call's in-pool exclusions on the device, uploaded once; each block slices its own part:
+    query q excludes ``values[offsets[q]:offsets[q + 1]]`` (``counts`` = their lengths)."""
+
+    offsets: np.ndarray  # int64 [nq + 1], on the host
+    counts: torch.Tensor
+    values: torch.Tensor
+
+    @classmethod
+    def upload(
+        cls, exclude: tuple[np.ndarray, np.ndarray], nq: int, n: int, device: torch.device
+    ) -> _DeviceExclusions | None:
+        """The rows of ``exclude`` (offsets, rows) inside 0..n-1; None when there are none."""
+        offsets, rows = (np.asarray(a, dtype=np.int64) for a in exclude)
+        if len(offsets) != nq + 1:
+            raise ValueError(f"exclusions are given for {len(offsets) - 1} queries, expected {nq}")
+        rows = rows[offsets[0] : offsets[-1]]
+        owner = np.repeat(np.arange(nq, dtype=np.int64), np.diff(offsets))
+        keep = (rows >= 0) & (rows < n)
+        owner, rows = owner[keep], rows[keep]
+        if not len(rows):
+            return None
+        offsets = np.concatenate([[0], np.cumsum(np.bincount(owner, minlength=nq))])
+        return cls(offsets, torch.from_numpy(np.diff(offsets)).to(device), torch.from_numpy(rows).to(device))
+
+    def mask(self, scores: torch.Tensor, lo: int, hi: int) -> None:
+        """Set the excluded rows of queries ``lo:hi`` (the rows of ``scores``) to -inf."""
+        start, stop = int(self.offsets[lo]), int(self.offsets[hi])
+        if stop > start:
+            owner = torch.repeat_interleave(
+                torch.arange(hi - lo, device=self.values.device), self.counts[lo:hi], output_size=stop - start
+            )
+            scores[owner, self.values[start:stop]] = -torch.inf
+
+
+def _padded(top_rows: torch.Tensor, top_scores: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The device's [nq, fetch] results as [nq, k] arrays, -1 / -inf where nothing is left to return
+    (past the pool's end, excluded, or outside ``allowed``)."""
+    nq, fetch = top_rows.shape
+    rows_np = np.full((nq, k), -1, dtype=np.int64)
+    scores_np = np.full((nq, k), -np.inf, dtype=np.float32)
+    rows_np[:, :fetch] = top_rows.cpu().numpy()
+    scores_np[:, :fetch] = top_scores.cpu().numpy()
+    rows_np[~np.isfinite(scores_np)] = -1
+    return rows_np, scores_np
 
 
 __all__ = ["DEFAULT_SCORE_BYTES", "TorchExactIndex", "block_rows_for"]

@@ -36,7 +36,8 @@ from models.evaluation import (
     submission_for_track,
     track_arrays,
 )
-from models.retrieval import IndexMismatchError, IndexSpec
+from models.index_spec import IndexSpec
+from models.retrieval_errors import IndexMismatchError
 from models.submission import read_submission
 from models.user_vectors import UserVectorsMismatchError
 from taac_dagster.errors import DataFormatError

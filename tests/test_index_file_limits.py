@@ -10,7 +10,10 @@ from pathlib import Path
 
 import numpy as np
 
-from models.retrieval import IndexSpec, build_index, check_index_file, save_index
+from models.index_files import check_index_file
+from models.index_spec import IndexSpec
+from models.retrieval import build_index
+from taac_dagster.steps.index_store import save_index
 
 REPO = Path(__file__).resolve().parents[1]
 HEADER = 4 + 33  # fourcc; d, ntotal, two dummies, is_trained, metric type (inner product: no argument)
@@ -18,7 +21,7 @@ HEADER = 4 + 33  # fourcc; d, ntotal, two dummies, is_trained, metric type (inne
 # Loads each folder in a fresh process and reports its error and how much its peak memory grew.
 LOAD_EACH = """
 import json, resource, sys
-from models.retrieval import load_index
+from models.index_files import load_index
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 errors = []
 for folder in sys.argv[1:]:

@@ -10,7 +10,6 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from models import retrieval
 from models.baselines import (
     CLICK_WEIGHTS,
     BaselineError,
@@ -19,27 +18,24 @@ from models.baselines import (
     popularity_ranking,
     popularity_topk,
 )
+from models.exclusions import ExclusionCSR
+from models.index_files import load_index
+from models.index_spec import FLAT_MAX_POOL, IndexSpec, auto_nlist, default_index_spec
+from models.index_tuning import measure_recall, recall_at_k, tune_nprobe
 from models.retrieval import (
-    ExclusionCSR,
-    IndexMismatchError,
-    IndexSpec,
-    RetrievalError,
-    auto_nlist,
     build_index,
-    default_index_spec,
     flat_like,
-    load_index,
-    measure_recall,
     pool_fingerprint,
-    recall_at_k,
-    save_index,
     search,
+    set_threads,
     torch_exact_search,
-    tune_nprobe,
+    torch_index,
 )
+from models.retrieval_errors import IndexMismatchError, RetrievalError
 from models.submission import SubmissionError, read_submission, validate_submission, write_submission
 from taac_dagster.settings import SyntheticSettings
 from taac_dagster.sources.synthetic import ClickModel, GroundTruth, generate_dataset, load_ground_truth
+from taac_dagster.steps.index_store import save_index
 
 
 def clustered(n: int = 6000, dim: int = 16, topics: int = 24, seed: int = 0):
@@ -71,8 +67,8 @@ def flat(data):
 # --- Specs and index kinds -----------------------------------------------------------------
 def test_default_spec_is_exact_for_small_pools_and_ivf_above():
     assert default_index_spec(5_000).kind == "flat"
-    assert default_index_spec(retrieval.FLAT_MAX_POOL).kind == "flat"
-    assert default_index_spec(retrieval.FLAT_MAX_POOL + 1).kind == "ivf"
+    assert default_index_spec(FLAT_MAX_POOL).kind == "flat"
+    assert default_index_spec(FLAT_MAX_POOL + 1).kind == "ivf"
     big = default_index_spec(660_000)  # the 1M track's pool
     assert big.kind == "ivf" and big.nlist == 2048 and big.nprobe == 41
     huge = default_index_spec(3_637_720)  # the 10M track's pool
@@ -179,7 +175,7 @@ def test_torch_exact_search_is_faiss_exact_search_with_history_exclusion():
     want_rows, want_scores = search(flat, queries, 10, exclude=history, return_rows=True)
     assert not any(np.isin(flat.ids[r], h).any() for r, h in zip(want_rows, history))
     assert (want_rows != search(flat, queries, 10, return_rows=True)[0]).any(axis=1).mean() > 0.9
-    index = retrieval.torch_index(flat, "cpu", max_score_bytes=64 * 5000 * 4)  # blocks of 64 queries
+    index = torch_index(flat, "cpu", max_score_bytes=64 * 5000 * 4)  # blocks of 64 queries
     assert index.block_rows == 64
     rows, scores = torch_exact_search(index, queries, 10, exclude=history)
     assert recall_at_k(rows, want_rows) == 1.0
@@ -201,9 +197,9 @@ def test_torch_index_keeps_the_pool_on_its_device_and_bounds_the_score_block(dat
     assert block_rows_for(660_000) == 813 and block_rows_for(3_637_720) == 147  # 2 GiB of float32 scores
     assert block_rows_for(660_000, 1 << 20) == 1 and block_rows_for(10) == (2 << 30) // 40
     _, _, queries = data
-    index = retrieval.torch_index(flat, "cpu")
+    index = torch_index(flat, "cpu")
     uploaded = index.items
-    monkeypatch.setattr(retrieval, "torch_index", lambda *a, **k: pytest.fail("the pool was uploaded again"))
+    monkeypatch.setattr("models.retrieval.torch_index", lambda *a, **k: pytest.fail("the pool was uploaded again"))
     first = torch_exact_search(index, queries[:50], 10)[0]
     assert np.array_equal(torch_exact_search(index, queries[:50], 10)[0], first) and index.items is uploaded
     # Fewer rows left than k: the rest is -1 / -inf, as Faiss's search.
@@ -281,17 +277,17 @@ def test_save_load_roundtrip_and_refusals(tmp_path, data):
 
     # A failed write leaves the previous complete index in place.
     other = build_index(items[:100], ids[:100], IndexSpec(kind="flat"))
-    original = retrieval.faiss.write_index
+    original = faiss.write_index
 
     def crash(*args, **kwargs):
         raise OSError("disk full")
 
-    retrieval.faiss.write_index = crash
+    faiss.write_index = crash
     try:
         with pytest.raises(OSError, match="disk full"):
             save_index(path, other, {"checkpoint_version": "ckpt-2"})
     finally:
-        retrieval.faiss.write_index = original
+        faiss.write_index = original
     assert load_index(path, expected_checkpoint_version="ckpt-1").size == len(ids)
     assert not list(path.parent.glob(".*tmp-*"))
 
@@ -319,11 +315,11 @@ def test_threads_default_to_all_cores():
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     faiss.omp_set_num_threads(1)
     try:
-        assert retrieval.set_threads() == cores and faiss.omp_get_max_threads() == cores
-        assert retrieval.set_threads(3) == 3 and faiss.omp_get_max_threads() == 3
-        assert retrieval.set_threads(0) == 1 and faiss.omp_get_max_threads() == 1  # never below one
+        assert set_threads() == cores and faiss.omp_get_max_threads() == cores
+        assert set_threads(3) == 3 and faiss.omp_get_max_threads() == 3
+        assert set_threads(0) == 1 and faiss.omp_get_max_threads() == 1  # never below one
     finally:
-        retrieval.set_threads()
+        set_threads()
 
 
 # --- Baselines -----------------------------------------------------------------------------
@@ -449,7 +445,6 @@ def test_the_recall_tuning_is_plotted_in_the_index_metadata(data, flat, tmp_path
     from types import SimpleNamespace
 
     from assets.retrieval import _recall_tuning_plot
-    from models.retrieval import save_index
 
     items, ids, queries = data
     ivf = build_index(items, ids, IndexSpec(kind="ivf", nlist=64, nprobe=1), seed=0)

@@ -1,0 +1,1 @@
+"""The pipeline steps: one module per stage, between the assets and the pure model code."""
