@@ -1,6 +1,6 @@
 """semantic_id_codebooks: RQ-KMeans Semantic IDs of every item and candidate of a track.
 
-Thin: the work is ``models.semantic_ids.build_semantic_ids``. It writes the codebooks to
+Thin: the work is ``taac_dagster.steps.semantic_ids.build_semantic_ids``. It writes the codebooks to
 ``<root>/<track>/codebooks/`` (atomically) and the ``item_semantic_ids`` table to the track's
 warehouse (one transaction). Low content coverage is a WARN check, not a failure: the codes
 then come from collaborative vectors and the chain goes on.
@@ -21,11 +21,12 @@ from dagster import (
 
 from assets.metadata import table_metadata
 from assets.track_lock import hold_track
-from models.semantic_ids import TABLE, build_semantic_ids
 from taac_dagster.automation import downstream_condition
 from taac_dagster.code_versions import code_version
 from taac_dagster.partitions import track_partitions
 from taac_dagster.resources import TaacConfig
+from taac_dagster.steps.semantic_id_tables import TABLE
+from taac_dagster.steps.semantic_ids import build_semantic_ids
 
 # Bump when the same inputs and settings would give different codes or a different table or
 # codebook layout (algorithm, defaults, collision or fallback rule, schema); not for logging,

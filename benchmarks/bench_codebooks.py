@@ -1,4 +1,4 @@
-"""Speed and memory of the RQ-KMeans Semantic ID build (models/semantic_ids.py).
+"""Speed and memory of the RQ-KMeans Semantic ID build (models/semantic_ids.py, taac_dagster/steps/semantic_ids.py).
 
     .venv/bin/python benchmarks/bench_codebooks.py                 # the two default cases
     .venv/bin/python benchmarks/bench_codebooks.py --items 660000 --dim 4096 --whiten pca
@@ -36,15 +36,9 @@ from pathlib import Path
 
 import numpy as np
 
-from models.semantic_ids import (
-    SemanticIdConfig,
-    collision_rate,
-    encode_with_errors,
-    fit_rq_kmeans,
-    reconstruction_error,
-    resolve_collisions,
-    utilization,
-)
+from models.semantic_id_collisions import collision_rate, resolve_collisions
+from models.semantic_id_quality import reconstruction_error, utilization
+from models.semantic_ids import SemanticIdConfig, encode_with_errors, fit_rq_kmeans
 
 DEFAULT_CASES = [(1_000_000, 32), (660_000, 4096)]
 
@@ -152,8 +146,8 @@ def build_dataset(args: argparse.Namespace, data_root: str) -> dict:
 
 
 def run_collaborative(args: argparse.Namespace, data_root: str) -> dict:
-    from models.semantic_ids import build_semantic_ids
     from taac_dagster.paths import TrackPaths
+    from taac_dagster.steps.semantic_ids import build_semantic_ids
 
     settings = _collaborative_settings(args, data_root)
     started = time.perf_counter()

@@ -164,8 +164,8 @@ def test_a_folder_replaced_atomically_is_never_half_written(tmp_path, exchange):
 SEMANTIC_ID_WRITER = """
 from taac_dagster.paths import TrackPaths
 from taac_dagster.settings import load_settings
-import models.semantic_ids as sid
-from models.semantic_ids import build_semantic_ids
+import taac_dagster.steps.semantic_ids as sid
+from taac_dagster.steps.semantic_ids import build_semantic_ids
 # The table's transaction runs inside DuckDB: its call is a point too (before: not committed).
 sid.write_item_semantic_ids = counted("commit", sid.write_item_semantic_ids)
 settings = load_settings("10M", {"data_root": sys.argv[1],
@@ -190,7 +190,7 @@ def test_semantic_ids_killed_at_any_point_train_on_one_build(tmp_path):
     anywhere, the arrays training reads carry the levels of the codes in the table, of the
     old build (2 levels) or the new one (3)."""
     from models.data import PrepareOptions, prepare_arrays
-    from models.semantic_ids import build_semantic_ids
+    from taac_dagster.steps.semantic_ids import build_semantic_ids
 
     def settings(levels: int):
         return load_settings("10M", {"data_root": str(tmp_path / "data"),

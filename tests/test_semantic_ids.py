@@ -12,28 +12,23 @@ from dagster import AssetKey, DagsterInstance, materialize
 from assets.raw import raw_dataset
 from assets.semantic_ids import COVERAGE_CHECK, semantic_id_codebooks
 from assets.warehouse import warehouse_tables
+from models.item_semantic_ids import fallback_codes
+from models.item_vectors import FamilyReader
+from models.semantic_id_collisions import collision_rate, resolve_collisions
+from models.semantic_id_quality import nmi, purity, reconstruction_error, utilization
 from models.semantic_ids import (
-    FamilyReader,
     RQCodebooks,
     SemanticIdConfig,
-    SemanticIdInputError,
     auto_codebook_size,
-    build_semantic_ids,
-    collision_rate,
     decode,
     encode,
     encode_with_errors,
-    fallback_codes,
     fit_rq_kmeans,
-    nmi,
-    purity,
-    reconstruction_error,
-    resolve_collisions,
-    utilization,
 )
 from taac_dagster.paths import TrackPaths
 from taac_dagster.resources import TaacConfig
 from taac_dagster.settings import load_settings
+from taac_dagster.steps.semantic_ids import SemanticIdInputError, build_semantic_ids
 from taac_dagster.warehouse import build_warehouse
 
 
@@ -197,7 +192,7 @@ def test_collaborative_sequences_stop_before_each_users_own_last_target(tiny_war
     """Training validates on a holdout user's target before its test target, so the
     co-occurrence that collaborative codes learn from must not contain it (10M: the last
     conversion, else the last click, before the test target)."""
-    from models.semantic_ids import sequence_batches
+    from taac_dagster.steps.semantic_id_tables import sequence_batches
 
     settings = load_settings("10M", {"data_root": str(tiny_warehouse.data_root)})
     batches = list(sequence_batches(tiny_warehouse.warehouse, settings, (2, 1)))
@@ -329,7 +324,7 @@ def test_a_publish_killed_before_the_table_leaves_arrays_on_the_tables_levels(ti
     """The codebooks folder is renamed in first and the table with its description committed
     last (the commit point). Killed between the two (here: the table's write fails), training
     reads the levels the table's codes were built with, not the newer folder's, and says so."""
-    import models.semantic_ids as sid
+    import taac_dagster.steps.semantic_ids as sid
     from models.data import PrepareOptions, prepare_arrays
 
     def settings(levels: int):

@@ -1,1 +1,2 @@
-"""The pipeline steps: one module per stage, between the assets and the pure model code."""
+"""The steps layer: one module per stage, the per-track glue (paths, settings, the warehouse,
+atomic publishing, metadata) between the thin assets and the pure model code in ``models/``."""
