@@ -21,6 +21,7 @@ from models.report import (
     write_report,
 )
 from models.weighted_metrics import (
+    RELEVANCE,
     hits_from_ranks,
     ideal_dcg,
     metrics_from_ranks,
@@ -31,6 +32,7 @@ from models.weighted_metrics import (
     weighted_metrics,
     weighted_per_user,
 )
+from taac_dagster.tracks import get_track
 
 L2_11 = 1 / math.log2(11)  # NDCG of a hit at rank 10
 L2_3 = 1 / math.log2(3)  # discount of rank 2
@@ -72,6 +74,11 @@ def test_weighted_metrics_hand_cases():
     m = weighted_metrics(topk, targets, actions)
     assert m["w_hr@10"] == pytest.approx(hr.mean()) and m["w_ndcg@10"] == pytest.approx(nd.mean())
     assert m["w_score"] == pytest.approx(0.31 * hr.mean() + 0.69 * nd.mean())
+
+
+def test_the_default_relevance_is_the_10m_tracks():
+    """models/ knows no track: its default weights are the 10M track's, written out."""
+    assert RELEVANCE == dict(get_track("10M").relevance)
 
 
 def test_weighted_ideal_order_uses_at_most_ten_targets():
