@@ -9,17 +9,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from models.report import (
-    ReportData,
-    compare_figures,
-    headline_figures,
-    headline_markdown,
-    oracle_share,
-    plot_training_curve,
-    slice_frame,
-    slice_metrics,
-    write_report,
-)
+from models.report import ReportData, write_report
+from models.report_comparison import compare_figures
+from models.report_figures import headline_figures, oracle_share, slice_frame, slice_metrics
+from models.report_plots import plot_training_curve
+from models.report_tables import headline_markdown
 from models.weighted_metrics import (
     RELEVANCE,
     hits_from_ranks,

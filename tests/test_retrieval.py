@@ -420,10 +420,10 @@ def test_submission_validation_and_atomic_write(tmp_path):
 
 
 def test_index_from_settings_tunes_to_the_cheapest_passing_nprobe(data, flat):
-    """The asset's rule (models.evaluation): without an nprobe asked for, climb from 1/256 of
+    """The asset's rule (taac_dagster/steps/index.py): without an nprobe asked for, climb from 1/256 of
     the lists to the smallest nprobe reaching the target; with one, start there."""
-    from models.evaluation import index_spec_from_settings, measure_and_tune
     from taac_dagster.settings import RetrievalSettings
+    from taac_dagster.steps.index import index_spec_from_settings, measure_and_tune
 
     items, ids, queries = data
     auto = RetrievalSettings(index="ivf", nlist=64)
