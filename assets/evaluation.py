@@ -1,12 +1,12 @@
 """user_vectors, evaluation_report and submission: what the trained model and its index are worth.
 
-Thin: the work is ``models.evaluation.encode_track_users``, ``evaluate_track`` and
-``submission_for_track``. ``user_vectors`` runs the encoder over every evaluated user's history
-once per checkpoint; the report and the submission read those vectors. The report
-(Markdown + HTML + JSON + plots under ``<root>/<track>/reports/``) scores every holdout user
-for the model, the popularity baseline, the official-baseline preset when its checkpoint exists
-and, on synthetic data, the oracle ceiling; its headline table is also this materialization's
-Markdown metadata, so it shows in the Dagster UI.
+Thin: the work is ``taac_dagster.steps.user_vectors.encode_track_users``,
+``taac_dagster.steps.report.evaluate_track`` and ``taac_dagster.steps.submission.submission_for_track``.
+``user_vectors`` runs the encoder over every evaluated user's history once per checkpoint; the
+report and the submission read those vectors. The report (Markdown + HTML + JSON + plots under
+``<root>/<track>/reports/``) scores every holdout user for the model, the popularity baseline,
+the official-baseline preset when its checkpoint exists and, on synthetic data, the oracle
+ceiling; its headline table is also this materialization's Markdown metadata, so it shows in the Dagster UI.
 """
 
 import time
@@ -16,11 +16,13 @@ from dagster import AssetExecutionContext, AssetKey, MaterializeResult, Metadata
 from assets.metadata import data_version_of, image_files_markdown
 from assets.track_lock import hold_track
 from assets.training import ARRAY_INPUTS
-from models.evaluation import encode_track_users, evaluate_track, submission_for_track
 from taac_dagster.automation import downstream_condition
 from taac_dagster.code_versions import code_version
 from taac_dagster.partitions import track_partitions
 from taac_dagster.resources import TaacConfig
+from taac_dagster.steps.report import evaluate_track
+from taac_dagster.steps.submission import submission_for_track
+from taac_dagster.steps.user_vectors import encode_track_users
 
 # Bump when the same checkpoint, index and settings would give other figures or files.
 USER_VECTORS_CODE_VERSION = code_version("user-vectors", __name__, data_files=["configs/tracks/*.yaml", "configs/models/*.yaml"])

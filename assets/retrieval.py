@@ -1,6 +1,6 @@
 """faiss_index: the trained encoder's item vectors for the whole candidate pool, in Faiss.
 
-Thin: the work is ``models.evaluation.build_track_index``. The index type comes from
+Thin: the work is ``taac_dagster.steps.index.build_track_index``. The index type comes from
 ``TAAC_RETRIEVAL__INDEX`` (auto: exact up to 20K items, IVF above; or flat / ivf / hnsw). User
 vectors are out of the item distribution, so the asset measures recall@10 of the index against
 exact search on a sample of real holdout queries (tuning nprobe / efSearch up to
@@ -27,13 +27,13 @@ from dagster import (
 from assets.metadata import data_version_of, image_markdown
 from assets.track_lock import hold_track
 from assets.training import ARRAY_INPUTS
-from models.evaluation import IndexBuild, IndexRecallBelowFloor, build_track_index
-from models.report import figure_png, recall_tuning_figure
-from models.retrieval import read_index_metadata
+from models.index_files import read_index_metadata
+from models.report_plots import figure_png, recall_tuning_figure
 from taac_dagster.automation import downstream_condition
 from taac_dagster.code_versions import code_version
 from taac_dagster.partitions import track_partitions
 from taac_dagster.resources import TaacConfig
+from taac_dagster.steps.index import IndexBuild, IndexRecallBelowFloor, build_track_index
 
 # Bump when the same checkpoint and settings would give a different index or layout.
 RETRIEVAL_CODE_VERSION = code_version("retrieval", __name__, data_files=["configs/tracks/*.yaml", "configs/models/*.yaml"])

@@ -1,5 +1,5 @@
 """The whole evaluation path on a generated track: encode every holdout history, search the
-index, score the model, popularity and the oracle (models/evaluation.py), and the submission.
+index, score the model, popularity and the oracle (taac_dagster/steps/), and the submission.
 
     .venv/bin/python benchmarks/bench_evaluation.py                         # 20K users, 90-event histories, default preset
     .venv/bin/python benchmarks/bench_evaluation.py --users 50000 --items 100000 --presets baseline,default
@@ -30,21 +30,17 @@ import torch
 from flops import achieved, flops_of, measure_cuda_bf16_peak, measure_peak
 
 from models.data import holdout_batch
-from models.evaluation import (
-    build_track_index,
-    compute_device,
-    encode_track_users,
-    evaluate_track,
-    load_model,
-    query_vectors,
-    submission_for_track,
-    track_arrays,
-)
+from models.scoring import query_vectors
 from models.train import train_track
 from taac_dagster.paths import TrackPaths
 from taac_dagster.raw import materialize_raw
 from taac_dagster.settings import load_settings
+from taac_dagster.steps.index import build_track_index
+from taac_dagster.steps.report import evaluate_track
 from taac_dagster.steps.semantic_ids import build_semantic_ids
+from taac_dagster.steps.submission import submission_for_track
+from taac_dagster.steps.trained_encoder import compute_device, load_model, track_arrays
+from taac_dagster.steps.user_vectors import encode_track_users
 from taac_dagster.warehouse import build_warehouse
 
 

@@ -16,23 +16,35 @@ Exclusions are given in the ``pool_ids`` space, like ``models.retrieval.search``
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from pathlib import Path
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol
 
 import numpy as np
 
-from models.retrieval import Exclusions, as_csr, batch_exclusions, filter_topk
-from taac_dagster.errors import TaacError
-from taac_dagster.sources.synthetic import GroundTruth, load_ground_truth
+from models.errors import ModelError
+from models.exclusions import Exclusions, as_csr, batch_exclusions, filter_topk
 
 # Relevance of each action type for a click-weighted popularity (the 10M weights; exposures
 # count 0, so only clicks and conversions rank items; ties fall back to the plain count).
 CLICK_WEIGHTS: dict[int, float] = {0: 0.0, 1: 1.0, 2: 2.5}
 
 
-class BaselineError(TaacError, ValueError):
+class BaselineError(ModelError, ValueError):
     """Bad input to a baseline (empty pool, misaligned arrays)."""
+
+
+class NextItemTruth(Protocol):
+    """The generator's true next-item distribution (the synthetic source's ``GroundTruth``),
+    indexed by item re-ids (row 0 = padding)."""
+
+    @property
+    def num_items(self) -> int: ...
+
+    item_topic: np.ndarray  # int64[N + 1]: each item's topic
+    item_popularity: np.ndarray  # float64[N + 1]: P(item | its topic)
+
+    def oracle_topk(self, user_ids: np.ndarray, prev_item_ids: np.ndarray, candidate_item_ids: np.ndarray,
+                    k: int = ...) -> np.ndarray: ...
 
 
 def _pool(pool_item_ids: np.ndarray, pool_ids: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
@@ -45,7 +57,7 @@ def _pool(pool_item_ids: np.ndarray, pool_ids: np.ndarray | None) -> tuple[np.nd
     return items, out
 
 
-def _pool_rows(pool_ids: np.ndarray):
+def _pool_rows(pool_ids: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
     """Vectorized id -> pool row (-1 when absent)."""
     order = np.argsort(pool_ids, kind="stable")
     sorted_ids = pool_ids[order]
@@ -59,7 +71,7 @@ def _pool_rows(pool_ids: np.ndarray):
 
 
 def _topk_with_exclusions(
-    ranked_rows,
+    ranked_rows: Callable[[int, int, int], np.ndarray],
     num_users: int,
     k: int,
     exclude: Exclusions | None,
@@ -71,11 +83,10 @@ def _topk_with_exclusions(
     (-1 where the pool runs out)."""
     n = len(pool_ids)
     out = np.full((num_users, k), -1, dtype=np.int64)
-    csr = as_csr(exclude, num_users) if exclude is not None else None
-    rows_of = _pool_rows(pool_ids) if csr is not None else None
+    exclusions = (as_csr(exclude, num_users), _pool_rows(pool_ids)) if exclude is not None else None
     for lo in range(0, num_users, batch_size):
         hi = min(num_users, lo + batch_size)
-        keys, extra = batch_exclusions(csr, lo, hi, rows_of, n) if csr is not None else (None, 0)
+        keys, extra = batch_exclusions(exclusions[0], lo, hi, exclusions[1], n) if exclusions is not None else (None, 0)
         fetch = min(n, k + extra)
         labels = ranked_rows(lo, hi, fetch)
         dummy = np.zeros(labels.shape, dtype=np.float32)
@@ -106,7 +117,7 @@ def popularity_ranking(
     if seq.size and seq.min() < 0:
         raise BaselineError("sequence item ids must be >= 0 (0 = padding)")
     counts = np.bincount(seq, minlength=size).astype(np.float64)
-    weighted = counts
+    weighted: np.ndarray = counts
     if action_weights is not None:
         if seq_action_types is None:
             raise BaselineError("action_weights needs seq_action_types (aligned with seq_item_ids)")
@@ -164,7 +175,7 @@ def popularity_topk(
 
 
 # --- Oracle ------------------------------------------------------------------------------
-def oracle_candidates(truth: GroundTruth, pool_item_ids: np.ndarray, depth: int) -> np.ndarray:
+def oracle_candidates(truth: NextItemTruth, pool_item_ids: np.ndarray, depth: int) -> np.ndarray:
     """Pool rows that can appear in any user's oracle top-``depth``: the ``depth`` most
     popular pool items of each topic. Exact because the oracle score of an item is
     (user's weight of its topic) x (its popularity in the topic): within a topic every user
@@ -181,7 +192,7 @@ def oracle_candidates(truth: GroundTruth, pool_item_ids: np.ndarray, depth: int)
 
 
 def oracle_topk(
-    truth: GroundTruth | str | Path,
+    truth: NextItemTruth,
     user_ids: np.ndarray,
     prev_item_ids: np.ndarray,
     pool_item_ids: np.ndarray,
@@ -193,12 +204,11 @@ def oracle_topk(
 ) -> np.ndarray:
     """[users, k] ids (``pool_ids``, default the item re-ids) by true next-click probability.
 
-    ``truth``: a ``GroundTruth`` or the synthetic dataset folder. ``user_ids`` are user re-ids;
+    ``truth``: the generator's ground truth (``GroundTruth``). ``user_ids`` are user re-ids;
     ``prev_item_ids`` each user's last history item before the target (0 when the history is
     empty). Cold items and items the generator does not know have probability 0. The same
     exclusions as the model's are applied, so the ceiling is measured under the same rules.
     """
-    truth = truth if isinstance(truth, GroundTruth) else load_ground_truth(truth)
     items, out_ids = _pool(pool_item_ids, pool_ids)
     users = np.asarray(user_ids, dtype=np.int64)
     prev = np.asarray(prev_item_ids, dtype=np.int64)
@@ -232,6 +242,7 @@ def oracle_topk(
 __all__ = [
     "CLICK_WEIGHTS",
     "BaselineError",
+    "NextItemTruth",
     "oracle_candidates",
     "oracle_topk",
     "popularity_ranking",

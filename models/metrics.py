@@ -52,4 +52,4 @@ def retrieval_metrics(topk: np.ndarray, targets: np.ndarray, k: int = K) -> dict
     """HR@k, NDCG@k and the official score of top-k lists against single targets."""
     ranks = target_ranks(np.asarray(topk)[:, :k], targets)
     hr, nd = hit_rate(ranks, k), ndcg(ranks, k)
-    return {f"hr@{k}": hr, f"ndcg@{k}": nd, "score": score(hr, nd)}
+    return {f"hr@{k}": hr, f"ndcg@{k}": nd, "score": float(score(hr, nd))}

@@ -1,9 +1,10 @@
 """Model inputs for the users of a ``predict_seq.jsonl`` (the competition's inference file).
 
 The file has the format of ``seq.jsonl`` (one user per line, interaction and profile records);
-it is parsed by the same reader into a throwaway in-memory DuckDB, and each user's whole
-sequence becomes the history (its last ``max_len`` events), encoded exactly like the training
-arrays: item re-ids the model knows keep their row, others become 0 (unknown), null action
+the pipeline's step (taac_dagster/steps/predict.py) parses it with the same reader into a
+throwaway in-memory DuckDB and hands over one row per user (histories and features), and each
+user's whole sequence becomes the history (its last ``max_len`` events), encoded exactly like
+the training arrays: item re-ids the model knows keep their row, others become 0 (unknown), null action
 types count as exposures, times are relative to the arrays' time origin (earlier ones clamped to it), user features are
 clipped to the training vocabularies. Raw user ids come from ``indexer.pkl`` beside it (the
 re-id when the indexer does not name the user).
@@ -13,15 +14,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
+import pyarrow as pa
 
 from models.data import USER_MULTI, USER_SPARSE, Arrays, encode_user_features, list_parts, pad_lists
-from taac_dagster.db import connect
-from taac_dagster.errors import DataFormatError
-from taac_dagster.readers.jsonl import stage_seq_jsonl
-from taac_dagster.readers.staging import stage_indexer
 
 PREDICT_FILE = "predict_seq.jsonl"
 
@@ -47,40 +44,12 @@ def find_predict_file(local_path: Path | None) -> Path | None:
     return path if path.is_file() else None
 
 
-def read_predict_inputs(path: Path, arrays: Arrays, settings: Any = None) -> PredictInputs:
-    """Parse ``path`` and build model inputs for each of its users (ordered by re-id)."""
-    path = Path(path)
+def predict_inputs(path: Path, histories: pa.Table, features: pa.Table, arrays: Arrays) -> PredictInputs:
+    """Model inputs for each user of ``path`` (ordered by re-id) from one row per user:
+    ``histories`` (user_id, item_ids, actions, times, raw_user_id) and ``features`` (user_id and
+    the user feature columns, in the same order)."""
     meta = arrays.meta
     width, id_rows = int(meta["max_len"]), int(meta["id_rows"])
-    con = connect(None, settings)
-    try:
-        stage_seq_jsonl(con, path)
-        indexer = path.parent / "indexer.pkl"
-        if indexer.is_file():
-            stage_indexer(con, indexer)
-        else:
-            con.execute("CREATE TABLE stg_user_index (raw_user_id VARCHAR, user_id BIGINT)")
-        con.execute("CREATE TABLE ids AS SELECT user_id FROM stg_events UNION SELECT user_id FROM stg_user_features")
-        histories = con.sql(
-            """
-            SELECT ids.user_id,
-                   coalesce(list(e.item_id ORDER BY e.position) FILTER (WHERE e.item_id IS NOT NULL), []) AS item_ids,
-                   coalesce(list(coalesce(e.action_type, 0) ORDER BY e.position) FILTER (WHERE e.item_id IS NOT NULL), [])
-                       AS actions,
-                   coalesce(list(e."timestamp" ORDER BY e.position) FILTER (WHERE e.item_id IS NOT NULL), []) AS times,
-                   (SELECT min(raw_user_id) FROM stg_user_index r WHERE r.user_id = ids.user_id) AS raw_user_id
-            FROM ids LEFT JOIN stg_events e USING (user_id)
-            GROUP BY ids.user_id ORDER BY ids.user_id
-            """
-        ).to_arrow_table()
-        features = con.sql(
-            "SELECT ids.user_id, f.* EXCLUDE (user_id) FROM ids LEFT JOIN stg_user_features f USING (user_id) "
-            "ORDER BY ids.user_id"
-        ).to_arrow_table()
-    finally:
-        con.close()
-    if histories.num_rows == 0:
-        raise DataFormatError(path, "one JSON list of records per user", "no users")
     users = histories.column("user_id").to_numpy().astype(np.int64)
     lengths, items = list_parts(histories.column("item_ids"))
     items = np.where((items > 0) & (items < id_rows), items, 0)
@@ -102,4 +71,4 @@ def read_predict_inputs(path: Path, arrays: Arrays, settings: Any = None) -> Pre
         "user_sparse": sparse.astype(np.int64),
         "user_multi": multi.astype(np.int64),
     }
-    return PredictInputs(path, users, raw, batch)
+    return PredictInputs(Path(path), users, raw, batch)

@@ -2,8 +2,9 @@
 
 Rules checked before anything is written (``SubmissionError`` names the first offender and
 how many there are): as many lists as users; no user twice; every list exactly 10 ids; the 10
-ids distinct; every id a creative id of the candidate pool. The file is written atomically
-(temporary file beside it, renamed into place), so a failed validation or a crash leaves the
+ids distinct; every id a creative id of the candidate pool. Nothing is written before the rules
+pass, and the file goes through ``publish`` (models/publish.py: the pipeline's step writes it
+beside its target and renames it into place), so a failed validation or a crash leaves the
 previous submission untouched.
 """
 
@@ -16,12 +17,12 @@ from typing import Any
 
 import numpy as np
 
+from models.errors import ModelError
 from models.metrics import K
-from taac_dagster.atomic import atomic_file
-from taac_dagster.errors import TaacError
+from models.publish import Publish, write_in_place
 
 
-class SubmissionError(TaacError, ValueError):
+class SubmissionError(ModelError, ValueError):
     """A submission that breaks the official format's rules."""
 
 
@@ -126,13 +127,17 @@ def write_submission(
     *,
     k: int = K,
     expected_users: Sequence[Any] | np.ndarray | None = None,
+    publish: Publish = write_in_place,
 ) -> dict[str, Any]:
-    """Validate, then write the JSON file atomically. Returns a summary (path, users, bytes)."""
+    """Validate, then write the JSON file through ``publish``. Returns a summary (path, users, bytes)."""
     submission = build_submission(top10s, users, pool_creative_ids, k=k, expected_users=expected_users)
     path = Path(path)
-    with atomic_file(path) as tmp:
-        with open(tmp, "w") as handle:
+
+    def dump(target: Path) -> None:
+        with open(target, "w") as handle:
             json.dump(submission, handle, separators=(",", ":"))
+
+    publish(path, dump)
     return {"path": str(path), "users": len(submission["user"]), "bytes": path.stat().st_size}
 
 

@@ -11,8 +11,9 @@ encoder's forward pass over their histories (the evaluation's main cost) runs on
         metadata.json   checkpoint_version, arrays_data_version, dim, actions and, per part,
                         the users it holds and (predict) the fingerprint of the file read
 
-The folder is written beside its target and renamed into place (``atomic_dir``), so a crash
-leaves the previous vectors whole. A reader names the checkpoint and arrays it needs: vectors
+``write_user_vectors`` writes into the folder it is given; the pipeline's step gives it a
+temporary folder beside the target and renames it into place (``atomic_dir``), so a crash leaves
+the previous vectors whole. A reader names the checkpoint and arrays it needs: vectors
 encoded by another checkpoint, from other arrays or from another predict file are refused
 (``UserVectorsMismatchError``, which says to re-materialize ``user_vectors``), never used.
 """
@@ -29,8 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from taac_dagster.atomic import atomic_dir
-from taac_dagster.errors import TaacError
+from models.errors import ModelError
 
 FORMAT_VERSION = 1
 METADATA_FILE = "metadata.json"
@@ -38,7 +38,7 @@ HOLDOUT, PREDICT = "holdout", "predict"
 FIX = "re-materialize user_vectors (it encodes the users with the current checkpoint)"
 
 
-class UserVectorsMismatchError(TaacError, ValueError):
+class UserVectorsMismatchError(ModelError, ValueError):
     """No user vectors for this checkpoint, these arrays or this predict file."""
 
 
@@ -53,12 +53,12 @@ def file_fingerprint(path: str | Path) -> str:
 
 @dataclass
 class UserVectorsWriter:
-    """Parts written into the temporary folder of ``write_user_vectors``."""
+    """Parts written into the folder of ``write_user_vectors``."""
 
     folder: Path
     parts: dict[str, dict[str, Any]] = field(default_factory=dict)
 
-    def part(self, name: str, users: int, dim: int, **info: Any) -> np.ndarray:
+    def part(self, name: str, users: int, dim: int, **info: Any) -> np.memmap:
         """A writable float32 [users, dim] array backed by ``<name>.npy``."""
         self.parts[name] = {"users": int(users), **info}
         return np.lib.format.open_memmap(self.folder / f"{name}.npy", mode="w+", dtype=np.float32, shape=(users, dim))
@@ -66,17 +66,17 @@ class UserVectorsWriter:
 
 @contextlib.contextmanager
 def write_user_vectors(folder: str | Path, metadata: dict[str, Any]) -> Iterator[UserVectorsWriter]:
-    """Yield a writer; when the block ends without error, the folder replaces ``folder``.
+    """Yield a writer of parts into ``folder`` (an empty folder); when the block ends without
+    error, the metadata naming every part is written beside them.
 
     ``metadata`` must name ``checkpoint_version`` and ``arrays_data_version``."""
     for key in ("checkpoint_version", "arrays_data_version"):
         if not metadata.get(key):
             raise ValueError(f"user vectors need metadata[{key!r}]")
-    with atomic_dir(folder) as tmp:
-        writer = UserVectorsWriter(Path(tmp))
-        yield writer
-        meta = {**metadata, "format_version": FORMAT_VERSION, "parts": writer.parts}
-        (Path(tmp) / METADATA_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True, default=str) + "\n")
+    writer = UserVectorsWriter(Path(folder))
+    yield writer
+    meta = {**metadata, "format_version": FORMAT_VERSION, "parts": writer.parts}
+    (Path(folder) / METADATA_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True, default=str) + "\n")
 
 
 def read_user_vectors_metadata(folder: str | Path) -> dict[str, Any]:

@@ -31,9 +31,10 @@ import numpy as np
 
 from models.metrics import HR_WEIGHT, NDCG_WEIGHT, K, hits_from_ranks, ndcg_from_ranks, score
 from models.metrics import target_ranks as ranks_of_targets
-from taac_dagster.tracks import get_track
 
-RELEVANCE: dict[int, float] = dict(get_track("10M").relevance)
+# The 10M track's relevance per action type (exposure, click, conversion), the default weights;
+# the pipeline passes its track's own (taac_dagster/tracks.py).
+RELEVANCE: dict[int, float] = {0: 0.0, 1: 1.0, 2: 2.5}
 PAD = -1
 _CHUNK_CELLS = 1 << 24  # users per chunk = this / (k * targets)
 

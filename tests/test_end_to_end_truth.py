@@ -25,12 +25,12 @@ import pytest
 from dagster import DagsterInstance, materialize
 
 from assets.evaluation import submission
-from models import evaluation
-from models.evaluation import raw_user_ids, submission_for_track
+from models import holdout_scoring
 from models.submission import read_submission, write_submission
 from taac_dagster.paths import TrackPaths
 from taac_dagster.resources import TaacConfig
 from taac_dagster.settings import load_settings
+from taac_dagster.steps.submission import raw_user_ids, submission_for_track
 from tests.conftest import CHAIN_ENV, full_chain
 
 pytestmark = pytest.mark.slow
@@ -224,7 +224,7 @@ def test_weighted_metrics_of_a_tiny_10m_case_are_the_hand_computed_ones(tmp_path
         users = raw_user_ids(paths.warehouse, np.asarray(run.setup.arrays.hold_users[chunk.rows]).astype(np.int64))
         return np.array([[by_creative[CREATIVE[item]] for item in LISTS[str(u)]] for u in users])
 
-    monkeypatch.setitem(evaluation.SCORING_METHODS, "model", evaluation.ScoringMethod(known_lists, timer="search"))
+    monkeypatch.setitem(holdout_scoring.SCORING_METHODS, "model", holdout_scoring.ScoringMethod(known_lists, timer="search"))
     config = TaacConfig(data_root=str(tmp_path / "data"), source="local", local_path=str(dataset),
                         training={"max_steps": 1})
     with DagsterInstance.ephemeral(tempdir=str(tmp_path / "home")) as instance:

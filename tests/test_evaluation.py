@@ -21,29 +21,23 @@ from assets.retrieval import RECALL_CHECK, faiss_index
 from assets.semantic_ids import semantic_id_codebooks
 from assets.training import encoder_checkpoint
 from assets.warehouse import warehouse_tables
+from models.checkpoint_fit import CheckpointMismatchError, EvaluationError
 from models.data import holdout_batch
 from models.encoder import Encoder
-from models.evaluation import (
-    CheckpointMismatchError,
-    EvaluationError,
-    build_track_index,
-    compute_device,
-    evaluate_track,
-    fill_lists,
-    load_model,
-    query_vectors,
-    search_backend,
-    submission_for_track,
-    track_arrays,
-)
 from models.index_spec import IndexSpec
 from models.retrieval_errors import IndexMismatchError
+from models.scoring import fill_lists, query_vectors
 from models.submission import read_submission
 from models.user_vectors import UserVectorsMismatchError
 from taac_dagster.errors import DataFormatError
 from taac_dagster.paths import TrackPaths
 from taac_dagster.resources import TaacConfig
 from taac_dagster.settings import load_settings
+from taac_dagster.steps.index import build_track_index
+from taac_dagster.steps.report import evaluate_track
+from taac_dagster.steps.scoring import search_backend
+from taac_dagster.steps.submission import submission_for_track
+from taac_dagster.steps.trained_encoder import compute_device, load_model, track_arrays
 from tests.conftest import CHAIN_ENV
 
 pytestmark = pytest.mark.slow
@@ -225,8 +219,8 @@ def test_the_search_backend_is_torch_on_cuda_whatever_the_index_unless_set():
     flat, ivf = IndexSpec(kind="flat"), IndexSpec(kind="ivf", nlist=64)
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
 
-    def backend(setting: str, device: torch.device, spec: IndexSpec) -> str:
-        return search_backend(load_settings("1M", {"evaluation": {"search_backend": setting}}), device, spec)
+    def backend(setting: str, device: torch.device, spec: IndexSpec) -> str:  # the index kind never matters
+        return search_backend(load_settings("1M", {"evaluation": {"search_backend": setting}}), device)
 
     assert backend("auto", cuda, flat) == backend("auto", cuda, ivf) == "torch-cuda"  # exact on a GPU
     assert backend("auto", cpu, flat) == backend("auto", cpu, ivf) == backend("faiss", cuda, flat) == "faiss"

@@ -9,18 +9,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from models.report import (
-    ReportData,
-    compare_figures,
-    headline_figures,
-    headline_markdown,
-    oracle_share,
-    plot_training_curve,
-    slice_frame,
-    slice_metrics,
-    write_report,
-)
+from models.report import ReportData, write_report
+from models.report_comparison import compare_figures
+from models.report_figures import headline_figures, oracle_share, slice_frame, slice_metrics
+from models.report_plots import plot_training_curve
+from models.report_tables import headline_markdown
 from models.weighted_metrics import (
+    RELEVANCE,
     hits_from_ranks,
     ideal_dcg,
     metrics_from_ranks,
@@ -31,6 +26,7 @@ from models.weighted_metrics import (
     weighted_metrics,
     weighted_per_user,
 )
+from taac_dagster.tracks import get_track
 
 L2_11 = 1 / math.log2(11)  # NDCG of a hit at rank 10
 L2_3 = 1 / math.log2(3)  # discount of rank 2
@@ -72,6 +68,11 @@ def test_weighted_metrics_hand_cases():
     m = weighted_metrics(topk, targets, actions)
     assert m["w_hr@10"] == pytest.approx(hr.mean()) and m["w_ndcg@10"] == pytest.approx(nd.mean())
     assert m["w_score"] == pytest.approx(0.31 * hr.mean() + 0.69 * nd.mean())
+
+
+def test_the_default_relevance_is_the_10m_tracks():
+    """models/ knows no track: its default weights are the 10M track's, written out."""
+    assert RELEVANCE == dict(get_track("10M").relevance)
 
 
 def test_weighted_ideal_order_uses_at_most_ten_targets():

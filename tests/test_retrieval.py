@@ -378,7 +378,7 @@ def test_oracle_reads_a_generated_dataset(tmp_path):
     pool_items = np.concatenate([rng.permutation(np.arange(1, 301))[:200], [0]])  # a pool subset + an unknown item
     users = np.arange(1, 61)
     prev = rng.integers(0, 301, 60)
-    got = oracle_topk(tmp_path / "ds", users, prev, pool_items, 10)
+    got = oracle_topk(truth, users, prev, pool_items, 10)
     want = truth.oracle_topk(users, prev, pool_items[:-1], 10)
     assert np.array_equal(got, want)
     assert np.isin(got, pool_items[:-1]).all()
@@ -416,10 +416,10 @@ def test_submission_validation_and_atomic_write(tmp_path):
 
 
 def test_index_from_settings_tunes_to_the_cheapest_passing_nprobe(data, flat):
-    """The asset's rule (models.evaluation): without an nprobe asked for, climb from 1/256 of
+    """The asset's rule (taac_dagster/steps/index.py): without an nprobe asked for, climb from 1/256 of
     the lists to the smallest nprobe reaching the target; with one, start there."""
-    from models.evaluation import index_spec_from_settings, measure_and_tune
     from taac_dagster.settings import RetrievalSettings
+    from taac_dagster.steps.index import index_spec_from_settings, measure_and_tune
 
     items, ids, queries = data
     auto = RetrievalSettings(index="ivf", nlist=64)

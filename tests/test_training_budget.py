@@ -231,7 +231,8 @@ def test_the_torchrun_child_trains_on_the_runs_arrays_and_settings(tmp_path):
 
 
 def test_a_checkpoint_trained_on_other_arrays_is_refused(small_track, small_arrays, tmp_path):
-    from models.evaluation import CheckpointMismatchError, StaleCheckpointError, check_checkpoint_fits, load_model
+    from models.checkpoint_fit import CheckpointMismatchError, StaleCheckpointError, check_checkpoint_fits
+    from taac_dagster.steps.trained_encoder import load_model
 
     result = train(small_arrays, tiny_preset(max_steps=1), track="1M", checkpoint_dir=tmp_path / "checkpoints" / "tiny")
     ckpt = torch.load(result.checkpoint, weights_only=True)
