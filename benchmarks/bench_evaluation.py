@@ -41,10 +41,10 @@ from models.evaluation import (
     track_arrays,
 )
 from models.semantic_ids import build_semantic_ids
-from models.train import train_track
 from taac_dagster.paths import TrackPaths
 from taac_dagster.raw import materialize_raw
 from taac_dagster.settings import load_settings
+from taac_dagster.steps.training import train_track
 from taac_dagster.warehouse import build_warehouse
 
 

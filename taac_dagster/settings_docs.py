@@ -152,7 +152,7 @@ def field_comments(cls: type) -> dict[str, tuple[str, str]]:
     import inspect
 
     comments: dict[str, tuple[str, str]] = {}
-    block, above = "", []
+    block, above = "", list[str]()
     for line in inspect.getsourcelines(cls)[0][1:]:
         text = line.strip()
         if text.startswith("# ---"):
@@ -188,7 +188,7 @@ def _knob_rows(section: str, cls: type, skip: str, presets: dict[str, dict[str, 
         if comments.get(field.name, ("", ""))[0] == skip:
             continue
         default = field.default if field.default is not dataclasses.MISSING else (
-            field.default_factory() if field.default_factory is not dataclasses.MISSING else None)  # type: ignore[misc]
+            field.default_factory() if field.default_factory is not dataclasses.MISSING else None)
         cells = [f"`{presets[n][f'{section}.{field.name}']}`" if f"{section}.{field.name}" in presets[n] else "–"
                  for n in names]
         described = _cell(comments.get(field.name, ("", ""))[1])
@@ -203,7 +203,7 @@ The encoder and its training are configured by a model preset, `configs/models/<
 wins over the code default; the settings of the `training` section above (`epochs`, `max_steps`,
 `max_minutes`, `checkpoint_minutes`, `batch_size`, `threads`, `patience`, `device`, `val_users`,
 and `evaluation.exclude_history`) win over the preset when they are set; on the command line,
-`python -m models.train --config <preset> --set train.KEY=VALUE --set model.KEY=VALUE` wins over
+`python -m taac_dagster.steps.train_cli --config <preset> --set train.KEY=VALUE --set model.KEY=VALUE` wins over
 both. "–": the preset leaves the code default. `auto` values adapt to the data
 (`models/auto_settings.py`, `docs/training.md`). The data shapes (vocabularies, dimensions) are
 not knobs: they come from the prepared arrays.
@@ -211,8 +211,8 @@ not knobs: they come from the prepared arrays.
 
 
 def knobs_markdown() -> list[str]:
-    from models.encoder import EncoderConfig
-    from models.train import TrainConfig
+    from models.encoder_config import EncoderConfig
+    from models.train_config import TrainConfig
 
     presets = _preset_values()
     return [KNOBS_INTRO, "### `model:`", "", *_knob_rows("model", EncoderConfig, "data shapes", presets), "",
