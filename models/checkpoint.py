@@ -12,7 +12,8 @@ from typing import Any
 import torch
 
 from models.data import Arrays, load_arrays
-from models.encoder import Encoder, EncoderConfig, ItemTables
+from models.encoder import Encoder, ItemTables
+from models.encoder_config import EncoderConfig
 
 CHECKPOINT_FORMAT = 1
 LAST = "last.pt"

@@ -24,7 +24,8 @@ from models.auto_settings import matmul_gflops, resolve_model_settings, resolve_
 from models.batches import BatchMaker, NegativeSpec
 from models.checkpoint import CHECKPOINT_FORMAT, LAST
 from models.data import Arrays
-from models.encoder import Encoder, EncoderConfig, ItemTables, count_parameters
+from models.encoder import Encoder, ItemTables, count_parameters
+from models.encoder_config import EncoderConfig
 from models.losses import NegativeQueue
 from models.publish import FileWriter, write_in_place
 from models.runtime import BATCHES_AHEAD, batches, to_device
