@@ -1,6 +1,6 @@
 """encoder_checkpoint: the retrieval encoder of a track, trained (or resumed) on its warehouse.
 
-Thin: the work is ``models.train.train_track``. It prepares the training arrays once from the
+Thin: the work is ``taac_dagster.steps.training.train_track``. It prepares the training arrays once from the
 DuckDB tables (``<root>/<track>/checkpoints/arrays/``, reused while the warehouse and the
 Semantic IDs are unchanged), trains the preset chosen by ``TAAC_TRAINING__PRESET`` and writes
 ``<root>/<track>/checkpoints/<preset>/last.pt`` atomically. A run interrupted half way resumes
@@ -28,19 +28,21 @@ from dagster import (
 from assets.metadata import image_markdown
 from assets.track_lock import hold_track
 from models.report import figure_png, training_curve_figure
-from models.train import prepare_track_arrays, progress_line, train_track
 from taac_dagster.automation import downstream_condition
 from taac_dagster.code_versions import code_version
 from taac_dagster.partitions import track_partitions
 from taac_dagster.resources import TaacConfig
 from taac_dagster.settings import TaacSettings, training_overrides
+from taac_dagster.steps import train_cli
+from taac_dagster.steps.arrays import prepare_track_arrays
+from taac_dagster.steps.training import checkpoint_metadata, progress_line, train_track
 
 # Bump when the same inputs and settings would train a different model or write a different
 # checkpoint layout (model code, loss, batching, optimizer, array preparation).
 TRAINING_CODE_VERSION = code_version("training", __name__, data_files=["configs/tracks/*.yaml", "configs/models/*.yaml"])
 
 INPUT_TABLES = ("sequences", "holdout", "items", "users", "candidates", "item_embeddings")
-# What the training arrays are prepared from (models.data.prepare_arrays): every step that
+# What the training arrays are prepared from (taac_dagster.steps.arrays.prepare_arrays): every step that
 # loads them (training, the index, the report, the submission) reads these.
 ARRAY_INPUTS = (AssetKey("semantic_id_codebooks"), *(AssetKey(name) for name in INPUT_TABLES))
 
@@ -69,38 +71,11 @@ def encoder_checkpoint(context: AssetExecutionContext, taac: TaacConfig) -> Mate
             taac.paths(track), taac.settings(track), logger=context.log,
             on_log=lambda record: context.log.info(progress_line(record)),
         )
-    result, metrics = run.result, run.result.metrics
-    figures = {k: round(float(metrics[k]), 5) for k in metrics if k != "users"}
-    version = result.checkpoint_version
+    total_seconds = time.perf_counter() - started  # with the arrays' preparation
+    plot = _loss_curve_plot(run.result.loss_curve(), run.preset.name) if run.result.losses else None
     return MaterializeResult(
-        data_version=DataVersion(version),
-        metadata={
-            "checkpoint": MetadataValue.path(str(result.checkpoint)),
-            "checkpoint_version": version,
-            "report": MetadataValue.path(str(run.report_path)),
-            "preset": run.preset.name,
-            "config_hash": result.config_hash,
-            "data_version": run.arrays.data_version,
-            "steps": result.steps,
-            "planned_steps": result.planned_steps,
-            "best_step": result.best_step,
-            "stopped_early": result.stopped_early,
-            "resumed_from_step": result.resumed_from,
-            "train_seconds": round(result.seconds, 2),
-            "total_seconds": round(time.perf_counter() - started, 2),  # with the arrays' preparation
-            "samples_per_second": round(result.samples_per_second, 1),
-            "tokens_per_second": round(result.tokens_per_second, 1),
-            **({"final_loss": round(result.losses[-1], 5)} if result.losses else {}),
-            "loss_curve": MetadataValue.json(result.loss_curve()),
-            **({"loss_curve_plot": _loss_curve_plot(result.loss_curve(), run.preset.name)} if result.losses else {}),
-            **{f"val_{key}": value for key, value in figures.items()},
-            "val_users": int(metrics.get("users", 0)),
-            "validation_history": MetadataValue.json(result.evals),
-            "params": MetadataValue.json(result.params),
-            "semantic_ids": bool(run.arrays.meta["sid_levels"]),
-            "families": MetadataValue.json(run.arrays.meta["families"]),
-            "model_config": MetadataValue.json(result.model_config),
-        }
+        data_version=DataVersion(run.result.checkpoint_version),
+        metadata=checkpoint_metadata(run, total_seconds, plot),
     )
 
 
@@ -112,7 +87,7 @@ def _loss_curve_plot(curve: list[dict[str, float]], preset: str) -> MetadataValu
 def torchrun_command(
     settings: TaacSettings, track: str, python: str = sys.executable, *, arrays_dir: str | Path | None = None
 ) -> list[str]:
-    """``torchrun -m models.train`` for one node of ``nproc_per_node`` ranks, training on what the
+    """``torchrun -m taac_dagster.steps.train_cli`` for one node of ``nproc_per_node`` ranks, training on what the
     in-process path would: the prepared ``arrays_dir`` (else the ranks prepare the arrays from
     these settings), the run's whole settings (``--settings-json``, the secrets left out) and
     their training overrides (``training_overrides``, also shown as ``--set``; batch_size is the
@@ -120,7 +95,8 @@ def torchrun_command(
     training = settings.training
     command = [
         python, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={training.nproc_per_node}",
-        "-m", "models.train", "--config", training.preset, "--data-root", str(settings.data_root), "--track", track,
+        "-m", train_cli.__name__, "--config", training.preset, "--data-root", str(settings.data_root),
+        "--track", track,
         "--settings-json", settings.model_dump_json(exclude={"hub_token"}),
     ]
     if arrays_dir is not None:
@@ -131,7 +107,7 @@ def torchrun_command(
 
 
 def _train_with_torchrun(context: AssetExecutionContext, taac: TaacConfig, track: str) -> MaterializeResult:
-    """The cluster path: torchrun runs models.train (DDP); its rank 0 reports through Pipes."""
+    """The cluster path: torchrun runs taac_dagster.steps.train_cli (DDP); its rank 0 reports through Pipes."""
     settings = taac.settings(track)
     # Prepared here, once, so that rank 0 does not build them while the other ranks wait at a
     # barrier (NCCL's default timeout is 10 minutes; the 10M arrays take longer on few cores).

@@ -40,8 +40,12 @@ def main(argv: list[str] | None = None) -> dict:
 
     import torch
 
+    from models.checkpoint import load_encoder
     from models.data import load_arrays
-    from models.train import apply_set_options, default_retrieval_actions, evaluate, load_encoder, load_preset, train
+    from models.train import train
+    from models.validation import evaluate
+    from taac_dagster.steps.train_cli import apply_set_options
+    from taac_dagster.steps.training import default_retrieval_actions, load_preset, publish_file, track_run
 
     arrays = load_arrays(args.arrays)
     overrides = apply_set_options(args.set, {"model": {}, "train": {}})
@@ -49,8 +53,8 @@ def main(argv: list[str] | None = None) -> dict:
     preset = load_preset(args.config, overrides)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="bench_ab_") as folder:
-        result = train(arrays, preset, track=args.track, checkpoint_dir=Path(folder), resume=False,
-                       on_log=lambda record: None)
+        result = train(arrays, preset, track=track_run(args.track), checkpoint_dir=Path(folder), resume=False,
+                       on_log=lambda record: None, writer=publish_file)
         seconds = time.perf_counter() - started
         model, _ = load_encoder(result.checkpoint, arrays)
         actions = tuple(preset.train.retrieval_actions or default_retrieval_actions(args.track))

@@ -41,8 +41,10 @@ def timed(fn, repeats: int) -> float:
 
 
 def make_model(n_items: int, seed: int = 0):
-    from models.encoder import Encoder, EncoderConfig, ItemTables
-    from models.train import load_preset, resolve_model_settings
+    from models.auto_settings import resolve_model_settings
+    from models.encoder import Encoder, ItemTables
+    from models.encoder_config import EncoderConfig
+    from taac_dagster.steps.training import load_preset
 
     rng = np.random.default_rng(seed)
     meta = {
@@ -136,8 +138,8 @@ def main() -> None:
             model.user_vectors(batch, (1,))
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20))
 
-    from models.data import NegativeSpec
-    from models.train import make_optimizers
+    from models.batches import NegativeSpec
+    from models.trainer import make_optimizers
 
     model.train()
     optimizers = make_optimizers(model, preset.train)

@@ -31,7 +31,6 @@ from flops import achieved, flops_of, measure_cuda_bf16_peak, measure_peak
 
 from models.data import holdout_batch
 from models.scoring import query_vectors
-from models.train import train_track
 from taac_dagster.paths import TrackPaths
 from taac_dagster.raw import materialize_raw
 from taac_dagster.settings import load_settings
@@ -40,6 +39,7 @@ from taac_dagster.steps.report import evaluate_track
 from taac_dagster.steps.semantic_ids import build_semantic_ids
 from taac_dagster.steps.submission import submission_for_track
 from taac_dagster.steps.trained_encoder import compute_device, load_model, track_arrays
+from taac_dagster.steps.training import train_track
 from taac_dagster.steps.user_vectors import encode_track_users
 from taac_dagster.warehouse import build_warehouse
 

@@ -6,7 +6,7 @@
 #
 # TOYS_ARRAYS.tar.gz: the prepared training arrays of the Amazon Toys benchmark (a tar of the
 # `arrays/` folder under <data_root>/1M/checkpoints after `benchmarks/bench_public.py` or the
-# taac_data job + semantic_id_codebooks + models.train's preparation), so the GPU machine needs
+# taac_data job + semantic_id_codebooks + taac_dagster.steps.train_cli's preparation), so the GPU machine needs
 # neither the raw data nor DuckDB's warehouse. Every phase is bounded by `timeout`, so the whole
 # fits a 10-minute call; figures land in OUT_DIR (JSON reports and logs). PHASES: a comma list
 # of toys, training, retrieval, compile, ab (default: all of them, in that order).
@@ -35,7 +35,7 @@ ARRAYS=/tmp/gpu_bench/arrays
 toys() {  # NAME [--set ...]: one Toys training run on the prepared arrays (at most $T s), report in OUT/toys_NAME.json
     local name=$1; shift
     local started=$(date +%s%N)
-    timeout "${T:-240}" $PY -m models.train --config default --track 1M --arrays "$ARRAYS" \
+    timeout "${T:-240}" $PY -m taac_dagster.steps.train_cli --config default --track 1M --arrays "$ARRAYS" \
         --checkpoint-dir "/tmp/gpu_bench/ck_$name" --no-resume --report "$OUT/toys_$name.json" "$@" > "$OUT/toys_$name.log" 2>&1
     local rc=$?
     echo "toys $name: rc $rc, wall $(( ($(date +%s%N) - started) / 1000000 )) ms" | tee -a "$OUT/summary.txt"

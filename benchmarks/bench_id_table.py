@@ -35,9 +35,12 @@ def child(track: str, steps: int, batch_negatives: int | None) -> None:
     import numpy as np
     import torch
 
-    from models.data import NegativeSpec
-    from models.encoder import Encoder, EncoderConfig, ItemTables
-    from models.train import load_preset, make_optimizers, resolve_model_settings
+    from models.auto_settings import resolve_model_settings
+    from models.batches import NegativeSpec
+    from models.encoder import Encoder, ItemTables
+    from models.encoder_config import EncoderConfig
+    from models.trainer import make_optimizers
+    from taac_dagster.steps.training import load_preset
 
     torch.manual_seed(0)
     rng = np.random.default_rng(0)

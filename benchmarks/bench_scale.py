@@ -370,7 +370,7 @@ print(json.dumps({"seconds": round(time.perf_counter() - started, 2), "passed": 
     "arrays": """
 import json, sys
 from pathlib import Path
-from models.data import PrepareOptions, prepare_arrays
+from taac_dagster.steps.arrays import PrepareOptions, prepare_arrays
 from taac_dagster.settings import TaacSettings
 settings = TaacSettings()
 families = tuple(int(f) for f in sys.argv[3].split(","))

@@ -57,10 +57,16 @@ def _child(mode: str, arrays_dir: str, preset_name: str, steps: int, threads: in
     else:
         allocator.keep_freed_memory()
 
-    from models.auto_settings import matmul_gflops, resolve_train_settings
-    from models.data import BatchMaker, load_arrays
-    from models.encoder import Encoder, EncoderConfig, ItemTables, count_parameters
-    from models.train import load_preset, make_optimizers, negative_spec, resolve_model_settings, to_device, train
+    from models.auto_settings import matmul_gflops, resolve_model_settings, resolve_train_settings
+    from models.batches import BatchMaker
+    from models.data import load_arrays
+    from models.encoder import Encoder, ItemTables, count_parameters
+    from models.encoder_config import EncoderConfig
+    from models.runtime import to_device
+    from models.train import train
+    from models.train_config import negative_spec
+    from models.trainer import make_optimizers
+    from taac_dagster.steps.training import load_preset, track_run
 
     if threads:
         torch.set_num_threads(threads)
@@ -87,12 +93,13 @@ def _child(mode: str, arrays_dir: str, preset_name: str, steps: int, threads: in
 
     if mode.startswith("e2e"):
         # Warm up on two steps (first-touch of the memory maps, allocator), then measure.
-        train(arrays, load_preset(preset_name, {"model": model_over, "train": {**train_over, "max_steps": 2}}), track="1M")
+        warm_up = load_preset(preset_name, {"model": model_over, "train": {**train_over, "max_steps": 2}})
+        train(arrays, warm_up, track=track_run("1M"))
         step_rates: list[float] = []
         record = lambda r: step_rates.append(r["samples_per_s"]) if r.get("event") == "progress" else None  # noqa: E731
         preset.train.log_every = 1
         started = time.perf_counter()
-        result = train(arrays, preset, track="1M", on_log=record)
+        result = train(arrays, preset, track=track_run("1M"), on_log=record)
         seconds = time.perf_counter() - started
         out.update(steps=result.steps, batch=tc.batch_size, seconds=seconds, params=result.params,
                    sequences_per_s=result.steps * tc.batch_size / seconds,
@@ -157,7 +164,7 @@ def _child(mode: str, arrays_dir: str, preset_name: str, steps: int, threads: in
 
 
 def _prepare_child(warehouse: str, arrays_dir: str) -> None:
-    from models.data import PrepareOptions, prepare_arrays
+    from taac_dagster.steps.arrays import PrepareOptions, prepare_arrays
 
     started = time.perf_counter()
     arrays = prepare_arrays(Path(warehouse), Path(arrays_dir), "1M", PrepareOptions(), reuse=False)

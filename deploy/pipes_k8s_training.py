@@ -1,12 +1,12 @@
 """Alternative training launcher (a sketch, not wired in): torchrun in its own GPU pod via Pipes.
 
 What the project runs today (``TAAC_TRAINING__LAUNCHER=torchrun``): the ``encoder_checkpoint``
-step starts ``torchrun -m models.train`` with ``PipesSubprocessClient`` *inside its own pod*, so
+step starts ``torchrun -m taac_dagster.steps.train_cli`` with ``PipesSubprocessClient`` *inside its own pod*, so
 that pod (the run pod, or the step pod with the k8s_job_executor) must hold the GPUs.
 
 The alternative below keeps the Dagster step small (no GPU) and has ``PipesK8sClient`` create a
 dedicated pod for torchrun: the step pod waits, reads the pod's logs and picks up the Pipes
-messages of rank 0 (``models.train.pipes_session`` is unchanged: ``open_dagster_pipes()``
+messages of rank 0 (``taac_dagster.steps.train_cli.pipes_session`` is unchanged: ``open_dagster_pipes()``
 reads the context from the environment PipesK8sClient injects and writes its messages to
 stderr, which PipesK8sClient reads from the pod logs). The training pod needs the same image and
 the shared data volume.

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from taac_dagster.atomic import atomic_file
+from models.publish import FileWriter, write_in_place
 
 log = logging.getLogger(__name__)
 
@@ -51,22 +51,27 @@ def _device_name(device: torch.device) -> str:
     return f"cpu:{platform.processor() or platform.machine()}:{torch.get_num_threads()} threads"
 
 
-def matmul_gflops(device: torch.device | str, width: int, columns: int, repeats: int = 5) -> float:
+def matmul_gflops(
+    device: torch.device | str, width: int, columns: int, repeats: int = 5, *, writer: FileWriter = write_in_place
+) -> float:
     """FP32 GFLOP/s of ``[2048, width] x [width, columns]`` on ``device``: the best of
     ``repeats`` now and of every earlier measurement of this device and shape on this machine
-    (kept in ``speed_cache_path()``), so that a busy moment does not change the model that the
-    ``auto`` rules pick, and a resumed run picks what the interrupted one did."""
+    (kept in ``speed_cache_path()``, written through ``writer``), so that a busy moment does not
+    change the model that the ``auto`` rules pick, and a resumed run picks what the interrupted
+    one did."""
     device = torch.device(device)
     columns = int(max(1, min(columns, 65_536)))
     key = (str(device), int(width), columns)
     if key in _speed_cache:
         return _speed_cache[key]
-    speed = max(_probe(device, width, columns, repeats), _remembered(device, width, columns))
+    speed = max(_probe(device, width, columns, repeats, writer), _remembered(device, width, columns))
     _speed_cache[key] = speed
     return speed
 
 
-def _remembered(device: torch.device, width: int, columns: int, new: float | None = None) -> float:
+def _remembered(
+    device: torch.device, width: int, columns: int, new: float | None = None, writer: FileWriter = write_in_place
+) -> float:
     """The best speed recorded for this device and shape (recording ``new`` if it is better)."""
     path = speed_cache_path()
     name = f"{_device_name(device)}|{width}x{columns}"
@@ -79,14 +84,14 @@ def _remembered(device: torch.device, width: int, columns: int, new: float | Non
         known[name] = best = round(new, 3)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            with atomic_file(path) as tmp:
-                tmp.write_text(json.dumps(known, indent=1, sort_keys=True))
+            text = json.dumps(known, indent=1, sort_keys=True)
+            writer(path, lambda target: target.write_text(text))
         except OSError as exc:  # a read-only home still trains, with this run's figure
             log.warning(f"could not record the device speed in {path}: {exc}")
     return best
 
 
-def _probe(device: torch.device, width: int, columns: int, repeats: int) -> float:
+def _probe(device: torch.device, width: int, columns: int, repeats: int, writer: FileWriter) -> float:
     a = torch.randn(_PROBE_ROWS, width, device=device)
     b = torch.randn(width, columns, device=device)
     out = torch.empty(_PROBE_ROWS, columns, device=device)
@@ -101,7 +106,7 @@ def _probe(device: torch.device, width: int, columns: int, repeats: int) -> floa
         if i:  # the first is a warm-up
             best = min(best, time.perf_counter() - started)
     speed = 2.0 * _PROBE_ROWS * width * columns / max(best, 1e-9) / 1e9
-    return max(speed, _remembered(device, width, columns, new=speed))
+    return max(speed, _remembered(device, width, columns, new=speed, writer=writer))
 
 
 def positions_per_step(meta: dict[str, Any], batch_size: int) -> float:

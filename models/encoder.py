@@ -2,13 +2,13 @@
 
 Read top to bottom:
 
-1. ``EncoderConfig``: every number the model needs, data shapes included, so a checkpoint
-   rebuilds the model from its own config (no YAML needed).
+1. ``EncoderConfig`` (models/encoder_config.py): every number the model needs, data shapes
+   included, so a checkpoint rebuilds the model from its own config (no YAML needed).
 2. ``ItemTables``: the item side data (features, multi-modal embeddings, Semantic IDs) indexed
    by item row (models/data.py). It is data, not parameters: attached to the model, never saved
    in a checkpoint, never synchronized by DDP.
-3. Building blocks: ``FeatureBag`` (sum of categorical embeddings, one table), ``TimeFeatures``,
-   attention, MLP, block.
+3. Building blocks (models/layers.py): ``FeatureBag`` (sum of categorical embeddings, one
+   table), ``TimeFeatures``, attention, MLP, block.
 4. ``Encoder``: the item tower, the user token, the backbone, the action-conditioned head, the
    training loss (``forward``) and the retrieval API (``user_vectors``, ``item_vectors``).
 
@@ -22,13 +22,12 @@ at a token is the user's state after it, turned into a query for the *next* item
 conditioned on the action asked for (exposure, click, conversion): the retrieval query on 1M
 asks for a click, on 10M for a click or a conversion.
 """
-
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -36,96 +35,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from models.data import softmax_rows
+from models.encoder_config import EncoderConfig
+from models.layers import Block, Dropout, FeatureBag, TimeFeatures, make_norm, permute_tokens
 from models.losses import NegativeQueue, full_softmax, info_nce, sampled_bce
-
-GAP_BUCKETS = 32  # log2 buckets of the gap to the previous event, in seconds
-HOUR_ROWS, WEEKDAY_ROWS = 24, 7
-
-
-@dataclass
-class EncoderConfig:
-    # --- data shapes: filled from the prepared arrays (EncoderConfig.from_meta) ----------------
-    num_item_rows: int = 2  # size of the item row space (0 = padding)
-    id_rows: int = 2  # rows 1 .. id_rows - 1 have an id embedding; later rows are cold
-    item_vocab: tuple[int, ...] = ()  # vocabulary of each sparse item feature
-    user_vocab: tuple[int, ...] = ()  # sparse user features, then multi-valued ones
-    num_user_sparse: int = 0  # how many of user_vocab are sparse (the rest are multi-valued)
-    multi_len: int = 8
-    mm_dims: tuple[int, ...] = ()  # dim of each multi-modal family
-    sid_vocab: tuple[int, ...] = ()  # per Semantic ID level: codes + 1 (0 = none)
-    n_actions: int = 2
-    max_len: int = 100
-    time_origin: int = 0  # seconds; data times are relative to it
-    # --- architecture ---------------------------------------------------------------------------
-    d_model: int = 64  # width of every embedding and of the Transformer
-    n_layers: int = 2  # Transformer blocks (pre-norm, causal)
-    n_heads: int = 2  # attention heads per block
-    mlp_ratio: float = 4.0  # hidden width of a block's MLP over d_model
-    mlp: str = "gelu"  # relu | gelu | swiglu
-    norm: str = "layernorm"  # layernorm | rmsnorm
-    dropout: float = 0.1  # on embeddings and residual branches
-    attn_dropout: float = 0.0  # on attention weights (forces SDPA's slower math path on CPU)
-    id_buckets: int = 0  # 0: one id row per item; n: ids hashed into n rows (huge vocabularies)
-    id_init_std: float = 0.0  # initial spread of the id embeddings (0: zeros)
-    feature_buckets: int = 1_000_000  # a feature with a larger vocabulary is hashed into this many rows
-    # Embedding tables with more rows get sparse gradients and row-wise SparseAdam updates. Below
-    # it a dense gradient is cheaper than coalescing a sparse one of batch x features rows.
-    sparse_threshold: int = 500_000
-    use_ids: bool = True  # an item's id embedding in its token
-    use_item_features: bool = True  # its sparse features
-    use_mm: bool = True  # its multi-modal embeddings, projected
-    use_sids: bool = True  # its Semantic ID codes
-    use_user_features: bool = True  # a user token of the user's features
-    use_time: bool = True  # time features of each event (hour, weekday, gap to the previous, absolute time)
-    use_actions: bool = True  # each event's action type
-    n_fourier: int = 8  # Fourier frequencies of absolute time (periods from 1 hour to 1 year)
-    action_conditioning: bool = True  # FiLM of the output by the action asked for
-    # Also tell every token, inside the Transformer, which action its next item is asked for
-    # (training: the target's own action; retrieval: the action asked for).
-    next_action_input: bool = False
-    out_proj: bool = True  # a linear map from the backbone to the query space
-    # --- objective --------------------------------------------------------------------------------
-    # softmax: over every item row (catalogues that fit); infonce: sampled negatives with logQ
-    # correction (huge catalogues); bce: the official baseline's one negative per position.
-    loss: str = "infonce"
-    # softmax: leave each position's own history items out of its softmax, the way ranking
-    # excludes them (the report's history filter), instead of pushing them down.
-    loss_excludes_history: bool = False
-    similarity: str = "cosine"  # cosine | dot (used by the loss and by retrieval)
-    temperature: float = 0.05  # logits = similarity / temperature
-    learn_temperature: bool = False  # learn it instead (from the value above)
-
-    @classmethod
-    def from_meta(cls, meta: dict[str, Any], **arch: Any) -> EncoderConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = set(arch) - known
-        if unknown:
-            raise ValueError(f"unknown model settings {sorted(unknown)}; known: {sorted(known)}")
-        shapes = dict(
-            num_item_rows=meta["num_item_rows"],
-            id_rows=meta["id_rows"],
-            item_vocab=tuple(meta["item_vocab"]),
-            user_vocab=tuple(meta["user_vocab"][k] for k in meta["user_sparse"] + meta["user_multi"]),
-            num_user_sparse=len(meta["user_sparse"]),
-            multi_len=meta["multi_len"],
-            mm_dims=tuple(meta["mm_dims"]),
-            sid_vocab=tuple(meta["sid_vocab"]),
-            n_actions=meta["n_actions"],
-            max_len=meta["max_len"],
-            time_origin=meta["time_origin"],
-        )
-        return cls(**{**shapes, **arch})  # arch may override a shape (e.g. a larger id table)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> EncoderConfig:
-        data = dict(data)
-        for f in fields(cls):
-            if f.name in data and isinstance(data[f.name], list):
-                data[f.name] = tuple(data[f.name])
-        return cls(**data)
 
 
 def history_pairs(classes: torch.Tensor, targeted: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -173,194 +85,13 @@ class ItemTables:
         )
 
     def to(self, device: torch.device | str) -> ItemTables:
-        move = lambda x: x.to(device) if x is not None else None  # noqa: E731
+        def move(x: torch.Tensor | None) -> torch.Tensor | None:
+            return x.to(device) if x is not None else None
+
         return ItemTables(
-            move(self.feats), [move(m) for m in self.mm], move(self.mm_mask), move(self.sids),
+            self.feats.to(device), [m.to(device) for m in self.mm], move(self.mm_mask), move(self.sids),
             move(self.classes), move(self.class_of),
         )
-
-
-
-# --- Building blocks ----------------------------------------------------------------------------
-
-
-class FeatureBag(nn.Module):
-    """The sum of the embeddings of F categorical features, one table with per-feature offsets.
-
-    Values are re-ids 1..vocab (0 = missing, contributes nothing); a vocabulary larger than
-    ``buckets`` is hashed (modulo) into ``buckets`` rows. Optional per-value weights (e.g. 1/count
-    for a multi-valued feature: its mean).
-    """
-
-    def __init__(
-        self,
-        vocab: Sequence[int],
-        dim: int,
-        buckets: int,
-        sparse_threshold: int,
-        *,
-        columns: Sequence[int] | None = None,
-        std: float = 0.02,
-    ):
-        super().__init__()
-        caps = [max(1, min(int(v), buckets)) for v in vocab]
-        starts = np.concatenate([[1], 1 + np.cumsum(caps)[:-1]]) if caps else np.zeros(0)
-        # ``columns``: how many input columns each feature fills (a multi-valued one: several).
-        repeat = list(columns) if columns is not None else [1] * len(caps)
-        self.register_buffer("caps", torch.tensor(np.repeat(caps, repeat), dtype=torch.long), persistent=False)
-        self.register_buffer("starts", torch.tensor(np.repeat(starts, repeat), dtype=torch.long), persistent=False)
-        rows = 1 + sum(caps)
-        self.bag = nn.EmbeddingBag(rows, dim, mode="sum", padding_idx=0, sparse=rows > sparse_threshold)
-        nn.init.normal_(self.bag.weight, std=std)
-        with torch.no_grad():
-            self.bag.weight[0].zero_()
-
-    def forward(self, values: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
-        values = values.long()
-        hashed = torch.remainder(values - 1, self.caps) + 1
-        idx = torch.where(values > 0, self.starts + hashed - 1, 0)
-        flat = idx.reshape(-1, idx.shape[-1])
-        w = weights.reshape(-1, idx.shape[-1]) if weights is not None else None
-        return self.bag(flat, per_sample_weights=w).reshape(*values.shape[:-1], -1)
-
-
-class TimeFeatures(nn.Module):
-    """Hour of day, weekday, log2-bucketed gap to the previous event, and a Fourier encoding of
-    absolute time (sin/cos at periods from one hour to one year), summed into one vector."""
-
-    def __init__(self, dim: int, time_origin: int, n_fourier: int):
-        super().__init__()
-        self.time_origin = int(time_origin)
-        self.table = nn.EmbeddingBag(HOUR_ROWS + WEEKDAY_ROWS + GAP_BUCKETS, dim, mode="sum")
-        nn.init.normal_(self.table.weight, std=0.02)
-        periods = torch.logspace(math.log10(3600.0), math.log10(365 * 86400.0), n_fourier)
-        self.register_buffer("freq", 2 * math.pi / periods, persistent=False)
-        self.fourier = nn.Linear(2 * n_fourier, dim)
-
-    def forward(self, times: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        absolute = times + self.time_origin
-        hour = torch.div(absolute, 3600, rounding_mode="floor") % 24
-        weekday = (torch.div(absolute, 86400, rounding_mode="floor") + 3) % 7  # 1970-01-01: Thursday
-        prev_valid = F.pad(valid[:, :-1], (1, 0), value=False)
-        gap = torch.where(prev_valid, times - F.pad(times[:, :-1], (1, 0)), 0).clamp_min(0)
-        gap_bucket = torch.log2(gap.float() + 1).long().clamp(max=GAP_BUCKETS - 1)
-        idx = torch.stack([hour, HOUR_ROWS + weekday, HOUR_ROWS + WEEKDAY_ROWS + gap_bucket], dim=-1)
-        out = self.table(idx.reshape(-1, 3)).reshape(*times.shape, -1)
-        angle = times.float()[..., None] * self.freq
-        return out + self.fourier(torch.cat([angle.sin(), angle.cos()], dim=-1))
-
-
-class Dropout(nn.Module):
-    """Inverted dropout with a cheap mask: each 64-bit random word gives four 16-bit uniforms,
-    so the mask costs a quarter of the generator calls of nn.Dropout's per-element Bernoulli
-    (about 5x faster on CPU, where dropout was a quarter of a baseline step). p is quantized
-    to 1/65536; the mask follows torch's global generator (seeded per step by the trainer)."""
-
-    def __init__(self, p: float):
-        super().__init__()
-        self.p = float(p)
-        self.threshold = round(self.p * 65536) - 32768  # keep where the int16 uniform >= this
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or self.p <= 0:
-            return x
-        n = x.numel()
-        words = torch.empty((n + 3) // 4, dtype=torch.int64, device=x.device).random_(-(2**63), None)
-        keep = words.view(torch.int16)[:n].view(x.shape) >= self.threshold
-        return torch.where(keep, x * (1.0 / (1.0 - self.p)), 0.0)
-
-
-class _PermuteTokens(torch.autograd.Function):
-    """Reorder each row's tokens: out[b, j] = x[b, index[b, j]]. The backward is the inverse
-    reordering, a gather too (deterministic, unlike a scatter-add)."""
-
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, index: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(inverse)
-        return x.gather(1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
-        (inverse,) = ctx.saved_tensors
-        return grad.gather(1, inverse.unsqueeze(-1).expand(-1, -1, grad.shape[-1])), None, None
-
-
-def permute_tokens(x: torch.Tensor, index: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
-    """``x`` [B, S, d] with each row's tokens in the order ``index`` [B, S] (a permutation per
-    row, ``inverse`` its inverse)."""
-    return _PermuteTokens.apply(x, index, inverse)
-
-
-def make_norm(kind: str, dim: int) -> nn.Module:
-    if kind == "layernorm":
-        return nn.LayerNorm(dim)
-    if kind == "rmsnorm":
-        return nn.RMSNorm(dim)
-    raise ValueError(f"unknown norm {kind!r}: layernorm or rmsnorm")
-
-
-class Attention(nn.Module):
-    """Causal self-attention over right-padded tokens (each row's tokens first, padding after),
-    so no padding mask is needed: a real token never sees a later (padding) one."""
-
-    def __init__(self, cfg: EncoderConfig):
-        super().__init__()
-        if cfg.d_model % cfg.n_heads:
-            raise ValueError(f"d_model {cfg.d_model} is not divisible by n_heads {cfg.n_heads}")
-        self.n_heads, self.dropout = cfg.n_heads, cfg.attn_dropout
-        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
-        self.out = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
-
-    def forward(self, x: torch.Tensor, last: torch.Tensor | None = None) -> torch.Tensor:
-        """Self-attention of every position, or (``last``: each row's last real position [B]) of
-        that position only: [B, 1, D]."""
-        B, S, D = x.shape
-        q, k, v = self.qkv(x).view(B, S, 3, self.n_heads, D // self.n_heads).permute(2, 0, 3, 1, 4)
-        dropout = self.dropout if self.training else 0.0
-        if last is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout)
-        else:
-            q = q[torch.arange(B, device=x.device), :, last].unsqueeze(2)  # [B, heads, 1, d_head]
-            keys = torch.arange(S, device=x.device)[None, :] <= last[:, None]
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=keys[:, None, None, :], dropout_p=dropout)
-            S = 1
-        return self.out(y.transpose(1, 2).reshape(B, S, D))
-
-
-class MLP(nn.Module):
-    def __init__(self, cfg: EncoderConfig):
-        super().__init__()
-        self.kind = cfg.mlp
-        hidden = int(cfg.mlp_ratio * cfg.d_model)
-        if cfg.mlp == "swiglu":
-            hidden = max(8, int(2 * hidden / 3))
-            self.gate = nn.Linear(cfg.d_model, hidden, bias=False)
-        elif cfg.mlp not in ("relu", "gelu"):
-            raise ValueError(f"unknown mlp {cfg.mlp!r}: relu, gelu or swiglu")
-        self.up = nn.Linear(cfg.d_model, hidden, bias=cfg.mlp != "swiglu")
-        self.down = nn.Linear(hidden, cfg.d_model, bias=cfg.mlp != "swiglu")
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.kind == "swiglu":
-            return self.down(F.silu(self.gate(x)) * self.up(x))
-        return self.down(F.relu(self.up(x)) if self.kind == "relu" else F.gelu(self.up(x)))
-
-
-class Block(nn.Module):
-    """Pre-norm Transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
-
-    def __init__(self, cfg: EncoderConfig):
-        super().__init__()
-        self.norm1, self.norm2 = make_norm(cfg.norm, cfg.d_model), make_norm(cfg.norm, cfg.d_model)
-        self.attn, self.mlp = Attention(cfg), MLP(cfg)
-        self.drop = Dropout(cfg.dropout)
-
-    def forward(self, x: torch.Tensor, last: torch.Tensor | None = None) -> torch.Tensor:
-        """``last`` (each row's last real position): the output of that position only, [B, 1, D]
-        (retrieval queries)."""
-        residual = x if last is None else x[torch.arange(x.shape[0], device=x.device), last].unsqueeze(1)
-        x = residual + self.drop(self.attn(self.norm1(x), last))
-        return x + self.drop(self.mlp(self.norm2(x)))
 
 
 # --- The encoder --------------------------------------------------------------------------------
@@ -452,8 +183,12 @@ class Encoder(nn.Module):
             parts.append(self.item_id(ids))
         if self.item_feats is not None and feats is not None:
             parts.append(self.item_feats(feats))
-        for j, proj in enumerate(self.mm_proj):
-            parts.append(torch.where(mm_mask[..., j : j + 1], proj(mm[j].float()), self.mm_missing[j]))
+        if self.mm_proj:
+            if mm_mask is None or self.mm_missing is None:
+                raise ValueError("multi-modal embeddings need their presence mask")
+            missing = self.mm_missing
+            for j, proj in enumerate(self.mm_proj):
+                parts.append(torch.where(mm_mask[..., j : j + 1], proj(mm[j].float()), missing[j]))
         if self.sid is not None and sids is not None:
             parts.append(self.sid(sids))
         if not parts:
@@ -567,66 +302,34 @@ class Encoder(nn.Module):
         torch's own (``Dropout``'s int16 mask is a CPU saving that compilation cannot trace).
         Histories change length from batch to batch, hence ``dynamic=True``."""
         for block in self.blocks:
-            block.drop = nn.Dropout(block.drop.p).train(block.training)
+            block.drop = nn.Dropout(cast(Block, block).drop.p).train(block.training)
             block.compile(**{"dynamic": True, **options})
 
     # -- training ---------------------------------------------------------------------------------
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """The training loss of one (rank's share of a) batch, built by models.data.BatchMaker."""
+    def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, int]]:
+        """The training loss of one (rank's share of a) batch, built by models.batches.BatchMaker."""
         cfg = self.cfg
         items = batch["items"]
         B, L = items.shape
+        cosine = cfg.similarity == "cosine"
         if cfg.loss == "softmax":
             # Every item that trains or can be recommended is a class: embed them once and look
             # positions up among them (a training item is always a class).
-            t = self.tables
-            if t.classes is None:  # tables built by hand: every row is a class
-                table, targets = self._item_tower_rows(torch.arange(cfg.num_item_rows, device=items.device)), items
-            else:
-                table, targets = self._item_tower_rows(t.classes), t.class_of[items]
-            item_emb = F.embedding(targets, table)
-        else:
-            extra = [batch[k].reshape(-1) for k in ("neg_items", "pos_neg_items") if k in batch]
-            all_emb = self.item_tower(torch.cat([items.reshape(-1), *extra]))
-            item_emb = all_emb[: B * L].view(B, L, -1)
-        h = self.encode(batch, item_emb)[:, :L]
-        # The positions with a target (weight > 0), gathered once with index_select (its
-        # backward is a plain index_add; boolean-mask indexing costs several times more).
-        idx = (batch["weights"].reshape(-1) > 0).nonzero().squeeze(1)
-        pick = lambda t: t.reshape(B * L, *t.shape[2:]).index_select(0, idx)  # noqa: E731
-        query = self.head(pick(h), pick(batch["actions"]))
-        weights = pick(batch["weights"])
-        cosine = cfg.similarity == "cosine"
-        if cfg.loss == "softmax":
+            table, targets = self._softmax_classes(items)
+            query, weights, pick, idx = self._queries(batch, F.embedding(targets, table))
             loss = full_softmax(
                 query, table[1:], pick(targets) - 1,
                 temperature=self.temperature if cosine else 1.0, weights=weights, scale=batch["loss_scale"], cosine=cosine,
                 excluded=history_pairs(targets, batch["weights"] > 0) if cfg.loss_excludes_history else None,
             )
-        elif cfg.loss == "infonce":
-            neg_ids, neg_log_q = batch["neg_items"], batch["neg_logq"]
-            neg = all_emb[B * L : B * L + len(neg_ids)]
-            bank = self.negative_queue
-            fresh = (neg, neg_ids, neg_log_q)
-            if bank is not None and len(bank):
-                # Earlier batches' negatives, detached: S sets of negatives averaged, so every
-                # negative's log Q goes up by log S (models/losses.py); the positive's own item
-                # is masked in each set like in the batch's own.
-                old_emb, old_ids, old_log_q = bank.entries()
-                sets = len(bank) + 1
-                neg = torch.cat([neg, old_emb.to(neg.dtype)])
-                neg_ids = torch.cat([neg_ids, old_ids])
-                neg_log_q = torch.cat([neg_log_q.float(), old_log_q]) + math.log(sets)
-            loss = info_nce(
-                query, pick(item_emb), neg,
-                temperature=self.temperature,
-                pos_log_q=pick(batch["pos_logq"]), neg_log_q=neg_log_q,
-                pos_ids=pick(items), neg_ids=neg_ids,
-                weights=weights, scale=batch["loss_scale"], cosine=cosine,
-            )
-            if bank is not None and self.training:
-                bank.push(*fresh)
+            return loss, {"positions": idx.numel()}
+        extra = [batch[k].reshape(-1) for k in ("neg_items", "pos_neg_items") if k in batch]
+        all_emb = self.item_tower(torch.cat([items.reshape(-1), *extra]))
+        item_emb = all_emb[: B * L].view(B, L, -1)
+        query, weights, pick, idx = self._queries(batch, item_emb)
+        if cfg.loss == "infonce":
+            loss = self._info_nce(batch, query, item_emb, all_emb, B * L, pick, weights)
         elif cfg.loss == "bce":
             neg = pick(all_emb[all_emb.shape[0] - B * L :].view(B, L, -1))
             loss = sampled_bce(query, pick(item_emb), neg, weights=weights, scale=batch["loss_scale"], cosine=cosine,
@@ -634,6 +337,61 @@ class Encoder(nn.Module):
         else:
             raise ValueError(f"unknown loss {cfg.loss!r}: softmax, infonce or bce")
         return loss, {"positions": idx.numel()}
+
+    def _softmax_classes(self, items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the item tower of every class, each position's class) for the full softmax."""
+        t = self.tables
+        if t is None:
+            raise RuntimeError("attach(ItemTables) before embedding item rows")
+        if t.classes is None or t.class_of is None:  # tables built by hand: every row is a class
+            return self._item_tower_rows(torch.arange(self.cfg.num_item_rows, device=items.device)), items
+        return self._item_tower_rows(t.classes), t.class_of[items]
+
+    def _queries(
+        self, batch: dict[str, torch.Tensor], item_emb: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, Callable[[torch.Tensor], torch.Tensor], torch.Tensor]:
+        """(queries, weights, pick, positions) of the positions with a target (weight > 0):
+        ``pick`` gathers a [B, L, ...] tensor's values at those positions."""
+        B, L = batch["items"].shape
+        h = self.encode(batch, item_emb)[:, :L]
+        # The positions with a target, gathered once with index_select (its backward is a
+        # plain index_add; boolean-mask indexing costs several times more).
+        idx = (batch["weights"].reshape(-1) > 0).nonzero().squeeze(1)
+        pick = lambda t: t.reshape(B * L, *t.shape[2:]).index_select(0, idx)  # noqa: E731
+        query = self.head(pick(h), pick(batch["actions"]))
+        return query, pick(batch["weights"]), pick, idx
+
+    def _info_nce(
+        self, batch: dict[str, torch.Tensor], query: torch.Tensor, item_emb: torch.Tensor, all_emb: torch.Tensor,
+        offset: int, pick: Callable[[torch.Tensor], torch.Tensor], weights: torch.Tensor,
+    ) -> torch.Tensor:
+        """InfoNCE of the queries against their positions' items (``item_emb``), the batch's
+        negatives (rows ``offset`` on of ``all_emb``) and the negative queue's; the batch's own
+        then join the queue. The positives are gathered after the negatives, as they always
+        were: autograd sums the item tower's gradients in that order."""
+        neg_ids, neg_log_q = batch["neg_items"], batch["neg_logq"]
+        neg = all_emb[offset : offset + len(neg_ids)]
+        bank = self.negative_queue
+        fresh = (neg, neg_ids, neg_log_q)
+        if bank is not None and len(bank):
+            # Earlier batches' negatives, detached: S sets of negatives averaged, so every
+            # negative's log Q goes up by log S (models/losses.py); the positive's own item
+            # is masked in each set like in the batch's own.
+            old_emb, old_ids, old_log_q = bank.entries()
+            sets = len(bank) + 1
+            neg = torch.cat([neg, old_emb.to(neg.dtype)])
+            neg_ids = torch.cat([neg_ids, old_ids])
+            neg_log_q = torch.cat([neg_log_q.float(), old_log_q]) + math.log(sets)
+        loss = info_nce(
+            query, pick(item_emb), neg,
+            temperature=self.temperature,
+            pos_log_q=pick(batch["pos_logq"]), neg_log_q=neg_log_q,
+            pos_ids=pick(batch["items"]), neg_ids=neg_ids,
+            weights=weights, scale=batch["loss_scale"], cosine=self.cfg.similarity == "cosine",
+        )
+        if bank is not None and self.training:
+            bank.push(*fresh)
+        return loss
 
     # -- retrieval --------------------------------------------------------------------------------
 
@@ -645,7 +403,7 @@ class Encoder(nn.Module):
         """Retrieval queries [B, d] after each history, asking for ``actions`` (the mean of the
         per-action queries: e.g. (1,) click on 1M, (2, 1) conversion or click on 10M)."""
         h = None
-        out = 0
+        out = torch.zeros(())  # what the per-action queries add to (the sum's start, as 0 was)
         for a in actions:
             if h is None or self.next_action is not None:
                 h = self.encode(batch, last_only=True, next_action=int(a))[:, -1]

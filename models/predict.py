@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from models.data import USER_MULTI, USER_SPARSE, Arrays, encode_user_features, list_parts, pad_lists
+from models.data import Arrays, encode_user_features, list_parts, pad_lists
 
 PREDICT_FILE = "predict_seq.jsonl"
 
@@ -56,8 +56,9 @@ def predict_inputs(path: Path, histories: pa.Table, features: pa.Table, arrays: 
     _, actions = list_parts(histories.column("actions"))
     _, times = list_parts(histories.column("times"))
     actions = np.clip(actions, 0, int(meta["n_actions"]) - 1)
-    vocab = {c: int(meta["user_vocab"][c]) for c in USER_SPARSE + USER_MULTI}
-    sparse, multi, _ = encode_user_features(features, vocab, int(meta["multi_len"]))
+    vocab = {c: int(meta["user_vocab"][c]) for c in meta["user_sparse"] + meta["user_multi"]}
+    sparse, multi, _ = encode_user_features(features, vocab, int(meta["multi_len"]),
+                                            sparse_features=meta["user_sparse"], multi_features=meta["user_multi"])
     raw = histories.column("raw_user_id").to_numpy(zero_copy_only=False).astype(object)
     missing = np.array([r is None for r in raw], dtype=bool)
     raw[missing] = users[missing]

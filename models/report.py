@@ -27,7 +27,7 @@ from typing import Any
 
 import pandas as pd
 
-from models.publish import Publish, write_in_place
+from models.publish import FileWriter, write_in_place
 from models.report_comparison import compare_figures, flatten
 from models.report_figures import SLICE_TITLES, oracle_share
 from models.report_plots import figure_png, plot_slices, plot_training_curve, training_curve_figure
@@ -140,7 +140,7 @@ def _previous_figures(previous: Mapping[str, Any] | str | Path | None, json_path
     return previous
 
 
-def _plots(folder: Path, name: str, data: ReportData, publish: Publish) -> dict[str, Path]:
+def _plots(folder: Path, name: str, data: ReportData, publish: FileWriter) -> dict[str, Path]:
     plots: dict[str, Path] = {}
     if data.slices is not None and len(data.slices):
         metric = "w_score" if "w_score" in data.slices.columns else "score"
@@ -233,7 +233,7 @@ def _html(page: _Page) -> str:
             f"<style>{STYLE}</style></head><body>{''.join(body)}</body></html>\n")
 
 
-def _publish_text(path: Path, text: str, publish: Publish) -> Path:
+def _publish_text(path: Path, text: str, publish: FileWriter) -> Path:
     publish(path, lambda target: target.write_text(text))
     return path
 
@@ -244,7 +244,7 @@ def write_report(
     *,
     name: str = "evaluation",
     previous: Mapping[str, Any] | str | Path | None = "auto",
-    publish: Publish = write_in_place,
+    publish: FileWriter = write_in_place,
 ) -> ReportFiles:
     """Write the Markdown, HTML, JSON and PNG files of one report into ``folder``.
 

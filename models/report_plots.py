@@ -18,7 +18,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import FormatStrFormatter
 
-from models.publish import Publish, write_in_place
+from models.publish import FileWriter, write_in_place
 from models.report_figures import METHOD_LABELS, SLICE_TITLES, ordered_methods
 from models.weighted_metrics import K
 
@@ -26,7 +26,7 @@ METHOD_COLORS = {"model": "#1f77b4", "model_extended": "#aec7e8", "popularity": 
                  "oracle": "#2ca02c"}
 
 
-def _save_png(fig: Figure, path: Path, publish: Publish) -> Path:
+def _save_png(fig: Figure, path: Path, publish: FileWriter) -> Path:
     FigureCanvasAgg(fig)
     publish(path, lambda target: fig.savefig(target, format="png", dpi=110, bbox_inches="tight"))
     return path
@@ -41,7 +41,7 @@ def figure_png(fig: Figure, dpi: int = 90) -> bytes:
 
 
 def plot_slices(table: pd.DataFrame, path: str | Path, *, metric: str = "score", title: str | None = None,
-                publish: Publish = write_in_place) -> Path:
+                publish: FileWriter = write_in_place) -> Path:
     """Grouped bars per slice (one panel per slice dimension, one bar per method)."""
     slices = list(dict.fromkeys(table["slice"]))
     methods = ordered_methods(list(dict.fromkeys(table["method"])))
@@ -73,7 +73,7 @@ def plot_training_curve(
     path: str | Path,
     *,
     title: str = "training loss",
-    publish: Publish = write_in_place,
+    publish: FileWriter = write_in_place,
 ) -> Path:
     """Loss against step (one line per series; a moving average over noisy curves), as a PNG at ``path``."""
     return _save_png(training_curve_figure(points, title=title), Path(path), publish)

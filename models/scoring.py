@@ -30,7 +30,7 @@ from models.checkpoint_fit import LoadedModel
 from models.data import Arrays, trim_padding
 from models.metrics import K
 from models.retrieval import ItemIndex, search, torch_exact_search, torch_index
-from models.train import to_device
+from models.runtime import to_device
 
 CHUNK_USERS = 65_536  # users per chunk: the index is searched and every list scored per chunk
 ITEM_BATCH = 65_536

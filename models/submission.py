@@ -19,7 +19,7 @@ import numpy as np
 
 from models.errors import ModelError
 from models.metrics import K
-from models.publish import Publish, write_in_place
+from models.publish import FileWriter, write_in_place
 
 
 class SubmissionError(ModelError, ValueError):
@@ -127,7 +127,7 @@ def write_submission(
     *,
     k: int = K,
     expected_users: Sequence[Any] | np.ndarray | None = None,
-    publish: Publish = write_in_place,
+    publish: FileWriter = write_in_place,
 ) -> dict[str, Any]:
     """Validate, then write the JSON file through ``publish``. Returns a summary (path, users, bytes)."""
     submission = build_submission(top10s, users, pool_creative_ids, k=k, expected_users=expected_users)

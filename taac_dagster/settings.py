@@ -26,7 +26,7 @@ CONFIG_DIR = PROJECT_ROOT / "configs"
 ENV_ONLY_SETTINGS = frozenset({"retrain_cron", "retrain_schedule_enabled"})
 MODEL_PRESET_DIR = CONFIG_DIR / "models"
 # A model preset's name is also its folders' (checkpoints/<name>/, indexes/<name>/, vectors/<name>/),
-# beside checkpoints/arrays/ (models/train.py) and indexes/rejected/ (models/evaluation.py).
+# beside checkpoints/arrays/ (taac_dagster/steps/arrays.py) and indexes/rejected/ (models/evaluation.py).
 _PRESET_NAME = re.compile(r"[a-z0-9][a-z0-9_-]*")
 PRESET_FOLDERS_TAKEN = frozenset({"arrays", "rejected"})
 # Defaults of hub_timeout_seconds and hub_deadline_seconds, also those of sources.hub.download_hub_dataset.
@@ -124,7 +124,7 @@ class SemanticIdSettings(BaseModel):
 
 
 class TrainingSettings(BaseModel):
-    """Encoder training (models/train.py): a preset from configs/models/ and a few overrides."""
+    """Encoder training (models/train.py, taac_dagster/steps/training.py): a preset from configs/models/ and a few overrides."""
 
     preset: str = Field("default", description="Model preset: `default`, `baseline` (the official baseline) "
                         "or a YAML path (`configs/models/<preset>.yaml`).")
@@ -155,7 +155,7 @@ class TrainingSettings(BaseModel):
     )
     launcher: Literal["in_process", "torchrun"] = Field(
         "in_process", description="`in_process`: train inside the asset's step; `torchrun`: launch `torchrun -m "
-        "models.train` through Dagster Pipes (DDP, rank 0 reports back)."
+        "taac_dagster.steps.train_cli` through Dagster Pipes (DDP, rank 0 reports back)."
     )
     nproc_per_node: int = Field(1, ge=1, description="Processes (GPUs) per node with the torchrun launcher.")
 
@@ -339,8 +339,8 @@ def load_settings(track: str, overrides: dict[str, Any] | None = None) -> TaacSe
 
 
 def training_overrides(settings: TaacSettings) -> dict[str, Any]:
-    """The model preset's ``train:`` values the settings override (``models.train.TrainConfig``
-    fields): the one list both the in-process path (``models.train.train_track``) and the
+    """The model preset's ``train:`` values the settings override (``models.train_config.TrainConfig``
+    fields): the one list both the in-process path (``taac_dagster.steps.training.train_track``) and the
     torchrun command (``assets.training.torchrun_command``) pass on."""
     training = settings.training
     overrides: dict[str, Any] = {

@@ -203,7 +203,7 @@ The encoder and its training are configured by a model preset, `configs/models/<
 wins over the code default; the settings of the `training` section above (`epochs`, `max_steps`,
 `max_minutes`, `checkpoint_minutes`, `batch_size`, `threads`, `patience`, `device`, `val_users`,
 and `evaluation.exclude_history`) win over the preset when they are set; on the command line,
-`python -m models.train --config <preset> --set train.KEY=VALUE --set model.KEY=VALUE` wins over
+`python -m taac_dagster.steps.train_cli --config <preset> --set train.KEY=VALUE --set model.KEY=VALUE` wins over
 both. "–": the preset leaves the code default. `auto` values adapt to the data
 (`models/auto_settings.py`, `docs/training.md`). The data shapes (vocabularies, dimensions) are
 not knobs: they come from the prepared arrays.
@@ -211,8 +211,8 @@ not knobs: they come from the prepared arrays.
 
 
 def knobs_markdown() -> list[str]:
-    from models.encoder import EncoderConfig
-    from models.train import TrainConfig
+    from models.encoder_config import EncoderConfig
+    from models.train_config import TrainConfig
 
     presets = _preset_values()
     return [KNOBS_INTRO, "### `model:`", "", *_knob_rows("model", EncoderConfig, "data shapes", presets), "",

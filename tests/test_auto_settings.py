@@ -13,7 +13,7 @@ from models.auto_settings import (
     resolve_train_settings,
     softmax_seconds_per_step,
 )
-from models.train import TrainConfig
+from models.train_config import TrainConfig
 
 # The shapes the rule was set against: Amazon Toys (prepared arrays' figures) and the 3,000-user,
 # 30,000-item Hub-layout dataset whose full-softmax steps took ~6 s each on 2 cores.

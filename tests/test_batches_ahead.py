@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from models.data import BatchMaker, NegativeSpec, PrepareOptions, prepare_arrays
-from models.train import batches
+from models.batches import BatchMaker, NegativeSpec
+from models.runtime import batches
+from taac_dagster.steps.arrays import PrepareOptions, prepare_arrays
 from tests.test_training import build
 
 

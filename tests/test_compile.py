@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import torch
 
-from models.encoder import Block, Encoder, EncoderConfig
+from models.encoder import Encoder
+from models.encoder_config import EncoderConfig
+from models.layers import Block
 
 
 def _cfg() -> EncoderConfig:

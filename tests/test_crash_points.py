@@ -189,7 +189,7 @@ def test_semantic_ids_killed_at_any_point_train_on_one_build(tmp_path):
     """The codebooks folder, then the table with its description (the commit point): killed
     anywhere, the arrays training reads carry the levels of the codes in the table, of the
     old build (2 levels) or the new one (3)."""
-    from models.data import PrepareOptions, prepare_arrays
+    from taac_dagster.steps.arrays import PrepareOptions, prepare_arrays
     from taac_dagster.steps.semantic_ids import build_semantic_ids
 
     def settings(levels: int):
@@ -265,7 +265,7 @@ def test_raw_data_killed_at_any_point_is_the_old_or_the_new_dataset(tmp_path):
 CHECKPOINT_WRITER = """
 import torch
 from pathlib import Path
-from models.train import save_checkpoint
+from taac_dagster.steps.training import save_checkpoint
 save_checkpoint(Path(sys.argv[1]), {"step": 2, "model": {"w": torch.full((64, 64), 2.0)}})
 print(json.dumps(points))
 """
@@ -278,7 +278,7 @@ def test_a_checkpoint_killed_at_any_point_is_the_old_or_the_new_one(tmp_path):
     clean-up removes the temporary."""
     import torch
 
-    from models.train import save_checkpoint
+    from taac_dagster.steps.training import save_checkpoint
 
     target = tmp_path / "last.pt"
 

@@ -8,8 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from models.data import ItemSampler, pad_lists
-from models.encoder import Dropout, Encoder, EncoderConfig, FeatureBag, ItemTables
+from models.batches import ItemSampler
+from models.data import pad_lists
+from models.encoder import Encoder, ItemTables
+from models.encoder_config import EncoderConfig
+from models.layers import Dropout, FeatureBag
 from models.losses import info_nce, sampled_bce
 from models.metrics import hit_rate, ndcg, retrieval_metrics, score, target_ranks
 

@@ -9,9 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-from models.data import BatchMaker, NegativeSpec, PrepareOptions, prepare_arrays
+from models.batches import BatchMaker, NegativeSpec
 from models.losses import NegativeQueue, info_nce, own_columns
-from models.train import Preset, TrainConfig, train
+from models.train import train
+from models.train_config import Preset, TrainConfig
+from taac_dagster.steps.arrays import PrepareOptions, prepare_arrays
+from taac_dagster.steps.training import track_run
 from tests.test_encoder import make_batch, model_for
 from tests.test_training import TINY_MODEL, TINY_TRAIN, build
 
@@ -192,14 +195,14 @@ def sampled_preset(**train_overrides) -> Preset:
 
 def test_sampled_loss_with_pool_and_bank_learns_and_resumes_exactly(arrays, tmp_path):
     preset = sampled_preset()
-    full = train(arrays, preset, track="1M", checkpoint_dir=tmp_path / "full")
-    cut = train(arrays, preset, track="1M", checkpoint_dir=tmp_path / "cut", stop_after=3)
+    full = train(arrays, preset, track=track_run("1M"), checkpoint_dir=tmp_path / "full")
+    cut = train(arrays, preset, track=track_run("1M"), checkpoint_dir=tmp_path / "cut", stop_after=3)
     assert cut.steps == 3 and cut.losses == full.losses[:3]
-    resumed = train(arrays, preset, track="1M", checkpoint_dir=tmp_path / "cut")
+    resumed = train(arrays, preset, track=track_run("1M"), checkpoint_dir=tmp_path / "cut")
     assert resumed.resumed_from == 3 and resumed.losses == full.losses  # the bank came back with the checkpoint
     a, b = (torch.load(tmp_path / name / "last.pt", weights_only=True) for name in ("full", "cut"))
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     assert len(a["negative_queue"]["sizes"]) == 2
-    longer = train(arrays, sampled_preset(max_steps=40, eval_every=0, lr=5e-3), track="1M")
+    longer = train(arrays, sampled_preset(max_steps=40, eval_every=0, lr=5e-3), track=track_run("1M"))
     assert np.isfinite(longer.losses).all()
     assert np.mean(longer.losses[-5:]) < 0.9 * np.mean(longer.losses[:5]), longer.losses

@@ -325,7 +325,7 @@ def test_a_publish_killed_before_the_table_leaves_arrays_on_the_tables_levels(ti
     last (the commit point). Killed between the two (here: the table's write fails), training
     reads the levels the table's codes were built with, not the newer folder's, and says so."""
     import taac_dagster.steps.semantic_ids as sid
-    from models.data import PrepareOptions, prepare_arrays
+    from taac_dagster.steps.arrays import PrepareOptions, prepare_arrays
 
     def settings(levels: int):
         return load_settings("10M", {"data_root": str(tiny_warehouse.data_root),

@@ -68,8 +68,8 @@ def test_every_model_and_training_knob_is_on_the_page_with_what_it_does():
     preset's value and a description taken from its comment in the source."""
     import dataclasses
 
-    from models.encoder import EncoderConfig
-    from models.train import TrainConfig
+    from models.encoder_config import EncoderConfig
+    from models.train_config import TrainConfig
     from taac_dagster.settings_docs import field_comments, knobs_markdown
 
     rows = {line.split("|")[1].strip().strip("`"): line for line in knobs_markdown() if line.startswith("| `")}

@@ -14,11 +14,16 @@ import pytest
 import torch
 import yaml
 
-from models.data import BatchMaker, NegativeSpec, PrepareOptions, load_arrays, prepare_arrays
-from models.train import Preset, TrainConfig, load_encoder, load_preset, train
+from models.batches import BatchMaker, NegativeSpec
+from models.checkpoint import load_encoder
+from models.data import load_arrays
+from models.train import train
+from models.train_config import Preset, TrainConfig
 from taac_dagster.paths import TrackPaths
 from taac_dagster.raw import materialize_raw
 from taac_dagster.settings import load_settings
+from taac_dagster.steps.arrays import PrepareOptions, prepare_arrays
+from taac_dagster.steps.training import load_preset, track_run
 from taac_dagster.warehouse import build_warehouse
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -194,7 +199,7 @@ def test_length_buckets_group_similar_histories_and_keep_every_sequence(arrays_1
 
 
 def test_prefetched_batches_equal_inline_ones(arrays_1m):
-    from models.train import batches
+    from models.runtime import batches
 
     maker = BatchMaker(arrays_1m, 32, seed=1, negatives=NegativeSpec(sampled=8))
     inline = list(batches(maker, 2, 6, ahead=0))
@@ -209,10 +214,10 @@ def test_prefetched_batches_equal_inline_ones(arrays_1m):
 
 def test_resume_gives_the_same_weights_as_an_uninterrupted_run(arrays_1m, tmp_path):
     preset = tiny_preset()
-    full = train(arrays_1m, preset, track="1M", checkpoint_dir=tmp_path / "full")
-    cut = train(arrays_1m, preset, track="1M", checkpoint_dir=tmp_path / "cut", stop_after=3)
+    full = train(arrays_1m, preset, track=track_run("1M"), checkpoint_dir=tmp_path / "full")
+    cut = train(arrays_1m, preset, track=track_run("1M"), checkpoint_dir=tmp_path / "cut", stop_after=3)
     assert cut.steps == 3
-    resumed = train(arrays_1m, preset, track="1M", checkpoint_dir=tmp_path / "cut")
+    resumed = train(arrays_1m, preset, track=track_run("1M"), checkpoint_dir=tmp_path / "cut")
     assert resumed.resumed_from == 3 and resumed.steps == 6
     assert resumed.losses == full.losses
     a = torch.load(tmp_path / "full" / "last.pt", weights_only=False)
@@ -222,15 +227,15 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(arrays_1m, tmp_pa
         assert torch.equal(a["model"][key], b["model"][key]), key
     assert "sparse" in a["optim"]  # the id table went through SparseAdam
     # A finished run of the same config and data is not trained again.
-    again = train(arrays_1m, preset, track="1M", checkpoint_dir=tmp_path / "full")
+    again = train(arrays_1m, preset, track=track_run("1M"), checkpoint_dir=tmp_path / "full")
     assert again.resumed_from == 6 and again.metrics == full.metrics
     # Another config starts afresh.
-    other = train(arrays_1m, tiny_preset(lr=1e-3), track="1M", checkpoint_dir=tmp_path / "full")
+    other = train(arrays_1m, tiny_preset(lr=1e-3), track=track_run("1M"), checkpoint_dir=tmp_path / "full")
     assert other.resumed_from == 0
 
 
 def test_a_checkpoint_rebuilds_the_model_on_its_own(arrays_1m, tmp_path):
-    result = train(arrays_1m, tiny_preset(max_steps=2), track="1M", checkpoint_dir=tmp_path)
+    result = train(arrays_1m, tiny_preset(max_steps=2), track=track_run("1M"), checkpoint_dir=tmp_path)
     model, ckpt = load_encoder(result.checkpoint)  # no preset, no config file
     assert ckpt["step"] == 2 and ckpt["data_version"] == arrays_1m.data_version
     # A consumer keeps what describes the model, not the state only resuming needs.
@@ -249,7 +254,7 @@ def test_a_checkpoint_rebuilds_the_model_on_its_own(arrays_1m, tmp_path):
 def run_cli(args: list[str], *, torchrun: bool) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
     prefix = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"] if torchrun else [sys.executable]
-    done = subprocess.run([*prefix, "-m", "models.train", *args], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run([*prefix, "-m", "taac_dagster.steps.train_cli", *args], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
 
@@ -281,7 +286,7 @@ def test_trained_model_beats_popularity_on_validation(arrays_1m):
         "train": {"batch_size": 64, "epochs": 3, "in_batch_negatives": 128, "sampled_negatives": 128,
                   "val_users": 300, "log_every": 0, "threads": 1},
     })
-    result = train(arrays_1m, preset, track="1M")
+    result = train(arrays_1m, preset, track=track_run("1M"))
     m = result.metrics
     assert m["users"] == 300
     assert m["hr@10"] >= 2 * m["popularity_hr@10"] and m["hr@10"] - m["popularity_hr@10"] >= 0.05, m
@@ -302,8 +307,8 @@ def test_10m_track_trains_with_conversions(tmp_path):
     for action, weight in weights.items():
         assert (batch["weights"][real & (batch["actions"] == action)] == weight).all(), action
     assert (batch["weights"][~real] == 0).all()
-    heavy = train(arrays, tiny_preset(max_steps=2, action_weights=weights), track="10M")
-    plain = train(arrays, tiny_preset(max_steps=2, action_weights={**weights, 2: 1.0}), track="10M")
+    heavy = train(arrays, tiny_preset(max_steps=2, action_weights=weights), track=track_run("10M"))
+    plain = train(arrays, tiny_preset(max_steps=2, action_weights={**weights, 2: 1.0}), track=track_run("10M"))
     assert heavy.steps == plain.steps == 2 and np.isfinite(heavy.losses).all() and "hr@10" in heavy.metrics
     # Same seed, same batches: only the conversions' weight differs, and so does the first loss.
     assert abs(heavy.losses[0] - plain.losses[0]) > 1e-4 * abs(plain.losses[0])
@@ -312,7 +317,7 @@ def test_10m_track_trains_with_conversions(tmp_path):
 def test_baseline_preset_runs(arrays_1m):
     preset = load_preset("baseline", {"train": {"batch_size": 64, "max_steps": 2, "val_users": 50, "log_every": 0, "threads": 1}})
     assert preset.model["loss"] == "bce" and preset.model["d_model"] == 32
-    result = train(arrays_1m, preset, track="1M")
+    result = train(arrays_1m, preset, track=track_run("1M"))
     assert result.steps == 2 and np.isfinite(result.losses).all()
 
 
@@ -410,7 +415,7 @@ def test_encoder_checkpoint_through_torchrun_and_pipes(tmp_path, monkeypatch):
 
 
 def test_model_settings_adapt_to_the_catalogue():
-    from models.train import resolve_model_settings
+    from models.auto_settings import resolve_model_settings
 
     tc = TrainConfig(full_softmax_items=1000, max_id_table_bytes=3 * 4 * 64 * 500)
     small = {"num_item_rows": 800, "id_rows": 400, "item_vocab": [10], "mm_dims": [], "sid_vocab": []}

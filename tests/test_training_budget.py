@@ -15,10 +15,12 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from models.data import PrepareOptions, prepare_arrays
-from models.train import budget_plan, lr_at, train
+from models.train import train
+from models.train_config import budget_plan, lr_at
 from taac_dagster.paths import TrackPaths
 from taac_dagster.settings import load_settings
+from taac_dagster.steps.arrays import PrepareOptions, prepare_arrays
+from taac_dagster.steps.training import track_run
 from tests.test_training import TINY_MODEL, TINY_TRAIN, build, tiny_preset
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -85,13 +87,13 @@ def test_budget_plan_keeps_what_fits_with_its_validations():
 
 def test_a_time_budget_shortens_the_run_its_schedule_and_survives_a_resume(small_arrays, tmp_path, monkeypatch):
     # Timed from step 10 to step 20 (20 and 20 in a real run, here fewer to keep the test short).
-    monkeypatch.setattr("models.train.BUDGET_WARMUP_STEPS", 10)
-    monkeypatch.setattr("models.train.BUDGET_WINDOW_STEPS", 10)
+    monkeypatch.setattr("models.trainer.BUDGET_WARMUP_STEPS", 10)
+    monkeypatch.setattr("models.trainer.BUDGET_WINDOW_STEPS", 10)
     # Two minutes, and a step takes 2 s: after 20 steps (40 s) the run sees room for 40 more.
     preset = tiny_preset(max_steps=1000, max_minutes=2, eval_every=50, log_every=1, patience=0)
     tc = preset.train
     clock = StepClock(2.0)
-    full = train(small_arrays, preset, track="1M", checkpoint_dir=tmp_path / "full", on_log=clock.on_log, clock=clock)
+    full = train(small_arrays, preset, track=track_run("1M"), checkpoint_dir=tmp_path / "full", on_log=clock.on_log, clock=clock)
     [budget] = clock.of("budget")
     assert budget["step"] == 20 and budget["planned_steps"] == 1000 and budget["steps"] == 60
     assert budget["step_seconds"] == 2.0 and budget["validate_every"] == 6
@@ -109,11 +111,11 @@ def test_a_time_budget_shortens_the_run_its_schedule_and_survives_a_resume(small
     # Interrupted after the plan, resumed on a slower machine: the plan is kept, not made again
     # (planned again, 20 steps of 10 s would not fit in the 60 s left).
     first = StepClock(2.0)
-    cut = train(small_arrays, preset, track="1M", checkpoint_dir=tmp_path / "cut", on_log=first.on_log, clock=first,
+    cut = train(small_arrays, preset, track=track_run("1M"), checkpoint_dir=tmp_path / "cut", on_log=first.on_log, clock=first,
                 stop_after=30)
     assert cut.steps == 30 and cut.planned_steps == 60
     later = StepClock(10.0)
-    resumed = train(small_arrays, preset, track="1M", checkpoint_dir=tmp_path / "cut", on_log=later.on_log, clock=later)
+    resumed = train(small_arrays, preset, track=track_run("1M"), checkpoint_dir=tmp_path / "cut", on_log=later.on_log, clock=later)
     assert resumed.resumed_from == 30 and resumed.steps == resumed.planned_steps == 60 and not later.of("budget")
     assert resumed.losses == full.losses and resumed.evals == full.evals
     assert_same_weights(tmp_path / "full" / "last.pt", tmp_path / "cut" / "last.pt")
@@ -125,7 +127,7 @@ def test_checkpoints_are_written_by_time_and_by_steps(small_arrays, tmp_path):
 
     def checkpoint_steps(**overrides) -> list[int]:
         clock = StepClock(30.0)  # a minute every two steps
-        train(small_arrays, tiny_preset(max_steps=6, log_every=1, **overrides), track="1M",
+        train(small_arrays, tiny_preset(max_steps=6, log_every=1, **overrides), track=track_run("1M"),
               checkpoint_dir=tmp_path / str(next(runs)), on_log=clock.on_log, clock=clock)
         return [e["step"] for e in clock.of("checkpoint")]
 
@@ -142,7 +144,9 @@ import json, sys, time
 from pathlib import Path
 
 from models.data import load_arrays
-from models.train import Preset, TrainConfig, train
+from models.train_config import Preset, TrainConfig
+from models.train import train
+from taac_dagster.steps.training import track_run
 
 spec = json.loads(sys.argv[1])
 
@@ -154,7 +158,7 @@ def wait_at_step(record):  # trained step ``hang_at`` (not yet validated or save
 
 
 preset = Preset("tiny", spec["model"], TrainConfig.from_dict(spec["train"]))
-train(load_arrays(spec["arrays"]), preset, track="1M", checkpoint_dir=Path(spec["checkpoint_dir"]), on_log=wait_at_step)
+train(load_arrays(spec["arrays"]), preset, track=track_run("1M"), checkpoint_dir=Path(spec["checkpoint_dir"]), on_log=wait_at_step)
 """
 
 
@@ -163,7 +167,7 @@ def test_a_run_killed_with_sigkill_resumes_to_the_weights_of_an_uninterrupted_on
     train_settings = {**TINY_TRAIN, "max_steps": 40, "checkpoint_every": 1, "eval_every": 1, "patience": 3,
                       "log_every": 1}
     preset = tiny_preset(**train_settings)
-    full = train(small_arrays, preset, track="1M", checkpoint_dir=tmp_path / "full")
+    full = train(small_arrays, preset, track=track_run("1M"), checkpoint_dir=tmp_path / "full")
     assert full.stopped_early and full.best_step == full.steps - 3
     # Killed in the step that stops the run: what it resumes from holds two validations without
     # improvement and the best weights before them, so a resume that lost any of that differs.
@@ -194,7 +198,7 @@ def test_a_run_killed_with_sigkill_resumes_to_the_weights_of_an_uninterrupted_on
     early = ckpt["early_stopping"]
     assert (early["best_step"], early["bad"]) == (full.best_step, 2) and early["best_model"] is not None
 
-    resumed = train(small_arrays, preset, track="1M", checkpoint_dir=killed)
+    resumed = train(small_arrays, preset, track=track_run("1M"), checkpoint_dir=killed)
     assert resumed.resumed_from == stop - 1 and resumed.steps == stop and resumed.stopped_early
     assert resumed.losses == full.losses and resumed.evals == full.evals and resumed.best_step == full.best_step
     assert_same_weights(killed / "last.pt", tmp_path / "full" / "last.pt")
@@ -205,7 +209,7 @@ def test_a_run_killed_with_sigkill_resumes_to_the_weights_of_an_uninterrupted_on
 
 def test_the_torchrun_child_trains_on_the_runs_arrays_and_settings(tmp_path):
     from assets.training import torchrun_command
-    from models.train import parse_command
+    from taac_dagster.steps.train_cli import parse_command
 
     settings = load_settings("1M", {
         "data_root": str(tmp_path), "max_history": 20, "embedding_families": [], "hub_token": "s3cret",
@@ -214,7 +218,7 @@ def test_the_torchrun_child_trains_on_the_runs_arrays_and_settings(tmp_path):
     paths = TrackPaths(tmp_path, "1M")
     command = torchrun_command(settings, "1M", arrays_dir=tmp_path / "prepared")
     assert "s3cret" not in " ".join(command)
-    child = parse_command(command[command.index("models.train") + 1:])
+    child = parse_command(command[command.index("taac_dagster.steps.train_cli") + 1:])
     assert child.arrays_dir == tmp_path / "prepared" and not child.prepare
     assert child.settings is not None and child.settings.max_history == 20 and child.settings.embedding_families == []
     assert child.settings.model_dump(exclude={"hub_token"}) == settings.model_dump(exclude={"hub_token"})
@@ -223,7 +227,7 @@ def test_the_torchrun_child_trains_on_the_runs_arrays_and_settings(tmp_path):
     assert child.checkpoint_dir == paths.checkpoints / "default" and child.paths == paths
     # Without prepared arrays, rank 0 prepares them from the same settings.
     command = torchrun_command(settings, "1M")
-    child = parse_command(command[command.index("models.train") + 1:])
+    child = parse_command(command[command.index("taac_dagster.steps.train_cli") + 1:])
     assert child.prepare and child.arrays_dir == paths.checkpoints / "arrays" and child.settings.max_history == 20
 
 
@@ -234,7 +238,7 @@ def test_a_checkpoint_trained_on_other_arrays_is_refused(small_track, small_arra
     from models.checkpoint_fit import CheckpointMismatchError, StaleCheckpointError, check_checkpoint_fits
     from taac_dagster.steps.trained_encoder import load_model
 
-    result = train(small_arrays, tiny_preset(max_steps=1), track="1M", checkpoint_dir=tmp_path / "checkpoints" / "tiny")
+    result = train(small_arrays, tiny_preset(max_steps=1), track=track_run("1M"), checkpoint_dir=tmp_path / "checkpoints" / "tiny")
     ckpt = torch.load(result.checkpoint, weights_only=True)
     assert check_checkpoint_fits(ckpt, small_arrays, result.checkpoint) == []
     # The same warehouse prepared with other settings: same shapes, another data version.
@@ -253,7 +257,7 @@ def test_a_checkpoint_trained_on_other_arrays_is_refused(small_track, small_arra
 def test_set_values_in_exponent_notation_are_numbers(tmp_path):
     """PyYAML reads ``1e-3`` as a string (YAML 1.1 needs ``1.0e-3``); ``--set`` must hand the
     optimizer a number, and leave real strings and other types as YAML reads them."""
-    from models.train import parse_command
+    from taac_dagster.steps.train_cli import parse_command
 
     command = parse_command(["--data-root", str(tmp_path), "--arrays", str(tmp_path), "--set", "train.lr=1e-3",
                              "--set", "train.sampler=uniform", "--set", "train.batch_size=128",

@@ -8,8 +8,9 @@ import dataclasses
 import numpy as np
 import torch
 
-from models.encoder import Encoder, EncoderConfig, ItemTables
-from models.train import evaluate
+from models.encoder import Encoder, ItemTables
+from models.encoder_config import EncoderConfig
+from models.validation import evaluate
 from tests.test_training import arrays_1m, track_1m  # noqa: F401  (module fixtures)
 
 

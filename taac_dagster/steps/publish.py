@@ -1,5 +1,6 @@
-"""The steps' ``publish`` for model code that writes files (models/publish.py): each file is
-written beside its target and renamed into place (``taac_dagster.atomic.atomic_file``)."""
+"""The model code's ``FileWriter`` in the pipeline (models/publish.py): ``fill`` writes a
+temporary sibling that replaces ``path`` once complete (``taac_dagster.atomic.atomic_file``), so
+a run killed while writing keeps the previous file."""
 
 from __future__ import annotations
 
@@ -9,9 +10,6 @@ from pathlib import Path
 from taac_dagster.atomic import atomic_file
 
 
-def publish_file(path: Path, write: Callable[[Path], object]) -> None:
+def publish_file(path: Path, fill: Callable[[Path], object]) -> None:
     with atomic_file(path) as tmp:
-        write(tmp)
-
-
-__all__ = ["publish_file"]
+        fill(tmp)

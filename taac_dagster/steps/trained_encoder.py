@@ -9,13 +9,16 @@ from pathlib import Path
 import torch
 
 from models.allocator import keep_freed_memory
+from models.checkpoint import LAST, load_encoder
 from models.checkpoint_fit import EvaluationError, LoadedModel, check_checkpoint_fits
 from models.data import Arrays
 from models.distributed import pick_device
 from models.retrieval import set_threads
-from models.train import LAST, cpu_threads, default_retrieval_actions, load_encoder, prepare_track_arrays
+from models.runtime import cpu_threads
 from taac_dagster.paths import TrackPaths
 from taac_dagster.settings import TaacSettings
+from taac_dagster.steps.arrays import prepare_track_arrays
+from taac_dagster.steps.training import default_retrieval_actions
 
 log = logging.getLogger(__name__)
 
