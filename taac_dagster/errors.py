@@ -13,7 +13,7 @@ class TaacError(Exception):
 
 # Errors raised on purpose, by the pipeline or by the model code it runs (models/ does not
 # import the pipeline, so its errors have their own base).
-PROJECT_ERRORS: tuple[type[Exception], ...] = (TaacError, ModelError)
+PROJECT_ERRORS: tuple[type[TaacError], type[ModelError]] = (TaacError, ModelError)
 
 
 class DataFormatError(TaacError):
