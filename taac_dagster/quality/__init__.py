@@ -8,7 +8,7 @@ over the whole table (never a sample): non-empty tables, unique users and (user,
 pairs, plausible timestamps, finite vectors... A failed check's description names the
 offending ids and, read back from the raw dataset, the file and line or row they came from.
 
-Nothing here imports Dagster; ``assets/quality.py`` turns ``CheckOutcome`` into check results.
+Nothing here imports Dagster; ``assets/warehouse.py`` turns ``CheckOutcome`` into check results.
 
 The modules: ``context`` (what a check sees and returns), ``suites`` (Great Expectations),
 the checks by table (``events``, ``tables``, ``embeddings``) and ``run`` (``CHECKS``,
