@@ -12,7 +12,7 @@ Hub parquet layout, at ``--scale`` times the real 1M shape: 1,001,845 users, 4,7
 660,000 candidates (100 of them cold), mean history 91.06 (~91M events at 1.0), 9.81% clicks,
 embedding family 81 (32-d, on ~90% of the items) and family 82 at its real 1,024 dimensions on
 ~35% of the items (the generator's coverage; why 35%: ``EMBEDDING_COVERAGE`` in
-taac_dagster/sources/synthetic.py; both families are asked for by name, as on auto the
+taac_dagster/sources/synthetic/parameters.py; both families are asked for by name, as on auto the
 synthetic source writes family 81 alone). Everything else is the pipeline's default, except the
 training time budget (``training.max_minutes`` from ``--train-minutes``; default max(2, 60 x
 scale): 60 minutes at 1.0). ``--set TAAC_KEY=VALUE`` adds or overrides a setting.

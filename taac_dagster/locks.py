@@ -142,29 +142,14 @@ def track_lock(
     deadline = time.monotonic() + timeout
     wait = 0.0  # the first attempt does not wait: a busy track is reported at once
     while True:
-        try:
-            lock.acquire(timeout=wait)
-        except Timeout:
-            holder = describe_holder(read_holder(root))
-        except (NotImplementedError, OSError) as error:  # after Timeout, itself an OSError
-            if isinstance(error, OSError) and error.errno != errno.ENOSYS:
-                raise
-            raise LockUnsupportedError(
-                f"the file system under {root} does not support flock, so {lock_path(root)} cannot be a lock that "
-                "ends with its holder (a soft lock left by a killed step would block the track until removed by hand): "
-                "put the data root on a local disk or a file system with flock (NFSv4, not NFSv3 mounted with nolock)"
-            ) from error
-        else:
-            lease = read_lease(root) if leased else None
-            if not leased or not lease_blocks(lease, str(run_id), run_finished, lease_ttl):
+        holder = _acquire(lock, root, wait)
+        between_steps = False
+        if holder is None:
+            holder = _lease_holder(root, str(run_id), run_finished, lease_ttl) if leased else None
+            if holder is None:
                 break
             lock.release()
-            holder = f"run {lease['run_id']} (between its steps: it holds the track's run lease since {lease.get('since')})"
-            wait = max(0.0, min(WAIT_REPORT_SECONDS, deadline - time.monotonic()))
-            if time.monotonic() < deadline:
-                logger.info(f"waiting for track {track}: {holder}")
-                time.sleep(min(LEASE_POLL_SECONDS, wait))
-                continue
+            between_steps = True
         if time.monotonic() >= deadline:
             raise TrackBusyError(
                 f"track {track} is being written by {holder}; step {step}"
@@ -172,9 +157,50 @@ def track_lock(
                 + f" gave up after waiting {timeout:.0f}s for {lock_path(root)}. Let that run finish (or stop "
                 "it) and re-run; TAAC_TRACK_LOCK_TIMEOUT sets how long a step waits."
             ) from None
-        logger.info(f"waiting for track {track}: {lock_path(root)} is held by {holder}")
         wait = max(0.0, min(WAIT_REPORT_SECONDS, deadline - time.monotonic()))
-    holder = {
+        if between_steps:  # the lock is free: look again at the lease, not at the lock
+            logger.info(f"waiting for track {track}: {holder}")
+            time.sleep(min(LEASE_POLL_SECONDS, wait))
+        else:
+            logger.info(f"waiting for track {track}: {lock_path(root)} is held by {holder}")
+    try:
+        yield _claim(root, track, step, run_id, leased=leased)
+        if leased:
+            _write_lease(root, str(run_id), (read_lease(root) or {}).get("since"))  # renewed at the step's end
+    finally:
+        with contextlib.suppress(OSError):
+            (root / HOLDER_NAME).unlink()
+        lock.release()
+
+
+def _acquire(lock: FileLock, root: Path, wait: float) -> str | None:
+    """None once ``lock`` is held, else who holds it after ``wait`` seconds."""
+    try:
+        lock.acquire(timeout=wait)
+    except Timeout:
+        return describe_holder(read_holder(root))
+    except (NotImplementedError, OSError) as error:  # after Timeout, itself an OSError
+        if isinstance(error, OSError) and error.errno != errno.ENOSYS:
+            raise
+        raise LockUnsupportedError(
+            f"the file system under {root} does not support flock, so {lock_path(root)} cannot be a lock that "
+            "ends with its holder (a soft lock left by a killed step would block the track until removed by hand): "
+            "put the data root on a local disk or a file system with flock (NFSv4, not NFSv3 mounted with nolock)"
+        ) from error
+    return None
+
+
+def _lease_holder(root: Path, run_id: str, run_finished: Callable[[str], bool | None] | None, ttl: float) -> str | None:
+    """The run whose lease keeps ``run_id`` out of the track between that run's steps, or None."""
+    lease = read_lease(root)
+    if lease is None or not lease_blocks(lease, run_id, run_finished, ttl):
+        return None
+    return f"run {lease['run_id']} (between its steps: it holds the track's run lease since {lease.get('since')})"
+
+
+def _claim(root: Path, track: str, step: str, run_id: str | None, *, leased: bool) -> dict[str, Any]:
+    """Name the new holder beside the lock and, for a run's step, take or renew the run lease."""
+    holder: dict[str, Any] = {
         "track": track,
         "run_id": None if run_id is None else str(run_id),
         "step": str(step),
@@ -182,16 +208,9 @@ def track_lock(
         "host": socket.gethostname(),
         "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    try:
-        write_text_atomic(root / HOLDER_NAME, json.dumps(holder, indent=1))
-        if leased:
-            previous = read_lease(root)
-            since = previous.get("since") if previous and previous.get("run_id") == str(run_id) else None
-            _write_lease(root, str(run_id), since)
-        yield holder
-        if leased:
-            _write_lease(root, str(run_id), (read_lease(root) or {}).get("since"))  # renewed at the step's end
-    finally:
-        with contextlib.suppress(OSError):
-            (root / HOLDER_NAME).unlink()
-        lock.release()
+    write_text_atomic(root / HOLDER_NAME, json.dumps(holder, indent=1))
+    if leased:
+        previous = read_lease(root)
+        since = previous.get("since") if previous and previous.get("run_id") == str(run_id) else None
+        _write_lease(root, str(run_id), since)
+    return holder

@@ -194,51 +194,12 @@ def publish_download(download: Path, published: Path, logger: Any = None) -> Pat
 def materialize_raw(settings: TaacSettings, paths: TrackPaths, *, logger: Any = None) -> RawManifest:
     logger = logger or log
     started = time.perf_counter()
-    details: dict[str, Any] = {}
     requested = settings.embedding_families
     fetch = list(DEFAULT_FETCH_FAMILIES) if requested is None else list(requested)
     paths.root.mkdir(parents=True, exist_ok=True)
     if remove_stale_temps(paths.root) + remove_stale_temps(paths.raw):
         logger.warning(f"removed leftovers of an interrupted run in {paths.root}")
-    if settings.source == "synthetic":
-        from taac_dagster.sources.synthetic import generate_dataset
-
-        root = paths.raw_for("synthetic")
-        with atomic_dir(root) as tmp:
-            summary = generate_dataset(tmp, paths.track, settings.synthetic, fetch)
-        details = {"synthetic": settings.synthetic.model_dump(), "generated": summary.to_metadata()}
-        logger.info(f"generated a synthetic {paths.track} dataset: {summary.events} events, {summary.users} users")
-    elif settings.source == "local":
-        if settings.local_path is None:
-            raise SourceUnavailableError("source is 'local' but no local path is set: set TAAC_LOCAL_PATH")
-        root = Path(settings.local_path).expanduser().resolve()
-    elif settings.source == "hub":
-        from taac_dagster.sources.hub import download_hub_dataset
-
-        if not settings.hub_repo_id:
-            raise SourceUnavailableError("source is 'hub' but no repository is set: set TAAC_HUB_REPO_ID")
-        root = paths.raw_for("hub")
-        _adopt_legacy_hub_download(paths, logger)
-        download = download_hub_dataset(
-            settings.hub_repo_id,
-            settings.hub_revision,
-            root,
-            fetch,
-            token=settings.hub_token.get_secret_value() if settings.hub_token else None,
-            log=logger,
-            endpoint=settings.hub_endpoint,
-            timeout=settings.hub_timeout_seconds,
-            deadline=settings.hub_deadline_seconds,
-        )
-        root = publish_download(root, paths.raw_published("hub"), logger)
-        details = {
-            "repo_id": download.repo_id,
-            "revision": download.revision,
-            "commit_sha": download.commit_sha or "unknown",
-            "used_local_copy": download.used_local_copy,
-        }
-    else:  # pydantic already restricts the values; kept for readers of this function
-        raise ValueError(f"unknown source {settings.source!r}")
+    root, details = _source_root(settings, paths, fetch, logger)
 
     dataset_format = detect_format(root)
     families = select_embedding_families(root, dataset_format, requested)
@@ -269,3 +230,56 @@ def materialize_raw(settings: TaacSettings, paths: TrackPaths, *, logger: Any = 
     )
     write_text_atomic(paths.raw_manifest, manifest.to_json())
     return manifest
+
+
+def _source_root(settings: TaacSettings, paths: TrackPaths, fetch: list[int], logger: Any) -> tuple[Path, dict[str, Any]]:
+    """The folder holding the configured source's dataset, made ready (generated, downloaded and
+    published), and what the manifest records about how it got there."""
+    if settings.source == "synthetic":
+        return _generate_synthetic(settings, paths, fetch, logger)
+    if settings.source == "local":
+        if settings.local_path is None:
+            raise SourceUnavailableError("source is 'local' but no local path is set: set TAAC_LOCAL_PATH")
+        return Path(settings.local_path).expanduser().resolve(), {}
+    if settings.source == "hub":
+        return _download_hub(settings, paths, fetch, logger)
+    # pydantic already restricts the values; kept for readers of this function
+    raise ValueError(f"unknown source {settings.source!r}")
+
+
+def _generate_synthetic(settings: TaacSettings, paths: TrackPaths, fetch: list[int], logger: Any) -> tuple[Path, dict[str, Any]]:
+    from taac_dagster.sources.synthetic import generate_dataset
+
+    root = paths.raw_for("synthetic")
+    with atomic_dir(root) as tmp:
+        summary = generate_dataset(tmp, paths.track, settings.synthetic, fetch)
+    details = {"synthetic": settings.synthetic.model_dump(), "generated": summary.to_metadata()}
+    logger.info(f"generated a synthetic {paths.track} dataset: {summary.events} events, {summary.users} users")
+    return root, details
+
+
+def _download_hub(settings: TaacSettings, paths: TrackPaths, fetch: list[int], logger: Any) -> tuple[Path, dict[str, Any]]:
+    from taac_dagster.sources.hub import download_hub_dataset
+
+    if not settings.hub_repo_id:
+        raise SourceUnavailableError("source is 'hub' but no repository is set: set TAAC_HUB_REPO_ID")
+    root = paths.raw_for("hub")
+    _adopt_legacy_hub_download(paths, logger)
+    download = download_hub_dataset(
+        settings.hub_repo_id,
+        settings.hub_revision,
+        root,
+        fetch,
+        token=settings.hub_token.get_secret_value() if settings.hub_token else None,
+        log=logger,
+        endpoint=settings.hub_endpoint,
+        timeout=settings.hub_timeout_seconds,
+        deadline=settings.hub_deadline_seconds,
+    )
+    details = {
+        "repo_id": download.repo_id,
+        "revision": download.revision,
+        "commit_sha": download.commit_sha or "unknown",
+        "used_local_copy": download.used_local_copy,
+    }
+    return publish_download(root, paths.raw_published("hub"), logger), details

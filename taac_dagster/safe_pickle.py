@@ -121,6 +121,7 @@ _SHORT = {_OP[name] for name in ("SHORT_BINUNICODE", "SHORT_BINBYTES", "SHORT_BI
 _MARK, _POP, _STOP, _PUT, _LONG1, _LONG4, _MEMOIZE, _BINPUT, _TUPLE = (
     _OP[name] for name in ("MARK", "POP", "STOP", "PUT", "LONG1", "LONG4", "MEMOIZE", "BINPUT", "TUPLE")
 )
+_MAYBE_NOT_PLAIN = _SETS | _TEXT_INTS | _TUPLES | {_LONG4}  # refused or not by their argument or the stack
 _CHECKED = _REUSES | _SETS | _TEXT_INTS | _SLOT_STORES | _TUPLES | _SHORT | {_MARK, _POP, _STOP, _LONG4, _MEMOIZE, _BINPUT}
 # opcode -> its size with its argument where nothing about it needs a look (most of a file), else 0
 _SKIP = [1 + _ARG[c] if c in _DELTA and _ARG[c] >= 0 and c not in _CHECKED else 0 for c in range(256)]
@@ -134,7 +135,8 @@ def _is_64_bit(little_endian: bytes) -> bool:
 def _check_opcodes(data: bytes, path: Path) -> int:
     """Read every opcode of ``data`` once (linear) and refuse what would cost far more than the
     file (module docstring); returns how many times an object is used again (memo gets, DUP)."""
-    pos, end, depth, marks, stored, reuses = 0, len(data), 0, [], 0, 0
+    pos, end, depth, stored, reuses = 0, len(data), 0, 0, 0
+    marks: list[int] = []
     while pos < end:
         code = data[pos]
         if _SKIP[code]:
@@ -151,42 +153,15 @@ def _check_opcodes(data: bytes, path: Path) -> int:
             pos += 1 if code == _MEMOIZE else 2
             stored += 1
             continue
-        start, arg = pos, pos + 1
-        kind = _ARG.get(code)
-        if kind is None:
-            raise DataFormatError(path, _VALID, f"unreadable data (opcode {code:#04x} at byte {start})")
-        if kind >= 0:
-            pos = arg + kind
-        elif kind in (_LINE, _TWO_LINES):
-            pos = data.find(b"\n", arg) + 1
-            if kind == _TWO_LINES and pos:
-                pos = data.find(b"\n", pos) + 1
-            pos = pos or end + 1
-        else:
-            size, signed = _LENGTH_BYTES[kind]
-            pos = arg + size + max(int.from_bytes(data[arg : arg + size], "little", signed=signed), 0)
-        if pos > end:
-            raise DataFormatError(path, _VALID, f"truncated data (opcode {code:#04x} at byte {start} runs past the end)")
+        start = pos
+        pos = _argument_end(data, code, start, path)
         if code in _REUSES:
             reuses += 1
-        elif code in _SETS:
-            raise DataFormatError(path, _PLAIN, f"a set at byte {start}")
-        elif code == _LONG4 and not _is_64_bit(data[arg + 4 : pos]):
-            raise DataFormatError(path, _PLAIN, f"an integer outside the 64-bit range at byte {start}")
-        elif code in _TEXT_INTS:
-            text = data[arg : pos - 1].rstrip(b"L")
-            if len(text) > 21 or not text.lstrip(b"-").isdigit() or not -(2**63) <= int(text) < 2**64:
-                raise DataFormatError(path, _PLAIN, f"an integer outside the 64-bit range at byte {start}")
         elif code in _SLOT_STORES:
-            text = data[arg : pos - 1]
-            slot = (int(text) if text.isdigit() else -1) if code == _PUT else int.from_bytes(data[arg:pos], "little")
-            if not 0 <= slot <= stored:  # the unpickler sizes its memo to the slot, here or not
-                raise DataFormatError(
-                    path, _PLAIN, f"memo slot {slot} at byte {start}, past the {stored} objects stored before it"
-                )
+            _check_memo_slot(data, code, start, pos, stored, path)
             stored += 1
-        elif code in _TUPLES and (code != _TUPLE or (marks and depth - marks[-1] > 1)):
-            raise DataFormatError(path, _PLAIN, f"a tuple of several items at byte {start}")
+        elif code in _MAYBE_NOT_PLAIN:
+            _refuse_not_plain(data, code, start, pos, bool(marks) and depth - marks[-1] > 1, path)
         elif code == _MARK:
             marks.append(depth)
             continue
@@ -202,6 +177,53 @@ def _check_opcodes(data: bytes, path: Path) -> int:
         else:
             depth += _DELTA[code]
     raise DataFormatError(path, _VALID, "truncated data (no STOP opcode)")
+
+
+def _argument_end(data: bytes, code: int, start: int, path: Path) -> int:
+    """Where the argument of the opcode at ``start`` ends; refuses an unknown opcode and an
+    argument that runs past the end of ``data``."""
+    arg, end = start + 1, len(data)
+    kind = _ARG.get(code)
+    if kind is None:
+        raise DataFormatError(path, _VALID, f"unreadable data (opcode {code:#04x} at byte {start})")
+    if kind >= 0:
+        pos = arg + kind
+    elif kind in (_LINE, _TWO_LINES):
+        pos = data.find(b"\n", arg) + 1
+        if kind == _TWO_LINES and pos:
+            pos = data.find(b"\n", pos) + 1
+        pos = pos or end + 1
+    else:
+        size, signed = _LENGTH_BYTES[kind]
+        pos = arg + size + max(int.from_bytes(data[arg : arg + size], "little", signed=signed), 0)
+    if pos > end:
+        raise DataFormatError(path, _VALID, f"truncated data (opcode {code:#04x} at byte {start} runs past the end)")
+    return pos
+
+
+def _check_memo_slot(data: bytes, code: int, start: int, pos: int, stored: int, path: Path) -> None:
+    """Refuse a memo store (PUT, LONG_BINPUT) to a slot past the ``stored`` objects before it."""
+    arg = start + 1
+    text = data[arg : pos - 1]
+    slot = (int(text) if text.isdigit() else -1) if code == _PUT else int.from_bytes(data[arg:pos], "little")
+    if not 0 <= slot <= stored:  # the unpickler sizes its memo to the slot, here or not
+        raise DataFormatError(path, _PLAIN, f"memo slot {slot} at byte {start}, past the {stored} objects stored before it")
+
+
+def _refuse_not_plain(data: bytes, code: int, start: int, pos: int, several_marked: bool, path: Path) -> None:
+    """Refuse a set, an integer outside 64 bits, or a tuple of several items (``several_marked``:
+    more than one item above the last mark, for a TUPLE)."""
+    arg = start + 1
+    if code in _SETS:
+        raise DataFormatError(path, _PLAIN, f"a set at byte {start}")
+    if code == _LONG4 and not _is_64_bit(data[arg + 4 : pos]):
+        raise DataFormatError(path, _PLAIN, f"an integer outside the 64-bit range at byte {start}")
+    if code in _TEXT_INTS:
+        text = data[arg : pos - 1].rstrip(b"L")
+        if len(text) > 21 or not text.lstrip(b"-").isdigit() or not -(2**63) <= int(text) < 2**64:
+            raise DataFormatError(path, _PLAIN, f"an integer outside the 64-bit range at byte {start}")
+    if code in _TUPLES and (code != _TUPLE or several_marked):
+        raise DataFormatError(path, _PLAIN, f"a tuple of several items at byte {start}")
 
 
 def _check_expansion(data: Any, path: Path, size: int) -> None:

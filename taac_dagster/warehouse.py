@@ -36,6 +36,7 @@ from taac_dagster.db import connect as connect_duckdb
 from taac_dagster.errors import DataFormatError, TaacError
 from taac_dagster.formats import HUB_FORMAT, JSONL_FORMAT
 from taac_dagster.paths import TrackPaths
+from taac_dagster.quality import ERROR, CheckOutcome, run_checks
 from taac_dagster.readers.detect import detect_format
 from taac_dagster.readers.embeddings import (
     families_text,
@@ -50,6 +51,7 @@ from taac_dagster.readers.staging import drop_staging
 from taac_dagster.settings import TaacSettings
 from taac_dagster.sql import load_sql, read_path, sql_read_path
 from taac_dagster.tracks import get_track
+from taac_dagster.warehouse_info import write_warehouse_info
 
 log = logging.getLogger(__name__)
 
@@ -105,10 +107,10 @@ class StagedWarehouse:
 class BlockingChecksFailed(TaacError):
     """The staged warehouse failed a blocking check: it was set aside, nothing was published."""
 
-    def __init__(self, outcomes: list[Any], rejected: Path, published: Path) -> None:
+    def __init__(self, outcomes: list[CheckOutcome], rejected: Path, published: Path) -> None:
         self.outcomes = outcomes
         self.rejected = rejected
-        failed = [o for o in outcomes if not o.passed and o.severity == "ERROR"]
+        failed = [o for o in outcomes if not o.passed and o.severity == ERROR]
         self.failed = failed
         lines = "\n".join(f"- {o.name}: {o.description}" for o in failed)
         kept = f"{published} was left as it was" if published.exists() else f"nothing was published at {published}"
@@ -275,14 +277,12 @@ def build_warehouse(
 def build_checked_warehouse(
     source_root: Path, paths: TrackPaths, settings: TaacSettings, *, logger: Any = None,
     verify_source: Callable[[], None] | None = None,
-) -> tuple[WarehouseSummary, list[Any]]:
+) -> tuple[WarehouseSummary, list[CheckOutcome]]:
     """Write, audit, publish: stage the warehouse, run every data-quality check on the staged
     copy, and publish it only when every blocking (ERROR) check passes. Returns the summary and
     the check outcomes; raises ``BlockingChecksFailed`` (the copy set aside) otherwise.
     ``verify_source`` (raising when the source changed) runs before staging and again before
     the publish, so a warehouse is never published from files that changed under the build."""
-    from taac_dagster.quality import ERROR, run_checks
-
     logger = logger or log
     verify_source = verify_source or (lambda: None)
     verify_source()
@@ -340,7 +340,7 @@ def _build(
         with _unreadable_data(source_root, "writing the embeddings"):
             embeddings = _write_embeddings(con, source_root, dataset_format, settings, embeddings_dir, logger)
         missing = con.execute("SELECT count(*) FROM events WHERE action_type_missing").fetchall()[0][0]
-        _write_info(con, paths.track, dataset_format, source_root, sorted(embeddings), settings.embedding_families)
+        write_warehouse_info(con, paths.track, dataset_format, source_root, sorted(embeddings), settings.embedding_families)
         drop_staging(con)
         counts = {
             name: con.execute(f"SELECT count(*) FROM {name}").fetchall()[0][0] for name in WAREHOUSE_TABLES
@@ -450,35 +450,3 @@ def _write_embeddings(
             f"item coverage {coverage:.1%} ({time.perf_counter() - started:.1f}s)"
         )
     return result
-
-
-def _write_info(
-    con: duckdb.DuckDBPyConnection,
-    track: str,
-    dataset_format: str,
-    source_root: Path,
-    families: list[int],
-    requested: list[int] | None,
-) -> None:
-    con.execute("CREATE OR REPLACE TABLE warehouse_info (key VARCHAR, value VARCHAR)")
-    con.executemany(
-        "INSERT INTO warehouse_info VALUES (?, ?)",
-        [
-            ["track", track],
-            ["dataset_format", dataset_format],
-            ["source_root", str(source_root)],
-            ["embedding_families", families_text(families)],
-            ["embedding_families_requested", families_text(requested)],
-            ["built_at", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())],
-            ["pid", str(os.getpid())],
-        ],
-    )
-
-
-def warehouse_source(con: duckdb.DuckDBPyConnection) -> tuple[Path | None, str | None]:
-    """(source folder, format) a warehouse was built from, as ``warehouse_info`` records them."""
-    with contextlib.suppress(duckdb.Error):
-        info = dict(con.execute("SELECT key, value FROM warehouse_info").fetchall())
-        root = info.get("source_root")
-        return (Path(root) if root else None), info.get("dataset_format")
-    return None, None

@@ -137,7 +137,8 @@ def test_embedding_file_in_a_folder_named_like_a_glob_is_the_one_checked(tmp_pat
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from taac_dagster.quality import CheckContext, check_embeddings
+    from taac_dagster.quality import CheckContext
+    from taac_dagster.quality.embeddings import check_embeddings
 
     for folder, dim in (("a[1]", 4), ("a1", 3)):
         (tmp_path / folder).mkdir()

@@ -233,9 +233,9 @@ def test_a_failed_publish_rename_leaves_the_old_pair_in_place(tmp_path, monkeypa
         return real_replace(src, dst, **kwargs)
 
     if builder is build_checked_warehouse:  # the publish is under test here, not the checks (test_quality.py)
-        import taac_dagster.quality
+        import taac_dagster.warehouse
 
-        monkeypatch.setattr(taac_dagster.quality, "run_checks", lambda *args, **kwargs: [])
+        monkeypatch.setattr(taac_dagster.warehouse, "run_checks", lambda *args, **kwargs: [])
     monkeypatch.setattr(os, "replace", replace)
     with pytest.raises(OSError, match="injected"):
         build(write_tiny_hub(tmp_path / "new", emb_dim=8), tmp_path, "10M", builder=builder)
