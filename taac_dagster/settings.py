@@ -26,7 +26,7 @@ CONFIG_DIR = PROJECT_ROOT / "configs"
 ENV_ONLY_SETTINGS = frozenset({"retrain_cron", "retrain_schedule_enabled"})
 MODEL_PRESET_DIR = CONFIG_DIR / "models"
 # A model preset's name is also its folders' (checkpoints/<name>/, indexes/<name>/, vectors/<name>/),
-# beside checkpoints/arrays/ (taac_dagster/steps/arrays.py) and indexes/rejected/ (models/evaluation.py).
+# beside checkpoints/arrays/ (taac_dagster/steps/arrays.py) and indexes/rejected/ (taac_dagster/steps/index.py).
 _PRESET_NAME = re.compile(r"[a-z0-9][a-z0-9_-]*")
 PRESET_FOLDERS_TAKEN = frozenset({"arrays", "rejected"})
 # Defaults of hub_timeout_seconds and hub_deadline_seconds, also those of sources.hub.download_hub_dataset.
@@ -170,7 +170,7 @@ class TrainingSettings(BaseModel):
 
 
 class RetrievalSettings(BaseModel):
-    """The Faiss index over the candidate pool (models/retrieval.py, models/evaluation.py)."""
+    """The Faiss index over the candidate pool (models/retrieval.py, taac_dagster/steps/index.py)."""
 
     index: Literal["auto", "flat", "ivf", "hnsw"] = Field(
         "auto", description="Index type; `auto`: exact (flat) up to 20K items, IVF above."
@@ -192,7 +192,7 @@ class RetrievalSettings(BaseModel):
 
 
 class EvaluationSettings(BaseModel):
-    """The evaluation report and the submission (models/evaluation.py)."""
+    """The evaluation report and the submission (taac_dagster/steps/report.py, taac_dagster/steps/submission.py)."""
 
     exclude_history: bool = Field(True, description="Drop items already in the user's history from its top-10 "
                                   "(as the official evaluation does; stated in the report).")
