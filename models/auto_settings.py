@@ -143,7 +143,8 @@ def choose_loss(tc: Any, meta: dict[str, Any], width: int, gflops: float | None)
 def resolve_model_settings(
     model: dict[str, Any], tc: Any, meta: dict[str, Any], *, gflops: float | None = None,
 ) -> dict[str, Any]:
-    """The preset's model settings with the data-dependent ``auto`` values decided:
+    """The preset's model settings with the data-dependent ``auto`` values decided (a setting
+    the preset leaves out is ``auto``):
 
     * ``loss: auto``: see ``choose_loss`` (``gflops`` None: the catalogue size alone);
     * ``dropout: auto``: 0.3 up to 1M training events, 0.1 from 100M, log-linear between;
@@ -158,7 +159,7 @@ def resolve_model_settings(
     if out.get("loss", "auto") == "auto":
         out["loss"], why = choose_loss(tc, meta, width, gflops)
         log.info(f"loss auto: {out['loss']} ({why})")
-    if out.get("dropout") == "auto":
+    if out.get("dropout", "auto") == "auto":
         # Small datasets want strong regularization (Toys, 150K training events: validation
         # preferred 0.3 at temperature 0.1, of 0.1-0.5), large ones little (0.1 from 100M
         # events, the 1M track's size): log-linear in between.
@@ -171,7 +172,7 @@ def resolve_model_settings(
         uses = lambda flag, key: out.get(flag, True) and bool(meta.get(key))  # noqa: E731
         content = uses("use_item_features", "item_vocab") or uses("use_mm", "mm_dims") or uses("use_sids", "sid_vocab")
         out["id_init_std"] = 0.0 if content else 0.02
-    if out.get("loss_excludes_history") == "auto":
+    if out.get("loss_excludes_history", "auto") == "auto":
         # Train for the ranking that is scored: when the report leaves history items out
         # (TAAC_EVALUATION__EXCLUDE_HISTORY, passed in as the training's exclude_history), the
         # softmax leaves them out too instead of spending the loss on pushing them down.

@@ -29,17 +29,17 @@ class EncoderConfig:
     d_model: int = 64  # width of every embedding and of the Transformer
     n_layers: int = 2  # Transformer blocks (pre-norm, causal)
     n_heads: int = 2  # attention heads per block
-    mlp_ratio: float = 4.0  # hidden width of a block's MLP over d_model
-    mlp: str = "gelu"  # relu | gelu | swiglu
+    mlp_ratio: float = 2.0  # hidden width of a block's MLP over d_model
+    mlp: str = "swiglu"  # relu | gelu | swiglu
     norm: str = "layernorm"  # layernorm | rmsnorm
-    dropout: float = 0.1  # on embeddings and residual branches
+    dropout: float = 0.1  # on embeddings and residual branches (a preset that leaves it out: auto)
     attn_dropout: float = 0.0  # on attention weights (forces SDPA's slower math path on CPU)
     id_buckets: int = 0  # 0: one id row per item; n: ids hashed into n rows (huge vocabularies)
     id_init_std: float = 0.0  # initial spread of the id embeddings (0: zeros)
     feature_buckets: int = 1_000_000  # a feature with a larger vocabulary is hashed into this many rows
     # Embedding tables with more rows get sparse gradients and row-wise SparseAdam updates. Below
     # it a dense gradient is cheaper than coalescing a sparse one of batch x features rows.
-    sparse_threshold: int = 500_000
+    sparse_threshold: int = 100_000
     use_ids: bool = True  # an item's id embedding in its token
     use_item_features: bool = True  # its sparse features
     use_mm: bool = True  # its multi-modal embeddings, projected
@@ -56,12 +56,12 @@ class EncoderConfig:
     # --- objective --------------------------------------------------------------------------------
     # softmax: over every item row (catalogues that fit); infonce: sampled negatives with logQ
     # correction (huge catalogues); bce: the official baseline's one negative per position.
-    loss: str = "infonce"
+    loss: str = "infonce"  # a preset that leaves it out: auto (models/auto_settings.py choose_loss)
     # softmax: leave each position's own history items out of its softmax, the way ranking
     # excludes them (the report's history filter), instead of pushing them down.
-    loss_excludes_history: bool = False
+    loss_excludes_history: bool = False  # a preset that leaves it out: auto (the report's history filter)
     similarity: str = "cosine"  # cosine | dot (used by the loss and by retrieval)
-    temperature: float = 0.05  # logits = similarity / temperature
+    temperature: float = 0.1  # logits = similarity / temperature
     learn_temperature: bool = False  # learn it instead (from the value above)
 
     @classmethod

@@ -29,7 +29,7 @@ class TrainConfig:
     batch_size: int = 256  # global batch (sequences per step, over all ranks)
     # Batches of similar history lengths (see BatchMaker.order): chunks of this many batches
     # are sorted by length. 0: plain shuffling (every batch padded to its longest history).
-    length_buckets: int = 0
+    length_buckets: int = 64
     # The most epochs. None: as many as it takes to show the model ``budget_sequences``
     # training sequences, between 1 and ``max_auto_epochs`` (a small dataset needs many
     # passes, a large one few); early stopping usually ends the run before.
@@ -44,31 +44,31 @@ class TrainConfig:
     # Early stopping: stop after ``patience`` validations without a better validation score
     # (0: never early); the best weights are what the run returns and saves.
     patience: int = 10
-    lr: float = 1e-3  # AdamW's peak learning rate
+    lr: float = 2e-3  # AdamW's peak learning rate
     sparse_lr: float | None = None  # SparseAdam's learning rate (None: lr)
-    weight_decay: float = 0.0  # AdamW, matrices only
+    weight_decay: float = 0.01  # AdamW, matrices only
     betas: tuple[float, float] = (0.9, 0.98)  # AdamW's (and SparseAdam's) betas
     warmup_steps: int | None = None  # None: warmup_fraction of the planned steps
-    warmup_fraction: float = 0.0  # linear warm-up over this share of the planned steps
-    schedule: str = "constant"  # constant | cosine (to 10% of lr)
-    grad_clip: float = 0.0  # max norm of the dense gradients (0: off)
+    warmup_fraction: float = 0.01  # linear warm-up over this share of the planned steps
+    schedule: str = "cosine"  # constant | cosine (to 10% of lr)
+    grad_clip: float = 1.0  # max norm of the dense gradients (0: off)
     # Loss weight per target action type; an action of weight 0 is never a training target.
-    action_weights: dict[int, float] = field(default_factory=lambda: {0: 1.0, 1: 1.0, 2: 2.5})
+    action_weights: dict[int, float] = field(default_factory=lambda: {0: 0.25, 1: 1.0, 2: 2.5})
     in_batch_negatives: int = 0  # target items of other positions of the global batch used as negatives
     # Sampled losses: distinct items of the batch used as negatives (all up to this many, else a
     # uniform subset of this size); 0: none.
-    batch_negatives: int = 0
-    sampled_negatives: int = 0  # items drawn by the sampler (below) as negatives, shared by the batch
+    batch_negatives: int = 2048
+    sampled_negatives: int = 512  # items drawn by the sampler (below) as negatives, shared by the batch
     # Uniform draws from the candidate pool (cold items included) added to the negatives: the
     # items retrieval ranks that training sequences may never hold. 0: none.
-    pool_negatives: int = 0
+    pool_negatives: int = 512
     # InfoNCE: the negatives of the last this many batches (item-tower outputs, detached) join
     # the batch's own; the bank is in the checkpoint, so a resumed run sees the same one. 0: off.
     queue_batches: int = 0
     per_position_negatives: int = 0  # the official baseline's BCE: one sampled item per position
     per_position_pool: int = 4096  # ... drawn from a shared pool of this many samples (0: independent)
     sampler: str = "popularity"  # popularity | uniform
-    sampler_alpha: float = 1.0  # popularity sampler: probability ~ count ** alpha
+    sampler_alpha: float = 0.75  # popularity sampler: probability ~ count ** alpha
     logq: bool = True  # subtract log Q (the sampling probability) from the logits of sampled negatives
     logq_positive: bool = True  # ... and from the positive's, whether or not it was drawn
     retrieval_actions: tuple[int, ...] | None = None  # None: the track's target actions

@@ -204,7 +204,10 @@ wins over the code default; the settings of the `training` section above (`epoch
 `max_minutes`, `checkpoint_minutes`, `batch_size`, `threads`, `patience`, `device`, `val_users`,
 and `evaluation.exclude_history`) win over the preset when they are set; on the command line,
 `python -m taac_dagster.steps.train_cli --config <preset> --set train.KEY=VALUE --set model.KEY=VALUE` wins over
-both. "–": the preset leaves the code default. `auto` values adapt to the data
+both. Each knob's default is declared once, in `models/encoder_config.py` or
+`models/train_config.py`: the `default` preset sets nothing of its own. "–": the preset leaves
+the code default. The data-adaptive model knobs (`loss`, `loss_excludes_history`, `dropout`,
+`id_buckets`, `id_init_std`) are `auto` when a preset leaves them out: they adapt to the data
 (`models/auto_settings.py`, `docs/training.md`). The data shapes (vocabularies, dimensions) are
 not knobs: they come from the prepared arrays.
 """

@@ -99,10 +99,12 @@ def test_the_gpu_batch_scales_the_learning_rate_by_the_square_root():
 
 def test_the_softmax_leaves_history_out_when_the_ranking_does():
     """``loss_excludes_history: auto`` follows the evaluation's history filter (passed to the
-    training as ``exclude_history``); an explicit value is kept, and without the key nothing
-    is left out (the baseline preset)."""
+    training as ``exclude_history``); an explicit value is kept, and a preset without the key
+    gets auto, like every data-adaptive setting it leaves out."""
     on, off = TrainConfig(exclude_history=True), TrainConfig(exclude_history=False)
     assert resolve_model_settings({"loss_excludes_history": "auto"}, on, MID)["loss_excludes_history"] is True
     assert resolve_model_settings({"loss_excludes_history": "auto"}, off, MID)["loss_excludes_history"] is False
     assert resolve_model_settings({"loss_excludes_history": False}, on, MID)["loss_excludes_history"] is False
-    assert "loss_excludes_history" not in resolve_model_settings({}, on, MID)
+    assert resolve_model_settings({}, on, MID)["loss_excludes_history"] is True
+    assert resolve_model_settings({}, off, MID)["loss_excludes_history"] is False
+    assert resolve_model_settings({}, on, MID)["dropout"] == resolve_model_settings({"dropout": "auto"}, on, MID)["dropout"]

@@ -112,3 +112,23 @@ def test_the_baseline_preset_is_a_folder_name_too():
     assert load_settings("1M", {"evaluation": {"baseline_preset": ""}}).evaluation.baseline_preset == ""
     with pytest.raises(ValueError, match="indexes/rejected/"):
         load_settings("1M", {"evaluation": {"baseline_preset": "rejected"}})
+
+
+def test_model_knobs_merge_code_default_then_preset_then_settings(monkeypatch, tmp_path):
+    """The training knobs' one story: the code default (models/train_config.py), under a model
+    preset's value, under the settings that override a preset (environment, then run config)."""
+    from models.train_config import TrainConfig
+    from taac_dagster.settings import training_overrides
+    from taac_dagster.steps.training import load_preset
+
+    preset = tmp_path / "mine.yaml"
+    preset.write_text("model: {d_model: 32}\ntrain: {batch_size: 64, lr: 0.0005}\n")
+    assert load_preset(preset).train.batch_size == 64 and load_preset(preset).train.lr == 0.0005
+    assert load_preset(preset).train.weight_decay == TrainConfig().weight_decay == 0.01  # the code default
+    assert load_preset("default").train == TrainConfig()  # the default preset sets nothing of its own
+    monkeypatch.setenv("TAAC_TRAINING__BATCH_SIZE", "32")
+    from_env = load_preset(preset, {"train": training_overrides(load_settings("1M"))}).train
+    assert (from_env.batch_size, from_env.lr) == (32, 0.0005)  # the environment beats the preset, lr stays
+    from_run = load_preset(preset, {"train": training_overrides(load_settings("1M", {"training": {"batch_size": 16}}))}).train
+    assert from_run.batch_size == 16  # the run config beats the environment
+    assert load_preset(preset).model == {"d_model": 32}  # model knobs come from the preset alone

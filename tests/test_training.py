@@ -421,7 +421,8 @@ def test_model_settings_adapt_to_the_catalogue():
     small = {"num_item_rows": 800, "id_rows": 400, "item_vocab": [10], "mm_dims": [], "sid_vocab": []}
     large = {**small, "num_item_rows": 5000, "id_rows": 4000}
     assert resolve_model_settings({"d_model": 64}, tc, small) == {
-        "d_model": 64, "loss": "softmax", "id_init_std": 0.0, "id_buckets": 0,
+        "d_model": 64, "loss": "softmax", "id_init_std": 0.0, "id_buckets": 0, "dropout": 0.3,
+        "loss_excludes_history": tc.exclude_history,
     }
     # Past the thresholds: sampled negatives, and the id table hashed into the rows that fit.
     resolved = resolve_model_settings({"d_model": 64, "loss": "auto", "id_buckets": "auto"}, tc, large)
@@ -433,9 +434,8 @@ def test_model_settings_adapt_to_the_catalogue():
     bare = {**small, "item_vocab": []}
     assert resolve_model_settings({}, tc, bare)["id_init_std"] == 0.02
     assert resolve_model_settings({"use_item_features": False}, tc, small)["id_init_std"] == 0.02
-    assert resolve_model_settings({"loss": "bce", "id_buckets": 7, "id_init_std": 0.1}, tc, large) == {
-        "loss": "bce", "id_buckets": 7, "id_init_std": 0.1,
-    }
+    explicit = {"loss": "bce", "id_buckets": 7, "id_init_std": 0.1, "dropout": 0.2, "loss_excludes_history": False}
+    assert resolve_model_settings(explicit, tc, large) == explicit
 
 
 def test_a_checkpoint_that_would_run_code_is_refused(arrays_1m, tmp_path):
