@@ -13,7 +13,6 @@ from dagster import (
     AssetCheckSeverity,
     AssetCheckSpec,
     AssetExecutionContext,
-    AssetKey,
     MaterializeResult,
     MetadataValue,
     asset,
@@ -23,10 +22,11 @@ from assets.metadata import table_metadata
 from assets.track_lock import hold_track
 from taac_dagster.automation import downstream_condition
 from taac_dagster.code_versions import code_version
+from taac_dagster.lineage import table_deps
 from taac_dagster.partitions import track_partitions
 from taac_dagster.resources import TaacConfig
 from taac_dagster.steps.semantic_id_tables import TABLE
-from taac_dagster.steps.semantic_ids import build_semantic_ids
+from taac_dagster.steps.semantic_ids import TABLES_READ, build_semantic_ids
 
 # Bump when the same inputs and settings would give different codes or a different table or
 # codebook layout (algorithm, defaults, collision or fallback rule, schema); not for logging,
@@ -42,7 +42,7 @@ COVERAGE_CHECK = "semantic_ids_content_coverage"
     automation_condition=downstream_condition(),
     code_version=SEMANTIC_IDS_CODE_VERSION,
     group_name="semantic_ids",
-    deps=[AssetKey("item_embeddings"), AssetKey("items"), AssetKey("candidates"), AssetKey("sequences")],
+    deps=table_deps(TABLES_READ),
     kinds={"python", "duckdb"},
     check_specs=[
         AssetCheckSpec(

@@ -17,7 +17,6 @@ from pathlib import Path
 
 from dagster import (
     AssetExecutionContext,
-    AssetKey,
     DataVersion,
     MaterializeResult,
     MetadataValue,
@@ -30,10 +29,11 @@ from assets.track_lock import hold_track
 from models.report import figure_png, training_curve_figure
 from taac_dagster.automation import downstream_condition
 from taac_dagster.code_versions import code_version
+from taac_dagster.lineage import table_deps
 from taac_dagster.partitions import track_partitions
 from taac_dagster.resources import TaacConfig
 from taac_dagster.settings import TaacSettings, training_overrides
-from taac_dagster.steps import train_cli
+from taac_dagster.steps import arrays, train_cli
 from taac_dagster.steps.arrays import prepare_track_arrays
 from taac_dagster.steps.training import checkpoint_metadata, progress_line, train_track
 
@@ -41,10 +41,9 @@ from taac_dagster.steps.training import checkpoint_metadata, progress_line, trai
 # checkpoint layout (model code, loss, batching, optimizer, array preparation).
 TRAINING_CODE_VERSION = code_version("training", __name__, data_files=["configs/tracks/*.yaml", "configs/models/*.yaml"])
 
-INPUT_TABLES = ("sequences", "holdout", "items", "users", "candidates", "item_embeddings")
-# What the training arrays are prepared from (taac_dagster.steps.arrays.prepare_arrays): every step that
-# loads them (training, the index, the report, the submission) reads these.
-ARRAY_INPUTS = (AssetKey("semantic_id_codebooks"), *(AssetKey(name) for name in INPUT_TABLES))
+# What the training arrays are prepared from (taac_dagster.steps.arrays): every step that loads
+# them (training, the index, the user vectors, the report, the submission) reads these.
+ARRAY_INPUTS = tuple(table_deps(arrays.TABLES_READ))
 
 
 @asset(

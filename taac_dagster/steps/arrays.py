@@ -41,6 +41,8 @@ from taac_dagster.formats import ITEM_MODEL_FEATURES, USER_ARRAY_FEATURES, USER_
 from taac_dagster.paths import TrackPaths
 from taac_dagster.readers.embeddings import iter_embedding_blocks
 from taac_dagster.settings import TaacSettings
+from taac_dagster.steps.semantic_id_tables import INFO_TABLE as SID_INFO_TABLE
+from taac_dagster.steps.semantic_id_tables import TABLE as SID_TABLE
 from taac_dagster.tracks import get_track
 
 log = logging.getLogger(__name__)
@@ -50,8 +52,9 @@ ARRAYS_VERSION = 4  # 4: cand_released
 ITEM_FEATURES = ITEM_MODEL_FEATURES
 USER_SPARSE = USER_SPARSE_FEATURES
 USER_MULTI = USER_ARRAY_FEATURES
-SID_TABLE = "item_semantic_ids"
-SID_INFO_TABLE = "item_semantic_ids_info"  # the codebooks' description, committed with the codes
+# The warehouse tables the arrays are prepared from (the assets' deps: taac_dagster/lineage.py).
+TABLES_READ = ("events", "feature_vocab", "items", "users", "sequences", "holdout", "candidates",
+               "embedding_families", SID_TABLE, SID_INFO_TABLE)
 
 
 @dataclass(frozen=True)

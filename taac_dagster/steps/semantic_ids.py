@@ -51,6 +51,8 @@ from taac_dagster.warehouse import connect_warehouse
 
 log = logging.getLogger(__name__)
 
+# The warehouse tables the Semantic IDs are built from (the asset's deps: taac_dagster/lineage.py).
+TABLES_READ = ("items", "candidates", "sequences", "holdout", "embedding_families")
 FALLBACK_FEATURE = "102"  # the advertiser: items without an embedding borrow its mean embedding
 
 
