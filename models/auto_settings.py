@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from models.publish import FileWriter, write_in_place
+from models.train_config import TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +124,7 @@ def softmax_seconds_per_step(meta: dict[str, Any], batch_size: int, width: int, 
     return flops / max(gflops, 1e-9) / 1e9
 
 
-def choose_loss(tc: Any, meta: dict[str, Any], width: int, gflops: float | None) -> tuple[str, str]:
+def choose_loss(tc: TrainConfig, meta: dict[str, Any], width: int, gflops: float | None) -> tuple[str, str]:
     """``loss: auto``: (loss, why). The full softmax when the catalogue has at most
     ``full_softmax_items`` rows and its products are expected to take at most
     ``softmax_step_seconds`` a step at ``gflops``; else InfoNCE with sampled negatives."""
@@ -141,7 +142,7 @@ def choose_loss(tc: Any, meta: dict[str, Any], width: int, gflops: float | None)
 
 
 def resolve_model_settings(
-    model: dict[str, Any], tc: Any, meta: dict[str, Any], *, gflops: float | None = None,
+    model: dict[str, Any], tc: TrainConfig, meta: dict[str, Any], *, gflops: float | None = None,
 ) -> dict[str, Any]:
     """The preset's model settings with the data-dependent ``auto`` values decided (a setting
     the preset leaves out is ``auto``):
@@ -183,7 +184,7 @@ def resolve_model_settings(
     return out
 
 
-def resolve_train_settings(tc: Any, meta: dict[str, Any], device: torch.device) -> Any:
+def resolve_train_settings(tc: TrainConfig, meta: dict[str, Any], device: torch.device) -> TrainConfig:
     """The training settings for ``device``: on a GPU the batch is ``cuda_batch_size`` (a
     small batch leaves a GPU waiting on the launch of each step's kernels) with the learning
     rate scaled by the square root of the batch ratio; on a CPU the preset's own values.

@@ -17,10 +17,11 @@ Exclusions are given in the ``pool_ids`` space, like ``models.retrieval.search``
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any, Protocol
+from typing import Protocol
 
 import numpy as np
 
+from models.data import Arrays
 from models.errors import ModelError
 from models.exclusions import Exclusions, as_csr, batch_exclusions, filter_topk
 
@@ -136,7 +137,7 @@ def popularity_ranking(
     return order, score[order]
 
 
-def popularity_order(arrays: Any, actions: tuple[int, ...]) -> np.ndarray:
+def popularity_order(arrays: Arrays, actions: tuple[int, ...]) -> np.ndarray:
     """Pool positions of prepared ``arrays`` (models.data) by training popularity for the
     target ``actions`` (ties: all events, then pool order); cold items (never seen) last."""
     counts = np.asarray(arrays.item_counts)[np.asarray(arrays.cand_rows).astype(np.int64)]

@@ -34,7 +34,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models.data import softmax_rows
+from models.data import Arrays, softmax_rows
 from models.encoder_config import EncoderConfig
 from models.layers import Block, Dropout, FeatureBag, TimeFeatures, make_norm, permute_tokens
 from models.losses import NegativeQueue, full_softmax, info_nce, sampled_bce
@@ -69,7 +69,7 @@ class ItemTables:
     class_of: torch.Tensor | None = None
 
     @classmethod
-    def from_arrays(cls, arrays: Any) -> ItemTables:
+    def from_arrays(cls, arrays: Arrays) -> ItemTables:
         t = torch.from_numpy
         sids = arrays.a.get("item_sids")
         classes = softmax_rows(arrays.item_counts, arrays.cand_rows)

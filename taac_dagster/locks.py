@@ -126,7 +126,7 @@ def track_lock(
     step: str,
     run_id: str | None = None,
     timeout: float = 3600.0,
-    logger: Any = None,
+    logger: logging.Logger | None = None,
     run_finished: Callable[[str], bool | None] | None = None,
     lease_ttl: float = 600.0,
 ) -> Iterator[dict[str, Any]]:

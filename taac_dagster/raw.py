@@ -129,7 +129,7 @@ def verify_raw_files(manifest: RawManifest, manifest_path: Path) -> None:
         raise RawDataChangedError(manifest_path, changes)
 
 
-def _adopt_legacy_hub_download(paths: TrackPaths, logger: Any) -> None:
+def _adopt_legacy_hub_download(paths: TrackPaths, logger: logging.Logger) -> None:
     """Earlier versions downloaded the Hub release straight into ``raw/``: move such a copy
     to ``raw/hub/`` (two renames) rather than fetch it again."""
     from taac_dagster.sources.hub import MANIFEST_NAME
@@ -162,7 +162,7 @@ def _same_files(download: Path, published: Path, files: list[Path]) -> bool:
     return True
 
 
-def publish_download(download: Path, published: Path, logger: Any = None) -> Path:
+def publish_download(download: Path, published: Path, logger: logging.Logger | None = None) -> Path:
     """Publish the verified download as a complete copy the warehouse reads: a folder of hard
     links to its files, switched into ``published`` at once (``atomic_dir``). A later download
     replaces files in ``download`` by renaming new ones over them (huggingface_hub never writes
@@ -191,7 +191,7 @@ def publish_download(download: Path, published: Path, logger: Any = None) -> Pat
     return published
 
 
-def materialize_raw(settings: TaacSettings, paths: TrackPaths, *, logger: Any = None) -> RawManifest:
+def materialize_raw(settings: TaacSettings, paths: TrackPaths, *, logger: logging.Logger | None = None) -> RawManifest:
     logger = logger or log
     started = time.perf_counter()
     requested = settings.embedding_families
@@ -232,7 +232,9 @@ def materialize_raw(settings: TaacSettings, paths: TrackPaths, *, logger: Any = 
     return manifest
 
 
-def _source_root(settings: TaacSettings, paths: TrackPaths, fetch: list[int], logger: Any) -> tuple[Path, dict[str, Any]]:
+def _source_root(
+    settings: TaacSettings, paths: TrackPaths, fetch: list[int], logger: logging.Logger
+) -> tuple[Path, dict[str, Any]]:
     """The folder holding the configured source's dataset, made ready (generated, downloaded and
     published), and what the manifest records about how it got there."""
     if settings.source == "synthetic":
@@ -247,7 +249,9 @@ def _source_root(settings: TaacSettings, paths: TrackPaths, fetch: list[int], lo
     raise ValueError(f"unknown source {settings.source!r}")
 
 
-def _generate_synthetic(settings: TaacSettings, paths: TrackPaths, fetch: list[int], logger: Any) -> tuple[Path, dict[str, Any]]:
+def _generate_synthetic(
+    settings: TaacSettings, paths: TrackPaths, fetch: list[int], logger: logging.Logger
+) -> tuple[Path, dict[str, Any]]:
     from taac_dagster.sources.synthetic import generate_dataset
 
     root = paths.raw_for("synthetic")
@@ -258,7 +262,9 @@ def _generate_synthetic(settings: TaacSettings, paths: TrackPaths, fetch: list[i
     return root, details
 
 
-def _download_hub(settings: TaacSettings, paths: TrackPaths, fetch: list[int], logger: Any) -> tuple[Path, dict[str, Any]]:
+def _download_hub(
+    settings: TaacSettings, paths: TrackPaths, fetch: list[int], logger: logging.Logger
+) -> tuple[Path, dict[str, Any]]:
     from taac_dagster.sources.hub import download_hub_dataset
 
     if not settings.hub_repo_id:

@@ -140,7 +140,7 @@ def table_params(track: str, settings: TaacSettings) -> dict[str, Any]:
 
 
 def stage_warehouse(
-    source_root: Path, paths: TrackPaths, settings: TaacSettings, *, logger: Any = None
+    source_root: Path, paths: TrackPaths, settings: TaacSettings, *, logger: logging.Logger | None = None
 ) -> StagedWarehouse:
     """Stage ``source_root`` (format detected), run ``sql/``, write the embeddings, all under
     temporary names; nothing the chain reads changes. A failure removes what was written."""
@@ -196,7 +196,7 @@ def embedding_paths(database: Path, settings: TaacSettings) -> dict[int, Path]:
     return {int(family): Path(path) for family, path in rows}
 
 
-def collect_embedding_builds(paths: TrackPaths, settings: TaacSettings, *, logger: Any = None) -> int:
+def collect_embedding_builds(paths: TrackPaths, settings: TaacSettings, *, logger: logging.Logger | None = None) -> int:
     """Remove what under ``embeddings/`` the published database does not read: builds a
     crashed or superseded publish left, loose files of the layout before builds, temporaries
     whose writer is gone. Only the database decides what is kept, so the folder it reads is
@@ -262,7 +262,7 @@ def set_aside_warehouse(staged: StagedWarehouse, paths: TrackPaths, settings: Ta
 
 
 def build_warehouse(
-    source_root: Path, paths: TrackPaths, settings: TaacSettings, *, logger: Any = None
+    source_root: Path, paths: TrackPaths, settings: TaacSettings, *, logger: logging.Logger | None = None
 ) -> WarehouseSummary:
     """Stage and publish without running the data-quality checks (tests, benchmarks); the
     pipeline publishes through ``build_checked_warehouse``."""
@@ -275,7 +275,7 @@ def build_warehouse(
 
 
 def build_checked_warehouse(
-    source_root: Path, paths: TrackPaths, settings: TaacSettings, *, logger: Any = None,
+    source_root: Path, paths: TrackPaths, settings: TaacSettings, *, logger: logging.Logger | None = None,
     verify_source: Callable[[], None] | None = None,
 ) -> tuple[WarehouseSummary, list[CheckOutcome]]:
     """Write, audit, publish: stage the warehouse, run every data-quality check on the staged
@@ -315,7 +315,7 @@ def _build(
     params: dict[str, Any],
     database: Path,
     embeddings_dir: Path,
-    logger: Any,
+    logger: logging.Logger,
 ) -> WarehouseSummary:
     seconds: dict[str, float] = {}
     actions = get_track(paths.track).allowed_actions
@@ -419,7 +419,7 @@ def _write_embeddings(
     dataset_format: str,
     settings: TaacSettings,
     embeddings_dir: Path,
-    logger: Any,
+    logger: logging.Logger,
 ) -> dict[int, dict[str, Any]]:
     con.execute(
         """CREATE OR REPLACE TABLE embedding_families (

@@ -93,7 +93,7 @@ def prepare_arrays(
     *,
     codebooks_json: Path | None = None,
     reuse: bool = True,
-    logger: Any = None,
+    logger: logging.Logger | None = None,
     settings: TaacSettings | None = None,
 ) -> Arrays:
     """Arrays of ``warehouse`` in ``out_dir``; reused as they are when the source key matches.
@@ -119,7 +119,7 @@ def prepare_arrays(
     return load_arrays(out_dir)
 
 
-def prepare_track_arrays(paths: TrackPaths, settings: TaacSettings, *, logger: Any = None) -> Arrays:
+def prepare_track_arrays(paths: TrackPaths, settings: TaacSettings, *, logger: logging.Logger | None = None) -> Arrays:
     """The track's arrays under ``<root>/<track>/checkpoints/arrays`` (built or reused)."""
     options = PrepareOptions(
         max_len=settings.max_history,
@@ -166,7 +166,7 @@ def _prepare(
     track: str,
     options: PrepareOptions,
     codebooks_json: Path | None,
-    logger: Any,
+    logger: logging.Logger,
 ) -> dict[str, Any]:
     spec = get_track(track)
     n_actions = len(spec.allowed_actions)
@@ -245,7 +245,7 @@ def _write_item_features(
 
 
 def _write_multimodal(
-    con: duckdb.DuckDBPyConnection, out: Path, space: RowSpace, options: PrepareOptions, logger: Any
+    con: duckdb.DuckDBPyConnection, out: Path, space: RowSpace, options: PrepareOptions, logger: logging.Logger
 ) -> dict[str, Any]:
     """One matrix per family present (zeros where an item has none) and the presence mask; the
     family's file is read in blocks, so the matrix is the only copy of the family held."""
@@ -278,7 +278,7 @@ def _write_multimodal(
 
 def _write_semantic_ids(
     con: duckdb.DuckDBPyConnection, out: Path, space: RowSpace, options: PrepareOptions,
-    codebooks_json: Path | None, logger: Any,
+    codebooks_json: Path | None, logger: logging.Logger,
 ) -> dict[str, Any]:
     """Semantic ID codes per row (another asset's table), shifted by one so that 0 is padding.
 
@@ -307,7 +307,7 @@ def _write_semantic_ids(
     }
 
 
-def _semantic_id_info(con: duckdb.DuckDBPyConnection, codebooks_json: Path | None, logger: Any) -> dict[str, Any]:
+def _semantic_id_info(con: duckdb.DuckDBPyConnection, codebooks_json: Path | None, logger: logging.Logger) -> dict[str, Any]:
     """The description of the Semantic IDs in the warehouse: the one committed with the codes
     (a warehouse from before that table: the codebooks folder's). A codebooks folder of another
     build (a crash between its publish and the table's) is named in a warning and not used."""

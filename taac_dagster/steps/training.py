@@ -96,7 +96,8 @@ class TrackTraining:
 
 
 def train_track(
-    paths: TrackPaths, settings: TaacSettings, *, logger: Any = None, on_log: Callable[[dict[str, Any]], None] | None = None
+    paths: TrackPaths, settings: TaacSettings, *, logger: logging.Logger | None = None,
+    on_log: Callable[[dict[str, Any]], None] | None = None,
 ) -> TrackTraining:
     """Prepare (or reuse) the track's arrays and train (or resume) the configured preset.
 
