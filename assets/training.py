@@ -26,7 +26,7 @@ from dagster import (
 
 from assets.metadata import image_markdown
 from assets.track_lock import hold_track
-from models.report import figure_png, training_curve_figure
+from models.report_plots import figure_png, training_curve_figure
 from taac_dagster.automation import downstream_condition
 from taac_dagster.code_versions import code_version
 from taac_dagster.lineage import table_deps

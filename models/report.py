@@ -30,7 +30,7 @@ import pandas as pd
 from models.publish import FileWriter, write_in_place
 from models.report_comparison import compare_figures, flatten
 from models.report_figures import SLICE_TITLES, oracle_share
-from models.report_plots import figure_png, plot_slices, plot_training_curve, training_curve_figure
+from models.report_plots import plot_slices, plot_training_curve
 from models.report_tables import (
     comparison_rows,
     fmt,
@@ -273,8 +273,6 @@ __all__ = [
     "FORMAT_VERSION",
     "ReportData",
     "ReportFiles",
-    "figure_png",
     "load_figures",
-    "training_curve_figure",
     "write_report",
 ]
