@@ -62,25 +62,6 @@ class GroupMeans:
         return out
 
 
-def fallback_codes(
-    codebooks: RQCodebooks,
-    missing_keys: np.ndarray,
-    known_keys: np.ndarray,
-    known_vectors: np.ndarray,
-) -> np.ndarray:
-    """Codes for items without an embedding, from their group's (advertiser's) mean embedding.
-
-    ``missing_keys``: int64 group key of each item without an embedding (<= 0 = none);
-    ``known_keys`` / ``known_vectors``: key and embedding of each embedded item. An item whose
-    key no embedded item shares gets ``codebooks.unknown_code`` at every level.
-    """
-    means = GroupMeans(missing_keys, codebooks.input_dim)
-    chunk = chunk_rows(codebooks.input_dim)
-    for lo in range(0, len(known_keys), chunk):
-        means.add(known_keys[lo : lo + chunk], known_vectors[lo : lo + chunk])
-    return means.codes(codebooks, missing_keys)
-
-
 @dataclass
 class ItemCodes:
     """Every item's code tuple: RQ levels (fallbacks included) plus the disambiguation code."""

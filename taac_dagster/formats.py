@@ -124,12 +124,4 @@ def parse_raw_id(value: object) -> int | None:
 HUB_SEQ_EVENT = pa.struct(
     [("item_id", pa.int64()), ("action_type", pa.int64()), ("timestamp", pa.int64())]
 )
-HUB_REQUIRED_COLUMNS: dict[str, dict[str, str]] = {
-    # folder -> {column: required Arrow type family}
-    "seq": {"user_id": "integer", "seq": "list<struct<item_id, action_type, timestamp>>"},
-    "user_feat": {"user_id": "integer"},
-    "item_feat": {"item_id": "integer"},
-    "candidate": {"item_id": RAW_ID_TYPE, "retrieval_id": "integer"},
-}
-HUB_EMBEDDING_COLUMNS = {"anonymous_cid": RAW_ID_TYPE, "emb": "list<float>"}
 CANDIDATE_FEATURE_STRUCT = pa.struct([("feature_value", pa.int64()), ("cold_start", pa.bool_())])

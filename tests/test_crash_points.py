@@ -265,8 +265,9 @@ def test_raw_data_killed_at_any_point_is_the_old_or_the_new_dataset(tmp_path):
 CHECKPOINT_WRITER = """
 import torch
 from pathlib import Path
-from taac_dagster.steps.training import save_checkpoint
-save_checkpoint(Path(sys.argv[1]), {"step": 2, "model": {"w": torch.full((64, 64), 2.0)}})
+from taac_dagster.steps.publish import publish_file
+state = {"step": 2, "model": {"w": torch.full((64, 64), 2.0)}}
+publish_file(Path(sys.argv[1]), lambda target: torch.save(state, target))  # the trainer's checkpoint write
 print(json.dumps(points))
 """
 
@@ -278,9 +279,12 @@ def test_a_checkpoint_killed_at_any_point_is_the_old_or_the_new_one(tmp_path):
     clean-up removes the temporary."""
     import torch
 
-    from taac_dagster.steps.training import save_checkpoint
+    from taac_dagster.steps.publish import publish_file
 
     target = tmp_path / "last.pt"
+
+    def save_checkpoint(path, state):  # what the trainer does with the writer the step hands in
+        publish_file(path, lambda file: torch.save(state, file))
 
     def seen() -> tuple[int, float]:
         state = torch.load(target, weights_only=True)

@@ -12,7 +12,7 @@ from dagster import AssetKey, DagsterInstance, materialize
 from assets.raw import raw_dataset
 from assets.semantic_ids import COVERAGE_CHECK, semantic_id_codebooks
 from assets.warehouse import warehouse_tables
-from models.item_semantic_ids import fallback_codes
+from models.item_semantic_ids import GroupMeans
 from models.item_vectors import FamilyReader
 from models.semantic_id_collisions import collision_rate, resolve_collisions
 from models.semantic_id_quality import nmi, purity, reconstruction_error, utilization
@@ -138,6 +138,18 @@ def test_resolve_collisions_orders_by_priority_then_id():
     assert rank.tolist() == [1, 0, 2, 0]
     rank = resolve_collisions(codes, priority=np.array([0.2, 0.2, 0.2, 0.0]), ids=np.array([3, 4, 1, 2]))
     assert rank.tolist() == [1, 2, 0, 0]
+
+
+def fallback_codes(codebooks, missing_keys, known_keys, known_vectors):
+    """Codes of items without an embedding from their group's mean, fed the way encode_items
+    feeds GroupMeans (known vectors in chunks)."""
+    from models.semantic_ids import chunk_rows
+
+    means = GroupMeans(missing_keys, codebooks.input_dim)
+    chunk = chunk_rows(codebooks.input_dim)
+    for lo in range(0, len(known_keys), chunk):
+        means.add(known_keys[lo : lo + chunk], known_vectors[lo : lo + chunk])
+    return means.codes(codebooks, missing_keys)
 
 
 def test_fallback_for_items_without_embedding_keeps_tuples_unique(monkeypatch):

@@ -41,7 +41,6 @@ _RECORD = (
     "timestamp] with integer ids and timestamps"
 )
 ALL_ACTIONS = (EXPOSURE, CLICK, CONVERSION)
-INT64_MAX = 2**63 - 1
 
 # A feature value is a re-id: a non-negative integer (at most 18 digits, so it fits BIGINT).
 _FEATURE_VALUE = "[0-9]{1,18}"

@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 from dagster import MetadataValue
 
 from models.data import Arrays
@@ -46,12 +45,6 @@ def load_preset(name_or_path: str | Path, overrides: dict[str, Any] | None = Non
 def default_retrieval_actions(track: str) -> tuple[int, ...]:
     """The track's target actions by priority: what validation ranks for by default."""
     return tuple(get_track(track).target_priority)
-
-
-def save_checkpoint(path: Path, state: dict[str, Any]) -> Path:
-    """``state`` in ``path`` (torch.save), published atomically."""
-    publish_file(path, lambda target: torch.save(state, target))
-    return path
 
 
 def track_run(track: str) -> TrackRun:
