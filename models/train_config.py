@@ -85,6 +85,9 @@ class TrainConfig:
     # the model's id_buckets is "auto"; a larger vocabulary is hashed into what fits.
     max_id_table_bytes: int = 6 << 30
     seed: int = 0  # weights, batch order and negatives: the same seed trains the same model
+    # >0: validate, keep and publish an exponential moving average of the weights with this decay
+    # per step (tables over sparse_threshold rows excluded); the optimizer trains the raw weights.
+    ema_decay: float = 0.0
     val_users: int = 4096  # validation users (at most the arrays' validation split)
     # Validation ranks like the report: the user's history items excluded (the report's
     # TAAC_EVALUATION__EXCLUDE_HISTORY is passed in by train_track), so the figures compare.

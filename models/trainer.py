@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,7 @@ from models.train_config import (
     validation_interval,
 )
 from models.validation import evaluate
+from models.weight_average import WeightAverage
 
 # The time budget (TrainConfig.max_minutes): steps before the speed is measured (allocator,
 # caches, compilation) and steps timed.
@@ -139,6 +141,7 @@ class Trainer:
                 if isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
                     module.sparse = False
         self.optimizers = make_optimizers(model, tc)
+        self.average = WeightAverage(model, tc.ema_decay) if tc.ema_decay > 0 else None
         dense = self.optimizers["dense"].param_groups
         self.dense_params = dense[0]["params"] + dense[1]["params"]
         self.params = count_parameters(model)
@@ -195,6 +198,8 @@ class Trainer:
         self.start = self.step = ckpt["step"]
         self.losses, self.evals = list(ckpt["losses"]), list(ckpt["evals"])
         self.early.load(ckpt.get("early_stopping"))
+        if self.average is not None:
+            self.average.load(ckpt.get("weight_average"))
         self.finished = bool(ckpt.get("finished"))
         self.steps = int(total)
         self.interval = int(ckpt.get("validate_every", self.interval))
@@ -248,6 +253,7 @@ class Trainer:
             "negative_queue": self.model.negative_queue.state() if self.model.negative_queue is not None else None,
             # A finished checkpoint holds the best weights as "model": no second copy.
             "early_stopping": {**self.early.state(), **({"best_model": None} if self.finished else {})},
+            "weight_average": self.average.state() if self.average is not None else None,
             "losses": self.losses,
             "evals": self.evals,
             "retrieval_actions": list(self.actions),
@@ -323,15 +329,16 @@ class Trainer:
     def validate(self) -> None:
         """Score the validation split (rank 0) and update early stopping on every rank."""
         score = -math.inf
-        if self.info.is_main and len(self.val_index):
-            figures, spent = self.timed_validation()
-            record = {"step": self.step, **{k: round(v, 5) if isinstance(v, float) else v for k, v in figures.items()}}
-            self.evals.append(record)
-            score = figures["score"]
-            self.validation_seconds.append(spent)
-        score = distributed.broadcast_float(score, self.info)
+        with self.average.applied(self.model) if self.average is not None else nullcontext():
+            if self.info.is_main and len(self.val_index):
+                figures, spent = self.timed_validation()
+                record = {"step": self.step, **{k: round(v, 5) if isinstance(v, float) else v for k, v in figures.items()}}
+                self.evals.append(record)
+                score = figures["score"]
+                self.validation_seconds.append(spent)
+            score = distributed.broadcast_float(score, self.info)
+            improved = math.isfinite(score) and self.early.update(self.step, score, self.model)
         if math.isfinite(score):
-            improved = self.early.update(self.step, score, self.model)
             self.emit({"event": "validation", **(self.evals[-1] if self.evals else {}), "best_step": self.early.best_step,
                        "improved": improved})
 
@@ -402,6 +409,8 @@ class Trainer:
         for opt in self.optimizers.values():
             opt.step()
             opt.zero_grad(set_to_none=True)
+        if self.average is not None:
+            self.average.update(self.model)
         self.pending_losses.append(distributed.mean_over_ranks(loss.detach(), self.info))
         if self.device.type != "cuda":
             self.flush_losses()
@@ -443,6 +452,8 @@ class Trainer:
 
     def finish(self) -> None:
         """The finished model holds the best validated weights; write the final checkpoint."""
+        if self.finished and self.early.best_model is None and self.average is not None:
+            self.average.copy_to(self.model)  # nothing validated: the averaged weights, not the last step's
         if self.finished and self.early.best_model is not None:
             self.model.load_state_dict(self.early.best_model)
             self.emit({"event": "best", "step": self.early.best_step, "score": self.early.best_score,

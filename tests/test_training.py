@@ -212,8 +212,11 @@ def test_prefetched_batches_equal_inline_ones(arrays_1m):
 # --- Resume, checkpoints --------------------------------------------------------------------------
 
 
-def test_resume_gives_the_same_weights_as_an_uninterrupted_run(arrays_1m, tmp_path):
-    preset = tiny_preset()
+@pytest.mark.parametrize("ema_decay", [0.0, 0.5])
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(arrays_1m, tmp_path, ema_decay):
+    """With a weight average too: its shadow weights travel in the checkpoint (a resumed run that
+    started a new average from the step-3 weights would keep other weights)."""
+    preset = tiny_preset(ema_decay=ema_decay)
     full = train(arrays_1m, preset, track=track_run("1M"), checkpoint_dir=tmp_path / "full")
     cut = train(arrays_1m, preset, track=track_run("1M"), checkpoint_dir=tmp_path / "cut", stop_after=3)
     assert cut.steps == 3
