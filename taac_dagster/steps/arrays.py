@@ -48,10 +48,6 @@ from taac_dagster.tracks import get_track
 log = logging.getLogger(__name__)
 
 ARRAYS_VERSION = 4  # 4: cand_released
-# The feature ids the arrays carry, as taac_dagster/formats.py declares them.
-ITEM_FEATURES = ITEM_MODEL_FEATURES
-USER_SPARSE = USER_SPARSE_FEATURES
-USER_MULTI = USER_ARRAY_FEATURES
 # The warehouse tables the arrays are prepared from (the assets' deps: taac_dagster/lineage.py).
 TABLES_READ = ("events", "feature_vocab", "items", "users", "sequences", "holdout", "candidates",
                "embedding_families", SID_TABLE, SID_INFO_TABLE)
@@ -182,8 +178,8 @@ def _prepare(
         "num_item_rows": space.n_rows,
         "id_rows": space.id_rows,
         "num_cold_rows": int(len(space.extra_creative)),
-        "user_sparse": list(USER_SPARSE),
-        "user_multi": list(USER_MULTI),
+        "user_sparse": list(USER_SPARSE_FEATURES),
+        "user_multi": list(USER_ARRAY_FEATURES),
         "multi_len": options.multi_len,
         "options": asdict(options),
     }
@@ -214,7 +210,7 @@ def _write_item_features(
 ) -> dict[str, Any]:
     """Sparse item features per row, clipped to their vocabulary (an unknown value becomes 0 =
     missing), and the raw creative id per row."""
-    item_cols = [c[1:] for c in _columns(con, "items") if c.startswith("f") and c[1:] in ITEM_FEATURES]
+    item_cols = [c[1:] for c in _columns(con, "items") if c.startswith("f") and c[1:] in ITEM_MODEL_FEATURES]
     cand_cols = set(_columns(con, "candidates"))
     item_feats = np.zeros((space.n_rows, len(item_cols)), np.int32)
     creative = np.zeros(space.n_rows, np.int64)
@@ -329,16 +325,16 @@ def _write_users(con: duckdb.DuckDBPyConnection, out: Path, vocab: dict[str, int
     max_user = int(_scalar(
         con, "SELECT greatest((SELECT coalesce(max(user_id), 0) FROM users), (SELECT coalesce(max(user_id), 0) FROM sequences))"
     ))
-    sparse_names = [c for c in USER_SPARSE if f"f{c}" in user_cols]
-    multi_names = [c for c in USER_MULTI if f"f{c}" in user_cols]
+    sparse_names = [c for c in USER_SPARSE_FEATURES if f"f{c}" in user_cols]
+    multi_names = [c for c in USER_ARRAY_FEATURES if f"f{c}" in user_cols]
     cols = ", ".join(["user_id"] + [f"f{c}" for c in sparse_names + multi_names])
     users = con.sql(f"SELECT {cols} FROM users").to_arrow_table()
     user_ids = users.column("user_id").to_numpy().astype(np.int64)
     sparse_rows, multi_rows, user_vocab = encode_user_features(
-        users, vocab, options.multi_len, sparse_features=USER_SPARSE, multi_features=USER_MULTI
+        users, vocab, options.multi_len, sparse_features=USER_SPARSE_FEATURES, multi_features=USER_ARRAY_FEATURES
     )
-    user_sparse = np.zeros((max_user + 1, len(USER_SPARSE)), np.int32)
-    user_multi = np.zeros((max_user + 1, len(USER_MULTI), options.multi_len), np.int32)
+    user_sparse = np.zeros((max_user + 1, len(USER_SPARSE_FEATURES)), np.int32)
+    user_multi = np.zeros((max_user + 1, len(USER_ARRAY_FEATURES), options.multi_len), np.int32)
     user_sparse[user_ids], user_multi[user_ids] = sparse_rows, multi_rows
     save_array(out, "user_sparse", user_sparse)
     save_array(out, "user_multi", user_multi)
