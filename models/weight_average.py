@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 from torch import nn
@@ -29,21 +30,30 @@ def averaged_names(model: nn.Module) -> list[str]:
 
 
 class WeightAverage:
-    """``shadow = decay * shadow + (1 - decay) * weights`` after every optimizer step."""
+    """``shadow = d * shadow + (1 - d) * weights`` after every optimizer step, with
+    ``d = min(decay, (1 + t) / (10 + t))`` at update ``t``: early on the average spans about the
+    last tenth of the steps taken, so a short run is not averaged back towards its initial
+    weights; from ``t`` near ``10 / (1 - decay)`` on, ``decay`` itself (0.999: the last ~1,000
+    steps)."""
 
     def __init__(self, model: nn.Module, decay: float):
         if not 0.0 < decay < 1.0:
             raise ValueError(f"ema_decay must be in (0, 1), got {decay}")
         self.decay = decay
+        self.updates = 0
         params = dict(model.named_parameters())
         self.names = averaged_names(model)
         self.shadow = {name: params[name].detach().clone() for name in self.names}
+
+    def current_decay(self) -> float:
+        return min(self.decay, (1 + self.updates) / (10 + self.updates))
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
         params = dict(model.named_parameters())
         torch._foreach_lerp_([self.shadow[n] for n in self.names], [params[n].detach() for n in self.names],
-                             1.0 - self.decay)
+                             1.0 - self.current_decay())
+        self.updates += 1
 
     @contextmanager
     def applied(self, model: nn.Module) -> Iterator[None]:
@@ -64,10 +74,12 @@ class WeightAverage:
         for name in self.names:
             params[name].copy_(self.shadow[name])
 
-    def state(self) -> dict[str, torch.Tensor]:
-        return {name: tensor.detach().to("cpu", copy=True) for name, tensor in self.shadow.items()}
+    def state(self) -> dict[str, Any]:
+        return {"updates": self.updates,
+                "shadow": {name: tensor.detach().to("cpu", copy=True) for name, tensor in self.shadow.items()}}
 
-    def load(self, state: dict[str, torch.Tensor] | None) -> None:
+    def load(self, state: dict[str, Any] | None) -> None:
         if state:
+            self.updates = int(state["updates"])
             for name in self.names:
-                self.shadow[name].copy_(state[name])
+                self.shadow[name].copy_(state["shadow"][name])

@@ -11,14 +11,19 @@ from models.weight_average import WeightAverage, averaged_names
 
 
 def test_the_shadow_moves_a_share_of_the_way_each_update():
+    """Decay (1 + t) / (10 + t) while that is under the cap: 0.1 then 2/11 (the first updates
+    follow the weights closely), then the cap itself."""
     model = nn.Linear(1, 1, bias=False)
     nn.init.zeros_(model.weight)
     average = WeightAverage(model, decay=0.9)
     with torch.no_grad():
         model.weight.fill_(1.0)
     average.update(model)
+    assert average.shadow["weight"].item() == pytest.approx(0.9)  # 0.1 * 0 + 0.9 * 1
     average.update(model)
-    assert average.shadow["weight"].item() == pytest.approx(1 - 0.9**2)  # 0.1, then 0.19
+    assert average.shadow["weight"].item() == pytest.approx(2 / 11 * 0.9 + 9 / 11)
+    average.updates = 1000
+    assert average.current_decay() == 0.9  # (1001 / 1010) is over the cap
 
 
 def test_applied_swaps_the_average_in_and_the_weights_back():
@@ -27,9 +32,9 @@ def test_applied_swaps_the_average_in_and_the_weights_back():
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with torch.no_grad():
         model.weight.add_(1.0)
-    average.update(model)  # shadow = before + 0.5
+    average.update(model)  # decay 0.1: shadow = before + 0.9
     with average.applied(model):
-        assert torch.allclose(model.weight, before["weight"] + 0.5)
+        assert torch.allclose(model.weight, before["weight"] + 0.9)
     assert torch.allclose(model.weight, before["weight"] + 1.0)
     with pytest.raises(RuntimeError), average.applied(model):  # restored on an error too
         raise RuntimeError("validation failed")
@@ -55,6 +60,6 @@ def test_the_kept_weights_are_the_average(tmp_path):
     arrays = prepare_arrays(paths.warehouse, paths.checkpoints / "arrays", "1M", PrepareOptions(val_users=100))
     train(arrays, tiny_preset(ema_decay=0.5, eval_every=0), track=track_run("1M"), checkpoint_dir=tmp_path / "run")
     ckpt = torch.load(tmp_path / "run" / "last.pt", weights_only=False)
-    shadow = ckpt["weight_average"]
-    assert shadow and all(torch.equal(ckpt["model"][name], value) for name, value in shadow.items())
+    shadow = ckpt["weight_average"]["shadow"]
+    assert ckpt["weight_average"]["updates"] == ckpt["step"] and shadow and all(torch.equal(ckpt["model"][name], value) for name, value in shadow.items())
     assert any(name not in shadow for name in ckpt["model"] if name.endswith("weight"))  # the sparse id table
