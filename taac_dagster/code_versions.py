@@ -32,15 +32,21 @@ def module_file(name: str, root: Path = ROOT) -> Path | None:
     return None
 
 
+def from_module(node: ast.ImportFrom, module: str, is_package: bool) -> str:
+    """The absolute name of what ``from X import ...`` in ``module`` imports from (relative
+    imports resolved against the module, or the package an ``__init__`` is)."""
+    parts = module.split(".") if is_package else module.split(".")[:-1]
+    base = ".".join(parts[: len(parts) - node.level + 1]) if node.level else ""
+    return ".".join(p for p in (base, node.module or "") if p)
+
+
 def _imported_names(tree: ast.AST, module: str, is_package: bool) -> set[str]:
     names: set[str] = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             names.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
-            parts = module.split(".") if is_package else module.split(".")[:-1]
-            base = ".".join(parts[: len(parts) - node.level + 1]) if node.level else ""
-            prefix = ".".join(p for p in (base, node.module or "") if p)
+            prefix = from_module(node, module, is_package)
             names.add(prefix)
             names.update(f"{prefix}.{alias.name}" for alias in node.names)  # `from pkg import module`
     return names

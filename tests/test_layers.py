@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from taac_dagster.code_versions import from_module
+
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("taac_dagster", "assets", "models")
 MAX_MODULE_LINES = 500
@@ -47,9 +49,7 @@ def imported_modules(name: str, path: Path, known: set[str], *, annotations: boo
         if isinstance(node, ast.Import):
             targets = [alias.name for alias in node.names]
         elif isinstance(node, ast.ImportFrom):
-            parts = name.split(".") if is_package else name.split(".")[:-1]
-            base = ".".join(parts[: len(parts) - node.level + 1]) if node.level else ""
-            prefix = ".".join(p for p in (base, node.module or "") if p)
+            prefix = from_module(node, name, is_package)
             targets = [f"{prefix}.{alias.name}" if f"{prefix}.{alias.name}" in known else prefix for alias in node.names]
         else:
             continue
