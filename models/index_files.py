@@ -5,7 +5,7 @@
     <folder>/metadata.json     format, spec, dim, pool size, id-map hash, checkpoint version, ...
 
 ``write_index_files`` writes them into the folder it is given; the pipeline publishes that
-folder atomically (``taac_dagster.steps.index_store.save_index``: the old complete index stays
+folder atomically (``taac_dagster.steps.index.save_index``: the old complete index stays
 in place until the new one is complete). ``load_index`` refuses a folder whose parts disagree,
 or one built from another checkpoint, and checks the index file's declared sizes before faiss
 reads it.

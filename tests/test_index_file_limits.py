@@ -13,7 +13,7 @@ import numpy as np
 from models.index_files import check_index_file
 from models.index_spec import IndexSpec
 from models.retrieval import build_index
-from taac_dagster.steps.index_store import save_index
+from taac_dagster.steps.index import save_index
 
 REPO = Path(__file__).resolve().parents[1]
 HEADER = 4 + 33  # fourcc; d, ntotal, two dummies, is_trained, metric type (inner product: no argument)

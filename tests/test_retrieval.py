@@ -35,7 +35,7 @@ from models.retrieval_errors import IndexMismatchError, RetrievalError
 from models.submission import SubmissionError, read_submission, validate_submission, write_submission
 from taac_dagster.settings import SyntheticSettings
 from taac_dagster.sources.synthetic import ClickModel, GroundTruth, generate_dataset, load_ground_truth
-from taac_dagster.steps.index_store import save_index
+from taac_dagster.steps.index import save_index
 
 
 def clustered(n: int = 6000, dim: int = 16, topics: int = 24, seed: int = 0):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,16 +22,16 @@ import torch
 
 from models.checkpoint_fit import EvaluationError, LoadedModel
 from models.data import Arrays, holdout_batch
-from models.index_files import load_index
+from models.index_files import index_metadata as checked_index_metadata
+from models.index_files import load_index, write_index_files
 from models.index_spec import IndexSpec, auto_nlist, default_index_spec, default_nprobe
 from models.index_tuning import measure_recall, tune_ef_search, tune_nprobe
 from models.metrics import K
 from models.retrieval import ItemIndex, build_index, flat_like, pool_fingerprint
 from models.scoring import as_ids, pool_item_vectors, pool_positions, query_vectors, sample_rows
-from taac_dagster.atomic import keep_newest
+from taac_dagster.atomic import atomic_dir, keep_newest
 from taac_dagster.paths import TrackPaths
 from taac_dagster.settings import RetrievalSettings, TaacSettings
-from taac_dagster.steps.index_store import save_index
 from taac_dagster.steps.trained_encoder import compute_device, load_model, track_arrays
 
 log = logging.getLogger(__name__)
@@ -40,6 +41,21 @@ REJECTED_DIR = "rejected"  # indexes below the recall floor, kept for inspection
 
 def index_path(paths: TrackPaths, preset: str) -> Path:
     return Path(paths.indexes) / Path(preset).stem
+
+
+def save_index(path: str | Path, index: ItemIndex, metadata: Mapping[str, Any]) -> Path:
+    """Write ``index`` into the folder ``path`` atomically (index, id map, metadata); the old
+    complete index stays in place until the new one is complete.
+
+    ``metadata`` must name the checkpoint the vectors came from (``checkpoint_version``, e.g.
+    the checkpoint asset's data version); anything else JSON-serializable is kept as is.
+    """
+    meta = checked_index_metadata(index, metadata)  # refused before any folder is made
+    path = Path(path)
+    with atomic_dir(path) as tmp:
+        write_index_files(tmp, index, meta)
+    index.metadata = meta
+    return path
 
 
 def index_spec_from_settings(rs: RetrievalSettings, pool_size: int, *, normalize: bool = True) -> IndexSpec:
@@ -221,4 +237,5 @@ __all__ = [
     "index_spec_from_settings",
     "measure_and_tune",
     "open_track_index",
+    "save_index",
 ]
