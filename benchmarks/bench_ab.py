@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import tempfile
 import time
@@ -36,6 +37,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--label", default="defaults")
     parser.add_argument("--set", action="append", default=[], metavar="model.KEY=VALUE or train.KEY=VALUE")
     parser.add_argument("--out", default=None, help="append the JSON line to this file")
+    parser.add_argument("--keep", default=None, help="copy the kept checkpoint to this path")
     args = parser.parse_args(argv)
 
     import torch
@@ -56,6 +58,8 @@ def main(argv: list[str] | None = None) -> dict:
         result = train(arrays, preset, track=track_run(args.track), checkpoint_dir=Path(folder), resume=False,
                        on_log=lambda record: None, writer=publish_file)
         seconds = time.perf_counter() - started
+        if args.keep:
+            shutil.copyfile(result.checkpoint, args.keep)
         model, _ = load_encoder(result.checkpoint, arrays)
         actions = tuple(preset.train.retrieval_actions or default_retrieval_actions(args.track))
         device = torch.device("cpu")

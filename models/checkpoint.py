@@ -14,6 +14,7 @@ import torch
 from models.data import Arrays, load_arrays
 from models.encoder import Encoder, ItemTables
 from models.encoder_config import EncoderConfig
+from models.encoder_ensemble import build_encoder
 
 CHECKPOINT_FORMAT = 1
 LAST = "last.pt"
@@ -34,7 +35,7 @@ def load_encoder(
     scores (measured growth in docs/scaling.md)."""
     # weights_only: plain containers and tensors only; mmap: read lazily from the file.
     ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    model = Encoder(EncoderConfig.from_dict(ckpt["model_config"]))
+    model = build_encoder(EncoderConfig.from_dict(ckpt["model_config"]))
     model.load_state_dict(ckpt["model"])
     model.to(device).eval()
     ckpt = {key: value for key, value in ckpt.items() if key not in TRAINING_STATE}

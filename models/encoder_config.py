@@ -53,6 +53,10 @@ class EncoderConfig:
     # (training: the target's own action; retrieval: the action asked for).
     next_action_input: bool = False
     out_proj: bool = True  # a linear map from the backbone to the query space
+    # Encoders of this architecture trained side by side from different initial weights; a
+    # user's and an item's vectors join theirs (models/encoder_ensemble.py). A preset that
+    # leaves it out: auto (models/auto_settings.py).
+    members: int = 1
     # --- objective --------------------------------------------------------------------------------
     # softmax: over every item row (catalogues that fit); infonce: sampled negatives with logQ
     # correction (huge catalogues); bce: the official baseline's one negative per position.
@@ -84,6 +88,11 @@ class EncoderConfig:
             time_origin=meta["time_origin"],
         )
         return cls(**{**shapes, **arch})  # arch may override a shape (e.g. a larger id table)
+
+    @property
+    def vector_dim(self) -> int:
+        """Width of the retrieval vectors: the members' widths joined."""
+        return self.d_model * self.members
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

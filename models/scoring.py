@@ -59,7 +59,7 @@ def query_vectors(
     batch is trimmed to its longest history (the same vectors: the encoder masks padding),
     so short histories do not pay for 100 positions."""
     n = len(inputs["items"])
-    out = np.zeros((n, loaded.model.cfg.d_model), np.float32)
+    out = np.zeros((n, loaded.model.cfg.vector_dim), np.float32)
     order = np.argsort((inputs["items"] > 0).sum(axis=1), kind="stable")
     for lo in range(0, n, batch_size):
         rows = order[lo : lo + batch_size]

@@ -85,6 +85,10 @@ class TrainConfig:
     # the model's id_buckets is "auto"; a larger vocabulary is hashed into what fits.
     max_id_table_bytes: int = 6 << 30
     seed: int = 0  # weights, batch order and negatives: the same seed trains the same model
+    # model.members auto (models/auto_settings.py choose_members): passes over the training
+    # sequences budgeted per ensemble member (the sequence budget over this: the members it buys)
+    member_epochs: int = 40
+    max_members: int = 3  # model.members auto: at most this many (chosen on Toys validation)
     # >0: validate, keep and publish an exponential moving average of the weights with this decay
     # per step (tables over sparse_threshold rows excluded); the optimizer trains the raw weights.
     ema_decay: float = 0.0

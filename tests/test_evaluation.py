@@ -280,6 +280,38 @@ def test_baseline_preset_joins_the_report_and_a_foreign_index_is_refused(chain):
             shutil.move(kept, paths.indexes / "default")
 
 
+def test_an_ensemble_checkpoint_goes_through_index_report_and_submission(chain, tmp_path):
+    """A preset of two members: its index holds the joined vectors (2 x d_model), the report
+    ranks with it beside the configured model, and a submission can be written from it."""
+    import faiss
+    import yaml
+
+    preset = tmp_path / "ensemble.yaml"
+    preset.write_text(yaml.safe_dump({"model": {"members": 2}}))
+    paths = TrackPaths(chain["root"] / "data", "1M")
+    with pytest.MonkeyPatch.context() as mp:
+        _env(mp)
+        ensemble = _with(chain["config"], training={"preset": str(preset), "max_steps": 20})
+        trained = materialize([encoder_checkpoint, faiss_index], partition_key="1M",
+                              resources={"taac": ensemble}, instance=chain["instance"])
+        assert trained.success
+        assert faiss.read_index(str(paths.indexes / "ensemble" / "index.faiss")).d == 2 * 64
+        compared = _with(chain["config"], evaluation={"baseline_preset": str(preset)})
+        result = materialize([user_vectors, evaluation_report], partition_key="1M", resources={"taac": compared},
+                             instance=chain["instance"])
+        assert result.success
+        methods = json.loads((paths.reports / "evaluation.json").read_text())["methods"]
+        # The comparison row (the report's "baseline" method) is the ensemble's.
+        assert "baseline" in methods and 0 < methods["baseline"]["hr@10"] <= 1
+        out = tmp_path / "submission.json"
+        submission_for_track(paths, load_settings("1M", ensemble.overrides()), path=out)
+        top = np.asarray(read_submission(out)["top10s"])
+        assert top.shape[1] == 10 and np.isin(top, _pool_creative_ids(paths)).all()
+        restored = materialize([evaluation_report], partition_key="1M", resources={"taac": chain["config"]},
+                               instance=chain["instance"])
+        assert restored.success
+
+
 def test_low_recall_fails_the_blocking_check_and_holds_back_the_report(chain):
     """Write, audit, publish: an index below the recall floor is measured before it is saved,
     kept under indexes/rejected/, and never replaces the published index."""

@@ -17,6 +17,7 @@ import yaml
 from models.batches import BatchMaker, NegativeSpec
 from models.checkpoint import load_encoder
 from models.data import load_arrays
+from models.encoder_ensemble import EncoderEnsemble
 from models.train import train
 from models.train_config import Preset, TrainConfig
 from taac_dagster.paths import TrackPaths
@@ -249,6 +250,23 @@ def test_a_checkpoint_rebuilds_the_model_on_its_own(arrays_1m, tmp_path):
     rows = torch.from_numpy(arrays_1m.cand_rows[:50].astype(np.int64))
     vectors = model.item_vectors(rows)
     assert vectors.shape == (50, 16) and torch.isfinite(vectors).all()
+
+
+def test_an_ensemble_resumes_and_rebuilds_from_its_checkpoint(arrays_1m, tmp_path):
+    preset = Preset("tiny", {**TINY_MODEL, "members": 2}, TrainConfig.from_dict(TINY_TRAIN))
+    full = train(arrays_1m, preset, track=track_run("1M"), checkpoint_dir=tmp_path / "full")
+    train(arrays_1m, preset, track=track_run("1M"), checkpoint_dir=tmp_path / "cut", stop_after=3)
+    resumed = train(arrays_1m, preset, track=track_run("1M"), checkpoint_dir=tmp_path / "cut")
+    assert resumed.resumed_from == 3 and resumed.losses == full.losses
+    model, _ = load_encoder(full.checkpoint)
+    assert isinstance(model, EncoderEnsemble) and len(model.members) == 2
+    rows = torch.from_numpy(arrays_1m.cand_rows[:50].astype(np.int64))
+    vectors = model.item_vectors(rows)
+    assert vectors.shape == (50, 32) and model.cfg.vector_dim == 32
+    torch.testing.assert_close(vectors.norm(dim=1), torch.ones(50))
+    # The members start apart and stay apart: the joined vectors average two different models.
+    one, two = (member.state_dict()["out.weight"] for member in model.members)
+    assert not torch.equal(one, two)
 
 
 # --- Distributed --------------------------------------------------------------------------------

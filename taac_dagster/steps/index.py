@@ -222,7 +222,7 @@ def open_track_index(paths: TrackPaths, loaded: LoadedModel, arrays: Arrays, thr
     return load_index(
         index_path(paths, loaded.preset),
         expected_checkpoint_version=loaded.checkpoint_version,
-        expected={"pool_fingerprint": pool_fingerprint(creative), "dim": int(loaded.model.cfg.d_model)},
+        expected={"pool_fingerprint": pool_fingerprint(creative), "dim": int(loaded.model.cfg.vector_dim)},
         threads=threads,
     )
 

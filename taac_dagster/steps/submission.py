@@ -79,7 +79,7 @@ def _predict_recipients(paths: TrackPaths, settings: TaacSettings, setup: Scorin
         if not explicit:
             raise
         logger.info(f"{predict_file} is not among the encoded user vectors: encoding its {n:,} users")
-        queries = np.zeros((n, int(loaded.model.cfg.d_model)), np.float32)
+        queries = np.zeros((n, int(loaded.model.cfg.vector_dim)), np.float32)
         encode_users(loaded, inputs.slice, n, queries, setup.device, settings.evaluation.query_batch_size, logger,
                      "predict_seq")
     logger.info(f"recommending for the {n:,} users of {predict_file}")

@@ -64,7 +64,7 @@ def _encode_preset(loaded: LoadedModel, users: _Users, folder: Path, device: tor
                    logger: logging.Logger) -> int:
     """Encode every user with ``loaded`` into ``folder``; returns the users encoded."""
     arrays, n_hold, predict = users.arrays, users.n_hold, users.predict
-    dim = int(loaded.model.cfg.d_model)
+    dim = int(loaded.model.cfg.vector_dim)
     meta = {"checkpoint_version": loaded.checkpoint_version, "arrays_data_version": arrays.data_version,
             "preset": loaded.preset, "dim": dim, "actions": list(loaded.actions)}
     with atomic_dir(folder) as tmp, write_user_vectors(tmp, meta) as writer:
@@ -126,7 +126,7 @@ def stored_queries(paths: TrackPaths, loaded: LoadedModel, arrays: Arrays, part:
     """The user vectors ``loaded`` encoded for ``part`` (refused unless they are its own)."""
     return open_user_vectors(
         vectors_path(paths, loaded.preset), part, checkpoint_version=loaded.checkpoint_version,
-        arrays_data_version=arrays.data_version, dim=int(loaded.model.cfg.d_model), fingerprint=fingerprint,
+        arrays_data_version=arrays.data_version, dim=int(loaded.model.cfg.vector_dim), fingerprint=fingerprint,
     )
 
 
