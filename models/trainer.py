@@ -399,7 +399,8 @@ class Trainer:
         self.emit({"event": "start", "steps": self.steps, "start": self.start, "batch": self.maker.global_batch,
                    "world": self.info.world, "device": str(device), "validate_every": self.interval,
                    "patience": self.early.patience, "threads": torch.get_num_threads() if device.type == "cpu" else None,
-                   "params": self.params, "sequences": self.arrays.num_sequences, "max_minutes": tc.max_minutes})
+                   "params": self.params, "members": self.cfg.members, "sequences": self.arrays.num_sequences,
+                   "max_minutes": tc.max_minutes})
 
     def train_step(self, net: nn.Module, batch: dict[str, torch.Tensor], index: int, autocast: torch.autocast) -> float:
         """One optimizer step on ``batch`` (step ``index``); returns its learning rate. The loss

@@ -375,6 +375,8 @@ def test_encoder_checkpoint_asset(tmp_path, monkeypatch):
         assert meta["semantic_ids"].value == (len(chain) == 3)
         model, ckpt = load_encoder(checkpoint)
         assert ckpt["preset"] == "default" and ckpt["track"] == "1M"
+        # 300 training sequences: the default sequence budget buys the most members (members: auto).
+        assert meta["members"].value == 3 and isinstance(model, EncoderEnsemble) and len(model.members) == 3
         # The validation figures reported are those of the weights kept (the checkpoint's record).
         [kept] = [e for e in ckpt["evals"] if e["step"] == ckpt["weights_step"]]
         assert meta["best_step"].value == ckpt["weights_step"] and 0 < meta["val_hr@10"].value <= 1
