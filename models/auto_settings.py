@@ -154,8 +154,9 @@ def resolve_model_settings(
     * ``loss_excludes_history: auto``: the evaluation's history filter (``exclude_history``);
     * ``id_buckets: auto``: one id row per item while the id table and its two Adam moments fit
       in ``max_id_table_bytes``, else hashed into as many rows as fit (the 10M track's 17.5M
-      items at width 64 would take 13 GB);
-    * ``members: auto``: see ``choose_members``."""
+      items at width 64 would take 13 GB).
+
+    ``members`` is decided before, by ``choose_members`` (models/train.py trains them one by one)."""
     out = dict(model)
     width = int(out.get("d_model", 64))
     if out.get("loss", "auto") == "auto":
@@ -182,9 +183,6 @@ def resolve_model_settings(
     if out.get("id_buckets", "auto") == "auto":
         fits = tc.max_id_table_bytes // (3 * 4 * width)
         out["id_buckets"] = 0 if int(meta["id_rows"]) <= fits else int(fits)
-    if out.get("members", "auto") == "auto":
-        out["members"], why = choose_members(out, tc, meta)
-        log.info(f"members auto: {out['members']} ({why})")
     return out
 
 
@@ -193,9 +191,10 @@ def choose_members(model: dict[str, Any], tc: TrainConfig, meta: dict[str, Any])
     what ``epochs`` / ``max_steps`` fix) over what one member needs where early stopping, not
     the budget, ends training (``member_epochs`` passes over the training sequences): that
     many members, at most ``max_members``, and no more id tables than ``max_id_table_bytes``
-    holds. A large dataset, whose budget is a few passes, trains one model for all of it."""
-    if model.get("similarity", "cosine") != "cosine" or (tc.queue_batches and model.get("loss") == "infonce"):
-        return 1, "an ensemble needs cosine similarity and no negative queue"
+    holds. A large dataset, whose budget is a few passes, trains one model for all of it.
+    Cosine similarity only: the ensemble scores the mean of its members' cosines."""
+    if model.get("similarity", "cosine") != "cosine":
+        return 1, "an ensemble averages cosine similarities"
     sequences = max(1, int(meta.get("num_sequences", 1)))
     if tc.max_steps is not None:
         budget = int(tc.max_steps) * tc.batch_size
@@ -204,7 +203,9 @@ def choose_members(model: dict[str, Any], tc: TrainConfig, meta: dict[str, Any])
     else:
         budget = tc.budget_sequences
     affordable = budget // (tc.member_epochs * sequences)
-    table_bytes = 3 * 4 * int(model.get("d_model", 64)) * (int(model.get("id_buckets") or 0) or int(meta["id_rows"]))
+    # The members train one at a time, but score together: their id tables (float32, no Adam
+    # moments) stay within the memory one table and its moments take in training.
+    table_bytes = 4 * int(model.get("d_model", 64)) * (int(model.get("id_buckets") or 0) or int(meta["id_rows"]))
     fits = max(1, tc.max_id_table_bytes // max(1, table_bytes))
     members = int(max(1, min(tc.max_members, affordable, fits)))
     return members, (f"a budget of {budget:,} sequences / ({tc.member_epochs} passes x {sequences:,} sequences) = "

@@ -416,10 +416,6 @@ class Encoder(nn.Module):
         """Retrieval keys [.., d] of item rows (cold items included): score = user · item."""
         return self._finish(self.item_tower(rows))
 
-    def member_parameters(self) -> list[list[nn.Parameter]]:
-        """The parameters by ensemble member (one here; models/encoder_ensemble.py)."""
-        return [list(self.parameters())]
-
 
 def count_parameters(model: nn.Module) -> dict[str, int]:
     sparse = sum(p.numel() for m in model.modules() if getattr(m, "sparse", False) for p in m.parameters(recurse=False))

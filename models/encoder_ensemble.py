@@ -1,13 +1,12 @@
-"""Several encoders trained side by side as one model (``EncoderConfig.members`` > 1).
+"""Several encoders of one architecture, trained apart, served as one model
+(``EncoderConfig.members`` > 1; training: models/ensemble_training.py).
 
 On a small dataset one encoder stops early, after a few tens of passes, and what it learned
-depends on its initial weights: two seeds disagree on many top-10 lists while scoring the same.
-Averaging their scores removes that variance (Toys, published protocol: docs/benchmarks.md).
-The members share nothing but the batches: each has its own initial weights, dropout masks and
-loss, and the training loss is the sum of theirs, so each member's gradient is the one it would
-get alone. For retrieval a user or an item is the concatenation of the members' normalised
-vectors over the square root of their number, so one inner product (one Faiss index) is the
-mean of the members' cosine similarities.
+depends on its initial weights and its batch order: seeds that score the same disagree on many
+top-10 lists, and averaging their scores removes that variance (Toys, published protocol:
+docs/benchmarks.md). For retrieval a user or an item is the concatenation of the members'
+normalised vectors over the square root of their number, so one inner product (one Faiss
+index) is the mean of the members' cosine similarities.
 """
 
 from __future__ import annotations
@@ -15,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Sequence
-from typing import Any, cast
+from typing import cast
 
 import torch
 import torch.nn as nn
@@ -30,9 +29,10 @@ def build_encoder(cfg: EncoderConfig) -> Encoder:
 
 
 class EncoderEnsemble(Encoder):
-    """``cfg.members`` encoders behind the ``Encoder`` interface (training loss, user and item
-    vectors, item tables, compilation). It has no layers of its own, so ``Encoder.__init__``,
-    which builds them, is not run; member ``i`` is ``members.i`` in the state dict."""
+    """``cfg.members`` encoders behind the retrieval side of the ``Encoder`` interface (item
+    tables, user and item vectors). It has no layers of its own, so ``Encoder.__init__``, which
+    builds them, is not run; member ``i`` is ``members.i`` in the state dict. It is not trained
+    as one model: each member trains on its own (models/ensemble_training.py)."""
 
     def __init__(self, cfg: EncoderConfig):
         if cfg.members < 2:
@@ -44,9 +44,18 @@ class EncoderEnsemble(Encoder):
         self.tables: ItemTables | None = None
         self.negative_queue = None
         member_cfg = dataclasses.replace(cfg, members=1)
-        # Built one after another from the global generator: member 0 starts where a single
-        # encoder of the same seed would, the others from where it left the generator.
         self.members = nn.ModuleList(Encoder(member_cfg) for _ in range(cfg.members))
+
+    @classmethod
+    def of(cls, members: Sequence[Encoder]) -> EncoderEnsemble:
+        """The ensemble of trained encoders (of one configuration), their weights copied in."""
+        cfg = dataclasses.replace(members[0].cfg, members=len(members))
+        ensemble = cls(cfg)
+        for target, source in zip(ensemble.encoders, members):
+            if source.cfg != members[0].cfg:
+                raise ValueError("ensemble members must share one configuration")
+            target.load_state_dict(source.state_dict())
+        return ensemble
 
     @property
     def encoders(self) -> list[Encoder]:
@@ -58,19 +67,8 @@ class EncoderEnsemble(Encoder):
             member.attach(tables)
         return self
 
-    def compile_blocks(self, **options: Any) -> None:
-        for member in self.encoders:
-            member.compile_blocks(**options)
-
     def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, int]]:
-        if self.negative_queue is not None:
-            raise ValueError("train.queue_batches needs model.members 1 (each member would need its own bank)")
-        total, stats = None, {}
-        for member in self.encoders:
-            loss, stats = member(batch)
-            total = loss if total is None else total + loss
-        assert total is not None
-        return total, stats
+        raise NotImplementedError("an ensemble's members train one at a time (models/ensemble_training.py)")
 
     def _join(self, vectors: list[torch.Tensor]) -> torch.Tensor:
         return torch.cat(vectors, dim=-1) / math.sqrt(len(vectors))
@@ -82,7 +80,3 @@ class EncoderEnsemble(Encoder):
     @torch.no_grad()
     def item_vectors(self, rows: torch.Tensor) -> torch.Tensor:
         return self._join([member.item_vectors(rows) for member in self.encoders])
-
-    def member_parameters(self) -> list[list[nn.Parameter]]:
-        """Each member's parameters: gradient clipping bounds each member's norm on its own."""
-        return [list(member.parameters()) for member in self.members]

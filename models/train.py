@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import json
 import logging
+import tempfile
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,7 +29,10 @@ import torch.nn as nn
 
 from models import distributed
 from models.allocator import keep_freed_memory
+from models.auto_settings import choose_members, resolve_train_settings
+from models.checkpoint import LAST
 from models.data import Arrays
+from models.ensemble_training import train_members
 from models.publish import FileWriter, write_in_place
 from models.runtime import cpu_threads
 from models.train_config import Preset, TrackRun
@@ -56,6 +61,7 @@ class TrainResult:
     # The settings the run trained with (the device's batch and learning rate decided).
     train_config: dict[str, Any] = field(default_factory=dict)
     checkpoint_version: str = ""  # what the checkpoint's weights are (checkpoint_version)
+    finished: bool = False  # ended by its length or early stopping (not stopped or interrupted)
 
     def loss_curve(self, points: int = 200) -> list[dict[str, float]]:
         return loss_curve(self.losses, points)
@@ -103,9 +109,62 @@ def train(
         torch.set_num_threads(cpu_threads(tc.threads))
         keep_freed_memory()  # the step's activations come back from the heap (models/allocator.py)
     try:
-        return _train(arrays, preset, track, checkpoint_dir, resume, emit, stop_after, info, clock, writer)
+        members = ensemble_members(preset, arrays, info, emit)
+        if members == 1:
+            single = Preset(preset.name, {**preset.model, "members": 1}, tc)
+            return _train(arrays, single, track, checkpoint_dir, resume, emit, stop_after, info, clock, writer)
+
+        def run_member(member: Preset, folder: Path | None) -> TrainResult:
+            return _train(arrays, member, track, folder, resume, emit, stop_after, info, clock, writer)
+
+        with tempfile.TemporaryDirectory(prefix="taac_members_") if checkpoint_dir is None else nullcontext() as spare:
+            folder = checkpoint_dir if checkpoint_dir is not None else Path(str(spare))
+            results, state = train_members(arrays, preset, members, track=track, checkpoint_dir=folder,
+                                           run_member=run_member, emit=emit, info=info, writer=writer)
+            if state is None:
+                return results[-1]
+            return ensemble_result(results, state, folder / LAST if checkpoint_dir is not None else None)
     finally:
         torch.set_num_threads(threads_before)
+
+
+def ensemble_members(preset: Preset, arrays: Arrays, info: distributed.DistInfo,
+                     emit: Callable[[dict[str, Any]], None]) -> int:
+    """How many models the run trains: the preset's ``members``, or ``choose_members`` when it
+    leaves it out or says ``auto`` (decided with the device's training settings)."""
+    asked = preset.model.get("members", "auto")
+    if asked != "auto":
+        return int(asked)
+    tc = resolve_train_settings(preset.train, arrays.meta, info.device)
+    members, why = choose_members(preset.model, tc, arrays.meta)
+    emit({"event": "members", "members": members, "why": why})
+    return members
+
+
+def ensemble_result(results: list[TrainResult], state: dict[str, Any], checkpoint: Path | None) -> TrainResult:
+    """The run's result once its members are joined (``state``: the joined checkpoint)."""
+    seconds = sum(r.seconds for r in results)
+    figures = state["evals"][-1] if state["evals"] else {}
+    return TrainResult(
+        steps=int(state["step"]),
+        resumed_from=sum(r.resumed_from for r in results),
+        losses=list(state["losses"]),
+        evals=list(state["evals"]),
+        metrics={k: v for k, v in figures.items() if k != "step"},
+        samples_per_second=sum(r.samples_per_second * r.seconds for r in results) / seconds if seconds > 0 else 0.0,
+        tokens_per_second=sum(r.tokens_per_second * r.seconds for r in results) / seconds if seconds > 0 else 0.0,
+        seconds=seconds,
+        checkpoint=checkpoint,
+        params=dict(state["params"]),
+        config_hash=str(state["config_hash"]),
+        model_config=dict(state["model_config"]),
+        best_step=int(state["weights_step"]),
+        stopped_early=all(r.stopped_early for r in results),
+        planned_steps=int(state["planned_steps"]),
+        train_config=dict(state["train_config"]),
+        checkpoint_version=str(state["checkpoint_version"]),
+        finished=True,
+    )
 
 
 def _train(
@@ -159,4 +218,5 @@ def _train(
         planned_steps=trainer.steps,
         train_config=asdict(trainer.tc),
         checkpoint_version=trainer.version,
+        finished=trainer.finished,
     )

@@ -27,7 +27,6 @@ from models.checkpoint import CHECKPOINT_FORMAT, LAST
 from models.data import Arrays
 from models.encoder import Encoder, ItemTables, count_parameters
 from models.encoder_config import EncoderConfig
-from models.encoder_ensemble import build_encoder
 from models.losses import NegativeQueue
 from models.publish import FileWriter, write_in_place
 from models.runtime import BATCHES_AHEAD, batches, to_device
@@ -123,6 +122,8 @@ class Trainer:
         self.device, self.writer = info.device, writer
         self.cfg = EncoderConfig.from_meta(arrays.meta, **resolve_model_settings(
             preset.model, tc, arrays.meta, gflops=self.softmax_speed(preset.model, tc, arrays.meta, info, writer)))
+        if self.cfg.members != 1:
+            raise ValueError("the trainer trains one model; models.train.train trains an ensemble member by member")
         self.digest = config_hash(self.cfg, tc)
         self.actions = tc.retrieval_actions or track.target_actions
         negatives = negative_spec(tc) if self.cfg.loss != "softmax" else NegativeSpec(logq=False)
@@ -133,7 +134,7 @@ class Trainer:
         self.steps = total_steps(tc, self.maker)
         self.interval = validation_interval(tc, self.maker)
         torch.manual_seed(tc.seed)
-        model = self.model = build_encoder(self.cfg).to(self.device)
+        model = self.model = Encoder(self.cfg).to(self.device)
         model.attach(ItemTables.from_arrays(arrays).to(self.device))
         model.negative_queue = NegativeQueue(tc.queue_batches) if tc.queue_batches and self.cfg.loss == "infonce" else None
         if info.distributed and self.device.type == "cuda":
@@ -145,11 +146,6 @@ class Trainer:
         self.average = WeightAverage(model, tc.ema_decay) if tc.ema_decay > 0 else None
         dense = self.optimizers["dense"].param_groups
         self.dense_params = dense[0]["params"] + dense[1]["params"]
-        # Gradient clipping bounds each ensemble member's norm, as if it trained alone.
-        dense_ids = {id(p) for p in self.dense_params}
-        members = model.member_parameters()
-        self.clip_groups = [[p for p in group if id(p) in dense_ids] for group in members] if len(members) > 1 \
-            else [self.dense_params]
         self.params = count_parameters(model)
         self.val_index = np.arange(min(int(arrays.meta.get("num_val", 0)), tc.val_users))
         self.early = EarlyStopping(tc.patience if len(self.val_index) else 0)
@@ -399,8 +395,7 @@ class Trainer:
         self.emit({"event": "start", "steps": self.steps, "start": self.start, "batch": self.maker.global_batch,
                    "world": self.info.world, "device": str(device), "validate_every": self.interval,
                    "patience": self.early.patience, "threads": torch.get_num_threads() if device.type == "cpu" else None,
-                   "params": self.params, "members": self.cfg.members, "sequences": self.arrays.num_sequences,
-                   "max_minutes": tc.max_minutes})
+                   "params": self.params, "sequences": self.arrays.num_sequences, "max_minutes": tc.max_minutes})
 
     def train_step(self, net: nn.Module, batch: dict[str, torch.Tensor], index: int, autocast: torch.autocast) -> float:
         """One optimizer step on ``batch`` (step ``index``); returns its learning rate. The loss
@@ -412,8 +407,7 @@ class Trainer:
             loss, _ = net(batch)
         loss.backward()
         if tc.grad_clip:
-            for group in self.clip_groups:
-                torch.nn.utils.clip_grad_norm_([p for p in group if p.grad is not None], tc.grad_clip)
+            torch.nn.utils.clip_grad_norm_([p for p in self.dense_params if p.grad is not None], tc.grad_clip)
         for opt in self.optimizers.values():
             opt.step()
             opt.zero_grad(set_to_none=True)

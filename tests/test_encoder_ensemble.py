@@ -1,11 +1,11 @@
-"""Encoders trained side by side (models/encoder_ensemble.py) and how many the data gets."""
+"""Ensembles of encoders (models/encoder_ensemble.py) and how many members the data gets."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from models.auto_settings import choose_members, resolve_model_settings
+from models.auto_settings import choose_members
 from models.encoder import Encoder
 from models.encoder_ensemble import EncoderEnsemble, build_encoder
 from models.train_config import TrainConfig
@@ -18,60 +18,45 @@ RELEASE_1M = {"num_sequences": 1_001_845, "num_events": 91_000_000, "num_softmax
               "num_item_rows": 4_783_154, "max_len": 100, "id_rows": 4_783_154}
 
 
-def ensemble(members: int = 3) -> Encoder:
-    torch.manual_seed(0)
-    model = build_encoder(small_config(members=members)).attach(small_tables())
-    for member in model.members if isinstance(model, EncoderEnsemble) else [model]:
-        with torch.no_grad():
-            member.item_id.weight[1:].normal_(std=0.1)
-    return model.eval()
+def trained_like(seed: int) -> Encoder:
+    """An encoder with its own random weights (non-zero ids, so the id path counts)."""
+    torch.manual_seed(seed)
+    model = Encoder(small_config())
+    with torch.no_grad():
+        model.item_id.weight[1:].normal_(std=0.1)
+    return model.attach(small_tables()).eval()
 
 
-def test_one_member_is_a_plain_encoder_and_member_zero_starts_like_it():
+def test_one_member_is_a_plain_encoder():
     assert type(build_encoder(small_config())) is Encoder
-    torch.manual_seed(5)
-    single = build_encoder(small_config())
-    torch.manual_seed(5)
-    pair = build_encoder(small_config(members=2))
-    assert isinstance(pair, EncoderEnsemble) and len(pair.members) == 2
-    first, second = pair.members[0].state_dict(), pair.members[1].state_dict()
-    assert all(torch.equal(single.state_dict()[k], first[k]) for k in first)
-    # The second member starts elsewhere: an ensemble of copies would average nothing.
-    assert not torch.equal(first["blocks.0.attn.qkv.weight"], second["blocks.0.attn.qkv.weight"])
+    assert isinstance(build_encoder(small_config(members=2)), EncoderEnsemble)
 
 
 def test_the_joined_vectors_score_the_mean_of_the_members_cosines():
-    model = ensemble(3)
-    batch = make_batch()
-    rows = torch.arange(1, 20)
+    members = [trained_like(seed) for seed in range(3)]
+    model = EncoderEnsemble.of(members).attach(small_tables()).eval()
+    batch, rows = make_batch(), torch.arange(1, 20)
     users, items = model.user_vectors(batch, (1,)), model.item_vectors(rows)
     assert users.shape == (3, 48) and items.shape == (19, 48) and model.cfg.vector_dim == 48
     torch.testing.assert_close(users.norm(dim=1), torch.ones(3))
-    members = [(m.user_vectors(batch, (1,)) @ m.item_vectors(rows).T) for m in model.members]
-    torch.testing.assert_close(users @ items.T, torch.stack(members).mean(0))
+    scores = [m.user_vectors(batch, (1,)) @ m.item_vectors(rows).T for m in members]
+    torch.testing.assert_close(users @ items.T, torch.stack(scores).mean(0))
+    # The members' scores differ (else the mean would be any one of them).
+    assert not torch.allclose(scores[0], scores[1])
+    # Rebuilt from its config and state dict alone, as a checkpoint is read.
+    again = build_encoder(model.cfg)
+    again.load_state_dict(model.state_dict())
+    torch.testing.assert_close(again.attach(small_tables()).eval().item_vectors(rows), items)
 
 
-def test_the_loss_is_the_sum_of_the_members_losses():
-    model = ensemble(2)
-    batch = make_batch()
-    batch["weights"] = (batch["items"] > 0).float()
-    batch["loss_scale"] = torch.tensor(1.0)
-    for member in model.members:
-        member.cfg.loss = "softmax"
-    total, _ = model(batch)
-    parts = [member(batch)[0] for member in model.members]
-    torch.testing.assert_close(total, parts[0] + parts[1])
-    total.backward()
-    assert all(p.grad is not None for member in model.members for p in member.blocks.parameters())
-
-
-def test_an_ensemble_refuses_a_dot_product_and_a_negative_queue():
+def test_an_ensemble_refuses_a_dot_product_mixed_members_and_training_as_one():
     with pytest.raises(ValueError, match="cosine"):
         build_encoder(small_config(members=2, similarity="dot"))
-    model = ensemble(2)
-    model.negative_queue = object()  # type: ignore[assignment]
-    with pytest.raises(ValueError, match="queue_batches"):
-        model(make_batch())
+    torch.manual_seed(0)
+    with pytest.raises(ValueError, match="one configuration"):
+        EncoderEnsemble.of([trained_like(0), Encoder(small_config(d_model=8, n_heads=1))])
+    with pytest.raises(NotImplementedError, match="one at a time"):
+        EncoderEnsemble.of([trained_like(0), trained_like(1)])(make_batch())
 
 
 def test_small_data_gets_members_and_a_large_release_one_model():
@@ -86,16 +71,8 @@ def test_small_data_gets_members_and_a_large_release_one_model():
     assert choose_members({}, TrainConfig(epochs=3), TOYS)[0] == 1
     assert choose_members({}, TrainConfig(epochs=100), TOYS)[0] == 2
     assert choose_members({}, TrainConfig(max_steps=20, batch_size=64), TOYS)[0] == 1
-    # Each member holds an id table with its two Adam moments: no more than max_id_table_bytes holds.
-    one_table = 3 * 4 * 64 * TOYS["id_rows"]
+    # The members' id tables score together: no more of them than max_id_table_bytes holds.
+    one_table = 4 * 64 * TOYS["id_rows"]
     assert choose_members({}, TrainConfig(max_id_table_bytes=2 * one_table + 1), TOYS)[0] == 2
-    # What an ensemble cannot average stays a single model.
+    # A dot product is not a cosine: the mean of the members' scores is not what it ranks by.
     assert choose_members({"similarity": "dot"}, tc, TOYS)[0] == 1
-    assert choose_members({"loss": "infonce"}, TrainConfig(queue_batches=4), TOYS)[0] == 1
-
-
-def test_members_are_auto_unless_the_preset_sets_them():
-    tc = TrainConfig()
-    assert resolve_model_settings({}, tc, TOYS)["members"] == 3
-    assert resolve_model_settings({"members": "auto"}, tc, RELEASE_1M)["members"] == 1
-    assert resolve_model_settings({"members": 1}, tc, TOYS)["members"] == 1

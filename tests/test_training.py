@@ -252,21 +252,33 @@ def test_a_checkpoint_rebuilds_the_model_on_its_own(arrays_1m, tmp_path):
     assert vectors.shape == (50, 16) and torch.isfinite(vectors).all()
 
 
-def test_an_ensemble_resumes_and_rebuilds_from_its_checkpoint(arrays_1m, tmp_path):
+def test_an_ensemble_is_its_members_trained_as_single_runs_of_their_seeds(arrays_1m, tmp_path):
+    """members: 2 trains seed 0, then seed 1, each an ordinary run (resumable on its own), and
+    joins their kept weights into last.pt; cut after 3 steps and run again, it ends the same."""
     preset = Preset("tiny", {**TINY_MODEL, "members": 2}, TrainConfig.from_dict(TINY_TRAIN))
     full = train(arrays_1m, preset, track=track_run("1M"), checkpoint_dir=tmp_path / "full")
-    train(arrays_1m, preset, track=track_run("1M"), checkpoint_dir=tmp_path / "cut", stop_after=3)
+    assert full.finished and full.steps == 12 and len(full.losses) == 12 and full.model_config["members"] == 2
+    cut = train(arrays_1m, preset, track=track_run("1M"), checkpoint_dir=tmp_path / "cut", stop_after=3)
+    assert not cut.finished and cut.steps == 3 and not (tmp_path / "cut" / "last.pt").exists()
     resumed = train(arrays_1m, preset, track=track_run("1M"), checkpoint_dir=tmp_path / "cut")
     assert resumed.resumed_from == 3 and resumed.losses == full.losses
-    model, _ = load_encoder(full.checkpoint)
-    assert isinstance(model, EncoderEnsemble) and len(model.members) == 2
+    assert resumed.checkpoint_version == full.checkpoint_version
+    model, ckpt = load_encoder(full.checkpoint)
+    assert isinstance(model, EncoderEnsemble) and [m["seed"] for m in ckpt["members"]] == [0, 1]
+    # Member 1 is the single model of seed 1, weight for weight.
+    alone = train(arrays_1m, tiny_preset(seed=1), track=track_run("1M"), checkpoint_dir=tmp_path / "alone")
+    single, _ = load_encoder(alone.checkpoint)
+    for name, tensor in single.state_dict().items():
+        assert torch.equal(model.members[1].state_dict()[name], tensor), name
+    # The joined vectors are the members', and the run's figures are the ensemble's validation.
     rows = torch.from_numpy(arrays_1m.cand_rows[:50].astype(np.int64))
-    vectors = model.item_vectors(rows)
-    assert vectors.shape == (50, 32) and model.cfg.vector_dim == 32
-    torch.testing.assert_close(vectors.norm(dim=1), torch.ones(50))
-    # The members start apart and stay apart: the joined vectors average two different models.
-    one, two = (member.state_dict()["out.weight"] for member in model.members)
-    assert not torch.equal(one, two)
+    assert model.item_vectors(rows).shape == (50, 32) and model.cfg.vector_dim == 32
+    assert full.metrics["users"] == 100 and full.metrics["hr@10"] == ckpt["evals"][-1]["hr@10"]
+    # Run again with nothing changed: no member retrains and the joined file is kept as it is.
+    before = (tmp_path / "full" / "last.pt").stat().st_mtime_ns
+    again = train(arrays_1m, preset, track=track_run("1M"), checkpoint_dir=tmp_path / "full")
+    assert again.resumed_from == 12 and again.metrics == full.metrics
+    assert (tmp_path / "full" / "last.pt").stat().st_mtime_ns == before
 
 
 # --- Distributed --------------------------------------------------------------------------------
