@@ -53,9 +53,9 @@ class EncoderConfig:
     # (training: the target's own action; retrieval: the action asked for).
     next_action_input: bool = False
     out_proj: bool = True  # a linear map from the backbone to the query space
-    # Encoders of this architecture trained side by side from different initial weights; a
+    # Encoders of this architecture, each trained on its own with seed + i, scored as one: a
     # user's and an item's vectors join theirs (models/encoder_ensemble.py). A preset that
-    # leaves it out: auto (models/auto_settings.py).
+    # leaves it out: auto (models/auto_settings.py choose_members).
     members: int = 1
     # --- objective --------------------------------------------------------------------------------
     # softmax: over every item row (catalogues that fit); infonce: sampled negatives with logQ

@@ -24,7 +24,7 @@ from taac_dagster.paths import TrackPaths
 from taac_dagster.raw import materialize_raw
 from taac_dagster.settings import load_settings
 from taac_dagster.steps.arrays import PrepareOptions, prepare_arrays
-from taac_dagster.steps.training import load_preset, track_run
+from taac_dagster.steps.training import load_preset, progress_line, track_run
 from taac_dagster.warehouse import build_warehouse
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -256,7 +256,11 @@ def test_an_ensemble_is_its_members_trained_as_single_runs_of_their_seeds(arrays
     """members: 2 trains seed 0, then seed 1, each an ordinary run (resumable on its own), and
     joins their kept weights into last.pt; cut after 3 steps and run again, it ends the same."""
     preset = Preset("tiny", {**TINY_MODEL, "members": 2}, TrainConfig.from_dict(TINY_TRAIN))
-    full = train(arrays_1m, preset, track=track_run("1M"), checkpoint_dir=tmp_path / "full")
+    records: list[dict] = []
+    full = train(arrays_1m, preset, track=track_run("1M"), checkpoint_dir=tmp_path / "full", on_log=records.append)
+    assert [r["seed"] for r in records if r["event"] == "member"] == [0, 1]
+    [joined] = [progress_line(r) for r in records if r["event"] == "ensemble"]
+    assert joined.startswith("the 2 members joined: validation HR@10 ")
     assert full.finished and full.steps == 12 and len(full.losses) == 12 and full.model_config["members"] == 2
     cut = train(arrays_1m, preset, track=track_run("1M"), checkpoint_dir=tmp_path / "cut", stop_after=3)
     assert not cut.finished and cut.steps == 3 and not (tmp_path / "cut" / "last.pt").exists()

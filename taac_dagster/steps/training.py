@@ -72,6 +72,13 @@ def progress_line(record: dict[str, Any]) -> str:
             f"fit ({record['step_seconds']:.4f} s a step, {record['validation_seconds']:.1f} s a validation); "
             f"validation every {record['validate_every']} steps"
         )
+    if event == "members":
+        return f"members auto: {record['members']} ({record['why']})"
+    if event == "member":
+        return f"training member {record['member'] + 1} of {record['members']} (seed {record['seed']})"
+    if event == "ensemble" and "hr@10" in record:
+        return (f"the {record['members']} members joined: validation HR@10 {record['hr@10']:.4f}, "
+                f"NDCG@10 {record['ndcg@10']:.4f}, score {record['score']:.4f}")
     return json.dumps(record, default=str)
 
 
