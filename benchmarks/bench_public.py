@@ -136,6 +136,7 @@ def main() -> None:
         "candidates": report["provenance"].get("candidates"),
         "train_s": training.get("train_seconds"),
         "training_total_s": training.get("total_seconds"),
+        "members": training.get("members"),  # an ensemble's steps are its members' summed
         "steps": training.get("steps"),
         "planned_steps": training.get("planned_steps"),
         "best_step": training.get("best_step"),
