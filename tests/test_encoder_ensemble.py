@@ -8,7 +8,8 @@ import torch
 from models.auto_settings import choose_members
 from models.encoder import Encoder
 from models.encoder_ensemble import EncoderEnsemble, build_encoder
-from models.train_config import TrainConfig
+from models.ensemble_training import member_preset
+from models.train_config import Preset, TrainConfig
 from tests.test_encoder import make_batch, small_config, small_tables
 
 # Prepared arrays' figures: Amazon Toys under the published protocol, and the 1M track's release.
@@ -76,3 +77,11 @@ def test_small_data_gets_members_and_a_large_release_one_model():
     assert choose_members({}, TrainConfig(max_id_table_bytes=2 * one_table + 1), TOYS)[0] == 2
     # A dot product is not a cosine: the mean of the members' scores is not what it ranks by.
     assert choose_members({"similarity": "dot"}, tc, TOYS)[0] == 1
+
+
+def test_each_member_is_the_preset_with_its_seed_and_its_share_of_the_time_budget():
+    preset = Preset("default", {"d_model": 32}, TrainConfig(seed=7, max_minutes=30, lr=1e-3))
+    member = member_preset(preset, 2, 3)
+    assert member.model == {"d_model": 32, "members": 1} and member.name == "default"
+    assert member.train.seed == 9 and member.train.max_minutes == 10 and member.train.lr == 1e-3
+    assert member_preset(Preset("p", {}, TrainConfig()), 1, 2).train.max_minutes is None

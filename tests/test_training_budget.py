@@ -91,6 +91,7 @@ def test_a_time_budget_shortens_the_run_its_schedule_and_survives_a_resume(small
     monkeypatch.setattr("models.trainer.BUDGET_WINDOW_STEPS", 10)
     # Two minutes, and a step takes 2 s: after 20 steps (40 s) the run sees room for 40 more.
     preset = tiny_preset(max_steps=1000, max_minutes=2, eval_every=50, log_every=1, patience=0)
+    preset.model["members"] = 1  # one run's budget (an ensemble's members share it: test_encoder_ensemble.py)
     tc = preset.train
     clock = StepClock(2.0)
     full = train(small_arrays, preset, track=track_run("1M"), checkpoint_dir=tmp_path / "full", on_log=clock.on_log, clock=clock)
