@@ -34,7 +34,8 @@ class EncoderEnsemble(Encoder):
     builds them, is not run; member ``i`` is ``members.i`` in the state dict. It is not trained
     as one model: each member trains on its own (models/ensemble_training.py)."""
 
-    def __init__(self, cfg: EncoderConfig):
+    def __init__(self, cfg: EncoderConfig, members: Sequence[Encoder] | None = None):
+        """``cfg.members`` new encoders of ``cfg``'s architecture, or the given ``members``."""
         if cfg.members < 2:
             raise ValueError(f"an ensemble needs members >= 2, got {cfg.members}")
         if cfg.similarity != "cosine":
@@ -44,18 +45,15 @@ class EncoderEnsemble(Encoder):
         self.tables: ItemTables | None = None
         self.negative_queue = None
         member_cfg = dataclasses.replace(cfg, members=1)
-        self.members = nn.ModuleList(Encoder(member_cfg) for _ in range(cfg.members))
+        if members is not None and any(member.cfg != member_cfg for member in members):
+            raise ValueError("ensemble members must share one configuration")
+        self.members = nn.ModuleList(members if members is not None else
+                                     [Encoder(member_cfg) for _ in range(cfg.members)])
 
     @classmethod
     def of(cls, members: Sequence[Encoder]) -> EncoderEnsemble:
-        """The ensemble of trained encoders (of one configuration), their weights copied in."""
-        cfg = dataclasses.replace(members[0].cfg, members=len(members))
-        ensemble = cls(cfg)
-        for target, source in zip(ensemble.encoders, members):
-            if source.cfg != members[0].cfg:
-                raise ValueError("ensemble members must share one configuration")
-            target.load_state_dict(source.state_dict())
-        return ensemble
+        """The ensemble of trained encoders of one configuration (the modules themselves)."""
+        return cls(dataclasses.replace(members[0].cfg, members=len(members)), members)
 
     @property
     def encoders(self) -> list[Encoder]:

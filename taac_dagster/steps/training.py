@@ -168,7 +168,7 @@ def checkpoint_metadata(run: TrackTraining, total_seconds: float, loss_curve_plo
         "val_users": int(metrics.get("users", 0)),
         "validation_history": MetadataValue.json(result.evals),
         "params": MetadataValue.json(result.params),
-        "members": int(result.model_config.get("members", 1)),  # encoders trained side by side (members: auto)
+        "members": int(result.model_config.get("members", 1)),  # models in the ensemble (members: auto)
         "semantic_ids": bool(run.arrays.meta["sid_levels"]),
         "families": MetadataValue.json(run.arrays.meta["families"]),
         "model_config": MetadataValue.json(result.model_config),
