@@ -205,7 +205,9 @@ def choose_members(model: dict[str, Any], tc: TrainConfig, meta: dict[str, Any])
     affordable = budget // (tc.member_epochs * sequences)
     # The members train one at a time, but score together: their id tables (float32, no Adam
     # moments) stay within the memory one table and its moments take in training.
-    table_bytes = 4 * int(model.get("d_model", 64)) * (int(model.get("id_buckets") or 0) or int(meta["id_rows"]))
+    buckets = model.get("id_buckets")  # a number, or auto / unset: one row per item at most
+    rows = int(buckets) if isinstance(buckets, int) and buckets > 0 else int(meta["id_rows"])
+    table_bytes = 4 * int(model.get("d_model", 64)) * rows
     fits = max(1, tc.max_id_table_bytes // max(1, table_bytes))
     members = int(max(1, min(tc.max_members, affordable, fits)))
     return members, (f"a budget of {budget:,} sequences / ({tc.member_epochs} passes x {sequences:,} sequences) = "

@@ -16,9 +16,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from models import distributed
+from models.auto_settings import resolve_train_settings
 from models.checkpoint import CHECKPOINT_FORMAT, LAST, load_encoder
 from models.data import Arrays
 from models.encoder import ItemTables, count_parameters
@@ -81,7 +83,8 @@ def train_members(
     state = joined_state(arrays, preset, results, track=track, device=info.device)
     if target is not None:
         writer(target, lambda path: torch.save(state, path))
-    emit({"event": "ensemble", "members": members, **{k: v for k, v in state["evals"][-1].items() if k != "step"}})
+    figures = state["evals"][-1] if state["evals"] else {}  # none without validation users
+    emit({"event": "ensemble", "members": members, **{k: v for k, v in figures.items() if k != "step"}})
     return results, state
 
 
@@ -91,14 +94,15 @@ def joined_state(
     """The joined checkpoint: the members' kept weights as one ensemble, validated on the
     members' validation users, with each member's record."""
     loaded = [load_encoder(result.checkpoint, arrays, device) for result in results]
-    model = EncoderEnsemble.of([encoder for encoder, _ in loaded]).to(device).eval()
-    model.attach(ItemTables.from_arrays(arrays).to(device))
+    model = EncoderEnsemble.of([encoder for encoder, _ in loaded]).eval()
+    tables = loaded[0][0].tables  # every member was given the same arrays' item tables
+    model.attach(tables if tables is not None else ItemTables.from_arrays(arrays).to(device))
     first = loaded[0][1]
-    tc = dataclasses.replace(preset.train, **{k: first["train_config"][k] for k in ("batch_size", "lr", "sparse_lr")})
+    tc = resolve_train_settings(preset.train, arrays.meta, device)  # what the members trained with
     digest = config_hash(model.cfg, tc)
     steps = sum(int(result.steps) for result in results)
     actions = tuple(first["retrieval_actions"])
-    val_index = torch.arange(min(int(arrays.meta.get("num_val", 0)), tc.val_users)).numpy()
+    val_index = np.arange(min(int(arrays.meta.get("num_val", 0)), tc.val_users))
     evals = []
     if len(val_index):
         figures = evaluate(model, arrays, val_index, actions, device=device, exclude_history=tc.exclude_history,

@@ -75,6 +75,9 @@ def test_small_data_gets_members_and_a_large_release_one_model():
     # The members' id tables score together: no more of them than max_id_table_bytes holds.
     one_table = 4 * 64 * TOYS["id_rows"]
     assert choose_members({}, TrainConfig(max_id_table_bytes=2 * one_table + 1), TOYS)[0] == 2
+    # id_buckets auto (or unset) counts one row per item; a number counts its rows.
+    assert choose_members({"id_buckets": "auto"}, tc, TOYS)[0] == 3
+    assert choose_members({"id_buckets": 100}, TrainConfig(max_id_table_bytes=2 * 4 * 64 * 100 + 1), TOYS)[0] == 2
     # A dot product is not a cosine: the mean of the members' scores is not what it ranks by.
     assert choose_members({"similarity": "dot"}, tc, TOYS)[0] == 1
 

@@ -283,6 +283,10 @@ def test_an_ensemble_is_its_members_trained_as_single_runs_of_their_seeds(arrays
     again = train(arrays_1m, preset, track=track_run("1M"), checkpoint_dir=tmp_path / "full")
     assert again.resumed_from == 12 and again.metrics == full.metrics
     assert (tmp_path / "full" / "last.pt").stat().st_mtime_ns == before
+    # Without validation users the members are joined all the same, with no figures to report.
+    blind = train(arrays_1m, Preset("tiny", {**TINY_MODEL, "members": 2}, TrainConfig.from_dict({**TINY_TRAIN, "val_users": 0})),
+                  track=track_run("1M"), checkpoint_dir=tmp_path / "blind")
+    assert blind.finished and blind.metrics == {} and blind.evals == []
 
 
 # --- Distributed --------------------------------------------------------------------------------
